@@ -1,0 +1,1 @@
+//! The leader's view of one follower's replication.
