@@ -2,6 +2,12 @@
 //! and snapshots. See the module documentation of `raft` for the Ready
 //! contract.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::log::RaftLog;
+use super::progress::{Progress, ProgressState, SnapshotSend};
+use super::rng::SplitMix64;
 use super::types::*;
 
 /// Tuning of one core. Times are in ticks; the driver decides how long a tick is.
@@ -22,6 +28,8 @@ pub struct Config {
     pub max_append_bytes: usize,
     /// The most snapshot bytes one InstallSnapshot chunk carries.
     pub max_snapshot_chunk_bytes: usize,
+    /// The most entry bytes a leader holds beyond its commit index.
+    pub max_uncommitted_bytes: usize,
     pub pre_vote: bool,
     pub check_quorum: bool,
     /// Seeds the randomized election timeouts.
@@ -39,7 +47,13 @@ pub struct RestoredState {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProposeError {
+    /// Only the leader takes proposals and reads; `hint` is the leader this
+    /// node knows of (`NO_NODE` if none).
     NotLeader { hint: NodeId },
+    /// The leader already holds `max_uncommitted_bytes` of entries that a
+    /// majority has not yet stored (followers are down or slow): refusing
+    /// more keeps memory bounded until they catch up.
+    Overloaded,
 }
 
 /// A summary of the core's state for status displays and tests.
@@ -63,10 +77,13 @@ pub struct Status {
 pub struct Ready {
     /// Persist if `Some`, before sending any message of `messages`.
     pub hard_state: Option<HardState>,
+    /// A snapshot received from the leader: persist it, then load it into
+    /// the application. It replaces the whole stored log: every stored entry
+    /// is dropped (the in-memory log now starts right after it).
+    pub snapshot: Option<Snapshot>,
     /// Persist, after the snapshot if any, before sending `messages`. The
     /// first entry may overwrite stored entries at the same or higher index:
     /// the stored log is truncated there first.
-    pub snapshot: Option<Snapshot>,
     pub entries: Vec<Entry>,
     /// Messages that do not depend on this Ready's persistence (a leader's
     /// AppendEntries; Raft thesis §10.2.1): they may be sent at once.
@@ -79,17 +96,1281 @@ pub struct Ready {
     pub read_states: Vec<ReadState>,
 }
 
+impl Config {
+    /// A config with the defaults the server and the simulation share; the
+    /// caller overrides what it tunes.
+    pub fn new(id: NodeId, voters: Vec<NodeId>) -> Config {
+        Config {
+            id,
+            voters,
+            election_timeout_min_ticks: 10,
+            election_timeout_max_ticks: 20,
+            heartbeat_interval_ticks: 2,
+            max_inflight_appends: 64,
+            max_append_bytes: 1 << 20,
+            max_snapshot_chunk_bytes: 1 << 20,
+            max_uncommitted_bytes: 64 << 20,
+            pre_vote: true,
+            check_quorum: true,
+            seed: id,
+        }
+    }
+
+    fn validate(&self) {
+        assert!(self.id != NO_NODE, "node id 0 is reserved");
+        assert!(
+            self.voters.contains(&self.id),
+            "node {} is not a voter",
+            self.id
+        );
+        let mut sorted = self.voters.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), self.voters.len(), "duplicate voter ids");
+        assert!(!sorted.contains(&NO_NODE), "voter id 0 is reserved");
+        assert!(self.heartbeat_interval_ticks > 0);
+        assert!(self.heartbeat_interval_ticks < self.election_timeout_min_ticks);
+        assert!(self.election_timeout_min_ticks < self.election_timeout_max_ticks);
+        assert!(self.max_inflight_appends > 0 && self.max_append_bytes > 0);
+        assert!(self.max_snapshot_chunk_bytes > 0);
+    }
+}
+
+/// A read waiting for its ReadIndex barrier. `round` is the heartbeat round
+/// that confirms leadership for it (0: no round started yet).
+#[derive(Clone, Copy, Debug)]
+struct PendingRead {
+    context: u64,
+    index: u64,
+    round: u64,
+}
+
+/// A snapshot being received from the leader, chunk by chunk.
+struct IncomingSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
 /// The consensus state machine of one node.
 pub struct RaftCore {
     config: Config,
+    rng: SplitMix64,
+
+    // The persistent state (Raft Figure 2).
+    term: u64,
+    vote: NodeId,
+    log: RaftLog,
+    /// The hard state last handed to the driver; a different current one
+    /// goes into the next Ready.
+    persisted_hard_state: HardState,
+
+    role: Role,
+    leader: NodeId,
+    /// Ticks since the last valid contact with a leader (followers), since
+    /// the election started (candidates) or since the last check-quorum
+    /// round (leaders).
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    randomized_election_timeout: u32,
+    /// Votes received in the current (pre-)election: voter -> granted.
+    votes: HashMap<NodeId, bool>,
+    /// The leader's view of every other voter.
+    progress: HashMap<NodeId, Progress>,
+
+    /// The application's latest snapshot (sent to followers that need it).
+    snapshot: Option<Snapshot>,
+    /// A snapshot installed from the leader that the driver must persist
+    /// and load into the application.
+    pending_snapshot: Option<Snapshot>,
+    incoming_snapshot: Option<IncomingSnapshot>,
+
+    /// Reads in the order they arrived; the leader releases them in order.
+    pending_reads: VecDeque<PendingRead>,
+    /// The last ReadIndex heartbeat round started.
+    read_round: u64,
+    read_states: Vec<ReadState>,
+
+    messages_unpersisted: Vec<Message>,
+    messages: Vec<Message>,
+    /// Between `ready()` and `advance()`: what the Ready handed out.
+    in_progress: Option<ReadyMark>,
+}
+
+/// What a Ready handed to the driver, to be recorded by `advance`.
+#[derive(Clone, Copy, Debug)]
+struct ReadyMark {
+    stable_to: u64,
+    applied_to: u64,
+    hard_state: HardState,
 }
 
 impl RaftCore {
     pub fn new(config: Config, restored: RestoredState) -> RaftCore {
-        let _ = restored;
-        RaftCore { config }
+        config.validate();
+        let snapshot_meta = restored
+            .snapshot
+            .as_ref()
+            .map(|s| s.meta)
+            .unwrap_or_default();
+        let log = RaftLog::restore(snapshot_meta, restored.entries, restored.hard_state.commit);
+        let hard_state = restored.hard_state;
+        assert!(
+            hard_state.term >= log.last_term(),
+            "restored term {} is below the log's last term {}",
+            hard_state.term,
+            log.last_term()
+        );
+        let rng = SplitMix64::new(config.seed ^ config.id.wrapping_mul(0x9E37_79B9));
+        let mut core = RaftCore {
+            rng,
+            term: hard_state.term,
+            vote: hard_state.vote,
+            persisted_hard_state: HardState {
+                term: hard_state.term,
+                vote: hard_state.vote,
+                commit: log.commit,
+            },
+            log,
+            role: Role::Follower,
+            leader: NO_NODE,
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_election_timeout: 0,
+            votes: HashMap::new(),
+            progress: HashMap::new(),
+            snapshot: restored.snapshot,
+            pending_snapshot: None,
+            incoming_snapshot: None,
+            pending_reads: VecDeque::new(),
+            read_round: 0,
+            read_states: Vec::new(),
+            messages_unpersisted: Vec::new(),
+            messages: Vec::new(),
+            in_progress: None,
+            config,
+        };
+        core.reset_election_timeout();
+        core
     }
+
+    // ------------------------------------------------------------ accessors
+
     pub fn id(&self) -> NodeId {
         self.config.id
     }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn leader(&self) -> NodeId {
+        self.leader
+    }
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.log.commit,
+        }
+    }
+    pub fn entry(&self, index: u64) -> Option<&Entry> {
+        self.log.entry(index)
+    }
+    pub fn term_at(&self, index: u64) -> Option<u64> {
+        self.log.term(index)
+    }
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref()
+    }
+    pub fn randomized_election_timeout_ticks(&self) -> u32 {
+        self.randomized_election_timeout
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            id: self.config.id,
+            role: self.role,
+            term: self.term,
+            vote: self.vote,
+            leader: self.leader,
+            commit: self.log.commit,
+            applied: self.log.applied,
+            first_index: self.log.first_index(),
+            last_index: self.log.last_index(),
+            snapshot_index: self.log.snapshot_meta().index,
+            log_bytes: self.log.size_bytes(),
+        }
+    }
+
+    fn quorum(&self) -> usize {
+        self.config.voters.len() / 2 + 1
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        let id = self.config.id;
+        self.config
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != id)
+            .collect()
+    }
+
+    // ------------------------------------------------------- role changes
+
+    fn reset(&mut self, term: u64) {
+        if term != self.term {
+            self.term = term;
+            self.vote = NO_NODE;
+        }
+        self.leader = NO_NODE;
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        self.votes.clear();
+        self.progress.clear();
+        self.incoming_snapshot = None;
+        // Reads wait on this node being leader; whoever issued them learns
+        // of the role change from `status()` and answers them NotLeader.
+        self.pending_reads.clear();
+        self.reset_election_timeout();
+    }
+
+    fn reset_election_timeout(&mut self) {
+        let low = self.config.election_timeout_min_ticks as u64;
+        let high = self.config.election_timeout_max_ticks as u64;
+        self.randomized_election_timeout = self.rng.range(low, high) as u32;
+    }
+
+    fn become_follower(&mut self, term: u64, leader: NodeId) {
+        self.reset(term);
+        self.role = Role::Follower;
+        self.leader = leader;
+    }
+
+    fn become_pre_candidate(&mut self) {
+        assert_ne!(
+            self.role,
+            Role::Leader,
+            "a leader cannot become a pre-candidate"
+        );
+        // The term does not change: a pre-vote disturbs no one.
+        self.reset(self.term);
+        self.role = Role::PreCandidate;
+    }
+
+    fn become_candidate(&mut self) {
+        assert_ne!(
+            self.role,
+            Role::Leader,
+            "a leader cannot become a candidate"
+        );
+        self.reset(self.term + 1);
+        self.vote = self.config.id;
+        self.role = Role::Candidate;
+    }
+
+    fn become_leader(&mut self) {
+        assert_eq!(
+            self.role,
+            Role::Candidate,
+            "only a candidate becomes leader"
+        );
+        let term = self.term;
+        self.reset(term);
+        self.role = Role::Leader;
+        self.leader = self.config.id;
+        let next_index = self.log.last_index() + 1;
+        for peer in self.peers() {
+            let mut progress = Progress::new(next_index, self.config.max_inflight_appends);
+            progress.recent_active = true;
+            self.progress.insert(peer, progress);
+        }
+        // A leader may commit only entries of its own term by counting
+        // (Figure 8); the no-op lets it commit everything before it at once.
+        let index = self.log.last_index() + 1;
+        self.log.append(Entry {
+            term,
+            index,
+            data: Vec::new(),
+        });
+        self.broadcast_append();
+        self.maybe_commit();
+    }
+
+    // ------------------------------------------------------------- ticking
+
+    /// One logical tick: elections for followers and candidates, heartbeats
+    /// and check-quorum for the leader.
+    pub fn tick(&mut self) {
+        self.assert_not_in_ready();
+        if self.role == Role::Leader {
+            self.tick_leader();
+        } else {
+            self.election_elapsed += 1;
+            if self.election_elapsed >= self.randomized_election_timeout {
+                self.campaign();
+            }
+        }
+    }
+
+    fn tick_leader(&mut self) {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        if self.election_elapsed >= self.config.election_timeout_min_ticks {
+            self.election_elapsed = 0;
+            if self.config.check_quorum && !self.quorum_recently_active() {
+                let term = self.term;
+                self.become_follower(term, NO_NODE);
+                return;
+            }
+        }
+        if self.heartbeat_elapsed >= self.config.heartbeat_interval_ticks {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat();
+        }
+    }
+
+    /// Check-quorum: a leader that has not heard from a majority within an
+    /// election timeout may have been replaced, so it steps down rather than
+    /// keep clients waiting on it. Resets the activity flags for the next round.
+    fn quorum_recently_active(&mut self) -> bool {
+        let mut active = 1;
+        for progress in self.progress.values_mut() {
+            if progress.recent_active {
+                active += 1;
+            }
+            progress.recent_active = false;
+        }
+        active >= self.quorum()
+    }
+
+    fn campaign(&mut self) {
+        if self.config.pre_vote {
+            self.become_pre_candidate();
+        } else {
+            self.become_candidate();
+        }
+        self.start_vote_round();
+    }
+
+    fn start_vote_round(&mut self) {
+        let pre_vote = self.role == Role::PreCandidate;
+        let term = if pre_vote { self.term + 1 } else { self.term };
+        let id = self.config.id;
+        self.votes.insert(id, true);
+        if self.tally_votes() {
+            return;
+        }
+        let (last_log_index, last_log_term) = (self.log.last_index(), self.log.last_term());
+        for peer in self.peers() {
+            let body = MessageBody::RequestVote {
+                pre_vote,
+                last_log_index,
+                last_log_term,
+            };
+            // A real vote request depends on the durable term and self-vote.
+            self.messages.push(Message {
+                from: id,
+                to: peer,
+                term,
+                body,
+            });
+        }
+    }
+
+    /// Counts the votes of the current round and acts on the outcome.
+    /// Returns true when the round was decided.
+    fn tally_votes(&mut self) -> bool {
+        let granted = self.votes.values().filter(|&&g| g).count();
+        let rejected = self.votes.len() - granted;
+        if granted >= self.quorum() {
+            if self.role == Role::PreCandidate {
+                self.become_candidate();
+                self.start_vote_round();
+            } else {
+                self.become_leader();
+            }
+            return true;
+        }
+        if rejected >= self.quorum() {
+            let term = self.term;
+            self.become_follower(term, NO_NODE);
+            return true;
+        }
+        false
+    }
+
+    // ------------------------------------------------------------ proposals
+
+    /// Appends `data` to the log as a new entry. Leader only.
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<u64, ProposeError> {
+        self.propose_batch(vec![data])
+    }
+
+    /// Appends every command of `batch`, in order, and replicates them in as
+    /// few messages as the size limits allow. Returns the first one's index.
+    pub fn propose_batch(&mut self, batch: Vec<Vec<u8>>) -> Result<u64, ProposeError> {
+        self.assert_not_in_ready();
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { hint: self.leader });
+        }
+        let batch_bytes: usize = batch.iter().map(|d| d.len() + 24).sum();
+        let uncommitted_bytes = self.uncommitted_bytes();
+        if uncommitted_bytes > 0
+            && uncommitted_bytes + batch_bytes > self.config.max_uncommitted_bytes
+        {
+            return Err(ProposeError::Overloaded);
+        }
+        let first = self.log.last_index() + 1;
+        for data in batch {
+            let index = self.log.last_index() + 1;
+            self.log.append(Entry {
+                term: self.term,
+                index,
+                data,
+            });
+        }
+        self.broadcast_append();
+        self.maybe_commit();
+        Ok(first)
+    }
+
+    fn uncommitted_bytes(&self) -> usize {
+        let mut bytes = 0;
+        let mut index = self.log.commit + 1;
+        while let Some(entry) = self.log.entry(index) {
+            bytes += entry.size_bytes();
+            if bytes > self.config.max_uncommitted_bytes {
+                break;
+            }
+            index += 1;
+        }
+        bytes
+    }
+
+    /// Asks for a linearizable read barrier (ReadIndex, Raft thesis §6.4).
+    /// When a majority has confirmed this node is still leader, and the
+    /// leader has committed an entry of its term, a `ReadState` with
+    /// `context` and the commit index at the time of the call appears in a
+    /// Ready. Every read waiting at the same moment shares one heartbeat round.
+    pub fn read_index(&mut self, context: u64) -> Result<(), ProposeError> {
+        self.assert_not_in_ready();
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { hint: self.leader });
+        }
+        self.pending_reads.push_back(PendingRead {
+            context,
+            index: self.log.commit,
+            round: 0,
+        });
+        if self.quorum() == 1 {
+            self.release_reads();
+        }
+        Ok(())
+    }
+
+    /// Starts one heartbeat round for every read that has none yet.
+    fn start_read_round(&mut self) {
+        if self.role != Role::Leader || !self.pending_reads.iter().any(|r| r.round == 0) {
+            return;
+        }
+        self.read_round += 1;
+        let round = self.read_round;
+        for read in self.pending_reads.iter_mut().filter(|r| r.round == 0) {
+            read.round = round;
+        }
+        self.heartbeat_elapsed = 0;
+        self.broadcast_heartbeat();
+    }
+
+    /// Releases, in order, the reads whose round a majority has acknowledged,
+    /// provided this leader has committed an entry of its own term: before
+    /// that, its commit index may lag the cluster's (thesis §6.4, step 1).
+    fn release_reads(&mut self) {
+        if self.log.term(self.log.commit) != Some(self.term) {
+            return;
+        }
+        let mut acks: Vec<u64> = self.progress.values().map(|p| p.read_ack).collect();
+        acks.push(u64::MAX); // this node confirms itself
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let confirmed_round = acks[self.quorum() - 1];
+        let commit = self.log.commit;
+        while let Some(read) = self.pending_reads.front() {
+            let confirmed =
+                self.quorum() == 1 || (read.round != 0 && read.round <= confirmed_round);
+            if !confirmed {
+                break;
+            }
+            // The commit index now is at least the one when the read
+            // arrived, and everything up to it is committed: reading there
+            // sees every write that completed before the read began.
+            let index = read.index.max(commit);
+            self.read_states.push(ReadState {
+                context: read.context,
+                index,
+            });
+            self.pending_reads.pop_front();
+        }
+    }
+
+    // ---------------------------------------------------------- replication
+
+    fn broadcast_append(&mut self) {
+        for peer in self.peers() {
+            self.send_append(peer);
+        }
+    }
+
+    fn send_append(&mut self, to: NodeId) {
+        self.send_append_or_empty(to, false)
+    }
+
+    /// Sends AppendEntries to `to` while its progress allows (pipelining in
+    /// `Replicate`, one probe in `Probe`), or starts a snapshot when the
+    /// entries it needs are compacted. With `send_if_empty`, a follower that
+    /// is behind gets an AppendEntries even when everything was already
+    /// sent: if those messages were lost, its rejection restarts the flow.
+    fn send_append_or_empty(&mut self, to: NodeId, send_if_empty: bool) {
+        loop {
+            let progress = &self.progress[&to];
+            if progress.is_paused() {
+                return;
+            }
+            let next = progress.next_index;
+            let probing = progress.state == ProgressState::Probe;
+            let prev_log_index = next - 1;
+            let prev_log_term = match self.log.term(prev_log_index) {
+                Some(term) => term,
+                None => return self.start_snapshot_send(to),
+            };
+            let entries = self
+                .log
+                .slice(next, self.log.last_index(), self.config.max_append_bytes);
+            // An empty AppendEntries is only useful as a probe.
+            if entries.is_empty() && !probing && !send_if_empty {
+                return;
+            }
+            let sent_empty = entries.is_empty();
+            let last = prev_log_index + entries.len() as u64;
+            let leader_commit = self.log.commit;
+            let body = MessageBody::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+            };
+            self.send_leader_message(to, body);
+            let progress = self.progress.get_mut(&to).expect("peer progress");
+            progress.sent_append(last);
+            if probing || sent_empty || last >= self.log.last_index() {
+                return;
+            }
+        }
+    }
+
+    /// A leader's own messages depend on nothing this Ready persists: its
+    /// term and vote were durable before it could win, and its entries may
+    /// be written in parallel with sending them (thesis §10.2.1).
+    fn send_leader_message(&mut self, to: NodeId, body: MessageBody) {
+        let message = Message {
+            from: self.config.id,
+            to,
+            term: self.term,
+            body,
+        };
+        self.messages_unpersisted.push(message);
+    }
+
+    fn broadcast_heartbeat(&mut self) {
+        let read_context = self.read_round;
+        for peer in self.peers() {
+            let progress = self.progress.get_mut(&peer).expect("peer progress");
+            // A follower may hold entries the leader does not know match,
+            // so it is told to commit only what matches.
+            let leader_commit = self.log.commit.min(progress.match_index);
+            // Each heartbeat interval lets a waiting probe or snapshot
+            // chunk go out again, in case the last one was lost.
+            progress.paused = false;
+            let body = MessageBody::Heartbeat {
+                leader_commit,
+                read_context,
+            };
+            self.send_leader_message(peer, body);
+            if self.progress[&peer].state == ProgressState::Snapshot {
+                self.send_snapshot_chunk(peer);
+            }
+        }
+    }
+
+    fn start_snapshot_send(&mut self, to: NodeId) {
+        let snapshot = match &self.snapshot {
+            Some(snapshot) => snapshot.clone(),
+            // Entries are compacted only under a snapshot, so this cannot happen.
+            None => unreachable!("log compacted without a snapshot"),
+        };
+        let send = SnapshotSend {
+            meta: snapshot.meta,
+            data: snapshot.data,
+            offset: 0,
+        };
+        self.progress
+            .get_mut(&to)
+            .expect("peer progress")
+            .become_snapshot(send);
+        self.send_snapshot_chunk(to);
+    }
+
+    fn send_snapshot_chunk(&mut self, to: NodeId) {
+        let progress = self.progress.get_mut(&to).expect("peer progress");
+        if progress.paused {
+            return;
+        }
+        let send = progress
+            .snapshot
+            .as_ref()
+            .expect("snapshot state has a snapshot");
+        let total_bytes = send.data.len() as u64;
+        let offset = send.offset.min(total_bytes);
+        let end = (offset + self.config.max_snapshot_chunk_bytes as u64).min(total_bytes);
+        let data = send.data[offset as usize..end as usize].to_vec();
+        let body = MessageBody::InstallSnapshot {
+            meta: send.meta,
+            offset,
+            data,
+            done: end == total_bytes,
+            total_bytes,
+        };
+        progress.paused = true;
+        self.send_leader_message(to, body);
+    }
+
+    /// Commits the highest index a majority has stored, if it is of the
+    /// current term (Raft §5.4.2: older entries commit only indirectly).
+    fn maybe_commit(&mut self) {
+        let mut matched: Vec<u64> = self.progress.values().map(|p| p.match_index).collect();
+        matched.push(self.log.stable);
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let quorum_index = matched[self.quorum() - 1];
+        if quorum_index > self.log.commit && self.log.term(quorum_index) == Some(self.term) {
+            self.log.commit_to(quorum_index);
+            self.release_reads();
+        }
+    }
+
+    // ------------------------------------------------------------- stepping
+
+    /// Handles one message from a peer. Messages addressed to another node
+    /// or from a node outside the cluster are dropped.
+    pub fn step(&mut self, message: Message) {
+        self.assert_not_in_ready();
+        if message.to != self.config.id
+            || message.from == self.config.id
+            || !self.config.voters.contains(&message.from)
+        {
+            return;
+        }
+        if message.term > self.term {
+            if !self.step_higher_term(&message) {
+                return;
+            }
+        } else if message.term < self.term {
+            self.step_lower_term(message);
+            return;
+        }
+        match message.body {
+            MessageBody::RequestVote {
+                pre_vote,
+                last_log_index,
+                last_log_term,
+            } => self.handle_vote_request(
+                message.from,
+                message.term,
+                pre_vote,
+                last_log_index,
+                last_log_term,
+            ),
+            MessageBody::RequestVoteResponse { pre_vote, granted } => {
+                self.handle_vote_response(message.from, pre_vote, granted)
+            }
+            _ => match self.role {
+                Role::Leader => self.step_leader(message),
+                _ => self.step_follower(message),
+            },
+        }
+    }
+
+    /// A message from a later term. Returns whether to go on handling it.
+    fn step_higher_term(&mut self, message: &Message) -> bool {
+        match message.body {
+            MessageBody::RequestVote { pre_vote, .. } => {
+                if self.in_leader_lease() {
+                    // A node that heard from a leader within the minimum
+                    // election timeout ignores a (pre-)candidate: a
+                    // partitioned node coming back cannot depose a healthy
+                    // leader (etcd's leader lease with check-quorum).
+                    self.reject_vote(message.from, pre_vote);
+                    return false;
+                }
+                if pre_vote {
+                    // A pre-vote changes no one's term.
+                    return true;
+                }
+                self.become_follower(message.term, NO_NODE);
+                true
+            }
+            MessageBody::RequestVoteResponse {
+                pre_vote: true,
+                granted: true,
+            } => {
+                // Granted pre-votes carry the term we would campaign at.
+                true
+            }
+            MessageBody::AppendEntries { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::InstallSnapshot { .. } => {
+                self.become_follower(message.term, message.from);
+                true
+            }
+            _ => {
+                self.become_follower(message.term, NO_NODE);
+                // A response from a later term has nothing more to tell us.
+                false
+            }
+        }
+    }
+
+    /// A message from an earlier term: requests get a rejection carrying our
+    /// term, so a stale leader or candidate learns it is behind; responses
+    /// are stale and dropped.
+    fn step_lower_term(&mut self, message: Message) {
+        let to = message.from;
+        match message.body {
+            MessageBody::AppendEntries { .. } => {
+                let body = MessageBody::AppendEntriesResponse {
+                    success: false,
+                    match_index: 0,
+                    conflict_index: 0,
+                    conflict_term: 0,
+                    last_log_index: self.log.last_index(),
+                };
+                self.respond(to, body);
+            }
+            MessageBody::Heartbeat { .. } => {
+                self.respond(to, MessageBody::HeartbeatResponse { read_context: 0 })
+            }
+            MessageBody::RequestVote { pre_vote, .. } => self.reject_vote(to, pre_vote),
+            MessageBody::InstallSnapshot { meta, .. } => {
+                let body = MessageBody::InstallSnapshotResponse {
+                    meta,
+                    next_offset: 0,
+                    success: false,
+                };
+                self.respond(to, body);
+            }
+            _ => {}
+        }
+    }
+
+    fn in_leader_lease(&self) -> bool {
+        self.config.check_quorum
+            && self.leader != NO_NODE
+            && self.election_elapsed < self.config.election_timeout_min_ticks
+    }
+
+    /// Responses go out only after the Ready that produced them is durable:
+    /// they may promise a vote, a term or stored entries.
+    fn respond(&mut self, to: NodeId, body: MessageBody) {
+        let message = Message {
+            from: self.config.id,
+            to,
+            term: self.term,
+            body,
+        };
+        self.messages.push(message);
+    }
+
+    fn reject_vote(&mut self, to: NodeId, pre_vote: bool) {
+        self.respond(
+            to,
+            MessageBody::RequestVoteResponse {
+                pre_vote,
+                granted: false,
+            },
+        );
+    }
+
+    fn handle_vote_request(
+        &mut self,
+        from: NodeId,
+        term: u64,
+        pre_vote: bool,
+        last_log_index: u64,
+        last_log_term: u64,
+    ) {
+        let up_to_date = self.log.is_up_to_date(last_log_index, last_log_term);
+        let granted = if pre_vote {
+            // Would we vote at `term`? Only if it is later than ours and we
+            // have no live leader (checked above for later terms).
+            term > self.term && up_to_date
+        } else {
+            let can_vote = self.vote == from || (self.vote == NO_NODE && self.leader == NO_NODE);
+            can_vote && up_to_date && self.role != Role::Leader
+        };
+        if granted && !pre_vote {
+            self.vote = from;
+            self.election_elapsed = 0;
+        }
+        // A granted pre-vote answers at the term asked about, so the
+        // pre-candidate can tell it apart from stale answers.
+        let reply_term = if granted && pre_vote { term } else { self.term };
+        let message = Message {
+            from: self.config.id,
+            to: from,
+            term: reply_term,
+            body: MessageBody::RequestVoteResponse { pre_vote, granted },
+        };
+        self.messages.push(message);
+    }
+
+    fn handle_vote_response(&mut self, from: NodeId, pre_vote: bool, granted: bool) {
+        let expected = match self.role {
+            Role::PreCandidate => true,
+            Role::Candidate => false,
+            _ => return,
+        };
+        if pre_vote != expected {
+            return;
+        }
+        self.votes.entry(from).or_insert(granted);
+        self.tally_votes();
+    }
+
+    fn step_follower(&mut self, message: Message) {
+        let from = message.from;
+        match message.body {
+            MessageBody::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+            } => {
+                self.accept_leader(from);
+                self.handle_append(from, prev_log_index, prev_log_term, &entries, leader_commit);
+            }
+            MessageBody::Heartbeat {
+                leader_commit,
+                read_context,
+            } => {
+                self.accept_leader(from);
+                self.log.commit_to(leader_commit);
+                self.respond(from, MessageBody::HeartbeatResponse { read_context });
+            }
+            MessageBody::InstallSnapshot {
+                meta,
+                offset,
+                data,
+                done,
+                total_bytes,
+            } => {
+                self.accept_leader(from);
+                self.handle_snapshot_chunk(from, meta, offset, data, done, total_bytes);
+            }
+            // Responses meant for a leader we no longer are.
+            _ => {}
+        }
+    }
+
+    /// A message from the leader of our term: a (pre-)candidate steps back.
+    fn accept_leader(&mut self, leader: NodeId) {
+        if self.role != Role::Follower {
+            let term = self.term;
+            self.become_follower(term, leader);
+        }
+        self.leader = leader;
+        self.election_elapsed = 0;
+    }
+
+    fn handle_append(
+        &mut self,
+        from: NodeId,
+        prev_log_index: u64,
+        prev_log_term: u64,
+        entries: &[Entry],
+        leader_commit: u64,
+    ) {
+        let last_log_index = self.log.last_index();
+        let reject = |conflict_index: u64, conflict_term: u64| MessageBody::AppendEntriesResponse {
+            success: false,
+            match_index: prev_log_index,
+            conflict_index,
+            conflict_term,
+            last_log_index,
+        };
+        if !entries_follow(prev_log_index, entries) {
+            return self.respond(from, reject(0, 0));
+        }
+        // Entries at or below our commit are already ours (Leader
+        // Completeness): skip them, and match from the commit index on.
+        let commit = self.log.commit;
+        let (prev_index, prev_term, entries) = if prev_log_index < commit {
+            let skip = ((commit - prev_log_index) as usize).min(entries.len());
+            let prev_index = prev_log_index + skip as u64;
+            match self.log.term(prev_index) {
+                Some(term) => (prev_index, term, &entries[skip..]),
+                // Below our snapshot: everything the message carries is ours.
+                None => (
+                    commit,
+                    self.log.term(commit).unwrap_or(0),
+                    &entries[entries.len()..],
+                ),
+            }
+        } else {
+            (prev_log_index, prev_log_term, entries)
+        };
+        if prev_index > self.log.last_index() {
+            return self.respond(from, reject(self.log.last_index() + 1, 0));
+        }
+        if !self.log.match_term(prev_index, prev_term) {
+            let conflict_index = self.log.first_index_of_term_at(prev_index);
+            let conflict_term = self.log.term(prev_index).unwrap_or(0);
+            return self.respond(from, reject(conflict_index, conflict_term));
+        }
+        if !self.log.append_after(prev_index, entries) {
+            return self.respond(from, reject(0, 0));
+        }
+        let last_new_index = prev_index + entries.len() as u64;
+        self.log.commit_to(leader_commit.min(last_new_index));
+        let body = MessageBody::AppendEntriesResponse {
+            success: true,
+            match_index: last_new_index,
+            conflict_index: 0,
+            conflict_term: 0,
+            last_log_index: self.log.last_index(),
+        };
+        self.respond(from, body);
+    }
+
+    fn handle_snapshot_chunk(
+        &mut self,
+        from: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: Vec<u8>,
+        done: bool,
+        total_bytes: u64,
+    ) {
+        let respond = |core: &mut RaftCore, next_offset: u64, success: bool| {
+            let body = MessageBody::InstallSnapshotResponse {
+                meta,
+                next_offset,
+                success,
+            };
+            core.respond(from, body);
+        };
+        // A snapshot we already cover would roll state back: ignore it,
+        // and tell the leader we hold everything it carries.
+        if meta.index <= self.log.commit {
+            self.incoming_snapshot = None;
+            return respond(self, total_bytes, true);
+        }
+        if offset == 0 {
+            self.incoming_snapshot = Some(IncomingSnapshot {
+                meta,
+                data: Vec::new(),
+            });
+        }
+        let incoming = match &mut self.incoming_snapshot {
+            Some(incoming) if incoming.meta == meta && incoming.data.len() as u64 == offset => {
+                incoming
+            }
+            other => {
+                // Out of order or of another snapshot: ask for our next offset.
+                let held = other
+                    .as_ref()
+                    .filter(|s| s.meta == meta)
+                    .map_or(0, |s| s.data.len() as u64);
+                return respond(self, held, false);
+            }
+        };
+        incoming.data.extend_from_slice(&data);
+        let held = incoming.data.len() as u64;
+        if !done || held != total_bytes {
+            return respond(self, held, true);
+        }
+        let incoming = self.incoming_snapshot.take().expect("present");
+        if self.log.match_term(meta.index, meta.term) {
+            // We already hold the snapshot's last entry, hence everything
+            // before it: committing there is enough, the log stays.
+            self.log.commit_to(meta.index);
+            return respond(self, held, true);
+        }
+        let snapshot = Snapshot {
+            meta: incoming.meta,
+            data: Arc::new(incoming.data),
+        };
+        self.log.install_snapshot(meta);
+        self.snapshot = Some(snapshot.clone());
+        self.pending_snapshot = Some(snapshot);
+        respond(self, held, true);
+    }
+
+    fn step_leader(&mut self, message: Message) {
+        let from = message.from;
+        if let Some(progress) = self.progress.get_mut(&from) {
+            progress.recent_active = true;
+        }
+        match message.body {
+            MessageBody::AppendEntriesResponse {
+                success,
+                match_index,
+                conflict_index,
+                conflict_term,
+                last_log_index,
+            } => {
+                if success {
+                    self.handle_append_success(from, match_index);
+                } else {
+                    self.handle_append_reject(
+                        from,
+                        match_index,
+                        conflict_index,
+                        conflict_term,
+                        last_log_index,
+                    );
+                }
+            }
+            MessageBody::HeartbeatResponse { read_context } => {
+                let progress = self.progress.get_mut(&from).expect("peer progress");
+                progress.read_ack = progress.read_ack.max(read_context.min(self.read_round));
+                progress.free_one_inflight();
+                progress.paused = false;
+                if progress.match_index < self.log.last_index() {
+                    self.send_append_or_empty(from, true);
+                }
+                self.release_reads();
+            }
+            MessageBody::InstallSnapshotResponse {
+                meta,
+                next_offset,
+                success,
+            } => {
+                self.handle_snapshot_response(from, meta, next_offset, success);
+            }
+            // Requests of our own term from another node claiming to lead
+            // cannot happen while Election Safety holds; answer so the
+            // sender is not left waiting, and change nothing.
+            MessageBody::AppendEntries { prev_log_index, .. } => {
+                let body = MessageBody::AppendEntriesResponse {
+                    success: false,
+                    match_index: prev_log_index,
+                    conflict_index: 0,
+                    conflict_term: 0,
+                    last_log_index: self.log.last_index(),
+                };
+                self.respond(from, body);
+            }
+            MessageBody::Heartbeat { .. } => {
+                self.respond(from, MessageBody::HeartbeatResponse { read_context: 0 })
+            }
+            MessageBody::InstallSnapshot { meta, .. } => {
+                let body = MessageBody::InstallSnapshotResponse {
+                    meta,
+                    next_offset: 0,
+                    success: false,
+                };
+                self.respond(from, body);
+            }
+            MessageBody::RequestVote { .. } | MessageBody::RequestVoteResponse { .. } => {}
+        }
+    }
+
+    fn handle_append_success(&mut self, from: NodeId, match_index: u64) {
+        // A follower cannot match entries this leader never had.
+        if match_index > self.log.last_index() {
+            return;
+        }
+        let progress = self.progress.get_mut(&from).expect("peer progress");
+        let moved = progress.update_match(match_index);
+        match progress.state {
+            ProgressState::Probe => progress.become_replicate(),
+            ProgressState::Snapshot => {
+                // R18: an AppendEntries success at or past the snapshot
+                // index means the follower no longer needs it.
+                let covered = progress
+                    .snapshot
+                    .as_ref()
+                    .is_some_and(|s| match_index >= s.meta.index);
+                if covered {
+                    progress.become_replicate();
+                }
+            }
+            ProgressState::Replicate => {}
+        }
+        if moved {
+            self.maybe_commit();
+        }
+        self.send_append(from);
+    }
+
+    fn handle_append_reject(
+        &mut self,
+        from: NodeId,
+        rejected: u64,
+        conflict_index: u64,
+        conflict_term: u64,
+        last_log_index: u64,
+    ) {
+        // Where to retry: past the leader's last entry of the follower's
+        // conflicting term if the leader has that term, else at the start
+        // of the follower's term, else just past the follower's log.
+        let retry_at = if conflict_term != 0 {
+            match self.log.last_index_of_term(conflict_term, rejected) {
+                Some(index) => index + 1,
+                None => conflict_index,
+            }
+        } else if conflict_index != 0 {
+            conflict_index
+        } else {
+            last_log_index.saturating_add(1).min(rejected)
+        };
+        let progress = self.progress.get_mut(&from).expect("peer progress");
+        if progress.maybe_back_off(rejected, retry_at.max(1)) {
+            self.send_append(from);
+        }
+    }
+
+    fn handle_snapshot_response(
+        &mut self,
+        from: NodeId,
+        meta: SnapshotMeta,
+        next_offset: u64,
+        success: bool,
+    ) {
+        let progress = self.progress.get_mut(&from).expect("peer progress");
+        let send = match progress.snapshot.as_mut() {
+            Some(send) if progress.state == ProgressState::Snapshot && send.meta == meta => send,
+            _ => return,
+        };
+        let total_bytes = send.data.len() as u64;
+        if success && next_offset >= total_bytes {
+            // The follower holds the whole snapshot: its log matches up to it.
+            progress.update_match(meta.index);
+            progress.become_probe();
+            self.maybe_commit();
+            self.send_append(from);
+            return;
+        }
+        send.offset = next_offset.min(total_bytes);
+        progress.paused = false;
+        self.send_snapshot_chunk(from);
+    }
+
+    // -------------------------------------------------------------- ready
+
+    /// The application's snapshot covers everything up to `index` (which it
+    /// has applied): entries up to there are dropped from memory, and the
+    /// snapshot is what lagging followers will be sent. The driver stores
+    /// the snapshot durably itself before calling this.
+    pub fn compact(&mut self, index: u64, data: Vec<u8>) {
+        self.assert_not_in_ready();
+        assert!(
+            index <= self.log.applied,
+            "snapshot at {index} beyond applied {}",
+            self.log.applied
+        );
+        if index <= self.log.snapshot_meta().index {
+            return;
+        }
+        let term = self.log.term(index).expect("snapshot index within the log");
+        self.log.compact(index);
+        self.snapshot = Some(Snapshot {
+            meta: SnapshotMeta { index, term },
+            data: Arc::new(data),
+        });
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.hard_state() != self.persisted_hard_state
+            || self.log.stable < self.log.last_index()
+            || self.pending_snapshot.is_some()
+            || !self.messages_unpersisted.is_empty()
+            || !self.messages.is_empty()
+            || self.log.applied < self.log.commit
+            || !self.read_states.is_empty()
+            || self.pending_reads.iter().any(|r| r.round == 0)
+    }
+
+    /// Everything the driver must do now (see the module documentation for
+    /// the order). Call `advance` once it is done; no other method may be
+    /// called in between.
+    pub fn ready(&mut self) -> Ready {
+        self.assert_not_in_ready();
+        self.start_read_round();
+        let hard_state = self.hard_state();
+        let entries = self.log.unstable_entries();
+        let stable_to = self.log.last_index();
+        let committed_to = self
+            .log
+            .commit
+            .min(self.log.applied + MAX_COMMITTED_PER_READY);
+        let committed = self
+            .log
+            .slice(self.log.applied + 1, committed_to, usize::MAX);
+        let applied_to = self.log.applied + committed.len() as u64;
+        self.in_progress = Some(ReadyMark {
+            stable_to,
+            applied_to,
+            hard_state,
+        });
+        Ready {
+            hard_state: (hard_state != self.persisted_hard_state).then_some(hard_state),
+            snapshot: self.pending_snapshot.take(),
+            entries,
+            messages_unpersisted: std::mem::take(&mut self.messages_unpersisted),
+            messages: std::mem::take(&mut self.messages),
+            committed,
+            read_states: std::mem::take(&mut self.read_states),
+        }
+    }
+
+    /// Records that the last Ready was carried out: its entries are durable
+    /// and its committed entries applied.
+    pub fn advance(&mut self) {
+        let mark = self.in_progress.take().expect("advance without ready");
+        self.persisted_hard_state = mark.hard_state;
+        self.log.stable = mark.stable_to.min(self.log.last_index());
+        self.log.applied = mark.applied_to.max(self.log.applied);
+        if self.role == Role::Leader {
+            // The leader's own copy counts toward commit once it is durable.
+            self.maybe_commit();
+        }
+        debug_assert!({
+            self.log.assert_invariants();
+            self.progress.values().for_each(Progress::assert_invariants);
+            true
+        });
+    }
+
+    fn assert_not_in_ready(&self) {
+        assert!(
+            self.in_progress.is_none(),
+            "core used between ready() and advance()"
+        );
+    }
+}
+
+/// The most committed entries one Ready hands out, so that a node catching
+/// up on a long log applies it in bounded batches.
+const MAX_COMMITTED_PER_READY: u64 = 4096;
+
+/// Whether `entries` are numbered consecutively right after `prev_log_index`
+/// with non-decreasing terms: a message that is not is malformed.
+fn entries_follow(prev_log_index: u64, entries: &[Entry]) -> bool {
+    let mut prev_term = 0;
+    entries.iter().enumerate().all(|(k, e)| {
+        let ok = e.index == prev_log_index + 1 + k as u64 && e.term >= prev_term;
+        prev_term = e.term;
+        ok
+    })
 }

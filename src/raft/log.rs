@@ -1,1 +1,270 @@
-//! The in-memory Raft log.
+//! The in-memory Raft log: the entries after the last snapshot, and the three
+//! indexes that move along it. The driver keeps the durable copy (the WAL);
+//! this one is what the core reasons about.
+//!
+//! Invariants (checked by `assert_invariants`):
+//! - `entries[k].index == snapshot.index + 1 + k`: the log is contiguous.
+//! - entry terms never decrease along the log, and none is below `snapshot.term`.
+//! - `snapshot.index <= applied <= commit <= last_index()`.
+//! - `stable <= last_index()`: entries above `stable` are not yet durable.
+
+use std::collections::VecDeque;
+
+use super::types::{Entry, SnapshotMeta};
+
+pub struct RaftLog {
+    /// The entry the log starts after: index and term of the last entry the
+    /// snapshot covers (0, 0 before any snapshot).
+    snapshot: SnapshotMeta,
+    entries: VecDeque<Entry>,
+    /// The highest index known to be committed. Never decreases.
+    pub commit: u64,
+    /// The highest index handed to the application.
+    pub applied: u64,
+    /// The highest index the driver has made durable.
+    pub stable: u64,
+    /// The sum of `Entry::size_bytes` over `entries`.
+    bytes: u64,
+}
+
+impl RaftLog {
+    /// A log restored from durable state: `entries` must follow `snapshot` contiguously.
+    pub fn restore(snapshot: SnapshotMeta, entries: Vec<Entry>, commit: u64) -> RaftLog {
+        let mut log = RaftLog {
+            snapshot,
+            entries: VecDeque::with_capacity(entries.len()),
+            commit: 0,
+            applied: snapshot.index,
+            stable: 0,
+            bytes: 0,
+        };
+        for entry in entries {
+            assert_eq!(
+                entry.index,
+                log.last_index() + 1,
+                "restored log is not contiguous"
+            );
+            log.push(entry);
+        }
+        log.stable = log.last_index();
+        // A commit index beyond the durable log can only come from a hard
+        // state written before a crash cut the log; it is recomputed later.
+        log.commit = commit.clamp(snapshot.index, log.last_index());
+        log.assert_invariants();
+        log
+    }
+
+    pub fn snapshot_meta(&self) -> SnapshotMeta {
+        self.snapshot
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.snapshot.index + 1
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.snapshot.index + self.entries.len() as u64
+    }
+
+    pub fn last_term(&self) -> u64 {
+        self.entries.back().map_or(self.snapshot.term, |e| e.term)
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The term of the entry at `index`, if the log still knows it (the
+    /// snapshot's own index counts).
+    pub fn term(&self, index: u64) -> Option<u64> {
+        if index == self.snapshot.index {
+            return Some(self.snapshot.term);
+        }
+        self.entry(index).map(|e| e.term)
+    }
+
+    pub fn entry(&self, index: u64) -> Option<&Entry> {
+        if index <= self.snapshot.index {
+            return None;
+        }
+        self.entries.get((index - self.snapshot.index - 1) as usize)
+    }
+
+    pub fn match_term(&self, index: u64, term: u64) -> bool {
+        self.term(index) == Some(term)
+    }
+
+    /// Raft §5.4.1: a candidate's log is at least as up to date as ours when
+    /// its last term is higher, or equal with an index at least as high.
+    pub fn is_up_to_date(&self, last_index: u64, last_term: u64) -> bool {
+        last_term > self.last_term()
+            || (last_term == self.last_term() && last_index >= self.last_index())
+    }
+
+    /// Entries in `[low, high]`, at most `max_bytes` of them but always at
+    /// least one when the range is not empty (so progress is always possible).
+    pub fn slice(&self, low: u64, high: u64, max_bytes: usize) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut index = low.max(self.first_index());
+        while index <= high.min(self.last_index()) {
+            let entry = self.entry(index).expect("index within the log");
+            bytes += entry.size_bytes();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(entry.clone());
+            index += 1;
+        }
+        out
+    }
+
+    /// The entries the driver has not yet made durable.
+    pub fn unstable_entries(&self) -> Vec<Entry> {
+        self.slice(self.stable + 1, self.last_index(), usize::MAX)
+    }
+
+    pub fn append(&mut self, entry: Entry) {
+        assert_eq!(entry.index, self.last_index() + 1, "append leaves a gap");
+        assert!(entry.term >= self.last_term(), "append lowers the term");
+        self.push(entry);
+    }
+
+    fn push(&mut self, entry: Entry) {
+        self.bytes += entry.size_bytes() as u64;
+        self.entries.push_back(entry);
+    }
+
+    /// Appends `entries` that follow `prev_index` (whose term already matched),
+    /// skipping those we already hold and truncating at the first conflict.
+    /// Returns false, changing nothing, when the conflict would remove a
+    /// committed entry: that can only happen when some node broke Raft's
+    /// rules, and the core refuses the message rather than lose data.
+    pub fn append_after(&mut self, prev_index: u64, entries: &[Entry]) -> bool {
+        let mut skip = 0;
+        for (k, entry) in entries.iter().enumerate() {
+            let index = prev_index + 1 + k as u64;
+            match self.term(index) {
+                Some(term) if term == entry.term => skip = k + 1,
+                Some(_) => {
+                    if index <= self.commit {
+                        return false;
+                    }
+                    self.truncate_from(index);
+                    break;
+                }
+                None => break,
+            }
+        }
+        for entry in &entries[skip..] {
+            self.append(entry.clone());
+        }
+        true
+    }
+
+    /// Drops every entry at `index` and above. Never called below commit.
+    fn truncate_from(&mut self, index: u64) {
+        assert!(index > self.commit, "truncating committed entry {index}");
+        assert!(index > self.snapshot.index);
+        while self.last_index() >= index {
+            let entry = self.entries.pop_back().expect("non-empty");
+            self.bytes -= entry.size_bytes() as u64;
+        }
+        self.stable = self.stable.min(index - 1);
+    }
+
+    /// Forgets entries up to and including `index`, which the application's
+    /// snapshot now covers.
+    pub fn compact(&mut self, index: u64) {
+        assert!(index <= self.applied, "compacting unapplied entry {index}");
+        if index <= self.snapshot.index {
+            return;
+        }
+        let term = self.term(index).expect("compact index within the log");
+        while self.snapshot.index < index {
+            let entry = self.entries.pop_front().expect("non-empty");
+            self.bytes -= entry.size_bytes() as u64;
+            self.snapshot.index += 1;
+        }
+        self.snapshot.term = term;
+        self.assert_invariants();
+    }
+
+    /// Replaces the whole log with a snapshot received from the leader:
+    /// the caller has checked that the log does not hold the snapshot's last
+    /// entry, so nothing after it can be trusted either.
+    pub fn install_snapshot(&mut self, meta: SnapshotMeta) {
+        assert!(meta.index > self.commit, "installing a stale snapshot");
+        self.entries.clear();
+        self.bytes = 0;
+        self.snapshot = meta;
+        self.commit = meta.index;
+        self.applied = meta.index;
+        self.stable = meta.index;
+        self.assert_invariants();
+    }
+
+    /// Moves commit forward (never back) to at most the last index.
+    pub fn commit_to(&mut self, index: u64) {
+        let index = index.min(self.last_index());
+        if index > self.commit {
+            self.commit = index;
+        }
+    }
+
+    /// The last index of `term` in the log at or below `index`, or `None` if
+    /// the log holds no entry of that term there. Used by the leader to jump
+    /// over a follower's whole conflicting term at once.
+    pub fn last_index_of_term(&self, term: u64, index: u64) -> Option<u64> {
+        let mut i = index.min(self.last_index());
+        while i >= self.first_index() {
+            let t = self.term(i).expect("index within the log");
+            if t == term {
+                return Some(i);
+            }
+            if t < term {
+                return None;
+            }
+            i -= 1;
+        }
+        None
+    }
+
+    /// The first index of the term of the entry at `index` (the follower's
+    /// conflict hint): the leader can skip that whole term in one round trip.
+    pub fn first_index_of_term_at(&self, index: u64) -> u64 {
+        let term = match self.term(index) {
+            Some(term) => term,
+            None => return index,
+        };
+        let mut i = index;
+        while i > self.first_index() && self.term(i - 1) == Some(term) {
+            i -= 1;
+        }
+        i
+    }
+
+    pub fn assert_invariants(&self) {
+        let mut prev_term = self.snapshot.term;
+        for (k, entry) in self.entries.iter().enumerate() {
+            assert_eq!(
+                entry.index,
+                self.snapshot.index + 1 + k as u64,
+                "log not contiguous"
+            );
+            assert!(
+                entry.term >= prev_term,
+                "log terms decrease at {}",
+                entry.index
+            );
+            prev_term = entry.term;
+        }
+        assert!(
+            self.snapshot.index <= self.applied,
+            "applied below the snapshot"
+        );
+        assert!(self.applied <= self.commit, "applied beyond commit");
+        assert!(self.commit <= self.last_index(), "commit beyond the log");
+        assert!(self.stable <= self.last_index(), "stable beyond the log");
+    }
+}

@@ -23,3 +23,5 @@ pub use self::types::{
     Entry, HardState, Message, MessageBody, NodeId, ReadState, Role, Snapshot, SnapshotMeta,
     NO_NODE,
 };
+#[cfg(test)]
+mod tests;
