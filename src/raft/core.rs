@@ -1272,7 +1272,7 @@ impl RaftCore {
     /// has applied): entries up to there are dropped from memory, and the
     /// snapshot is what lagging followers will be sent. The driver stores
     /// the snapshot durably itself before calling this.
-    pub fn compact(&mut self, index: u64, data: Vec<u8>) {
+    pub fn compact(&mut self, index: u64, data: impl Into<Arc<Vec<u8>>>) {
         self.assert_not_in_ready();
         assert!(
             index <= self.log.applied,
@@ -1286,7 +1286,7 @@ impl RaftCore {
         self.log.compact(index);
         self.snapshot = Some(Snapshot {
             meta: SnapshotMeta { index, term },
-            data: Arc::new(data),
+            data: data.into(),
         });
     }
 
