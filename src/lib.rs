@@ -4,4 +4,5 @@ pub mod proto {
     //! Messages generated from proto/kvstore.proto.
     include!(concat!(env!("OUT_DIR"), "/proto/mod.rs"));
 }
+pub mod kv;
 pub mod raft;
