@@ -24,6 +24,10 @@ use super::server::RETAINED_BUFFER_BYTES;
 
 /// Read buffer of a client connection.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// A connection unused for this long is checked before reuse: the server may
+/// have closed it for idleness, and a call sent into a closed connection
+/// would fail although the server is up. Busy connections skip the check.
+const STALE_CHECK_AFTER_MS: u64 = 100;
 
 /// Why a call failed.
 #[derive(Debug, Clone)]
@@ -239,6 +243,30 @@ struct ClientState {
 struct ClientConnection {
     writer: TcpStream,
     reader: BufReader<TcpStream>,
+    last_used: Instant,
+}
+
+impl ClientConnection {
+    /// Whether the server has closed this connection (or sent bytes nobody
+    /// asked for). Only a non-blocking peek: no byte is consumed.
+    fn is_stale(&self) -> bool {
+        if !self.reader.buffer().is_empty() {
+            return true;
+        }
+        let stream = self.reader.get_ref();
+        if stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let peeked = stream.peek(&mut [0u8; 1]);
+        if stream.set_nonblocking(false).is_err() {
+            return true;
+        }
+        match peeked {
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+            // End of stream, or unexpected data.
+            Ok(_) => true,
+        }
+    }
 }
 
 impl RpcClient {
@@ -292,6 +320,7 @@ fn open_connection(peer: SocketAddr, config: &ClientConfig) -> Result<ClientConn
         Ok(ClientConnection {
             writer: stream,
             reader,
+            last_used: Instant::now(),
         })
     };
     connect().map_err(|e| {
@@ -323,11 +352,23 @@ impl RpcChannel for RpcClient {
         if let Err(e) = finish_frame(&mut state.buf, &header, self.config.max_frame_bytes) {
             return Err(RpcError::from_frame(self.peer, e, 0));
         }
+        let stale = state.connection.as_ref().is_some_and(|connection| {
+            connection.last_used.elapsed() >= Duration::from_millis(STALE_CHECK_AFTER_MS)
+                && connection.is_stale()
+        });
+        if stale {
+            debug!(
+                "rpc client {}: the idle connection was closed; reconnecting",
+                self.peer
+            );
+            state.connection = None;
+        }
         if state.connection.is_none() {
             state.connection = Some(open_connection(self.peer, &self.config)?);
         }
         let connection = state.connection.as_mut().expect("connected just above");
         let result = exchange(self.peer, &self.config, connection, &mut state.buf, call_id);
+        connection.last_used = Instant::now();
         if state.buf.capacity() > RETAINED_BUFFER_BYTES {
             state.buf = Vec::new();
         }
