@@ -429,6 +429,35 @@ fn a_broken_pipeline_fails_every_outstanding_call() {
 }
 
 #[test]
+fn closing_a_pipeline_does_not_wait_for_a_full_reply_channel() {
+    let harness = start(ServerConfig::default());
+    let (replies_tx, replies) = crossbeam_channel::bounded(1);
+    let pipeline =
+        PipelinedConnection::connect(harness.server.local_addr(), pipelined_config(8), replies_tx)
+            .unwrap();
+    for call_id in 1..=4u64 {
+        pipeline
+            .send(
+                kv_store::SERVICE_ID,
+                kv_store::GET,
+                call_id,
+                &get_bytes(b"now"),
+            )
+            .unwrap();
+    }
+    // The channel holds one reply; the reader is stuck on the second.
+    wait_until("the reply channel is full", || replies.is_full());
+    let started = Instant::now();
+    pipeline.close();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "close took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(replies.recv().unwrap().0, 1);
+}
+
+#[test]
 fn hostile_input_closes_only_that_connection() {
     let harness = start(ServerConfig {
         max_frame_bytes: 64 * 1024,
@@ -650,6 +679,15 @@ fn errors_read_well() {
         error.to_string(),
         "rpc frame of 5000 bytes exceeds max_frame_bytes (4096)"
     );
+    let harness = start(ServerConfig::default());
+    let taken = harness.server.local_addr();
+    let (tx, _rx) = crossbeam_channel::bounded(1);
+    let router = Router::new().with_kv_store(Arc::new(TestService { deferred: tx }));
+    let error = RpcServer::bind(taken, ServerConfig::default(), router)
+        .err()
+        .expect("the port is taken");
+    assert!(error.to_string().contains(&taken.to_string()), "{error}");
+
     let unreachable = RpcClient::connect("127.0.0.1:1".parse().unwrap(), client_config());
     let message = unreachable
         .err()

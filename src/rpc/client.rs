@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,6 +29,9 @@ const READ_BUFFER_BYTES: usize = 16 * 1024;
 /// have closed it for idleness, and a call sent into a closed connection
 /// would fail although the server is up. Busy connections skip the check.
 const STALE_CHECK_AFTER_MS: u64 = 100;
+/// How often a pipeline reader blocked on a full reply channel checks
+/// whether its connection is being closed.
+const DELIVERY_POLL_MS: u64 = 50;
 
 /// Why a call failed.
 #[derive(Debug, Clone)]
@@ -490,6 +494,9 @@ struct PipelineShared {
     /// Requests are written whole under this lock; the buffer is reused.
     writer: Mutex<(TcpStream, Vec<u8>)>,
     calls: Mutex<CallTable>,
+    /// Set by `close`: a reader blocked on a full reply channel gives up, so
+    /// closing never waits for the consumer (who may be the closer).
+    closing: AtomicBool,
 }
 
 struct CallTable {
@@ -528,6 +535,7 @@ impl PipelinedConnection {
                 outstanding: HashSet::new(),
                 failure: None,
             }),
+            closing: AtomicBool::new(false),
         });
         let reader_shared = Arc::clone(&shared);
         let reader = std::thread::Builder::new()
@@ -627,8 +635,9 @@ impl PipelinedConnection {
         Ok(())
     }
 
-    /// Closes the connection and waits for the reader thread; calls still in
-    /// flight are answered with `Closed`.
+    /// Closes the connection and waits for the reader thread (bounded: it
+    /// does not wait for a full reply channel to drain). Calls still in
+    /// flight are answered with `Closed` as far as the channel has room.
     pub fn close(mut self) {
         self.stop();
     }
@@ -638,6 +647,7 @@ impl PipelinedConnection {
             return;
         };
         self.shared.fail(RpcError::Closed { peer: self.peer });
+        self.shared.closing.store(true, Ordering::SeqCst);
         let _ = self.shared.writer.lock().0.shutdown(Shutdown::Both);
         if reader.join().is_err() {
             warn!("rpc pipeline to {}: the reader thread panicked", self.peer);
@@ -652,6 +662,32 @@ impl Drop for PipelinedConnection {
 }
 
 impl PipelineShared {
+    /// Puts one reply into the channel, waiting while it is full unless the
+    /// connection is being closed. Returns false when the reply cannot be
+    /// delivered (nobody receives, or closing).
+    fn deliver(
+        &self,
+        replies: &crossbeam_channel::Sender<PipelinedReply>,
+        mut reply: PipelinedReply,
+    ) -> bool {
+        loop {
+            match replies.send_timeout(reply, Duration::from_millis(DELIVERY_POLL_MS)) {
+                Ok(()) => return true,
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(unsent)) => {
+                    if self.closing.load(Ordering::SeqCst) {
+                        debug!(
+                            "rpc pipeline to {}: dropping the reply to call {}: closing",
+                            self.peer, unsent.0
+                        );
+                        return false;
+                    }
+                    reply = unsent;
+                }
+            }
+        }
+    }
+
     /// Records the first failure; later ones add nothing.
     fn fail(&self, error: RpcError) {
         let mut calls = self.calls.lock();
@@ -686,7 +722,7 @@ fn pipeline_reader(
                 "{peer} replied to call {call_id}, which is not in flight"
             ));
         }
-        if replies.send((call_id, reply_result(peer, &frame))).is_err() {
+        if !shared.deliver(&replies, (call_id, reply_result(peer, &frame))) {
             break RpcError::Closed { peer };
         }
         if buf.capacity() > RETAINED_BUFFER_BYTES {
@@ -705,7 +741,7 @@ fn pipeline_reader(
     );
     let _ = reader.get_ref().shutdown(Shutdown::Both);
     for call_id in orphans {
-        if replies.send((call_id, Err(failure.clone()))).is_err() {
+        if !shared.deliver(&replies, (call_id, Err(failure.clone()))) {
             break;
         }
     }

@@ -115,14 +115,16 @@ struct ServerShared {
 }
 
 impl RpcServer {
-    /// Binds `addr` and starts serving `router`'s services.
-    pub fn bind<A: ToSocketAddrs>(
+    /// Binds `addr` and starts serving `router`'s services. A bind failure
+    /// (e.g. the port is in use) names the address in its message.
+    pub fn bind<A: ToSocketAddrs + std::fmt::Display>(
         addr: A,
         config: ServerConfig,
         router: Router,
     ) -> io::Result<RpcServer> {
         config.validate()?;
-        let listener = TcpListener::bind(addr)?;
+        let listener = TcpListener::bind(&addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(ServerShared {
             config,
