@@ -8,3 +8,4 @@ pub mod check;
 pub mod config;
 pub mod kv;
 pub mod raft;
+pub mod rpc;
