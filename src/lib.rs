@@ -5,3 +5,4 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/proto/mod.rs"));
 }
 pub mod raft;
+pub mod storage;
