@@ -288,7 +288,10 @@ impl DiskStorage {
         self.check_running()?;
         if self.active_unsynced {
             let path = &self.segments.back().expect("an active segment").path;
-            let result = self.active.sync_data().map_err(StorageError::io("fdatasync", path));
+            let result = self
+                .active
+                .sync_data()
+                .map_err(StorageError::io("fdatasync", path));
             self.stop_on_error(result)?;
             self.active_unsynced = false;
         }
@@ -353,8 +356,8 @@ impl DiskStorage {
         }
         self.delete_covered_segments(meta.index)?;
         if let Some(previous) = previous {
-            let result = fs::remove_file(&previous.path)
-                .map_err(StorageError::io("delete", &previous.path));
+            let result =
+                fs::remove_file(&previous.path).map_err(StorageError::io("delete", &previous.path));
             self.stop_on_error(result)?;
         }
         let result = self
@@ -429,13 +432,26 @@ impl DiskStorage {
             snapshot_index,
             self.terms.last_index()
         );
-        if let Some(term_before) = self.terms.term_at(first.index - 1) {
-            assert!(first.term >= term_before, "entry terms must not decrease");
+        let term_before = match &self.snapshot {
+            Some(s) if s.meta.index == first.index - 1 => Some(s.meta.term),
+            _ => self.terms.term_at(first.index - 1),
+        };
+        if let Some(term_before) = term_before {
+            assert!(
+                first.term >= term_before,
+                "entry {} has term {} below the term {term_before} before it",
+                first.index,
+                first.term
+            );
         }
         for (position, entry) in entries.iter().enumerate() {
             if position > 0 {
                 let previous = &entries[position - 1];
-                assert_eq!(entry.index, previous.index + 1, "entries must be contiguous");
+                assert_eq!(
+                    entry.index,
+                    previous.index + 1,
+                    "entries must be contiguous"
+                );
                 assert!(entry.term >= previous.term, "entry terms must not decrease");
             }
             assert!(
@@ -560,7 +576,11 @@ fn check_hard_state_step(previous: &HardState, next: &HardState) {
         next.term
     );
     if next.term == previous.term && previous.vote != 0 {
-        assert_eq!(next.vote, previous.vote, "vote changed within term {}", next.term);
+        assert_eq!(
+            next.vote, previous.vote,
+            "vote changed within term {}",
+            next.term
+        );
     }
 }
 
@@ -593,7 +613,9 @@ fn list_dir(dir: &Path) -> Result<Listing, StorageError> {
         }
     }
     listing.segment_seqs.sort_unstable();
-    listing.snapshots.sort_unstable_by_key(|m| (m.index, m.term));
+    listing
+        .snapshots
+        .sort_unstable_by_key(|m| (m.index, m.term));
     Ok(listing)
 }
 

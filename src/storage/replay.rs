@@ -127,9 +127,7 @@ impl Replay {
                 &origin,
                 format!(
                     "entry {first} has term {}, below the term {} of entry {}",
-                    run[0].term,
-                    before.term,
-                    before.index
+                    run[0].term, before.term, before.index
                 ),
             ));
         }

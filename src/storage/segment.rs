@@ -153,7 +153,10 @@ mod tests {
         assert_eq!(segment_file_name(7), "wal-00000000000000000007.log");
         assert_eq!(parse_segment_file_name(&segment_file_name(7)), Some(7));
         assert_eq!(parse_segment_file_name("wal-7.log"), None);
-        assert_eq!(parse_segment_file_name("wal-0000000000000000000x.log"), None);
+        assert_eq!(
+            parse_segment_file_name("wal-0000000000000000000x.log"),
+            None
+        );
         assert!(segment_file_name(9) < segment_file_name(10));
     }
 
@@ -184,7 +187,9 @@ mod tests {
     fn damage_before_an_intact_record_is_corruption() {
         let (mut buf, _) = two_records();
         buf[12] ^= 1;
-        let error = scan_segment(Path::new("seg"), &buf, true).err().expect("corrupt");
+        let error = scan_segment(Path::new("seg"), &buf, true)
+            .err()
+            .expect("corrupt");
         assert!(error.to_string().contains("at offset 0"), "{error}");
         let error = scan_segment(Path::new("seg"), &buf[..20], false)
             .err()

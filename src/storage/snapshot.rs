@@ -121,7 +121,11 @@ pub(crate) fn read_snapshot(path: &Path, named: &SnapshotMeta) -> Result<Snapsho
     file.read_exact(&mut header)
         .map_err(StorageError::io("read", path))?;
     if &header[0..8] != MAGIC {
-        return Err(StorageError::corrupt(path, 0, "not a snapshot file (bad magic)"));
+        return Err(StorageError::corrupt(
+            path,
+            0,
+            "not a snapshot file (bad magic)",
+        ));
     }
     let field = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
     let meta = SnapshotMeta {

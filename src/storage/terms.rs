@@ -40,7 +40,10 @@ impl TermRuns {
 
     /// Drops the entries at `>= index`.
     pub(crate) fn truncate_from(&mut self, index: u64) {
-        assert!(index > self.base_index, "truncate at {index} below the base");
+        assert!(
+            index > self.base_index,
+            "truncate at {index} below the base"
+        );
         if index > self.last_index {
             return;
         }
