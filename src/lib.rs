@@ -7,5 +7,7 @@ pub mod proto {
 pub mod check;
 pub mod config;
 pub mod kv;
+pub mod node;
 pub mod raft;
 pub mod rpc;
+pub mod storage;
