@@ -3,3 +3,6 @@
 //! of the commands that log entries carry.
 
 pub mod state_machine;
+pub mod applier;
+pub mod service;
+pub mod waiters;

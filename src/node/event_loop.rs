@@ -232,7 +232,7 @@ impl EventLoop {
                 self.send_message(message, waiting_replies);
             }
             if let Some(snapshot) = &ready.snapshot {
-                self.storage.install_snapshot(snapshot).map_err(|e| e.to_string())?;
+                self.storage.save_snapshot(snapshot).map_err(|e| e.to_string())?;
             }
             if ready.hard_state.is_some() || !ready.entries.is_empty() {
                 self.storage.append(ready.hard_state, &ready.entries).map_err(|e| e.to_string())?;

@@ -170,13 +170,19 @@ impl NodeHandle {
         self.fatal.lock().clone()
     }
 
+    /// Stops the node because it can no longer keep its promises.
+    pub fn stop_with_error(&self, error: FatalError) {
+        log::error!("node {} stops: {error}", self.id);
+        self.fatal.lock().get_or_insert(error);
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Tells the core that the application saved a snapshot at `index`
-    /// (durably, through [`Node::save_snapshot`]'s storage): log entries up to
-    /// it can go.
+    /// Hands the application's snapshot at `index` (which it has applied)
+    /// to the event loop, which stores it durably and then trims the log.
     pub fn compacted(&self, index: u64, data: Vec<u8>) {
         // A full channel only delays compaction; the next snapshot retries.
         let _ = self.events.try_send(Event::Compact { index, data });
