@@ -53,7 +53,7 @@ pub struct StorageOptions {
     /// A segment is closed and a new one started once it holds at least this
     /// many bytes; a segment overshoots by at most one append batch. Smaller
     /// segments let `save_snapshot` free space sooner; larger ones mean fewer
-    /// files and directory fsyncs.
+    /// files and directory fsyncs. 0 starts a new segment for every batch.
     pub segment_bytes: u64,
 }
 
@@ -124,7 +124,6 @@ impl DiskStorage {
         dir: &Path,
         options: StorageOptions,
     ) -> Result<(DiskStorage, RestoredState), StorageError> {
-        assert!(options.segment_bytes > 0, "segment_bytes must be positive");
         create_dir(dir)?;
         let lock = DirLock::acquire(dir)?;
         let dir_file = File::open(dir).map_err(StorageError::io("open directory", dir))?;
@@ -521,13 +520,19 @@ impl DiskStorage {
     }
 
     /// Deletes the oldest segments while all their entries are `<= index`.
-    /// Only a prefix is deleted: recovery treats a hole in the sequence as a
-    /// lost file.
+    /// Only a prefix is deleted, and the directory is fsynced after each
+    /// deletion: recovery treats a hole in the sequence as a lost file, and
+    /// without the fsync a crash could persist the deletions in any order.
     fn delete_covered_segments(&mut self, index: u64) -> Result<(), StorageError> {
         while self.segments.len() > 1 && self.segments[0].max_entry_index <= index {
             let oldest = self.segments.pop_front().expect("checked non-empty");
-            let result =
-                fs::remove_file(&oldest.path).map_err(StorageError::io("delete", &oldest.path));
+            let result = fs::remove_file(&oldest.path)
+                .map_err(StorageError::io("delete", &oldest.path))
+                .and_then(|()| {
+                    self.dir_file
+                        .sync_all()
+                        .map_err(StorageError::io("fsync directory", &self.dir))
+                });
             self.stop_on_error(result)?;
         }
         Ok(())
