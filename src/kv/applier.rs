@@ -60,7 +60,10 @@ impl Applier {
     pub fn run(mut self) {
         let mut next_sweep = Instant::now();
         loop {
-            match self.tasks.recv_timeout(Duration::from_millis(EXPIRY_SWEEP_MS)) {
+            match self
+                .tasks
+                .recv_timeout(Duration::from_millis(EXPIRY_SWEEP_MS))
+            {
                 Ok(task) => {
                     if let Err(error) = self.handle(task) {
                         self.node.stop_with_error(error);
@@ -127,7 +130,11 @@ impl Applier {
                 break;
             }
             let (_, token) = self.proposed.remove(&index).expect("present");
-            self.fail(token, ErrorCode::NOT_LEADER, "the request was lost in a leader change");
+            self.fail(
+                token,
+                ErrorCode::NOT_LEADER,
+                "the request was lost in a leader change",
+            );
         }
         let Some((term, token)) = self.proposed.remove(&entry.index) else {
             return;
@@ -138,7 +145,11 @@ impl Applier {
         if term != entry.term {
             // Another leader's entry took this index: ours was dropped.
             let hint = self.node.status().leader;
-            return waiter.fail(ErrorCode::NOT_LEADER, hint, "the request was lost in a leader change");
+            return waiter.fail(
+                ErrorCode::NOT_LEADER,
+                hint,
+                "the request was lost in a leader change",
+            );
         }
         match outcome {
             ApplyOutcome::Applied { reply, .. } | ApplyOutcome::Duplicate { reply, .. } => {
@@ -149,7 +160,9 @@ impl Applier {
                 0,
                 &format!("seq {seq} is older than this client's last request {last_seq}"),
             ),
-            ApplyOutcome::Invalid { reason, .. } => waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &reason),
+            ApplyOutcome::Invalid { reason, .. } => {
+                waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &reason)
+            }
             ApplyOutcome::Noop | ApplyOutcome::AlreadyApplied => {
                 waiter.fail(ErrorCode::TIMEOUT, 0, "the outcome is unknown; retry")
             }
@@ -172,7 +185,9 @@ impl Applier {
             for token in entry.remove() {
                 match self.waiters.take(token) {
                     Some(waiter @ Waiter::Get { .. }) => {
-                        let Waiter::Get { ref key, .. } = waiter else { unreachable!() };
+                        let Waiter::Get { ref key, .. } = waiter else {
+                            unreachable!()
+                        };
                         let value = self.machine.get(key).map(<[u8]>::to_vec);
                         waiter.answer_get(value.as_deref());
                     }
@@ -185,9 +200,16 @@ impl Applier {
 
     fn restore(&mut self, snapshot: Snapshot) -> Result<(), String> {
         self.machine = KvStateMachine::restore(&snapshot.data, self.options).map_err(|e| {
-            format!("the snapshot at index {} from the leader does not load: {e}", snapshot.meta.index)
+            format!(
+                "the snapshot at index {} from the leader does not load: {e}",
+                snapshot.meta.index
+            )
         })?;
-        let covered: Vec<u64> = self.proposed.range(..=snapshot.meta.index).map(|(&i, _)| i).collect();
+        let covered: Vec<u64> = self
+            .proposed
+            .range(..=snapshot.meta.index)
+            .map(|(&i, _)| i)
+            .collect();
         for index in covered {
             let (_, token) = self.proposed.remove(&index).expect("present");
             self.fail(token, ErrorCode::TIMEOUT, "the outcome is unknown; retry");
@@ -221,9 +243,13 @@ impl Applier {
 
 fn refuse(waiter: Waiter, error: ProposeError) {
     match error {
-        ProposeError::NotLeader { hint } => waiter.fail(ErrorCode::NOT_LEADER, hint, "not the leader"),
-        ProposeError::Overloaded => {
-            waiter.fail(ErrorCode::BUSY, 0, "the leader holds too many uncommitted entries")
+        ProposeError::NotLeader { hint } => {
+            waiter.fail(ErrorCode::NOT_LEADER, hint, "not the leader")
         }
+        ProposeError::Overloaded => waiter.fail(
+            ErrorCode::BUSY,
+            0,
+            "the leader holds too many uncommitted entries",
+        ),
     }
 }

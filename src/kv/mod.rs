@@ -2,7 +2,8 @@
 //! map plus the client sessions that make retries exactly-once) and the codec
 //! of the commands that log entries carry.
 
-pub mod state_machine;
 pub mod applier;
+pub mod server;
 pub mod service;
+pub mod state_machine;
 pub mod waiters;

@@ -43,32 +43,61 @@ type Refusal = (ErrorCode, u64, String);
 
 impl KvService {
     pub fn new(node: NodeHandle, waiters: Arc<Waiters>, options: ServiceOptions) -> KvService {
-        KvService { node, waiters, next_token: AtomicU64::new(1), options }
+        KvService {
+            node,
+            waiters,
+            next_token: AtomicU64::new(1),
+            options,
+        }
     }
 
     /// Checks what every request must satisfy before it costs the cluster
     /// anything: the token, the sizes, and that this node leads.
-    fn admit(&self, header: Option<&RequestHeader>, key: &[u8], value: &[u8]) -> Result<(), Refusal> {
+    fn admit(
+        &self,
+        header: Option<&RequestHeader>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), Refusal> {
         if let Some(expected) = &self.options.client_token {
             if header.map(|h| &h.token) != Some(expected) {
-                return Err((ErrorCode::UNAUTHENTICATED, 0, "missing or wrong client token".into()));
+                return Err((
+                    ErrorCode::UNAUTHENTICATED,
+                    0,
+                    "missing or wrong client token".into(),
+                ));
             }
         }
         if key.len() > self.options.max_key_bytes {
-            let message = format!("key of {} bytes exceeds {}", key.len(), self.options.max_key_bytes);
+            let message = format!(
+                "key of {} bytes exceeds {}",
+                key.len(),
+                self.options.max_key_bytes
+            );
             return Err((ErrorCode::INVALID_ARGUMENT, 0, message));
         }
         if value.len() > self.options.max_value_bytes {
-            let message =
-                format!("value of {} bytes exceeds {}", value.len(), self.options.max_value_bytes);
+            let message = format!(
+                "value of {} bytes exceeds {}",
+                value.len(),
+                self.options.max_value_bytes
+            );
             return Err((ErrorCode::INVALID_ARGUMENT, 0, message));
         }
         if self.node.is_stopping() {
-            return Err((ErrorCode::SHUTTING_DOWN, 0, "the node is shutting down".into()));
+            return Err((
+                ErrorCode::SHUTTING_DOWN,
+                0,
+                "the node is shutting down".into(),
+            ));
         }
         let status = self.node.status();
         if status.role != Role::Leader {
-            return Err((ErrorCode::NOT_LEADER, status.leader, "not the leader".into()));
+            return Err((
+                ErrorCode::NOT_LEADER,
+                status.leader,
+                "not the leader".into(),
+            ));
         }
         Ok(())
     }
@@ -78,11 +107,16 @@ impl KvService {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + self.options.request_timeout;
         self.waiters.insert(token, waiter, deadline);
-        let refusal = match self.node.requests().send_timeout(make(token), self.options.queue_wait) {
+        let refusal = match self
+            .node
+            .requests()
+            .send_timeout(make(token), self.options.queue_wait)
+        {
             Ok(()) => return,
-            Err(SendTimeoutError::Timeout(_)) => {
-                (ErrorCode::BUSY, "the proposal queue is full; back off and retry")
-            }
+            Err(SendTimeoutError::Timeout(_)) => (
+                ErrorCode::BUSY,
+                "the proposal queue is full; back off and retry",
+            ),
             Err(SendTimeoutError::Disconnected(_)) => {
                 (ErrorCode::SHUTTING_DOWN, "the node is shutting down")
             }
@@ -115,13 +149,20 @@ impl KvService {
 /// The leader's wall clock, stamped into commands so that every replica
 /// expires idle sessions at the same log index.
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl KvStoreService for KvService {
     fn get(&self, request: GetRequest, responder: Responder<GetReply>) {
-        let waiter = Waiter::Get { key: request.key, responder };
-        let Waiter::Get { key, .. } = &waiter else { unreachable!() };
+        let waiter = Waiter::Get {
+            key: request.key,
+            responder,
+        };
+        let Waiter::Get { key, .. } = &waiter else {
+            unreachable!()
+        };
         if let Err((error, hint, message)) = self.admit(request.header.as_ref(), key, &[]) {
             return waiter.fail(error, hint, &message);
         }
@@ -129,12 +170,18 @@ impl KvStoreService for KvService {
     }
 
     fn put(&self, request: PutRequest, responder: Responder<PutReply>) {
-        let op = KvOp::Put { key: request.key, value: request.value };
+        let op = KvOp::Put {
+            key: request.key,
+            value: request.value,
+        };
         self.write(request.header.as_ref(), op, Waiter::Put(responder));
     }
 
     fn append(&self, request: AppendRequest, responder: Responder<AppendReply>) {
-        let op = KvOp::Append { key: request.key, value: request.value };
+        let op = KvOp::Append {
+            key: request.key,
+            value: request.value,
+        };
         self.write(request.header.as_ref(), op, Waiter::Append(responder));
     }
 
@@ -144,7 +191,11 @@ impl KvStoreService for KvService {
     }
 
     fn cas(&self, request: CasRequest, responder: Responder<CasReply>) {
-        let op = KvOp::Cas { key: request.key, expected: request.expected, value: request.value };
+        let op = KvOp::Cas {
+            key: request.key,
+            expected: request.expected,
+            value: request.value,
+        };
         self.write(request.header.as_ref(), op, Waiter::Cas(responder));
     }
 

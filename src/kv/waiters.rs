@@ -17,14 +17,21 @@ use crate::rpc::Responder;
 
 /// The responder of one client call, by kind.
 pub enum Waiter {
-    Get { key: Vec<u8>, responder: Responder<GetReply> },
+    Get {
+        key: Vec<u8>,
+        responder: Responder<GetReply>,
+    },
     Put(Responder<PutReply>),
     Append(Responder<AppendReply>),
     Delete(Responder<DeleteReply>),
     Cas(Responder<CasReply>),
 }
 
-fn header(error: ErrorCode, leader_hint: NodeId, message: &str) -> protobuf::MessageField<ReplyHeader> {
+fn header(
+    error: ErrorCode,
+    leader_hint: NodeId,
+    message: &str,
+) -> protobuf::MessageField<ReplyHeader> {
     protobuf::MessageField::some(ReplyHeader {
         error: error.into(),
         leader_hint,
@@ -38,11 +45,26 @@ impl Waiter {
     pub fn fail(self, error: ErrorCode, leader_hint: NodeId, message: &str) {
         let header = header(error, leader_hint, message);
         match self {
-            Waiter::Get { responder, .. } => responder.send(GetReply { header, ..Default::default() }),
-            Waiter::Put(responder) => responder.send(PutReply { header, ..Default::default() }),
-            Waiter::Append(responder) => responder.send(AppendReply { header, ..Default::default() }),
-            Waiter::Delete(responder) => responder.send(DeleteReply { header, ..Default::default() }),
-            Waiter::Cas(responder) => responder.send(CasReply { header, ..Default::default() }),
+            Waiter::Get { responder, .. } => responder.send(GetReply {
+                header,
+                ..Default::default()
+            }),
+            Waiter::Put(responder) => responder.send(PutReply {
+                header,
+                ..Default::default()
+            }),
+            Waiter::Append(responder) => responder.send(AppendReply {
+                header,
+                ..Default::default()
+            }),
+            Waiter::Delete(responder) => responder.send(DeleteReply {
+                header,
+                ..Default::default()
+            }),
+            Waiter::Cas(responder) => responder.send(CasReply {
+                header,
+                ..Default::default()
+            }),
         }
     }
 
@@ -65,17 +87,34 @@ impl Waiter {
     pub fn answer_write(self, reply: CommandReply) {
         let ok = || header(ErrorCode::OK, 0, "");
         match (self, reply) {
-            (Waiter::Put(r), CommandReply::Put) => r.send(PutReply { header: ok(), ..Default::default() }),
-            (Waiter::Append(r), CommandReply::Append) => {
-                r.send(AppendReply { header: ok(), ..Default::default() })
-            }
-            (Waiter::Delete(r), CommandReply::Delete { existed }) => {
-                r.send(DeleteReply { header: ok(), existed, ..Default::default() })
-            }
-            (Waiter::Cas(r), CommandReply::Cas { swapped, found, current }) => {
+            (Waiter::Put(r), CommandReply::Put) => r.send(PutReply {
+                header: ok(),
+                ..Default::default()
+            }),
+            (Waiter::Append(r), CommandReply::Append) => r.send(AppendReply {
+                header: ok(),
+                ..Default::default()
+            }),
+            (Waiter::Delete(r), CommandReply::Delete { existed }) => r.send(DeleteReply {
+                header: ok(),
+                existed,
+                ..Default::default()
+            }),
+            (
+                Waiter::Cas(r),
+                CommandReply::Cas {
+                    swapped,
+                    found,
+                    current,
+                },
+            ) => {
                 // A replayed reply may have dropped a large `current`: the
                 // outcome is exact, the old value is no longer known.
-                let message = if current.is_none() { "current value not retained" } else { "" };
+                let message = if current.is_none() {
+                    "current value not retained"
+                } else {
+                    ""
+                };
                 r.send(CasReply {
                     header: header(ErrorCode::OK, 0, message),
                     swapped,
@@ -108,7 +147,9 @@ pub struct Waiters {
 
 impl Waiters {
     pub fn insert(&self, token: u64, waiter: Waiter, deadline: Instant) {
-        self.pending.lock().insert(token, Pending { waiter, deadline });
+        self.pending
+            .lock()
+            .insert(token, Pending { waiter, deadline });
     }
 
     pub fn take(&self, token: u64) -> Option<Waiter> {
@@ -126,13 +167,23 @@ impl Waiters {
     /// Removes and returns every waiter whose deadline has passed.
     pub fn take_expired(&self, now: Instant) -> Vec<(u64, Waiter)> {
         let mut pending = self.pending.lock();
-        let expired: Vec<u64> =
-            pending.iter().filter(|(_, p)| p.deadline <= now).map(|(&t, _)| t).collect();
-        expired.into_iter().filter_map(|t| pending.remove(&t).map(|p| (t, p.waiter))).collect()
+        let expired: Vec<u64> = pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|t| pending.remove(&t).map(|p| (t, p.waiter)))
+            .collect()
     }
 
     /// Removes and returns every waiter.
     pub fn take_all(&self) -> Vec<(u64, Waiter)> {
-        self.pending.lock().drain().map(|(t, p)| (t, p.waiter)).collect()
+        self.pending
+            .lock()
+            .drain()
+            .map(|(t, p)| (t, p.waiter))
+            .collect()
     }
 }

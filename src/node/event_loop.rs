@@ -88,9 +88,19 @@ impl EventLoop {
                 return;
             }
             let now = self.leadership();
+            if now != leadership {
+                self.log_role_change();
+            }
             if leadership.leader && now != leadership {
                 let hint = self.core.leader();
-                if self.apply.send(ApplyTask::SteppedDown { term: leadership.term, hint }).is_err() {
+                if self
+                    .apply
+                    .send(ApplyTask::SteppedDown {
+                        term: leadership.term,
+                        hint,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -99,8 +109,24 @@ impl EventLoop {
         }
     }
 
+    fn log_role_change(&self) {
+        let status = self.core.status();
+        log::info!(
+            "node {}: {} in term {} (leader {}, commit {}, last index {})",
+            status.id,
+            status.role.as_str(),
+            status.term,
+            status.leader,
+            status.commit,
+            status.last_index
+        );
+    }
+
     fn leadership(&self) -> Leadership {
-        Leadership { leader: self.core.role() == Role::Leader, term: self.core.term() }
+        Leadership {
+            leader: self.core.role() == Role::Leader,
+            term: self.core.term(),
+        }
     }
 
     /// A node whose storage failed can no longer keep its promises: it stops
@@ -154,7 +180,10 @@ impl EventLoop {
                     Some(kind) if self.is_for_us(&message) => kind,
                     _ => return Ok(()),
                 };
-                waiting_replies.entry((message.from, kind)).or_default().push_back(reply);
+                waiting_replies
+                    .entry((message.from, kind))
+                    .or_default()
+                    .push_back(reply);
                 self.core.step(message);
             }
             Event::Compact { index, data } => self.compact(index, data)?,
@@ -232,10 +261,14 @@ impl EventLoop {
                 self.send_message(message, waiting_replies);
             }
             if let Some(snapshot) = &ready.snapshot {
-                self.storage.save_snapshot(snapshot).map_err(|e| e.to_string())?;
+                self.storage
+                    .save_snapshot(snapshot)
+                    .map_err(|e| e.to_string())?;
             }
             if ready.hard_state.is_some() || !ready.entries.is_empty() {
-                self.storage.append(ready.hard_state, &ready.entries).map_err(|e| e.to_string())?;
+                self.storage
+                    .append(ready.hard_state, &ready.entries)
+                    .map_err(|e| e.to_string())?;
                 self.storage.sync().map_err(|e| e.to_string())?;
             }
             for message in ready.messages {
@@ -248,7 +281,10 @@ impl EventLoop {
                 self.send_apply(ApplyTask::Committed(ready.committed));
             }
             for read in ready.read_states {
-                self.send_apply(ApplyTask::ReadReady { token: read.context, index: read.index });
+                self.send_apply(ApplyTask::ReadReady {
+                    token: read.context,
+                    index: read.index,
+                });
             }
             self.core.advance();
         }
@@ -264,7 +300,9 @@ impl EventLoop {
             Some(kind) => kind,
             None => return self.peers.send(message),
         };
-        let reply = waiting_replies.get_mut(&(message.to, kind)).and_then(VecDeque::pop_front);
+        let reply = waiting_replies
+            .get_mut(&(message.to, kind))
+            .and_then(VecDeque::pop_front);
         match reply {
             Some(reply) => reply(message),
             None => log::warn!("node {}: no caller waits for {:?}", self.core.id(), message),
@@ -282,8 +320,13 @@ impl EventLoop {
             Some(term) => term,
             None => return Ok(()),
         };
-        let snapshot = Snapshot { meta: SnapshotMeta { index, term }, data: Arc::new(data) };
-        self.storage.save_snapshot(&snapshot).map_err(|e| e.to_string())?;
+        let snapshot = Snapshot {
+            meta: SnapshotMeta { index, term },
+            data: Arc::new(data),
+        };
+        self.storage
+            .save_snapshot(&snapshot)
+            .map_err(|e| e.to_string())?;
         self.core.compact(index, snapshot.data);
         Ok(())
     }

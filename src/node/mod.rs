@@ -71,8 +71,9 @@ impl NodeOptions {
         let voters = self.peers.iter().map(|(id, _)| *id).collect();
         let mut config = crate::raft::Config::new(self.id, voters);
         config.election_timeout_min_ticks = self.ticks(self.election_timeout_min_ms);
-        config.election_timeout_max_ticks =
-            self.ticks(self.election_timeout_max_ms).max(config.election_timeout_min_ticks + 1);
+        config.election_timeout_max_ticks = self
+            .ticks(self.election_timeout_max_ms)
+            .max(config.election_timeout_min_ticks + 1);
         config.heartbeat_interval_ticks = self.ticks(self.heartbeat_interval_ms);
         config.max_inflight_appends = self.max_inflight_appends;
         config.max_append_bytes = self.max_append_bytes;
@@ -133,7 +134,10 @@ pub(crate) enum Event {
     /// A request from a peer, answered by `reply` with the core's response.
     Request(Message, RaftReply),
     /// The application saved a snapshot covering up to `index`.
-    Compact { index: u64, data: Vec<u8> },
+    Compact {
+        index: u64,
+        data: Vec<u8>,
+    },
 }
 
 /// Completes one incoming Raft RPC with the core's response message.
@@ -257,7 +261,14 @@ impl Node {
             event_tx,
             options.link_filter.clone(),
         ));
-        Ok((Node { handle, threads, raft_service }, apply_rx))
+        Ok((
+            Node {
+                handle,
+                threads,
+                raft_service,
+            },
+            apply_rx,
+        ))
     }
 
     pub fn handle(&self) -> &NodeHandle {
@@ -286,7 +297,8 @@ impl Node {
 fn run_ticker(tick: Duration, events: Sender<Event>, stopping: Arc<AtomicBool>) {
     while !stopping.load(Ordering::SeqCst) {
         std::thread::sleep(tick);
-        if let Err(crossbeam_channel::TrySendError::Disconnected(_)) = events.try_send(Event::Tick) {
+        if let Err(crossbeam_channel::TrySendError::Disconnected(_)) = events.try_send(Event::Tick)
+        {
             return;
         }
     }

@@ -119,7 +119,11 @@ impl Link {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            if self.filter.as_ref().is_some_and(|allow| !allow(self.me, self.peer)) {
+            if self
+                .filter
+                .as_ref()
+                .is_some_and(|allow| !allow(self.me, self.peer))
+            {
                 continue;
             }
             if connection.as_ref().is_some_and(|c| c.failure().is_some()) {
@@ -129,7 +133,8 @@ impl Link {
                 if Instant::now() < retry_at {
                     continue;
                 }
-                match PipelinedConnection::connect(self.addr, self.config.clone(), replies.clone()) {
+                match PipelinedConnection::connect(self.addr, self.config.clone(), replies.clone())
+                {
                     Ok(c) => connection = Some(c),
                     Err(e) => {
                         log::debug!("node {}: cannot reach peer {}: {e}", self.me, self.peer);
@@ -138,7 +143,9 @@ impl Link {
                     }
                 }
             }
-            let Some(request) = wire::request_to_wire(message) else { continue };
+            let Some(request) = wire::request_to_wire(message) else {
+                continue;
+            };
             let (method, result) = encode(&request, &mut buffer);
             if let Err(e) = result {
                 log::error!("node {}: cannot encode a Raft request: {e}", self.me);
@@ -184,12 +191,17 @@ struct ReplyReader {
 impl ReplyReader {
     fn run(self, replies: Receiver<PipelinedReply>) {
         while !self.stopping.load(Ordering::SeqCst) {
-            let (call_id, result) = match replies.recv_timeout(Duration::from_millis(STOP_POLL_MS)) {
+            let (call_id, result) = match replies.recv_timeout(Duration::from_millis(STOP_POLL_MS))
+            {
                 Ok(reply) => reply,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            if self.filter.as_ref().is_some_and(|allow| !allow(self.peer, self.me)) {
+            if self
+                .filter
+                .as_ref()
+                .is_some_and(|allow| !allow(self.peer, self.me))
+            {
                 continue;
             }
             let bytes = match result {
@@ -213,7 +225,9 @@ impl ReplyReader {
 
 fn decode_reply(method: u32, bytes: &[u8]) -> Result<WireReply, RpcError> {
     Ok(match method {
-        ids::APPEND_ENTRIES => WireReply::AppendEntries(decode_message::<pb::AppendEntriesReply>(bytes)?),
+        ids::APPEND_ENTRIES => {
+            WireReply::AppendEntries(decode_message::<pb::AppendEntriesReply>(bytes)?)
+        }
         ids::HEARTBEAT => WireReply::Heartbeat(decode_message::<pb::HeartbeatReply>(bytes)?),
         ids::REQUEST_VOTE => WireReply::RequestVote(decode_message::<pb::RequestVoteReply>(bytes)?),
         ids::INSTALL_SNAPSHOT => {

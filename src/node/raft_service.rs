@@ -19,7 +19,11 @@ pub struct RaftServiceHandler {
 
 impl RaftServiceHandler {
     pub(crate) fn new(id: NodeId, events: Sender<Event>, link_filter: Option<LinkFilter>) -> Self {
-        RaftServiceHandler { id, events, link_filter }
+        RaftServiceHandler {
+            id,
+            events,
+            link_filter,
+        }
     }
 
     /// Queues `message` with its reply. A cut link or a full event queue
@@ -39,25 +43,54 @@ impl RaftServiceHandler {
         let id = self.id;
         let reply = Box::new(move |response: Message| match to_reply(response) {
             Some(reply) => responder.send(reply),
-            None => log::error!("node {id}: the core answered an RPC with the wrong kind of message"),
+            None => {
+                log::error!("node {id}: the core answered an RPC with the wrong kind of message")
+            }
         });
-        if self.events.try_send(Event::Request(message, reply)).is_err() {
-            log::debug!("node {}: event queue full, dropping a Raft request", self.id);
+        if self
+            .events
+            .try_send(Event::Request(message, reply))
+            .is_err()
+        {
+            log::debug!(
+                "node {}: event queue full, dropping a Raft request",
+                self.id
+            );
         }
     }
 }
 
 impl RaftService for RaftServiceHandler {
-    fn append_entries(&self, request: pb::AppendEntriesRequest, responder: Responder<pb::AppendEntriesReply>) {
-        self.deliver(wire::append_entries_from_wire(request), responder, wire::append_entries_reply);
+    fn append_entries(
+        &self,
+        request: pb::AppendEntriesRequest,
+        responder: Responder<pb::AppendEntriesReply>,
+    ) {
+        self.deliver(
+            wire::append_entries_from_wire(request),
+            responder,
+            wire::append_entries_reply,
+        );
     }
 
     fn heartbeat(&self, request: pb::HeartbeatRequest, responder: Responder<pb::HeartbeatReply>) {
-        self.deliver(wire::heartbeat_from_wire(request), responder, wire::heartbeat_reply);
+        self.deliver(
+            wire::heartbeat_from_wire(request),
+            responder,
+            wire::heartbeat_reply,
+        );
     }
 
-    fn request_vote(&self, request: pb::RequestVoteRequest, responder: Responder<pb::RequestVoteReply>) {
-        self.deliver(wire::request_vote_from_wire(request), responder, wire::request_vote_reply);
+    fn request_vote(
+        &self,
+        request: pb::RequestVoteRequest,
+        responder: Responder<pb::RequestVoteReply>,
+    ) {
+        self.deliver(
+            wire::request_vote_from_wire(request),
+            responder,
+            wire::request_vote_reply,
+        );
     }
 
     fn install_snapshot(
@@ -65,6 +98,10 @@ impl RaftService for RaftServiceHandler {
         request: pb::InstallSnapshotRequest,
         responder: Responder<pb::InstallSnapshotReply>,
     ) {
-        self.deliver(wire::install_snapshot_from_wire(request), responder, wire::install_snapshot_reply);
+        self.deliver(
+            wire::install_snapshot_from_wire(request),
+            responder,
+            wire::install_snapshot_reply,
+        );
     }
 }

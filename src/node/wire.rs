@@ -15,64 +15,83 @@ pub enum WireRequest {
 }
 
 fn entry_to_wire(entry: Entry) -> pb::Entry {
-    pb::Entry { term: entry.term, index: entry.index, data: entry.data, ..Default::default() }
+    pb::Entry {
+        term: entry.term,
+        index: entry.index,
+        data: entry.data,
+        ..Default::default()
+    }
 }
 
 fn entry_from_wire(entry: pb::Entry) -> Entry {
-    Entry { term: entry.term, index: entry.index, data: entry.data }
+    Entry {
+        term: entry.term,
+        index: entry.index,
+        data: entry.data,
+    }
 }
 
 /// The RPC request for a core request message; `None` for a response.
 pub fn request_to_wire(message: Message) -> Option<WireRequest> {
     let (from, to, term) = (message.from, message.to, message.term);
     Some(match message.body {
-        MessageBody::AppendEntries { prev_log_index, prev_log_term, entries, leader_commit } => {
-            WireRequest::AppendEntries(pb::AppendEntriesRequest {
-                term,
-                leader_id: from,
-                prev_log_index,
-                prev_log_term,
-                entries: entries.into_iter().map(entry_to_wire).collect(),
-                leader_commit,
-                to,
-                ..Default::default()
-            })
-        }
-        MessageBody::Heartbeat { leader_commit, read_context } => {
-            WireRequest::Heartbeat(pb::HeartbeatRequest {
-                term,
-                leader_id: from,
-                leader_commit,
-                read_context,
-                to,
-                ..Default::default()
-            })
-        }
-        MessageBody::RequestVote { pre_vote, last_log_index, last_log_term } => {
-            WireRequest::RequestVote(pb::RequestVoteRequest {
-                term,
-                candidate_id: from,
-                last_log_index,
-                last_log_term,
-                pre_vote,
-                to,
-                ..Default::default()
-            })
-        }
-        MessageBody::InstallSnapshot { meta, offset, data, done, total_bytes } => {
-            WireRequest::InstallSnapshot(pb::InstallSnapshotRequest {
-                term,
-                leader_id: from,
-                last_included_index: meta.index,
-                last_included_term: meta.term,
-                offset,
-                data,
-                done,
-                total_bytes,
-                to,
-                ..Default::default()
-            })
-        }
+        MessageBody::AppendEntries {
+            prev_log_index,
+            prev_log_term,
+            entries,
+            leader_commit,
+        } => WireRequest::AppendEntries(pb::AppendEntriesRequest {
+            term,
+            leader_id: from,
+            prev_log_index,
+            prev_log_term,
+            entries: entries.into_iter().map(entry_to_wire).collect(),
+            leader_commit,
+            to,
+            ..Default::default()
+        }),
+        MessageBody::Heartbeat {
+            leader_commit,
+            read_context,
+        } => WireRequest::Heartbeat(pb::HeartbeatRequest {
+            term,
+            leader_id: from,
+            leader_commit,
+            read_context,
+            to,
+            ..Default::default()
+        }),
+        MessageBody::RequestVote {
+            pre_vote,
+            last_log_index,
+            last_log_term,
+        } => WireRequest::RequestVote(pb::RequestVoteRequest {
+            term,
+            candidate_id: from,
+            last_log_index,
+            last_log_term,
+            pre_vote,
+            to,
+            ..Default::default()
+        }),
+        MessageBody::InstallSnapshot {
+            meta,
+            offset,
+            data,
+            done,
+            total_bytes,
+        } => WireRequest::InstallSnapshot(pb::InstallSnapshotRequest {
+            term,
+            leader_id: from,
+            last_included_index: meta.index,
+            last_included_term: meta.term,
+            offset,
+            data,
+            done,
+            total_bytes,
+            to,
+            ..Default::default()
+        }),
         _ => return None,
     })
 }
@@ -122,7 +141,10 @@ pub fn install_snapshot_from_wire(request: pb::InstallSnapshotRequest) -> Messag
         to: request.to,
         term: request.term,
         body: MessageBody::InstallSnapshot {
-            meta: SnapshotMeta { index: request.last_included_index, term: request.last_included_term },
+            meta: SnapshotMeta {
+                index: request.last_included_index,
+                term: request.last_included_term,
+            },
             offset: request.offset,
             data: request.data,
             done: request.done,
@@ -182,17 +204,19 @@ pub fn request_vote_reply(message: Message) -> Option<pb::RequestVoteReply> {
 
 pub fn install_snapshot_reply(message: Message) -> Option<pb::InstallSnapshotReply> {
     match message.body {
-        MessageBody::InstallSnapshotResponse { meta, next_offset, success } => {
-            Some(pb::InstallSnapshotReply {
-                term: message.term,
-                from: message.from,
-                last_included_index: meta.index,
-                last_included_term: meta.term,
-                next_offset,
-                success,
-                ..Default::default()
-            })
-        }
+        MessageBody::InstallSnapshotResponse {
+            meta,
+            next_offset,
+            success,
+        } => Some(pb::InstallSnapshotReply {
+            term: message.term,
+            from: message.from,
+            last_included_index: meta.index,
+            last_included_term: meta.term,
+            next_offset,
+            success,
+            ..Default::default()
+        }),
         _ => None,
     }
 }
@@ -211,20 +235,37 @@ pub fn reply_from_wire(me: NodeId, peer: NodeId, reply: WireReply) -> Message {
                 last_log_index: r.last_log_index,
             },
         ),
-        WireReply::Heartbeat(r) => (r.term, MessageBody::HeartbeatResponse { read_context: r.read_context }),
-        WireReply::RequestVote(r) => {
-            (r.term, MessageBody::RequestVoteResponse { pre_vote: r.pre_vote, granted: r.vote_granted })
-        }
+        WireReply::Heartbeat(r) => (
+            r.term,
+            MessageBody::HeartbeatResponse {
+                read_context: r.read_context,
+            },
+        ),
+        WireReply::RequestVote(r) => (
+            r.term,
+            MessageBody::RequestVoteResponse {
+                pre_vote: r.pre_vote,
+                granted: r.vote_granted,
+            },
+        ),
         WireReply::InstallSnapshot(r) => (
             r.term,
             MessageBody::InstallSnapshotResponse {
-                meta: SnapshotMeta { index: r.last_included_index, term: r.last_included_term },
+                meta: SnapshotMeta {
+                    index: r.last_included_index,
+                    term: r.last_included_term,
+                },
                 next_offset: r.next_offset,
                 success: r.success,
             },
         ),
     };
-    Message { from: peer, to: me, term, body }
+    Message {
+        from: peer,
+        to: me,
+        term,
+        body,
+    }
 }
 
 /// A decoded reply, by method.
@@ -234,4 +275,3 @@ pub enum WireReply {
     RequestVote(pb::RequestVoteReply),
     InstallSnapshot(pb::InstallSnapshotReply),
 }
-
