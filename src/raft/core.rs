@@ -516,7 +516,7 @@ impl RaftCore {
             return Err(ProposeError::NotLeader { hint: self.leader });
         }
         let batch_bytes: usize = batch.iter().map(|d| d.len() + 24).sum();
-        let uncommitted_bytes = self.uncommitted_bytes();
+        let uncommitted_bytes = self.log.uncommitted_bytes() as usize;
         if uncommitted_bytes > 0
             && uncommitted_bytes + batch_bytes > self.config.max_uncommitted_bytes
         {
@@ -534,19 +534,6 @@ impl RaftCore {
         self.broadcast_append();
         self.maybe_commit();
         Ok(first)
-    }
-
-    fn uncommitted_bytes(&self) -> usize {
-        let mut bytes = 0;
-        let mut index = self.log.commit + 1;
-        while let Some(entry) = self.log.entry(index) {
-            bytes += entry.size_bytes();
-            if bytes > self.config.max_uncommitted_bytes {
-                break;
-            }
-            index += 1;
-        }
-        bytes
     }
 
     /// Asks for a linearizable read barrier (ReadIndex, Raft thesis §6.4).
