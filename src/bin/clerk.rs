@@ -1,0 +1,734 @@
+//! `clerk`: the command-line client. One operation per run (`get`, `put`,
+//! `append`, `delete`, `cas`), the cluster's `status`, or a `shell` that
+//! reads operations line by line (plain words, or JSON lines with `--json`
+//! for scripts and tests) through one clerk, so one client session.
+//!
+//! Exit codes: 0 success; 1 key not found or cas not swapped; 2 no answer
+//! before the deadline (the outcome of a write is then unknown) or the
+//! cluster unreachable; 3 bad usage, a bad config file or a rejected
+//! request. Every failure prints one line on stderr naming what is wrong.
+
+use std::io::{self, BufRead, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use kvstore_raft::clerk::{CasResult, Clerk, ClerkError, ClerkOptions, NodeStatusView};
+use kvstore_raft::config::ClusterConfig;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const USAGE: &str = "\
+usage: clerk [--config FILE] [--timeout SECS] [--token TOKEN] COMMAND [ARGS]
+
+commands:
+  get KEY                  print the value (exit 1 when the key is missing)
+  put KEY VALUE            set the value
+  append KEY VALUE         append to the value (a missing key counts as \"\")
+  delete KEY               remove the key
+  cas KEY EXPECTED NEW     set NEW if the value is EXPECTED (exit 1 and print
+                           the current value when it is not)
+  status [--json]          every node's role, term, leader, commit, applied, log
+  shell [--json]           read commands (or JSON lines) from stdin, one per line
+
+exit codes: 0 ok, 1 not found / not swapped, 2 no answer before the deadline
+(the outcome is unknown) or cluster unreachable, 3 bad usage, config or request";
+
+/// The longest `--timeout`: a day.
+const MAX_TIMEOUT_SECS: f64 = 86_400.0;
+/// The per-RPC limit, unless the whole deadline is shorter.
+const ATTEMPT_TIMEOUT_MS: u64 = 1_000;
+/// The longest line the shell reads; longer lines are answered as bad
+/// requests and skipped.
+const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    Ok = 0,
+    NoMatch = 1,
+    Failed = 2,
+    Usage = 3,
+}
+
+/// One key-value operation, from the command line or a shell line.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum Op {
+    Get {
+        key: String,
+    },
+    Put {
+        key: String,
+        value: String,
+    },
+    Append {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
+    Cas {
+        key: String,
+        expected: String,
+        value: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Action {
+    Op(Op),
+    Status { json: bool },
+    Shell { json: bool },
+    Help,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Cli {
+    config: PathBuf,
+    timeout: Duration,
+    token: Option<String>,
+    action: Action,
+}
+
+/// What an operation answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Answer {
+    Done,
+    Value(Option<Vec<u8>>),
+    Deleted { existed: bool },
+    Cas(CasResult),
+}
+
+fn parse_args(args: &[String]) -> Result<Cli, String> {
+    let mut opts = getopts::Options::new();
+    // Options end at the command, so values such as "-1" are data.
+    opts.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
+    opts.optopt(
+        "",
+        "config",
+        "the cluster file (default conf/cluster.json)",
+        "FILE",
+    );
+    opts.optopt("", "timeout", "deadline per operation (default 10)", "SECS");
+    opts.optopt("", "token", "the cluster's client token", "TOKEN");
+    opts.optflag("h", "help", "print this help");
+    let matches = opts.parse(args).map_err(|e| e.to_string())?;
+    let timeout = match matches.opt_str("timeout") {
+        None => Duration::from_secs(10),
+        Some(text) => parse_timeout(&text)?,
+    };
+    let action = if matches.opt_present("help") {
+        Action::Help
+    } else {
+        parse_command(&matches.free)?
+    };
+    Ok(Cli {
+        config: PathBuf::from(
+            matches
+                .opt_str("config")
+                .unwrap_or_else(|| "conf/cluster.json".to_string()),
+        ),
+        timeout,
+        token: matches.opt_str("token"),
+        action,
+    })
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs > 0.0 && *secs <= MAX_TIMEOUT_SECS)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            format!("--timeout {text:?} is not a number of seconds above 0 and at most {MAX_TIMEOUT_SECS}")
+        })
+}
+
+/// The command and its arguments (everything after the options).
+fn parse_command(words: &[String]) -> Result<Action, String> {
+    let Some(command) = words.first() else {
+        return Err("no command given".to_string());
+    };
+    match command.as_str() {
+        "status" | "shell" => {
+            let json = match &words[1..] {
+                [] => false,
+                [flag] if flag == "--json" => true,
+                [other, ..] => return Err(format!("{command}: unexpected argument {other:?}")),
+            };
+            Ok(if command == "status" {
+                Action::Status { json }
+            } else {
+                Action::Shell { json }
+            })
+        }
+        "help" => Ok(Action::Help),
+        _ => parse_op(words).map(Action::Op),
+    }
+}
+
+/// A key-value operation from words: `get KEY`, `put KEY VALUE`, ...
+fn parse_op(words: &[String]) -> Result<Op, String> {
+    let (name, args) = words.split_first().ok_or("empty command")?;
+    let arity = match name.as_str() {
+        "get" | "delete" => 1,
+        "put" | "append" => 2,
+        "cas" => 3,
+        _ => return Err(format!("unknown command {name:?}")),
+    };
+    if args.len() != arity {
+        let wanted = match arity {
+            1 => "KEY",
+            2 => "KEY VALUE",
+            _ => "KEY EXPECTED NEW",
+        };
+        return Err(format!(
+            "{name} takes {wanted} ({} argument{} given)",
+            args.len(),
+            if args.len() == 1 { "" } else { "s" }
+        ));
+    }
+    let arg = |i: usize| args[i].clone();
+    Ok(match name.as_str() {
+        "get" => Op::Get { key: arg(0) },
+        "delete" => Op::Delete { key: arg(0) },
+        "put" => Op::Put {
+            key: arg(0),
+            value: arg(1),
+        },
+        "append" => Op::Append {
+            key: arg(0),
+            value: arg(1),
+        },
+        _ => Op::Cas {
+            key: arg(0),
+            expected: arg(1),
+            value: arg(2),
+        },
+    })
+}
+
+/// Splits a shell line into words at whitespace. A word in double quotes
+/// may hold spaces and be empty; inside quotes `\"` and `\\` escape.
+fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let Some(&first) = chars.peek() else {
+            return Ok(words);
+        };
+        let mut word = String::new();
+        if first == '"' {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err("a quoted word is not closed".to_string()),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c @ ('"' | '\\')) => word.push(c),
+                        _ => return Err("only \\\" and \\\\ may follow \\ in quotes".to_string()),
+                    },
+                    Some(c) => word.push(c),
+                }
+            }
+            if chars.peek().is_some_and(|c| !c.is_whitespace()) {
+                return Err("a quoted word must be followed by a space".to_string());
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                word.push(c);
+            }
+        }
+        words.push(word);
+    }
+}
+
+fn parse_json_op(line: &str) -> Result<Op, String> {
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
+fn execute(clerk: &mut Clerk, op: &Op) -> Result<Answer, ClerkError> {
+    match op {
+        Op::Get { key } => clerk.get(key).map(Answer::Value),
+        Op::Put { key, value } => clerk.put(key, value).map(|()| Answer::Done),
+        Op::Append { key, value } => clerk.append(key, value).map(|()| Answer::Done),
+        Op::Delete { key } => clerk.delete(key).map(|existed| Answer::Deleted { existed }),
+        Op::Cas {
+            key,
+            expected,
+            value,
+        } => clerk.cas(key, expected, value).map(Answer::Cas),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The JSON line answering one shell request.
+fn json_answer(result: &Result<Answer, ClerkError>) -> Value {
+    match result {
+        Ok(Answer::Done) => json!({"ok": true}),
+        Ok(Answer::Value(value)) => json!({"ok": true, "value": value.as_deref().map(text)}),
+        Ok(Answer::Deleted { existed }) => json!({"ok": true, "existed": existed}),
+        Ok(Answer::Cas(cas)) => json!({
+            "ok": true,
+            "swapped": cas.swapped,
+            "value": cas.current.as_deref().map(text),
+        }),
+        Err(error @ ClerkError::Timeout { .. }) => {
+            json!({"ok": false, "error": "timeout", "message": error.to_string()})
+        }
+        Err(error @ ClerkError::Rejected(_)) => {
+            json!({"ok": false, "error": "rejected", "message": error.to_string()})
+        }
+    }
+}
+
+fn bad_request(message: &str) -> Value {
+    json!({"ok": false, "error": "bad_request", "message": message})
+}
+
+/// The line the plain shell prints for one answer.
+fn shell_answer(result: &Result<Answer, ClerkError>) -> String {
+    match result {
+        Ok(Answer::Done) => "OK".to_string(),
+        Ok(Answer::Value(Some(value))) => text(value),
+        Ok(Answer::Value(None)) | Ok(Answer::Deleted { existed: false }) => {
+            "(not found)".to_string()
+        }
+        Ok(Answer::Deleted { existed: true }) => "deleted".to_string(),
+        Ok(Answer::Cas(cas)) if cas.swapped => "swapped".to_string(),
+        Ok(Answer::Cas(cas)) => match &cas.current {
+            Some(current) => format!("not swapped (current value: {})", text(current)),
+            None => "not swapped (the key is missing)".to_string(),
+        },
+        Err(error) => format!("error: {error}"),
+    }
+}
+
+const STATUS_HEADER: &str = "ID  ADDRESS               ROLE           TERM    LEADER  COMMIT      APPLIED     LOG_BYTES     SNAPSHOT";
+
+fn addr_text(view: &NodeStatusView) -> String {
+    view.addr
+        .map_or_else(|| "-".to_string(), |addr| addr.to_string())
+}
+
+fn status_line(view: &NodeStatusView) -> String {
+    let addr = addr_text(view);
+    match &view.status {
+        Ok(s) => format!(
+            "{:<3} {:<21} {:<14} {:<7} {:<7} {:<11} {:<11} {:<13} {}",
+            view.id,
+            addr,
+            s.role,
+            s.term,
+            s.leader,
+            s.commit,
+            s.applied,
+            s.log_bytes,
+            s.snapshot_index
+        ),
+        Err(error) => format!("{:<3} {:<21} {:<14} {error}", view.id, addr, "unreachable"),
+    }
+}
+
+fn status_json(view: &NodeStatusView) -> Value {
+    let addr = addr_text(view);
+    match &view.status {
+        Ok(s) => json!({
+            "id": view.id, "addr": addr, "role": s.role, "term": s.term, "leader": s.leader,
+            "commit": s.commit, "applied": s.applied, "last_index": s.last_index,
+            "snapshot_index": s.snapshot_index, "log_bytes": s.log_bytes,
+        }),
+        Err(error) => json!({
+            "id": view.id, "addr": addr, "role": "unreachable", "term": null, "leader": null,
+            "commit": null, "applied": null, "last_index": null, "snapshot_index": null,
+            "log_bytes": null, "error": error,
+        }),
+    }
+}
+
+fn run_status(clerk: &Clerk, json: bool) -> Exit {
+    let views = clerk.status_all();
+    if json {
+        let array: Vec<Value> = views.iter().map(status_json).collect();
+        println!("{}", Value::Array(array));
+    } else {
+        println!("{STATUS_HEADER}");
+        for view in &views {
+            println!("{}", status_line(view));
+        }
+    }
+    if views.iter().any(|view| view.status.is_ok()) {
+        Exit::Ok
+    } else {
+        eprintln!("clerk: no node answered: the cluster is unreachable");
+        Exit::Failed
+    }
+}
+
+/// Runs one operation and reports it as the single-command CLI does.
+fn run_op(clerk: &mut Clerk, op: &Op) -> io::Result<Exit> {
+    let mut out = io::stdout().lock();
+    let exit = match execute(clerk, op) {
+        Ok(Answer::Done) | Ok(Answer::Deleted { .. }) => Exit::Ok,
+        Ok(Answer::Value(Some(value))) => {
+            out.write_all(&value)?;
+            out.write_all(b"\n")?;
+            Exit::Ok
+        }
+        Ok(Answer::Value(None)) => {
+            eprintln!("not found");
+            Exit::NoMatch
+        }
+        Ok(Answer::Cas(cas)) if cas.swapped => Exit::Ok,
+        Ok(Answer::Cas(cas)) => {
+            out.write_all(cas.current.as_deref().unwrap_or_default())?;
+            out.write_all(b"\n")?;
+            eprintln!("not swapped");
+            Exit::NoMatch
+        }
+        Err(error @ ClerkError::Timeout { .. }) => {
+            eprintln!("clerk: {error}");
+            Exit::Failed
+        }
+        Err(error @ ClerkError::Rejected(_)) => {
+            eprintln!("clerk: {error}");
+            Exit::Usage
+        }
+    };
+    out.flush()?;
+    Ok(exit)
+}
+
+/// Reads one line of at most `MAX_LINE_BYTES` into `buf` (newline removed).
+/// `Ok(None)` at the end of input; `Ok(Some(false))` when the line was too
+/// long and has been skipped.
+fn read_line(input: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Option<bool>> {
+    buf.clear();
+    let read = Read::take(&mut *input, MAX_LINE_BYTES as u64 + 1).read_until(b'\n', buf)?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        return Ok(Some(true));
+    }
+    if buf.len() <= MAX_LINE_BYTES {
+        return Ok(Some(true)); // The last line, without a newline.
+    }
+    // Too long: drop the rest of the line in bounded pieces.
+    loop {
+        buf.clear();
+        let read = Read::take(&mut *input, MAX_LINE_BYTES as u64).read_until(b'\n', buf)?;
+        if read == 0 || buf.last() == Some(&b'\n') {
+            buf.clear();
+            return Ok(Some(false));
+        }
+    }
+}
+
+fn run_shell(clerk: &mut Clerk, json: bool) -> io::Result<Exit> {
+    // SAFETY: isatty only inspects the file descriptor.
+    let interactive = !json && unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+    let stdin = io::stdin();
+    let mut input = stdin.lock();
+    let mut out = io::stdout().lock();
+    let mut buf = Vec::new();
+    loop {
+        if interactive {
+            out.write_all(b"kv> ")?;
+            out.flush()?;
+        }
+        let Some(fits) = read_line(&mut input, &mut buf)? else {
+            return Ok(Exit::Ok);
+        };
+        let line = match (fits, std::str::from_utf8(&buf)) {
+            (false, _) => Err(format!("the line is longer than {MAX_LINE_BYTES} bytes")),
+            (true, Ok(line)) => Ok(line.trim()),
+            (true, Err(e)) => Err(format!("the line is not UTF-8: {e}")),
+        };
+        if line.as_ref().is_ok_and(|line| line.is_empty()) {
+            continue;
+        }
+        let answer = if json {
+            match line.and_then(parse_json_op) {
+                Ok(op) => json_answer(&execute(clerk, &op)).to_string(),
+                Err(message) => bad_request(&message).to_string(),
+            }
+        } else {
+            match line.and_then(split_words) {
+                Ok(words) => match words.first().map(String::as_str) {
+                    Some("quit" | "exit") => return Ok(Exit::Ok),
+                    Some("help") => USAGE.to_string(),
+                    Some("status") if words.len() == 1 => {
+                        let views = clerk.status_all();
+                        let lines: Vec<String> = views.iter().map(status_line).collect();
+                        format!("{STATUS_HEADER}\n{}", lines.join("\n"))
+                    }
+                    _ => match parse_op(&words) {
+                        Ok(op) => shell_answer(&execute(clerk, &op)),
+                        Err(message) => format!("error: {message} (try help)"),
+                    },
+                },
+                Err(message) => format!("error: {message}"),
+            }
+        };
+        out.write_all(answer.as_bytes())?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+    }
+}
+
+fn run(cli: Cli) -> Exit {
+    let config = match ClusterConfig::load(&cli.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("clerk: {error}");
+            return Exit::Usage;
+        }
+    };
+    let timeout_ms = u64::try_from(cli.timeout.as_millis()).unwrap_or(u64::MAX);
+    let options = ClerkOptions {
+        timeout: cli.timeout,
+        attempt_timeout_ms: ATTEMPT_TIMEOUT_MS.min(timeout_ms).max(1),
+        client_token: cli.token.or_else(|| config.client_token.clone()),
+        client_id: None,
+    };
+    let mut clerk = Clerk::new(&config, options);
+    let result = match &cli.action {
+        Action::Help => unreachable!("help is answered before the config is read"),
+        Action::Status { json } => Ok(run_status(&clerk, *json)),
+        Action::Shell { json } => run_shell(&mut clerk, *json),
+        Action::Op(op) => run_op(&mut clerk, op),
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("clerk: cannot read stdin or write stdout: {error}");
+        Exit::Failed
+    })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let exit = match parse_args(&args) {
+        Ok(Cli {
+            action: Action::Help,
+            ..
+        }) => {
+            println!("{USAGE}");
+            Exit::Ok
+        }
+        Ok(cli) => run(cli),
+        Err(message) => {
+            eprintln!("clerk: {message} (see clerk --help)");
+            Exit::Usage
+        }
+    };
+    ExitCode::from(exit as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn parse(line: &str) -> Result<Cli, String> {
+        parse_args(&args(line))
+    }
+
+    fn op(line: &str) -> Op {
+        match parse(line).unwrap().action {
+            Action::Op(op) => op,
+            other => panic!("{line}: not an op: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_options() {
+        let cli = parse("get k").unwrap();
+        assert_eq!(cli.config, PathBuf::from("conf/cluster.json"));
+        assert_eq!(cli.timeout, Duration::from_secs(10));
+        assert_eq!(cli.token, None);
+        let cli = parse("--config c.json --timeout 0.5 --token t status --json").unwrap();
+        assert_eq!(cli.config, PathBuf::from("c.json"));
+        assert_eq!(cli.timeout, Duration::from_millis(500));
+        assert_eq!(cli.token.as_deref(), Some("t"));
+        assert_eq!(cli.action, Action::Status { json: true });
+        assert_eq!(
+            parse("shell").unwrap().action,
+            Action::Shell { json: false }
+        );
+        assert_eq!(parse("--help").unwrap().action, Action::Help);
+    }
+
+    #[test]
+    fn operations() {
+        assert_eq!(op("get k"), Op::Get { key: "k".into() });
+        assert_eq!(op("delete k"), Op::Delete { key: "k".into() });
+        assert_eq!(
+            op("put k -1"),
+            Op::Put {
+                key: "k".into(),
+                value: "-1".into()
+            }
+        );
+        assert_eq!(
+            op("append k --json"),
+            Op::Append {
+                key: "k".into(),
+                value: "--json".into()
+            }
+        );
+        assert_eq!(
+            op("cas k a b"),
+            Op::Cas {
+                key: "k".into(),
+                expected: "a".into(),
+                value: "b".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_usage_says_what_is_wrong() {
+        let cases = [
+            ("", "no command given"),
+            ("frob k", "unknown command \"frob\""),
+            ("get", "get takes KEY (0 arguments given)"),
+            ("put k", "put takes KEY VALUE (1 argument given)"),
+            ("cas k a", "cas takes KEY EXPECTED NEW (2 arguments given)"),
+            ("status --yaml", "status: unexpected argument \"--yaml\""),
+            (
+                "--timeout 0 get k",
+                "--timeout \"0\" is not a number of seconds above 0 and at most 86400",
+            ),
+            (
+                "--timeout x get k",
+                "--timeout \"x\" is not a number of seconds above 0 and at most 86400",
+            ),
+            ("--bogus get k", "Unrecognized option: 'bogus'"),
+            ("--config", "Argument to option 'config' missing"),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(parse(line).unwrap_err(), expected, "for {line:?}");
+        }
+    }
+
+    #[test]
+    fn shell_words() {
+        assert_eq!(split_words("  put  k   v ").unwrap(), args("put k v"));
+        assert_eq!(
+            split_words(r#"cas k "" "a b\"c\\""#).unwrap(),
+            vec!["cas", "k", "", "a b\"c\\"]
+        );
+        assert_eq!(split_words("").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            split_words(r#"put "k"#).unwrap_err(),
+            "a quoted word is not closed"
+        );
+        assert!(split_words(r#"put "k"v"#).is_err());
+        assert!(split_words(r#"put "\n""#).is_err());
+    }
+
+    #[test]
+    fn json_requests() {
+        assert_eq!(
+            parse_json_op(r#"{"op":"get","key":"k"}"#).unwrap(),
+            Op::Get { key: "k".into() }
+        );
+        assert_eq!(
+            parse_json_op(r#"{"key":"k","value":"v","op":"append"}"#).unwrap(),
+            Op::Append {
+                key: "k".into(),
+                value: "v".into()
+            }
+        );
+        assert_eq!(
+            parse_json_op(r#"{"op":"cas","key":"k","expected":"a","value":"b"}"#).unwrap(),
+            Op::Cas {
+                key: "k".into(),
+                expected: "a".into(),
+                value: "b".into()
+            }
+        );
+        for bad in [
+            r#"{"op":"get"}"#,
+            r#"{"op":"put","key":"k"}"#,
+            r#"{"op":"get","key":"k","vlaue":"v"}"#,
+            r#"{"op":"frob","key":"k"}"#,
+            r#"{"key":"k"}"#,
+            r#"{"op":"get","key":7}"#,
+            "get k",
+        ] {
+            assert!(parse_json_op(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn json_answers() {
+        let cas = |swapped, current: Option<&str>| {
+            Ok(Answer::Cas(CasResult {
+                swapped,
+                found: current.is_some(),
+                current: current.map(|c| c.as_bytes().to_vec()),
+            }))
+        };
+        let cases = [
+            (Ok(Answer::Done), r#"{"ok":true}"#),
+            (
+                Ok(Answer::Value(Some(b"v".to_vec()))),
+                r#"{"ok":true,"value":"v"}"#,
+            ),
+            (Ok(Answer::Value(None)), r#"{"ok":true,"value":null}"#),
+            (
+                Ok(Answer::Deleted { existed: true }),
+                r#"{"existed":true,"ok":true}"#,
+            ),
+            (
+                cas(false, Some("cur")),
+                r#"{"ok":true,"swapped":false,"value":"cur"}"#,
+            ),
+            (
+                cas(true, None),
+                r#"{"ok":true,"swapped":true,"value":null}"#,
+            ),
+        ];
+        for (answer, expected) in cases {
+            let expected: Value = serde_json::from_str(expected).unwrap();
+            assert_eq!(json_answer(&answer), expected);
+        }
+        let timeout = json_answer(&Err(ClerkError::Timeout {
+            last_error: "x".into(),
+        }));
+        assert_eq!(timeout["ok"], false);
+        assert_eq!(timeout["error"], "timeout");
+        assert!(timeout["message"]
+            .as_str()
+            .unwrap()
+            .contains("outcome is unknown"));
+    }
+
+    #[test]
+    fn long_lines_are_skipped_whole() {
+        let mut text = vec![b'x'; MAX_LINE_BYTES + 10];
+        text.extend_from_slice(b"\nnext\r\nlast");
+        let mut input = io::Cursor::new(text);
+        let mut buf = Vec::new();
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), Some(false));
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), Some(true));
+        assert_eq!(buf, b"next");
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), Some(true));
+        assert_eq!(buf, b"last");
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), None);
+    }
+}
