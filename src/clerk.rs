@@ -441,11 +441,11 @@ fn node_status(node: &Node, request: &StatusRequest) -> Result<StatusReply, Stri
 }
 
 /// The error code, leader hint and message of a reply. A reply without a
-/// header, or with a code this build does not know, counts as a failure of
-/// that node.
+/// header has the default one (OK), as in proto3; a code this build does not
+/// know counts as a failure of that node.
 fn reply_status(header: Option<&ReplyHeader>) -> (ErrorCode, u64, &str) {
     match header {
-        None => (ErrorCode::TIMEOUT, 0, "the reply has no header"),
+        None => (ErrorCode::OK, 0, ""),
         Some(header) => match header.error.enum_value() {
             Ok(code) => (code, header.leader_hint, header.message.as_str()),
             Err(_) => (
@@ -663,6 +663,14 @@ mod tests {
             other => panic!("expected a timeout, got {other:?}"),
         }
         assert!(error.to_string().contains("outcome is unknown"), "{error}");
+    }
+
+    #[test]
+    fn a_reply_without_a_header_is_ok_and_an_unknown_code_is_a_failure() {
+        assert_eq!(reply_status(None).0, ErrorCode::OK);
+        let mut header = ReplyHeader::new();
+        header.error = protobuf::EnumOrUnknown::from_i32(99);
+        assert_eq!(reply_status(Some(&header)).0, ErrorCode::SHUTTING_DOWN);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use kvstore_raft::clerk::{CasResult, Clerk, ClerkError, ClerkOptions, NodeStatusView};
 use kvstore_raft::config::ClusterConfig;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const USAGE: &str = "\
 usage: clerk [--config FILE] [--timeout SECS] [--token TOKEN] COMMAND [ARGS]
@@ -268,28 +268,45 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A JSON object with its keys in the given order (serde_json's maps sort
+/// them), so answers read `{"ok":true,...}` as documented.
+fn object(fields: &[(&str, Value)]) -> String {
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(key, value)| format!("{}:{value}", Value::from(*key)))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
+
 /// The JSON line answering one shell request.
-fn json_answer(result: &Result<Answer, ClerkError>) -> Value {
+fn json_answer(result: &Result<Answer, ClerkError>) -> String {
+    let ok = ("ok", Value::Bool(true));
+    let text_or_null = |value: &Option<Vec<u8>>| value.as_deref().map(text).into();
     match result {
-        Ok(Answer::Done) => json!({"ok": true}),
-        Ok(Answer::Value(value)) => json!({"ok": true, "value": value.as_deref().map(text)}),
-        Ok(Answer::Deleted { existed }) => json!({"ok": true, "existed": existed}),
-        Ok(Answer::Cas(cas)) => json!({
-            "ok": true,
-            "swapped": cas.swapped,
-            "value": cas.current.as_deref().map(text),
-        }),
-        Err(error @ ClerkError::Timeout { .. }) => {
-            json!({"ok": false, "error": "timeout", "message": error.to_string()})
-        }
-        Err(error @ ClerkError::Rejected(_)) => {
-            json!({"ok": false, "error": "rejected", "message": error.to_string()})
+        Ok(Answer::Done) => object(&[ok]),
+        Ok(Answer::Value(value)) => object(&[ok, ("value", text_or_null(value))]),
+        Ok(Answer::Deleted { existed }) => object(&[ok, ("existed", (*existed).into())]),
+        Ok(Answer::Cas(cas)) => object(&[
+            ok,
+            ("swapped", cas.swapped.into()),
+            ("value", text_or_null(&cas.current)),
+        ]),
+        Err(error) => {
+            let kind = match error {
+                ClerkError::Timeout { .. } => "timeout",
+                ClerkError::Rejected(_) => "rejected",
+            };
+            failure(kind, &error.to_string())
         }
     }
 }
 
-fn bad_request(message: &str) -> Value {
-    json!({"ok": false, "error": "bad_request", "message": message})
+fn failure(kind: &str, message: &str) -> String {
+    object(&[
+        ("ok", Value::Bool(false)),
+        ("error", kind.into()),
+        ("message", message.into()),
+    ])
 }
 
 /// The line the plain shell prints for one answer.
@@ -336,27 +353,52 @@ fn status_line(view: &NodeStatusView) -> String {
     }
 }
 
-fn status_json(view: &NodeStatusView) -> Value {
-    let addr = addr_text(view);
-    match &view.status {
-        Ok(s) => json!({
-            "id": view.id, "addr": addr, "role": s.role, "term": s.term, "leader": s.leader,
-            "commit": s.commit, "applied": s.applied, "last_index": s.last_index,
-            "snapshot_index": s.snapshot_index, "log_bytes": s.log_bytes,
-        }),
-        Err(error) => json!({
-            "id": view.id, "addr": addr, "role": "unreachable", "term": null, "leader": null,
-            "commit": null, "applied": null, "last_index": null, "snapshot_index": null,
-            "log_bytes": null, "error": error,
-        }),
+fn status_json(view: &NodeStatusView) -> String {
+    let (role, numbers, error) = match &view.status {
+        Ok(s) => (
+            Value::from(s.role.as_str()),
+            [
+                s.term,
+                s.leader,
+                s.commit,
+                s.applied,
+                s.last_index,
+                s.snapshot_index,
+                s.log_bytes,
+            ]
+            .map(Value::from),
+            None,
+        ),
+        Err(error) => (
+            Value::from("unreachable"),
+            std::array::from_fn(|_| Value::Null),
+            Some(error),
+        ),
+    };
+    let [term, leader, commit, applied, last_index, snapshot_index, log_bytes] = numbers;
+    let mut fields = vec![
+        ("id", Value::from(view.id)),
+        ("addr", Value::from(addr_text(view))),
+        ("role", role),
+        ("term", term),
+        ("leader", leader),
+        ("commit", commit),
+        ("applied", applied),
+        ("last_index", last_index),
+        ("snapshot_index", snapshot_index),
+        ("log_bytes", log_bytes),
+    ];
+    if let Some(error) = error {
+        fields.push(("error", Value::from(error.as_str())));
     }
+    object(&fields)
 }
 
 fn run_status(clerk: &Clerk, json: bool) -> Exit {
     let views = clerk.status_all();
     if json {
-        let array: Vec<Value> = views.iter().map(status_json).collect();
-        println!("{}", Value::Array(array));
+        let objects: Vec<String> = views.iter().map(status_json).collect();
+        println!("[{}]", objects.join(","));
     } else {
         println!("{STATUS_HEADER}");
         for view in &views {
@@ -460,8 +502,8 @@ fn run_shell(clerk: &mut Clerk, json: bool) -> io::Result<Exit> {
         }
         let answer = if json {
             match line.and_then(parse_json_op) {
-                Ok(op) => json_answer(&execute(clerk, &op)).to_string(),
-                Err(message) => bad_request(&message).to_string(),
+                Ok(op) => json_answer(&execute(clerk, &op)),
+                Err(message) => failure("bad_request", &message),
             }
         } else {
             match line.and_then(split_words) {
@@ -692,7 +734,7 @@ mod tests {
             (Ok(Answer::Value(None)), r#"{"ok":true,"value":null}"#),
             (
                 Ok(Answer::Deleted { existed: true }),
-                r#"{"existed":true,"ok":true}"#,
+                r#"{"ok":true,"existed":true}"#,
             ),
             (
                 cas(false, Some("cur")),
@@ -704,12 +746,16 @@ mod tests {
             ),
         ];
         for (answer, expected) in cases {
-            let expected: Value = serde_json::from_str(expected).unwrap();
             assert_eq!(json_answer(&answer), expected);
         }
         let timeout = json_answer(&Err(ClerkError::Timeout {
             last_error: "x".into(),
         }));
+        assert!(
+            timeout.starts_with(r#"{"ok":false,"error":"timeout","message":"#),
+            "{timeout}"
+        );
+        let timeout: Value = serde_json::from_str(&timeout).unwrap();
         assert_eq!(timeout["ok"], false);
         assert_eq!(timeout["error"], "timeout");
         assert!(timeout["message"]
