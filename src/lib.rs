@@ -11,3 +11,4 @@ pub mod node;
 pub mod raft;
 pub mod rpc;
 pub mod storage;
+pub mod loadgen;
