@@ -5,6 +5,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/proto/mod.rs"));
 }
 pub mod check;
+pub mod clerk;
 pub mod config;
 pub mod kv;
 pub mod node;
