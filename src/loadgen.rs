@@ -115,7 +115,9 @@ pub fn run(
     let measure_from = epoch + options.warmup;
     let end = measure_from + options.duration;
     let live = Live::default();
-    let timeline = Timeline { seconds: Mutex::new(Vec::new()) };
+    let timeline = Timeline {
+        seconds: Mutex::new(Vec::new()),
+    };
     let recorded_ops = AtomicU64::new(0);
     let results: Vec<ClientResult> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..options.clients)
@@ -125,14 +127,21 @@ pub fn run(
                     .name(format!("loadgen-{client}"))
                     .spawn_scoped(scope, move || {
                         let clerk = make_clerk(client);
-                        let window = Window { epoch, measure_from, end };
+                        let window = Window {
+                            epoch,
+                            measure_from,
+                            end,
+                        };
                         run_client(options, client, clerk, window, live, timeline, recorded_ops)
                     })
                     .expect("spawn a client thread")
             })
             .collect();
         report_progress(&live, &timeline, epoch, end, progress);
-        handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
     });
     summarize(options, results, timeline, measure_from, end)
 }
@@ -161,8 +170,16 @@ fn report_progress(
         if wake > now {
             std::thread::sleep(wake - now);
         }
-        let (ops, errors) = (live.ops.load(Ordering::Relaxed), live.errors.load(Ordering::Relaxed));
-        let mut stats = SecondStats { second, ops: ops - last_ops, errors: errors - last_errors, ..Default::default() };
+        let (ops, errors) = (
+            live.ops.load(Ordering::Relaxed),
+            live.errors.load(Ordering::Relaxed),
+        );
+        let mut stats = SecondStats {
+            second,
+            ops: ops - last_ops,
+            errors: errors - last_errors,
+            ..Default::default()
+        };
         (last_ops, last_errors) = (ops, errors);
         // Clients merge a second's histogram once they move past it, so
         // the previous second is complete (or nearly) by now.
@@ -201,7 +218,8 @@ fn run_client(
     timeline: &Timeline,
     recorded_ops: &AtomicU64,
 ) -> ClientResult {
-    let mut rng = SplitMix64::new(options.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        SplitMix64::new(options.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut result = ClientResult {
         latency: new_histogram(),
         reads: 0,
@@ -214,8 +232,13 @@ fn run_client(
     let mut second_histogram = new_histogram();
     let mut second_index = 0usize;
     let mut second_busy = 0u64;
-    let interval = options.rate.map(|rate| Duration::from_secs_f64(options.clients as f64 / rate));
-    let mut next_start = window.epoch + interval.map_or(Duration::ZERO, |i| i.mul_f64(client as f64 / options.clients as f64));
+    let interval = options
+        .rate
+        .map(|rate| Duration::from_secs_f64(options.clients as f64 / rate));
+    let mut next_start = window.epoch
+        + interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(client as f64 / options.clients as f64)
+        });
     let mut n = 0u64;
     let read_threshold = (options.read_ratio.clamp(0.0, 1.0) * 1_000_000.0) as u64;
     loop {
@@ -247,7 +270,9 @@ fn run_client(
             (KvInput::Get { key }, outcome)
         } else {
             let value = value_for(client, n, options.value_size_bytes);
-            let outcome = clerk.put(key.as_bytes(), value.as_bytes()).map(|()| KvOutput::Put);
+            let outcome = clerk
+                .put(key.as_bytes(), value.as_bytes())
+                .map(|()| KvOutput::Put);
             (KvInput::Put { key, value }, outcome)
         };
         let finished = Instant::now();
@@ -286,22 +311,45 @@ fn run_client(
                 None
             }
         };
-        if options.check && recorded_ops.fetch_add(1, Ordering::Relaxed) < options.max_checked_ops as u64 {
+        if options.check
+            && recorded_ops.fetch_add(1, Ordering::Relaxed) < options.max_checked_ops as u64
+        {
             let return_us = output.as_ref().map(|_| return_us);
             let client_id = clerk.client_id();
-            result.history.push(Operation { client_id, input, call_us, output, return_us });
+            result.history.push(Operation {
+                client_id,
+                input,
+                call_us,
+                output,
+                return_us,
+            });
         }
         let now_second = finished.duration_since(window.epoch).as_secs() as usize;
         if now_second > second_index {
-            merge_second(timeline, second_index, &mut second_histogram, &mut second_busy);
+            merge_second(
+                timeline,
+                second_index,
+                &mut second_histogram,
+                &mut second_busy,
+            );
             second_index = now_second;
         }
     }
-    merge_second(timeline, second_index, &mut second_histogram, &mut second_busy);
+    merge_second(
+        timeline,
+        second_index,
+        &mut second_histogram,
+        &mut second_busy,
+    );
     result
 }
 
-fn merge_second(timeline: &Timeline, second: usize, histogram: &mut Histogram<u64>, busy: &mut u64) {
+fn merge_second(
+    timeline: &Timeline,
+    second: usize,
+    histogram: &mut Histogram<u64>,
+    busy: &mut u64,
+) {
     let mut seconds = timeline.seconds.lock();
     while seconds.len() <= second {
         seconds.push((new_histogram(), 0));
@@ -338,7 +386,10 @@ fn summarize(
     report.ops = report.reads + report.writes;
     // As etcd-bench does: from the start of the window until the last
     // request that started inside it finished.
-    report.elapsed_s = last_finish.duration_since(measure_from).as_secs_f64().max(1e-9);
+    report.elapsed_s = last_finish
+        .duration_since(measure_from)
+        .as_secs_f64()
+        .max(1e-9);
     report.ops_per_sec = report.ops as f64 / report.elapsed_s;
     let ms = |us: u64| us as f64 / 1000.0;
     report.p50_ms = ms(latency.value_at_quantile(0.50));
@@ -364,7 +415,10 @@ fn summarize(
         report.check = Some(match check::check(&history, Duration::from_secs(60)) {
             Verdict::Linearizable => "linearizable".to_string(),
             Verdict::NotLinearizable { key, ops } => {
-                format!("not linearizable on key {key} ({} operations in the smallest failing prefix)", ops.len())
+                format!(
+                    "not linearizable on key {key} ({} operations in the smallest failing prefix)",
+                    ops.len()
+                )
             }
             Verdict::Timeout => "timeout".to_string(),
         });
@@ -406,7 +460,11 @@ impl Report {
     /// A human-readable summary.
     pub fn to_text(&self) -> String {
         let mut text = String::new();
-        let _ = writeln!(text, "ops/s {:.0} ({} ops in {:.2} s: {} gets, {} puts)", self.ops_per_sec, self.ops, self.elapsed_s, self.reads, self.writes);
+        let _ = writeln!(
+            text,
+            "ops/s {:.0} ({} ops in {:.2} s: {} gets, {} puts)",
+            self.ops_per_sec, self.ops, self.elapsed_s, self.reads, self.writes
+        );
         let _ = writeln!(
             text,
             "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
@@ -439,13 +497,29 @@ fn plot_svg(seconds: &[SecondStats]) -> String {
     let count = seconds.len().max(1) as f64;
     let x = |i: usize| LEFT + plot_width * (i as f64 + 0.5) / count;
     let max_ops = seconds.iter().map(|s| s.ops).max().unwrap_or(0).max(1) as f64;
-    let max_ms = seconds.iter().map(|s| s.p99_ms.max(s.p50_ms)).fold(0.0, f64::max).max(0.001);
+    let max_ms = seconds
+        .iter()
+        .map(|s| s.p99_ms.max(s.p50_ms))
+        .fold(0.0, f64::max)
+        .max(0.001);
     let mut svg = String::new();
     let height = TOP + 2.0 * PANEL_HEIGHT + GAP + 40.0;
-    let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let panels = [
-        ("throughput (ops/s)", TOP, max_ops, vec![("ops/s", "#1f77b4", seconds.iter().map(|s| s.ops as f64).collect::<Vec<_>>())]),
+        (
+            "throughput (ops/s)",
+            TOP,
+            max_ops,
+            vec![(
+                "ops/s",
+                "#1f77b4",
+                seconds.iter().map(|s| s.ops as f64).collect::<Vec<_>>(),
+            )],
+        ),
         (
             "latency (ms)",
             TOP + PANEL_HEIGHT + GAP,
@@ -458,27 +532,67 @@ fn plot_svg(seconds: &[SecondStats]) -> String {
     ];
     for (title, top, max, series) in panels {
         let bottom = top + PANEL_HEIGHT;
-        let _ = writeln!(svg, r#"<text x="{LEFT}" y="{}" font-weight="bold">{title}</text>"#, top - 8.0);
-        let _ = writeln!(svg, r#"<line x1="{LEFT}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="black"/>"#, LEFT + plot_width);
-        let _ = writeln!(svg, r#"<line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{bottom}" stroke="black"/>"#);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{LEFT}" y="{}" font-weight="bold">{title}</text>"#,
+            top - 8.0
+        );
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{LEFT}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="black"/>"#,
+            LEFT + plot_width
+        );
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{bottom}" stroke="black"/>"#
+        );
         for tick in 0..=4 {
             let value = max * tick as f64 / 4.0;
             let y = bottom - PANEL_HEIGHT * tick as f64 / 4.0;
-            let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, LEFT - 6.0, y + 4.0, format_tick(value));
-            let _ = writeln!(svg, r##"<line x1="{LEFT}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##, LEFT + plot_width);
+            let _ = writeln!(
+                svg,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                LEFT - 6.0,
+                y + 4.0,
+                format_tick(value)
+            );
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{LEFT}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##,
+                LEFT + plot_width
+            );
         }
         for (k, (name, color, values)) in series.iter().enumerate() {
             let points: Vec<String> = values
                 .iter()
                 .enumerate()
-                .map(|(i, v)| format!("{:.1},{:.1}", x(i), bottom - PANEL_HEIGHT * (v / max).min(1.0)))
+                .map(|(i, v)| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x(i),
+                        bottom - PANEL_HEIGHT * (v / max).min(1.0)
+                    )
+                })
                 .collect();
-            let _ = writeln!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, points.join(" "));
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+                points.join(" ")
+            );
             let legend_x = LEFT + plot_width - 80.0;
-            let _ = writeln!(svg, r#"<text x="{legend_x}" y="{}" fill="{color}">{name}</text>"#, top + 14.0 + 14.0 * k as f64);
+            let _ = writeln!(
+                svg,
+                r#"<text x="{legend_x}" y="{}" fill="{color}">{name}</text>"#,
+                top + 14.0 + 14.0 * k as f64
+            );
         }
     }
-    let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">second of the run</text>"#, LEFT + plot_width / 2.0, height - 10.0);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">second of the run</text>"#,
+        LEFT + plot_width / 2.0,
+        height - 10.0
+    );
     svg.push_str("</svg>\n");
     svg
 }

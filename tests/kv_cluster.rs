@@ -20,7 +20,10 @@ fn appends_and_gets(clients: usize, keys: usize, duration_ms: u64, seed: u64) ->
     Workload {
         clients,
         keys: (0..keys).map(|k| format!("k{k}")).collect(),
-        mix: Mix { append_percent: 50, put_percent: 5 },
+        mix: Mix {
+            append_percent: 50,
+            put_percent: 5,
+        },
         duration: Duration::from_millis(duration_ms),
         max_ops_per_client: 400,
         seed,
@@ -37,17 +40,26 @@ fn generic_test(
     mut between: impl FnMut(&TestCluster, usize),
 ) {
     let mut all = workload::Recorded::default();
+    let epoch = Instant::now();
     for round in 0..iterations {
         let cluster_ref = cluster;
         let make = |client: usize| {
             if lossy {
-                cluster_ref.lossy_clerk(3_000, 10, 26, workload.seed ^ round as u64 ^ (client as u64) << 8)
+                cluster_ref.lossy_clerk(
+                    3_000,
+                    10,
+                    26,
+                    workload.seed ^ round as u64 ^ (client as u64) << 8,
+                )
             } else {
                 cluster_ref.clerk(3_000)
             }
         };
-        let seeded = Workload { seed: workload.seed ^ (round as u64) << 32, ..clone(workload) };
-        let recorded = workload::run(&seeded, &make);
+        let seeded = Workload {
+            seed: workload.seed ^ (round as u64) << 32,
+            ..clone(workload)
+        };
+        let recorded = workload::run(&seeded, &make, epoch);
         // Clerks of later rounds are new clients: keep elements unique.
         for (key, acked) in recorded.acked_appends {
             all.acked_appends.entry(key).or_default().extend(acked);
@@ -90,7 +102,13 @@ fn k1_basic_one_clerk_five_servers() {
     let refused = clerk.cas(b"c", b"y", b"z").unwrap();
     assert!(!refused.swapped);
     assert_eq!(refused.current.as_deref(), Some(&b"x"[..]));
-    generic_test(&cluster, &appends_and_gets(1, 3, 1_000, 1), 2, false, |_, _| {});
+    generic_test(
+        &cluster,
+        &appends_and_gets(1, 3, 1_000, 1),
+        2,
+        false,
+        |_, _| {},
+    );
 }
 
 #[test]
@@ -100,27 +118,47 @@ fn k2_speed_sequential_appends_do_not_wait_for_heartbeats() {
     let mut clerk = cluster.clerk(5_000);
     let started = Instant::now();
     for i in 0..1000 {
-        clerk.append(b"speed", format!("x 0 {i} y").as_bytes()).unwrap();
+        clerk
+            .append(b"speed", format!("x 0 {i} y").as_bytes())
+            .unwrap();
     }
     let elapsed = started.elapsed();
     // 6.824's bound: a third of a heartbeat interval (30 ms) per operation.
-    assert!(elapsed < Duration::from_millis(1000 * 30 / 3), "1000 appends took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(1000 * 30 / 3),
+        "1000 appends took {elapsed:?}"
+    );
     let value = clerk.get(b"speed").unwrap().unwrap();
-    assert_eq!(value.len(), (0..1000).map(|i| format!("x 0 {i} y").len()).sum::<usize>());
+    assert_eq!(
+        value.len(),
+        (0..1000).map(|i| format!("x 0 {i} y").len()).sum::<usize>()
+    );
 }
 
 #[test]
 fn k3_concurrent_five_clerks() {
     let cluster = TestCluster::start(5, "");
     cluster.wait_leader(Duration::from_secs(5));
-    generic_test(&cluster, &appends_and_gets(5, 3, 1_500, 3), 2, false, |_, _| {});
+    generic_test(
+        &cluster,
+        &appends_and_gets(5, 3, 1_500, 3),
+        2,
+        false,
+        |_, _| {},
+    );
 }
 
 #[test]
 fn k3_unreliable_five_clerks_no_duplicates() {
     let cluster = TestCluster::start(5, "");
     cluster.wait_leader(Duration::from_secs(5));
-    generic_test(&cluster, &appends_and_gets(5, 3, 1_500, 33), 2, true, |_, _| {});
+    generic_test(
+        &cluster,
+        &appends_and_gets(5, 3, 1_500, 33),
+        2,
+        true,
+        |_, _| {},
+    );
 }
 
 #[test]
@@ -133,16 +171,23 @@ fn k4_unreliable_one_key_ten_appends_each() {
             scope.spawn(move || {
                 let mut clerk = cluster.lossy_clerk(10_000, 10, 26, 40 + client);
                 for j in 0..10 {
-                    clerk.append(b"k", format!("x {client} {j} y").as_bytes()).unwrap();
+                    clerk
+                        .append(b"k", format!("x {client} {j} y").as_bytes())
+                        .unwrap();
                 }
             });
         }
     });
     let value = String::from_utf8(cluster.clerk(5_000).get(b"k").unwrap().unwrap()).unwrap();
-    let acked: Vec<(u64, String)> =
-        (0..5u64).flat_map(|c| (0..10).map(move |j| (c, format!("x {c} {j} y")))).collect();
+    let acked: Vec<(u64, String)> = (0..5u64)
+        .flat_map(|c| (0..10).map(move |j| (c, format!("x {c} {j} y"))))
+        .collect();
     kvstore_raft::check::check_appends(&value, &acked).unwrap();
-    assert_eq!(value.matches('x').count(), 50, "every append exactly once: {value}");
+    assert_eq!(
+        value.matches('x').count(),
+        50,
+        "every append exactly once: {value}"
+    );
 }
 
 #[test]
@@ -166,13 +211,19 @@ fn k5_one_partition_minority_makes_no_progress() {
     });
     let mut majority_clerk = cluster.clerk_for(&majority, 5_000);
     majority_clerk.put(b"1", b"14").unwrap();
-    assert_eq!(majority_clerk.get(b"1").unwrap().as_deref(), Some(&b"14"[..]));
+    assert_eq!(
+        majority_clerk.get(b"1").unwrap().as_deref(),
+        Some(&b"14"[..])
+    );
     let (result, elapsed) = pending.join().unwrap();
     assert!(result.is_err(), "the minority accepted a put: {result:?}");
     assert!(elapsed >= Duration::from_millis(900));
     // A minority read must not return the stale value either.
     let mut minority_reader = cluster.clerk_for(&minority, 1_000);
-    assert!(minority_reader.get(b"1").is_err(), "the minority answered a read");
+    assert!(
+        minority_reader.get(b"1").is_err(),
+        "the minority answered a read"
+    );
     cluster.heal();
     let mut clerk = cluster.clerk(3_000);
     clerk.put(b"1", b"15").unwrap();
@@ -197,7 +248,11 @@ fn k6_many_partitions_five_clerks() {
             }
             cluster_ref.heal();
         });
-        let recorded = workload::run(&appends_and_gets(5, 3, 3_000, 6), &|_| cluster_ref.clerk(2_000));
+        let recorded = workload::run(
+            &appends_and_gets(5, 3, 3_000, 6),
+            &|_| cluster_ref.clerk(2_000),
+            Instant::now(),
+        );
         done.store(true, Ordering::SeqCst);
         all = recorded;
     });
@@ -210,15 +265,21 @@ fn k6_many_partitions_five_clerks() {
 fn k7_persist_restart_all_between_rounds() {
     let cluster = TestCluster::start(3, "");
     cluster.wait_leader(Duration::from_secs(5));
-    generic_test(&cluster, &appends_and_gets(5, 3, 1_000, 7), 3, false, |cluster, _| {
-        for id in 1..=3 {
-            cluster.stop_node(id);
-        }
-        for id in 1..=3 {
-            cluster.start_node(id);
-        }
-        cluster.wait_leader(Duration::from_secs(5));
-    });
+    generic_test(
+        &cluster,
+        &appends_and_gets(5, 3, 1_000, 7),
+        3,
+        false,
+        |cluster, _| {
+            for id in 1..=3 {
+                cluster.stop_node(id);
+            }
+            for id in 1..=3 {
+                cluster.start_node(id);
+            }
+            cluster.wait_leader(Duration::from_secs(5));
+        },
+    );
 }
 
 #[test]
@@ -226,15 +287,21 @@ fn k7_persist_unreliable_with_partitions_and_restarts() {
     let cluster = TestCluster::start(5, "");
     cluster.wait_leader(Duration::from_secs(5));
     let mut rng = SplitMix64::new(77);
-    generic_test(&cluster, &appends_and_gets(5, 3, 1_000, 77), 3, true, |cluster, round| {
-        let group: Vec<NodeId> = (1..=5).filter(|_| rng.chance(1, 2)).collect();
-        cluster.partition(&group);
-        std::thread::sleep(Duration::from_millis(300));
-        cluster.heal();
-        let victim = 1 + (round as NodeId % 5);
-        cluster.restart_node(victim);
-        cluster.wait_leader(Duration::from_secs(5));
-    });
+    generic_test(
+        &cluster,
+        &appends_and_gets(5, 3, 1_000, 77),
+        3,
+        true,
+        |cluster, round| {
+            let group: Vec<NodeId> = (1..=5).filter(|_| rng.chance(1, 2)).collect();
+            cluster.partition(&group);
+            std::thread::sleep(Duration::from_millis(300));
+            cluster.heal();
+            let victim = 1 + (round as NodeId % 5);
+            cluster.restart_node(victim);
+            cluster.wait_leader(Duration::from_secs(5));
+        },
+    );
 }
 
 #[test]
@@ -259,10 +326,16 @@ fn k9_snapshot_rpc_installs_on_a_lagging_server() {
     assert_eq!(clerk.get(b"b").unwrap().as_deref(), Some(&b"B49"[..]));
     assert_eq!(clerk.get(b"c").unwrap().as_deref(), Some(&b"C"[..]));
     let status = cluster.status(lagging).unwrap();
-    assert!(status.snapshot_index > 0, "the lagging node got no snapshot: {status:?}");
+    assert!(
+        status.snapshot_index > 0,
+        "the lagging node got no snapshot: {status:?}"
+    );
     for id in 1..=3 {
         let wal = cluster.wal_bytes(id);
-        assert!(wal <= 8 * 1000 + 4096, "node {id}: WAL of {wal} bytes despite snapshots");
+        assert!(
+            wal <= 8 * 1000 + 4096,
+            "node {id}: WAL of {wal} bytes despite snapshots"
+        );
     }
 }
 
@@ -290,14 +363,23 @@ fn k10_snapshot_size_stays_small() {
 fn k11_snapshot_recover_unreliable_with_restarts() {
     let cluster = TestCluster::start(5, r#""snapshot_threshold_bytes":1000"#);
     cluster.wait_leader(Duration::from_secs(5));
-    generic_test(&cluster, &appends_and_gets(5, 3, 1_000, 11), 3, true, |cluster, round| {
-        cluster.restart_node(1 + round as NodeId);
-        cluster.wait_leader(Duration::from_secs(5));
-        for id in 1..=5 {
-            let wal = cluster.wal_bytes(id);
-            assert!(wal <= 8 * 1000 + 8192, "node {id}: WAL of {wal} bytes after round {round}");
-        }
-    });
+    generic_test(
+        &cluster,
+        &appends_and_gets(5, 3, 1_000, 11),
+        3,
+        true,
+        |cluster, round| {
+            cluster.restart_node(1 + round as NodeId);
+            cluster.wait_leader(Duration::from_secs(5));
+            for id in 1..=5 {
+                let wal = cluster.wal_bytes(id);
+                assert!(
+                    wal <= 8 * 1000 + 8192,
+                    "node {id}: WAL of {wal} bytes after round {round}"
+                );
+            }
+        },
+    );
 }
 
 #[test]
@@ -312,13 +394,18 @@ fn k12_leader_partitioned_with_pending_requests_never_says_ok() {
                 let cluster = &cluster;
                 scope.spawn(move || {
                     let mut clerk = cluster.clerk_for(&[leader], 800);
-                    clerk.put(format!("p{i}").as_bytes(), b"v").map_err(|e| e.to_string())
+                    clerk
+                        .put(format!("p{i}").as_bytes(), b"v")
+                        .map_err(|e| e.to_string())
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(results.iter().all(Result::is_err), "an isolated leader acknowledged a write");
+    assert!(
+        results.iter().all(Result::is_err),
+        "an isolated leader acknowledged a write"
+    );
     cluster.heal();
     let mut clerk = cluster.clerk(5_000);
     clerk.put(b"after", b"heal").unwrap();
@@ -348,12 +435,21 @@ fn k13_shutdown_answers_every_waiting_request() {
         std::thread::sleep(Duration::from_millis(300));
         let stop_started = Instant::now();
         cluster.stop_node(leader);
-        assert!(stop_started.elapsed() < Duration::from_secs(3), "shutdown took too long");
-        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        assert!(
+            stop_started.elapsed() < Duration::from_secs(3),
+            "shutdown took too long"
+        );
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
     });
     for (ok, elapsed) in results {
         assert!(!ok, "a write without a majority succeeded");
-        assert!(elapsed < Duration::from_secs(5), "a waiter was not released: {elapsed:?}");
+        assert!(
+            elapsed < Duration::from_secs(5),
+            "a waiter was not released: {elapsed:?}"
+        );
     }
     cluster.start_node(leader);
 }
@@ -364,7 +460,9 @@ fn k14_replay_after_restart_does_not_apply_twice() {
     cluster.wait_leader(Duration::from_secs(5));
     let mut clerk = cluster.clerk(5_000);
     for i in 0..100 {
-        clerk.append(b"count", format!("x 0 {i} y").as_bytes()).unwrap();
+        clerk
+            .append(b"count", format!("x 0 {i} y").as_bytes())
+            .unwrap();
     }
     for id in 1..=3 {
         cluster.stop_node(id);
@@ -389,7 +487,9 @@ fn k15_dedup_survives_snapshot_restart_and_retransmission() {
     assert!(first.is_ok(), "{first:?}");
     // ... then enough traffic from another client to force snapshots ...
     for i in 0..200 {
-        clerk.put(b"filler", format!("{i:0100}").as_bytes()).unwrap();
+        clerk
+            .put(b"filler", format!("{i:0100}").as_bytes())
+            .unwrap();
     }
     for id in 1..=3 {
         cluster.restart_node(id);
@@ -417,7 +517,12 @@ fn busy_when_the_lock_queue_is_tiny() {
                 scope.spawn(move || {
                     let mut clerk = cluster.clerk(10_000);
                     for j in 0..30 {
-                        clerk.append(format!("b{c}").as_bytes(), format!("x {c} {j} y").as_bytes()).unwrap();
+                        clerk
+                            .append(
+                                format!("b{c}").as_bytes(),
+                                format!("x {c} {j} y").as_bytes(),
+                            )
+                            .unwrap();
                     }
                     clerk.busy_retries()
                 })
@@ -428,7 +533,8 @@ fn busy_when_the_lock_queue_is_tiny() {
     assert!(busy > 0, "16 clerks never filled a one-slot queue");
     let mut clerk = cluster.clerk(5_000);
     for c in 0..16 {
-        let value = String::from_utf8(clerk.get(format!("b{c}").as_bytes()).unwrap().unwrap()).unwrap();
+        let value =
+            String::from_utf8(clerk.get(format!("b{c}").as_bytes()).unwrap().unwrap()).unwrap();
         let acked: Vec<(u64, String)> = (0..30).map(|j| (c, format!("x {c} {j} y"))).collect();
         kvstore_raft::check::check_appends(&value, &acked).unwrap();
     }
@@ -459,7 +565,11 @@ fn leader_crash_during_writes_loses_nothing_acknowledged() {
             }
             crashed
         });
-        all = workload::run(&appends_and_gets(3, 2, 2_500, 12), &|_| cluster_ref.clerk(3_000));
+        all = workload::run(
+            &appends_and_gets(3, 2, 2_500, 12),
+            &|_| cluster_ref.clerk(3_000),
+            Instant::now(),
+        );
         stop.store(true, Ordering::SeqCst);
         assert!(!crasher.join().unwrap().is_empty(), "no leader was crashed");
     });

@@ -20,27 +20,58 @@ struct Args {
     plot: Option<String>,
 }
 
-fn number<T: std::str::FromStr>(matches: &getopts::Matches, name: &str, default: Option<T>) -> Result<T, String> {
+fn number<T: std::str::FromStr>(
+    matches: &getopts::Matches,
+    name: &str,
+    default: Option<T>,
+) -> Result<T, String> {
     match matches.opt_str(name) {
-        Some(text) => text.parse().map_err(|_| format!("--{name} {text:?} is not a valid number")),
+        Some(text) => text
+            .parse()
+            .map_err(|_| format!("--{name} {text:?} is not a valid number")),
         None => default.ok_or_else(|| format!("--{name} is required")),
     }
 }
 
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     let mut opts = getopts::Options::new();
-    opts.optopt("", "config", "the cluster file (default conf/cluster.json)", "FILE");
+    opts.optopt(
+        "",
+        "config",
+        "the cluster file (default conf/cluster.json)",
+        "FILE",
+    );
     opts.optopt("", "clients", "concurrent clerks", "N");
     opts.optopt("", "duration", "measured seconds", "SECS");
     opts.optopt("", "warmup", "unmeasured seconds first (default 0)", "SECS");
     opts.optopt("", "value-size", "bytes per value (default 256)", "BYTES");
     opts.optopt("", "keys", "keys, chosen uniformly (default 10000)", "K");
-    opts.optopt("", "read-ratio", "fraction of gets, 0 to 1 (default 0)", "R");
-    opts.optopt("", "rate", "open loop: operations per second in total", "OPS");
+    opts.optopt(
+        "",
+        "read-ratio",
+        "fraction of gets, 0 to 1 (default 0)",
+        "R",
+    );
+    opts.optopt(
+        "",
+        "rate",
+        "open loop: operations per second in total",
+        "OPS",
+    );
     opts.optopt("", "timeout", "per-operation deadline (default 10)", "SECS");
-    opts.optopt("", "seed", "seed of the key and op choices (default 1)", "S");
+    opts.optopt(
+        "",
+        "seed",
+        "seed of the key and op choices (default 1)",
+        "S",
+    );
     opts.optflag("", "json", "print the result as one JSON object");
-    opts.optopt("", "plot", "write throughput and latency per second as SVG", "FILE");
+    opts.optopt(
+        "",
+        "plot",
+        "write throughput and latency per second as SVG",
+        "FILE",
+    );
     opts.optflag("", "check", "record the history and check linearizability");
     opts.optflag("h", "help", "print this help");
     let matches = opts.parse(argv).map_err(|e| e.to_string())?;
@@ -79,7 +110,9 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         seed: number(&matches, "seed", Some(1))?,
     };
     Ok(Some(Args {
-        config: matches.opt_str("config").unwrap_or_else(|| "conf/cluster.json".into()),
+        config: matches
+            .opt_str("config")
+            .unwrap_or_else(|| "conf/cluster.json".into()),
         load,
         timeout: Duration::from_secs_f64(number(&matches, "timeout", Some(10.0))?),
         json: matches.opt_present("json"),
@@ -105,11 +138,18 @@ fn main() -> ExitCode {
         }
     };
     let make_clerk = |_client: usize| {
-        let options = ClerkOptions { timeout: args.timeout, client_token: config.client_token.clone(), ..ClerkOptions::default() };
+        let options = ClerkOptions {
+            timeout: args.timeout,
+            client_token: config.client_token.clone(),
+            ..ClerkOptions::default()
+        };
         Clerk::new(&config, options)
     };
     let progress = |s: &loadgen::SecondStats| {
-        eprintln!("[{:>3}s] {:>8} ops/s  p50 {:>8.3} ms  p99 {:>8.3} ms  busy/s {:>6}  errors/s {:>4}", s.second, s.ops, s.p50_ms, s.p99_ms, s.busy, s.errors);
+        eprintln!(
+            "[{:>3}s] {:>8} ops/s  p50 {:>8.3} ms  p99 {:>8.3} ms  busy/s {:>6}  errors/s {:>4}",
+            s.second, s.ops, s.p50_ms, s.p99_ms, s.busy, s.errors
+        );
     };
     let report = loadgen::run(&args.load, &make_clerk, &progress);
     if let Some(path) = &args.plot {

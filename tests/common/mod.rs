@@ -104,23 +104,24 @@ impl TestCluster {
     }
 
     /// Stops node `id` (a clean shutdown: what it synced stays on disk).
-    pub fn stop_node(&mut self, id: NodeId) {
-        if let Some(server) = self.servers[id as usize - 1].take() {
+    pub fn stop_node(&self, id: NodeId) {
+        let server = self.servers.lock()[id as usize - 1].take();
+        if let Some(server) = server {
             server.shutdown();
         }
     }
 
-    pub fn restart_node(&mut self, id: NodeId) {
+    pub fn restart_node(&self, id: NodeId) {
         self.stop_node(id);
         self.start_node(id);
     }
 
     pub fn is_running(&self, id: NodeId) -> bool {
-        self.servers[id as usize - 1].is_some()
+        self.servers.lock()[id as usize - 1].is_some()
     }
 
     pub fn status(&self, id: NodeId) -> Option<Status> {
-        self.servers[id as usize - 1]
+        self.servers.lock()[id as usize - 1]
             .as_ref()
             .map(|s| s.handle().status())
     }
@@ -212,7 +213,10 @@ use kvstore_raft::clerk::{Clerk, ClerkOptions};
 impl TestCluster {
     /// A clerk for the whole cluster with a `timeout_ms` deadline per operation.
     pub fn clerk(&self, timeout_ms: u64) -> Clerk {
-        let options = ClerkOptions { timeout: Duration::from_millis(timeout_ms), ..ClerkOptions::default() };
+        let options = ClerkOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            ..ClerkOptions::default()
+        };
         Clerk::new(&self.config, options)
     }
 
@@ -223,23 +227,39 @@ impl TestCluster {
         let nodes: Vec<(u64, Box<dyn RpcChannel + Send + Sync>)> = ids
             .iter()
             .map(|&id| {
-                let config = ClientConfig { call_timeout_ms: 500, ..ClientConfig::default() };
+                let config = ClientConfig {
+                    call_timeout_ms: 500,
+                    ..ClientConfig::default()
+                };
                 let channel = RpcClient::new(self.config.addr(id).unwrap(), config);
                 (id, Box::new(channel) as Box<dyn RpcChannel + Send + Sync>)
             })
             .collect();
-        let options = ClerkOptions { timeout: Duration::from_millis(timeout_ms), ..ClerkOptions::default() };
+        let options = ClerkOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            ..ClerkOptions::default()
+        };
         Clerk::with_channels(nodes, options)
     }
 
     /// Sends one append with a fixed `(client_id, seq)` straight through the
     /// stub, trying every node until one leader answers OK (bounded).
-    pub fn raw_append(&self, client_id: u64, seq: u64, key: &[u8], value: &[u8]) -> Result<(), String> {
+    pub fn raw_append(
+        &self,
+        client_id: u64,
+        seq: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), String> {
         use kvstore_raft::proto::kvstore::{AppendRequest, ErrorCode, RequestHeader};
         use kvstore_raft::rpc::services::KvStoreStub;
         use kvstore_raft::rpc::{ClientConfig, RpcClient};
         let request = AppendRequest {
-            header: protobuf::MessageField::some(RequestHeader { client_id, seq, ..Default::default() }),
+            header: protobuf::MessageField::some(RequestHeader {
+                client_id,
+                seq,
+                ..Default::default()
+            }),
             key: key.to_vec(),
             value: value.to_vec(),
             ..Default::default()
@@ -250,7 +270,9 @@ impl TestCluster {
             for node in &self.config.raft_nodes {
                 let stub = KvStoreStub::new(RpcClient::new(node.addr(), ClientConfig::default()));
                 match stub.append(&request) {
-                    Ok(reply) if reply.header.error.enum_value() == Ok(ErrorCode::OK) => return Ok(()),
+                    Ok(reply) if reply.header.error.enum_value() == Ok(ErrorCode::OK) => {
+                        return Ok(())
+                    }
                     Ok(reply) => last = format!("{:?}", reply.header),
                     Err(e) => last = e.to_string(),
                 }
@@ -262,7 +284,13 @@ impl TestCluster {
 
     /// A clerk whose connections lose `drop_percent` of requests and of
     /// replies and delay calls by up to `max_delay_ms`.
-    pub fn lossy_clerk(&self, timeout_ms: u64, drop_percent: u64, max_delay_ms: u64, seed: u64) -> Clerk {
+    pub fn lossy_clerk(
+        &self,
+        timeout_ms: u64,
+        drop_percent: u64,
+        max_delay_ms: u64,
+        seed: u64,
+    ) -> Clerk {
         use kvstore_raft::raft::SplitMix64;
         use kvstore_raft::rpc::{ClientConfig, RpcChannel, RpcClient};
         use std::sync::atomic::AtomicBool;
@@ -271,7 +299,10 @@ impl TestCluster {
             .raft_nodes
             .iter()
             .map(|n| {
-                let config = ClientConfig { call_timeout_ms: 500, ..ClientConfig::default() };
+                let config = ClientConfig {
+                    call_timeout_ms: 500,
+                    ..ClientConfig::default()
+                };
                 let channel = workload::LossyChannel {
                     inner: RpcClient::new(n.addr(), config),
                     drop_percent,
@@ -282,7 +313,10 @@ impl TestCluster {
                 (n.id, Box::new(channel) as Box<dyn RpcChannel + Send + Sync>)
             })
             .collect();
-        let options = ClerkOptions { timeout: Duration::from_millis(timeout_ms), ..ClerkOptions::default() };
+        let options = ClerkOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            ..ClerkOptions::default()
+        };
         Clerk::with_channels(nodes, options)
     }
 

@@ -51,8 +51,13 @@ fn micros(epoch: Instant) -> u64 {
 
 /// Runs `workload` with one clerk per client from `make_clerk`, while the
 /// caller's nemesis runs elsewhere; returns when every client has stopped.
-pub fn run(workload: &Workload, make_clerk: &(dyn Fn(usize) -> Clerk + Sync)) -> Recorded {
-    let epoch = Instant::now();
+/// Times in the history count from `epoch`, which several runs checked as
+/// one history must share.
+pub fn run(
+    workload: &Workload,
+    make_clerk: &(dyn Fn(usize) -> Clerk + Sync),
+    epoch: Instant,
+) -> Recorded {
     let recorded = Arc::new(Mutex::new(Recorded::default()));
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -65,7 +70,11 @@ pub fn run(workload: &Workload, make_clerk: &(dyn Fn(usize) -> Clerk + Sync)) ->
                 let mut recorded = recorded.lock();
                 for (op, acked) in ops {
                     if let Some((key, element)) = acked {
-                        recorded.acked_appends.entry(key).or_default().push((op.client_id, element));
+                        recorded
+                            .acked_appends
+                            .entry(key)
+                            .or_default()
+                            .push((op.client_id, element));
                     }
                     if op.output.is_some() {
                         recorded.ok_ops += 1;
@@ -79,7 +88,10 @@ pub fn run(workload: &Workload, make_clerk: &(dyn Fn(usize) -> Clerk + Sync)) ->
         std::thread::sleep(workload.duration);
         stop.store(true, Ordering::SeqCst);
     });
-    Arc::try_unwrap(recorded).ok().expect("all clients done").into_inner()
+    Arc::try_unwrap(recorded)
+        .ok()
+        .expect("all clients done")
+        .into_inner()
 }
 
 type Logged = (Operation, Option<(String, String)>);
@@ -91,7 +103,8 @@ fn run_client(
     epoch: Instant,
     stop: &AtomicBool,
 ) -> Vec<Logged> {
-    let mut rng = SplitMix64::new(workload.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        SplitMix64::new(workload.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let client_id = clerk.client_id();
     let mut ops = Vec::new();
     let mut appends = 0u64;
@@ -102,14 +115,33 @@ fn run_client(
         let (input, result, acked) = if roll < workload.mix.append_percent {
             let element = format!("x {client_id} {appends} y");
             appends += 1;
-            let result = clerk.append(key.as_bytes(), element.as_bytes()).map(|()| KvOutput::Append);
+            let result = clerk
+                .append(key.as_bytes(), element.as_bytes())
+                .map(|()| KvOutput::Append);
             let acked = result.is_ok().then(|| (key.clone(), element.clone()));
-            (KvInput::Append { key, value: element }, result, acked)
+            (
+                KvInput::Append {
+                    key,
+                    value: element,
+                },
+                result,
+                acked,
+            )
         } else if roll < workload.mix.append_percent + workload.mix.put_percent {
+            // Puts go to keys of their own, so the append-order check on the
+            // appended keys stays meaningful (a put would erase elements).
+            let key = format!("{key}-p");
             let value = format!("p {client} {}", rng.next_u64() % 1000);
-            let result = clerk.put(key.as_bytes(), value.as_bytes()).map(|()| KvOutput::Put);
+            let result = clerk
+                .put(key.as_bytes(), value.as_bytes())
+                .map(|()| KvOutput::Put);
             (KvInput::Put { key, value }, result, None)
         } else {
+            let key = if rng.chance(1, 4) {
+                format!("{key}-p")
+            } else {
+                key
+            };
             let result = clerk.get(key.as_bytes()).map(|value| KvOutput::Get {
                 value: value.map(|v| String::from_utf8(v).expect("utf-8 values")),
             });
@@ -120,7 +152,16 @@ fn run_client(
             Err(ClerkError::Timeout { .. }) => (None, None),
             Err(other) => panic!("client {client}: unexpected error: {other}"),
         };
-        ops.push((Operation { client_id, input, call_us, output, return_us }, acked));
+        ops.push((
+            Operation {
+                client_id,
+                input,
+                call_us,
+                output,
+                return_us,
+            },
+            acked,
+        ));
     }
     ops
 }
@@ -134,10 +175,16 @@ pub fn check_all(recorded: &Recorded, final_clerk: &mut Clerk, timeout: Duration
         Verdict::NotLinearizable { key, ops } => {
             panic!("history not linearizable on key {key:?}; smallest failing prefix: {ops:#?}")
         }
-        Verdict::Timeout => panic!("linearizability check timed out ({} ops)", recorded.history.len()),
+        Verdict::Timeout => panic!(
+            "linearizability check timed out ({} ops)",
+            recorded.history.len()
+        ),
     }
     for (key, acked) in &recorded.acked_appends {
-        let value = final_clerk.get(key.as_bytes()).expect("final read").unwrap_or_default();
+        let value = final_clerk
+            .get(key.as_bytes())
+            .expect("final read")
+            .unwrap_or_default();
         let value = String::from_utf8(value).expect("utf-8 values");
         if let Err(violation) = check::check_appends(&value, acked) {
             panic!("key {key:?}: {violation}\nfinal value: {value:?}");
@@ -158,7 +205,12 @@ pub struct LossyChannel<C> {
 }
 
 impl<C: RpcChannel> RpcChannel for LossyChannel<C> {
-    fn call_method(&self, service_id: u32, method_id: u32, request: &[u8]) -> Result<Vec<u8>, RpcError> {
+    fn call_method(
+        &self,
+        service_id: u32,
+        method_id: u32,
+        request: &[u8],
+    ) -> Result<Vec<u8>, RpcError> {
         if !self.enabled.load(Ordering::SeqCst) {
             return self.inner.call_method(service_id, method_id, request);
         }
