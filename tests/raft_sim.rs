@@ -1736,6 +1736,16 @@ fn r21_one_way_inbound_loss_leader() {
 
 // ---------------------------------------------------------------- soak
 
+/// The current leader half of the time (that is what forces elections),
+/// else any node.
+fn pick_victim(s: &mut Sim) -> NodeId {
+    let any = s.rng.range(1, s.options.nodes + 1);
+    match s.leader() {
+        Some(leader) if s.rng.chance(1, 2) => leader,
+        _ => any,
+    }
+}
+
 /// One random schedule of faults on a 5-node cluster for 2,000 ticks, then
 /// heal and a liveness check: an entry commits on all nodes within 10×ET.
 fn soak_one(seed: u64) {
@@ -1748,8 +1758,8 @@ fn soak_one(seed: u64) {
     let mut s = Sim::new(o);
     let n = 5;
     // The intensity of each fault varies by seed.
-    let crash_per_mille = plan.range(0, 6);
-    let partition_per_mille = plan.range(0, 20);
+    let crash_per_mille = plan.range(0, 12);
+    let partition_per_mille = plan.range(0, 30);
     let network_per_mille = plan.range(5, 20);
     let mut value = 0u64;
     for _ in 0..2000 {
@@ -1798,7 +1808,7 @@ fn soak_one(seed: u64) {
             match s.rng.range(0, 5) {
                 0 => s.heal_partitions(),
                 1 => {
-                    let id = s.rng.range(1, n + 1);
+                    let id = pick_victim(&mut s);
                     s.isolate(id);
                 }
                 2 => {
@@ -1824,7 +1834,7 @@ fn soak_one(seed: u64) {
             }
         }
         if s.rng.chance(crash_per_mille, 1000) {
-            let id = s.rng.range(1, n + 1);
+            let id = pick_victim(&mut s);
             if s.rng.chance(1, 4) {
                 s.crash_during_next_ready(id);
             } else {
@@ -1869,9 +1879,15 @@ fn soak_one(seed: u64) {
         true,
         10 * ET_MAX_TICKS,
     ) {
-        s.fail(&format!("liveness after heal: {what}"));
+        s.fail(&format!(
+            "liveness after heal: {what}\n{}",
+            s.describe_nodes()
+        ));
     }
     s.check_full();
+    if std::env::var_os("SIM_SEED").is_some() {
+        eprintln!("seed {seed}: {}", s.summary());
+    }
 }
 
 #[test]

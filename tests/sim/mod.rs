@@ -360,6 +360,8 @@ pub struct Sim {
     pub max_backoff_rejections: u64,
     /// `SIM_TRACE=1` prints every delivered message (for replaying a seed).
     print_trace: bool,
+    crashes: u64,
+    reads_answered: u64,
 }
 
 impl Sim {
@@ -393,6 +395,8 @@ impl Sim {
             backoff: BTreeMap::new(),
             max_backoff_rejections: 0,
             print_trace: std::env::var_os("SIM_TRACE").is_some(),
+            crashes: 0,
+            reads_answered: 0,
             options,
         };
         for id in sim.ids() {
@@ -655,6 +659,7 @@ impl Sim {
         }
         self.owed.retain(|&(responder, _), _| responder != id);
         self.crash_in_ready[Sim::slot(id)] = false;
+        self.crashes += 1;
     }
 
     /// Restarts the node from its durable storage only (6.824's `start1`:
@@ -1206,6 +1211,7 @@ impl Sim {
     fn check_read(&mut self, id: NodeId, node: &Node, context: u64, index: u64) {
         match self.pending_reads.remove(&context) {
             Some((asked, floor)) => {
+                self.reads_answered += 1;
                 if asked != id {
                     self.fail(&format!(
                         "node {id} released read {context} asked of node {asked}"
@@ -1558,8 +1564,50 @@ impl Sim {
         terms.first().copied().unwrap_or(0)
     }
 
-    /// Restarts every crashed node.
+    /// One line per node: up or down, and its core's status.
+    pub fn describe_nodes(&self) -> String {
+        let mut out = String::new();
+        for id in self.ids() {
+            match &self.nodes[Sim::slot(id)] {
+                Some(node) => out.push_str(&format!(
+                    "  node {id}: {:?}, app applied {}, stored last {}\n",
+                    node.core.status(),
+                    node.app.last_applied,
+                    self.durable(id).last_index()
+                )),
+                None => out.push_str(&format!("  node {id}: down\n")),
+            }
+        }
+        out
+    }
+
+    /// One line on what the run went through, for replays and tuning.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} ticks, {} terms with a leader (last term {}), {} applied, {} crashes, {} messages \
+             ({} dropped), {} snapshot chunks, {} reads answered",
+            self.now_ticks,
+            self.leaders_by_term.len(),
+            self.leaders_by_term
+                .keys()
+                .next_back()
+                .copied()
+                .unwrap_or(0),
+            self.applied.len(),
+            self.crashes,
+            self.stats.messages_sent,
+            self.stats.dropped,
+            self.stats.snapshot_chunks_sent,
+            self.reads_answered,
+        )
+    }
+
+    /// Restarts every crashed node and disarms pending mid-Ready crashes,
+    /// so that everyone is up from now on.
     pub fn restart_down(&mut self) {
+        self.crash_in_ready
+            .iter_mut()
+            .for_each(|armed| *armed = false);
         for id in self.ids() {
             if !self.is_up(id) {
                 self.start_node(id);
