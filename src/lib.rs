@@ -4,4 +4,12 @@ pub mod proto {
     //! Messages generated from proto/kvstore.proto.
     include!(concat!(env!("OUT_DIR"), "/proto/mod.rs"));
 }
+pub mod check;
+pub mod clerk;
+pub mod config;
+pub mod kv;
+pub mod node;
 pub mod raft;
+pub mod rpc;
+pub mod storage;
+pub mod loadgen;

@@ -516,7 +516,7 @@ impl RaftCore {
             return Err(ProposeError::NotLeader { hint: self.leader });
         }
         let batch_bytes: usize = batch.iter().map(|d| d.len() + 24).sum();
-        let uncommitted_bytes = self.uncommitted_bytes();
+        let uncommitted_bytes = self.log.uncommitted_bytes() as usize;
         if uncommitted_bytes > 0
             && uncommitted_bytes + batch_bytes > self.config.max_uncommitted_bytes
         {
@@ -534,19 +534,6 @@ impl RaftCore {
         self.broadcast_append();
         self.maybe_commit();
         Ok(first)
-    }
-
-    fn uncommitted_bytes(&self) -> usize {
-        let mut bytes = 0;
-        let mut index = self.log.commit + 1;
-        while let Some(entry) = self.log.entry(index) {
-            bytes += entry.size_bytes();
-            if bytes > self.config.max_uncommitted_bytes {
-                break;
-            }
-            index += 1;
-        }
-        bytes
     }
 
     /// Asks for a linearizable read barrier (ReadIndex, Raft thesis §6.4).
@@ -1272,7 +1259,7 @@ impl RaftCore {
     /// has applied): entries up to there are dropped from memory, and the
     /// snapshot is what lagging followers will be sent. The driver stores
     /// the snapshot durably itself before calling this.
-    pub fn compact(&mut self, index: u64, data: Vec<u8>) {
+    pub fn compact(&mut self, index: u64, data: impl Into<Arc<Vec<u8>>>) {
         self.assert_not_in_ready();
         assert!(
             index <= self.log.applied,
@@ -1286,7 +1273,7 @@ impl RaftCore {
         self.log.compact(index);
         self.snapshot = Some(Snapshot {
             meta: SnapshotMeta { index, term },
-            data: Arc::new(data),
+            data: data.into(),
         });
     }
 

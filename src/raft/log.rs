@@ -25,6 +25,9 @@ pub struct RaftLog {
     pub stable: u64,
     /// The sum of `Entry::size_bytes` over `entries`.
     bytes: u64,
+    /// The same sum over the entries at or below `commit`, so the bytes a
+    /// leader holds uncommitted are known without walking the log.
+    committed_bytes: u64,
 }
 
 impl RaftLog {
@@ -37,6 +40,7 @@ impl RaftLog {
             applied: snapshot.index,
             stable: 0,
             bytes: 0,
+            committed_bytes: 0,
         };
         for entry in entries {
             assert_eq!(
@@ -49,7 +53,8 @@ impl RaftLog {
         log.stable = log.last_index();
         // A commit index beyond the durable log can only come from a hard
         // state written before a crash cut the log; it is recomputed later.
-        log.commit = commit.clamp(snapshot.index, log.last_index());
+        log.commit = snapshot.index;
+        log.commit_to(commit);
         log.assert_invariants();
         log
     }
@@ -72,6 +77,11 @@ impl RaftLog {
 
     pub fn size_bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The bytes of the entries above the commit index.
+    pub fn uncommitted_bytes(&self) -> u64 {
+        self.bytes - self.committed_bytes
     }
 
     /// The term of the entry at `index`, if the log still knows it (the
@@ -184,6 +194,7 @@ impl RaftLog {
         while self.snapshot.index < index {
             let entry = self.entries.pop_front().expect("non-empty");
             self.bytes -= entry.size_bytes() as u64;
+            self.committed_bytes -= entry.size_bytes() as u64;
             self.snapshot.index += 1;
         }
         self.snapshot.term = term;
@@ -197,6 +208,7 @@ impl RaftLog {
         assert!(meta.index > self.commit, "installing a stale snapshot");
         self.entries.clear();
         self.bytes = 0;
+        self.committed_bytes = 0;
         self.snapshot = meta;
         self.commit = meta.index;
         self.applied = meta.index;
@@ -207,8 +219,13 @@ impl RaftLog {
     /// Moves commit forward (never back) to at most the last index.
     pub fn commit_to(&mut self, index: u64) {
         let index = index.min(self.last_index());
-        if index > self.commit {
-            self.commit = index;
+        while self.commit < index {
+            self.commit += 1;
+            let bytes = self
+                .entry(self.commit)
+                .expect("committed entry in the log")
+                .size_bytes();
+            self.committed_bytes += bytes as u64;
         }
     }
 
@@ -266,5 +283,9 @@ impl RaftLog {
         assert!(self.applied <= self.commit, "applied beyond commit");
         assert!(self.commit <= self.last_index(), "commit beyond the log");
         assert!(self.stable <= self.last_index(), "stable beyond the log");
+        assert!(
+            self.committed_bytes <= self.bytes,
+            "committed bytes beyond the log's"
+        );
     }
 }

@@ -1,0 +1,145 @@
+//! `kvserver --config FILE --id N [--data-dir DIR] [--log-level LEVEL]`: runs
+//! one node of the cluster in the foreground until SIGTERM or SIGINT, and
+//! exits non-zero with one line on stderr when it cannot start or when its
+//! storage fails.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use kvstore_raft::config::ClusterConfig;
+use kvstore_raft::kv::server::{KvServer, StartOptions};
+
+const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace]";
+
+struct Args {
+    config: PathBuf,
+    id: u64,
+    data_dir: Option<PathBuf>,
+    log_level: log::LevelFilter,
+}
+
+fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
+    let mut opts = getopts::Options::new();
+    opts.optopt("", "config", "the cluster file", "FILE");
+    opts.optopt("", "id", "this node's id in the cluster file", "N");
+    opts.optopt("", "data-dir", "overrides <data_dir>/node<N>", "DIR");
+    opts.optopt(
+        "",
+        "log-level",
+        "error, warn, info (default), debug or trace",
+        "LEVEL",
+    );
+    opts.optflag("h", "help", "print this help");
+    let matches = opts.parse(argv).map_err(|e| e.to_string())?;
+    if matches.opt_present("help") {
+        println!("{}", opts.usage(USAGE));
+        return Ok(None);
+    }
+    if !matches.free.is_empty() {
+        return Err(format!("unexpected argument {:?}", matches.free[0]));
+    }
+    let config = matches.opt_str("config").ok_or("--config is required")?;
+    let id = matches.opt_str("id").ok_or("--id is required")?;
+    let id = id
+        .parse::<u64>()
+        .map_err(|_| format!("--id {id:?} is not a node id (a positive number)"))?;
+    let log_level = match matches.opt_str("log-level").as_deref().unwrap_or("info") {
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        other => {
+            return Err(format!(
+                "--log-level {other:?} is not one of error, warn, info, debug, trace"
+            ))
+        }
+    };
+    Ok(Some(Args {
+        config: PathBuf::from(config),
+        id,
+        data_dir: matches.opt_str("data-dir").map(PathBuf::from),
+        log_level,
+    }))
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and so in every thread it
+/// starts), so they can be taken synchronously with `sigtimedwait`.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local, initialized signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits up to `timeout` for SIGTERM or SIGINT; returns the signal, if any.
+fn wait_for_stop_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    // SAFETY: `set` is a valid signal set and `ts` a valid timespec.
+    let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (signal > 0).then_some(signal)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = match parse_args(&argv) {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("kvserver: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let log_config = simplelog::ConfigBuilder::new()
+        .set_thread_level(log::LevelFilter::Off)
+        .build();
+    // A logger can only fail to install if one already is.
+    let _ = simplelog::TermLogger::init(
+        args.log_level,
+        log_config,
+        simplelog::TerminalMode::Stderr,
+        simplelog::ColorChoice::Never,
+    );
+    let config = match ClusterConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("kvserver: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let signals = block_stop_signals();
+    let start = StartOptions {
+        id: args.id,
+        data_dir: args.data_dir,
+        link_filter: None,
+    };
+    let server = match KvServer::start(&config, start) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("kvserver: node {}: {e}", args.id);
+            return ExitCode::from(1);
+        }
+    };
+    log::info!("node {} serving on {}", args.id, server.local_addr());
+    loop {
+        if let Some(signal) = wait_for_stop_signal(&signals, Duration::from_millis(200)) {
+            log::info!("node {}: signal {signal}, shutting down", args.id);
+            server.shutdown();
+            return ExitCode::SUCCESS;
+        }
+        if let Some(error) = server.handle().fatal_error() {
+            eprintln!("kvserver: node {} stopped: {error}", args.id);
+            server.shutdown();
+            return ExitCode::from(1);
+        }
+    }
+}

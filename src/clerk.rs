@@ -1,0 +1,685 @@
+//! The client library: a [`Clerk`] sends each operation to the node it
+//! believes leads, follows `NOT_LEADER` hints, rotates through the nodes when
+//! one fails, backs off when the leader answers `BUSY`, and retries until a
+//! whole-operation deadline. Every write carries the clerk's `client_id` and
+//! a fresh `seq`, and every retry of that write reuses the same pair, so the
+//! servers' client sessions apply it at most once however often it is sent.
+//!
+//! A clerk runs one operation at a time (`&mut self`); a program that wants
+//! concurrency runs one clerk per thread. Each node's connection is opened on
+//! first use and kept for the clerk's lifetime.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use protobuf::MessageField;
+
+use crate::config::ClusterConfig;
+use crate::proto::kvstore::{
+    AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
+    GetReply, GetRequest, PutReply, PutRequest, ReplyHeader, RequestHeader, StatusReply,
+    StatusRequest,
+};
+use crate::raft::SplitMix64;
+use crate::rpc::services::KvStoreStub;
+use crate::rpc::{ClientConfig, RpcChannel, RpcClient, RpcError};
+
+/// The transport to one node, as [`Clerk::with_channels`] takes it.
+pub type NodeChannel = Box<dyn RpcChannel + Send + Sync>;
+
+/// The first back-off after `BUSY`, or after a round in which no node could
+/// serve the request.
+const BACKOFF_MIN_MS: u64 = 1;
+/// Back-off never waits longer than this between two attempts.
+const BACKOFF_MAX_MS: u64 = 100;
+
+/// How a [`Clerk`] behaves.
+#[derive(Clone, Debug)]
+pub struct ClerkOptions {
+    /// Deadline for a whole operation, retries included. Default 10 s.
+    pub timeout: Duration,
+    /// Limit on one RPC (connect, and send to reply) to one node. Default
+    /// 1000. An operation can overrun `timeout` by at most this much, since a
+    /// call in flight is not interrupted.
+    pub attempt_timeout_ms: u64,
+    /// Presented to the nodes when the cluster requires a client token.
+    pub client_token: Option<String>,
+    /// Identifies this clerk's session on the servers. Default: a random
+    /// non-zero id. Two clerks must never share one while both run.
+    pub client_id: Option<u64>,
+}
+
+impl Default for ClerkOptions {
+    fn default() -> Self {
+        ClerkOptions {
+            timeout: Duration::from_secs(10),
+            attempt_timeout_ms: 1_000,
+            client_token: None,
+            client_id: None,
+        }
+    }
+}
+
+/// Why an operation failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClerkError {
+    /// No node answered the operation before the deadline. A write may or
+    /// may not have been applied; `last_error` is the last failure seen.
+    Timeout { last_error: String },
+    /// A node refused the request for good (`INVALID_ARGUMENT`,
+    /// `UNAUTHENTICATED`): retrying it cannot help. Nothing was applied.
+    Rejected(String),
+}
+
+impl fmt::Display for ClerkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClerkError::Timeout { last_error } => write!(
+                f,
+                "no answer from the cluster before the deadline, so the outcome is unknown \
+                 (last error: {last_error})"
+            ),
+            ClerkError::Rejected(message) => write!(f, "request rejected: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ClerkError {}
+
+/// The answer to a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CasResult {
+    /// Whether the value was replaced.
+    pub swapped: bool,
+    /// Whether the key existed before the operation.
+    pub found: bool,
+    /// The value before the operation (`None` when the key was missing).
+    pub current: Option<Vec<u8>>,
+}
+
+/// One node's answer to a status request, for `clerk status`.
+#[derive(Clone, Debug)]
+pub struct NodeStatusView {
+    pub id: u64,
+    /// The node's address, when the clerk was built from a cluster file.
+    pub addr: Option<SocketAddr>,
+    /// The node's status, or why it could not be had.
+    pub status: Result<StatusReply, String>,
+}
+
+struct Node {
+    id: u64,
+    addr: Option<SocketAddr>,
+    stub: KvStoreStub<NodeChannel>,
+}
+
+/// A client of the cluster. See the module documentation.
+pub struct Clerk {
+    /// Never empty.
+    nodes: Vec<Node>,
+    options: ClerkOptions,
+    client_id: u64,
+    /// The seq of the last write started; the next write takes `last_seq + 1`.
+    last_seq: u64,
+    /// Index into `nodes` of the node tried first.
+    leader: usize,
+    /// Whether `leader` answered as leader (or was named by a leader hint)
+    /// rather than being a guess.
+    leader_known: bool,
+    busy_retries: u64,
+    /// Jitter for the back-off.
+    rng: SplitMix64,
+}
+
+impl Clerk {
+    /// A clerk for every node of `config`. Connections open on first use.
+    pub fn new(config: &ClusterConfig, options: ClerkOptions) -> Clerk {
+        let rpc_config = ClientConfig {
+            connect_timeout_ms: options.attempt_timeout_ms,
+            call_timeout_ms: options.attempt_timeout_ms,
+            max_frame_bytes: config.max_frame_bytes,
+        };
+        let nodes = config
+            .raft_nodes
+            .iter()
+            .map(|node| {
+                let channel: NodeChannel =
+                    Box::new(RpcClient::new(node.addr(), rpc_config.clone()));
+                Node {
+                    id: node.id,
+                    addr: Some(node.addr()),
+                    stub: KvStoreStub::new(channel),
+                }
+            })
+            .collect();
+        Clerk::build(nodes, options)
+    }
+
+    /// A clerk over given transports, one per node id (e.g. a channel that
+    /// drops replies, in tests). Panics when `nodes` is empty.
+    pub fn with_channels(nodes: Vec<(u64, NodeChannel)>, options: ClerkOptions) -> Clerk {
+        let nodes = nodes
+            .into_iter()
+            .map(|(id, channel)| Node {
+                id,
+                addr: None,
+                stub: KvStoreStub::new(channel),
+            })
+            .collect();
+        Clerk::build(nodes, options)
+    }
+
+    fn build(nodes: Vec<Node>, options: ClerkOptions) -> Clerk {
+        assert!(!nodes.is_empty(), "a clerk needs at least one node");
+        let client_id = options.client_id.unwrap_or_else(random_client_id);
+        Clerk {
+            nodes,
+            client_id,
+            last_seq: 0,
+            leader: 0,
+            leader_known: false,
+            busy_retries: 0,
+            rng: SplitMix64::new(client_id),
+            options,
+        }
+    }
+
+    /// The id of this clerk's session on the servers.
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// The node this clerk believes leads, once a node has answered as
+    /// leader or named one.
+    pub fn leader_hint(&self) -> Option<u64> {
+        self.leader_known.then(|| self.nodes[self.leader].id)
+    }
+
+    /// How many times a node answered `BUSY` to this clerk, over its lifetime.
+    pub fn busy_retries(&self) -> u64 {
+        self.busy_retries
+    }
+
+    /// The value of `key` (linearizable), or `None` when it is missing.
+    pub fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, ClerkError> {
+        let request = GetRequest {
+            header: self.header(0),
+            key: key.as_ref().to_vec(),
+            ..Default::default()
+        };
+        let mut reply = self.call(|stub| stub.get(&request))?;
+        Ok(reply.found.then(|| std::mem::take(&mut reply.value)))
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<(), ClerkError> {
+        let request = PutRequest {
+            header: self.next_write_header(),
+            key: key.as_ref().to_vec(),
+            value: value.as_ref().to_vec(),
+            ..Default::default()
+        };
+        self.call(|stub| stub.put(&request)).map(drop)
+    }
+
+    /// Appends `value` to the value of `key` (a missing key counts as "").
+    pub fn append(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<(), ClerkError> {
+        let request = AppendRequest {
+            header: self.next_write_header(),
+            key: key.as_ref().to_vec(),
+            value: value.as_ref().to_vec(),
+            ..Default::default()
+        };
+        self.call(|stub| stub.append(&request)).map(drop)
+    }
+
+    /// Removes `key`; answers whether it existed.
+    pub fn delete(&mut self, key: impl AsRef<[u8]>) -> Result<bool, ClerkError> {
+        let request = DeleteRequest {
+            header: self.next_write_header(),
+            key: key.as_ref().to_vec(),
+            ..Default::default()
+        };
+        self.call(|stub| stub.delete(&request))
+            .map(|reply| reply.existed)
+    }
+
+    /// Sets `key` to `value` if its value equals `expected` (a missing key
+    /// counts as "").
+    pub fn cas(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        expected: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<CasResult, ClerkError> {
+        let request = CasRequest {
+            header: self.next_write_header(),
+            key: key.as_ref().to_vec(),
+            expected: expected.as_ref().to_vec(),
+            value: value.as_ref().to_vec(),
+            ..Default::default()
+        };
+        let mut reply = self.call(|stub| stub.cas(&request))?;
+        Ok(CasResult {
+            swapped: reply.swapped,
+            found: reply.found,
+            current: reply.found.then(|| std::mem::take(&mut reply.current)),
+        })
+    }
+
+    /// Asks every node for its status, all at once, each bounded by
+    /// `attempt_timeout_ms`. In the clerk's node order.
+    pub fn status_all(&self) -> Vec<NodeStatusView> {
+        let request = StatusRequest {
+            header: self.header(0),
+            ..Default::default()
+        };
+        thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .nodes
+                .iter()
+                .map(|node| {
+                    let request = &request;
+                    scope.spawn(move || NodeStatusView {
+                        id: node.id,
+                        addr: node.addr,
+                        status: node_status(node, request),
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(&self.nodes)
+                .map(|(handle, node)| {
+                    handle.join().unwrap_or_else(|_| NodeStatusView {
+                        id: node.id,
+                        addr: node.addr,
+                        status: Err("the status call panicked".to_string()),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn header(&self, seq: u64) -> MessageField<RequestHeader> {
+        MessageField::some(RequestHeader {
+            client_id: self.client_id,
+            seq,
+            token: self.options.client_token.clone().unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+
+    /// The header of a new write: the next seq, which every retry reuses.
+    fn next_write_header(&mut self) -> MessageField<RequestHeader> {
+        self.last_seq += 1;
+        self.header(self.last_seq)
+    }
+
+    /// Sends one request until a node answers it, a node rejects it, or the
+    /// deadline passes. `attempt` sends the same request bytes each time.
+    fn call<Rep: HasReplyHeader>(
+        &mut self,
+        mut attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
+    ) -> Result<Rep, ClerkError> {
+        let deadline = Instant::now() + self.options.timeout;
+        let mut backoff_ms = BACKOFF_MIN_MS;
+        // Attempts since the last one that got anywhere; after a full round of
+        // nodes without progress (no leader, or hints pointing in a circle)
+        // the clerk waits before the next round instead of spinning.
+        let mut fruitless = 0usize;
+        let mut last_error: String;
+        loop {
+            let node = &self.nodes[self.leader];
+            let wait = match attempt(&node.stub) {
+                Err(error) => {
+                    last_error = format!("node {}: {error}", node.id);
+                    self.rotate();
+                    fruitless += 1;
+                    false
+                }
+                Ok(reply) => {
+                    let (code, hint, message) = reply_status(reply.reply_header());
+                    match code {
+                        ErrorCode::OK => {
+                            self.leader_known = true;
+                            return Ok(reply);
+                        }
+                        ErrorCode::INVALID_ARGUMENT | ErrorCode::UNAUTHENTICATED => {
+                            return Err(ClerkError::Rejected(format!(
+                                "node {}: {message}",
+                                node.id
+                            )));
+                        }
+                        ErrorCode::BUSY => {
+                            last_error = format!("node {} is busy: {message}", node.id);
+                            self.busy_retries += 1;
+                            true
+                        }
+                        ErrorCode::NOT_LEADER => {
+                            last_error = format!("node {} is not the leader", node.id);
+                            self.follow_hint(node.id, hint);
+                            fruitless += 1;
+                            false
+                        }
+                        ErrorCode::TIMEOUT => {
+                            // The node may still commit it: ask it again with
+                            // the same seq; a deposed leader will say so.
+                            last_error = format!("node {} timed out: {message}", node.id);
+                            fruitless += 1;
+                            false
+                        }
+                        _ => {
+                            last_error = format!("node {}: {code:?} {message}", node.id);
+                            self.rotate();
+                            fruitless += 1;
+                            false
+                        }
+                    }
+                }
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClerkError::Timeout { last_error });
+            }
+            if wait || fruitless >= self.nodes.len() {
+                fruitless = 0;
+                let sleep_ms = self.jittered(backoff_ms);
+                backoff_ms = (backoff_ms * 2).min(BACKOFF_MAX_MS);
+                thread::sleep(Duration::from_millis(sleep_ms).min(deadline - now));
+            }
+        }
+    }
+
+    /// Tries the node named by a `NOT_LEADER` hint next, or the next node
+    /// when the hint names none, an unknown node, or the node that answered.
+    fn follow_hint(&mut self, answered: u64, hint: u64) {
+        let hinted = (hint != 0 && hint != answered)
+            .then(|| self.nodes.iter().position(|node| node.id == hint))
+            .flatten();
+        match hinted {
+            Some(index) => {
+                self.leader = index;
+                self.leader_known = true;
+            }
+            None => self.rotate(),
+        }
+    }
+
+    fn rotate(&mut self) {
+        self.leader = (self.leader + 1) % self.nodes.len();
+        self.leader_known = false;
+    }
+
+    /// A wait in `[ms/2, ms]`, so clerks pushed back together do not return
+    /// together.
+    fn jittered(&mut self, ms: u64) -> u64 {
+        let low = ms.div_ceil(2);
+        self.rng.range(low, ms + 1)
+    }
+}
+
+fn node_status(node: &Node, request: &StatusRequest) -> Result<StatusReply, String> {
+    let reply = node.stub.status(request).map_err(|e| e.to_string())?;
+    let (code, _, message) = reply_status(reply.reply_header());
+    if code == ErrorCode::OK {
+        Ok(reply)
+    } else {
+        Err(format!("{code:?}: {message}"))
+    }
+}
+
+/// The error code, leader hint and message of a reply. A reply without a
+/// header, or with a code this build does not know, counts as a failure of
+/// that node.
+fn reply_status(header: Option<&ReplyHeader>) -> (ErrorCode, u64, &str) {
+    match header {
+        None => (ErrorCode::TIMEOUT, 0, "the reply has no header"),
+        Some(header) => match header.error.enum_value() {
+            Ok(code) => (code, header.leader_hint, header.message.as_str()),
+            Err(_) => (
+                ErrorCode::SHUTTING_DOWN,
+                0,
+                "unknown error code in the reply",
+            ),
+        },
+    }
+}
+
+/// The replies of the KV service, which all carry a [`ReplyHeader`].
+trait HasReplyHeader {
+    fn reply_header(&self) -> Option<&ReplyHeader>;
+}
+
+macro_rules! has_reply_header {
+    ($($reply:ty),*) => {
+        $(impl HasReplyHeader for $reply {
+            fn reply_header(&self) -> Option<&ReplyHeader> {
+                self.header.as_ref()
+            }
+        })*
+    };
+}
+
+has_reply_header!(
+    GetReply,
+    PutReply,
+    AppendReply,
+    DeleteReply,
+    CasReply,
+    StatusReply
+);
+
+/// A random non-zero client id. Wall-clock nanoseconds, the process id and a
+/// per-process counter are mixed by SplitMix64, so clerks started in the same
+/// nanosecond, in one process or in several, still get different ids.
+fn random_client_id() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let seed =
+        nanos ^ (u64::from(std::process::id()) << 32) ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut rng = SplitMix64::new(seed);
+    loop {
+        let id = rng.next_u64();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::services::kv_store;
+    use parking_lot::Mutex;
+    use protobuf::Message;
+    use std::sync::Arc;
+
+    /// What a scripted node saw: (method id, client_id, seq) per call.
+    type Log = Arc<Mutex<Vec<(u32, u64, u64)>>>;
+
+    /// A fake node that answers from a script: each call pops the next
+    /// `(code, hint)`; when the script is empty it answers OK.
+    struct Scripted {
+        id: u64,
+        script: Mutex<std::collections::VecDeque<Result<(ErrorCode, u64), ()>>>,
+        log: Log,
+    }
+
+    impl RpcChannel for Scripted {
+        fn call_method(&self, _: u32, method_id: u32, request: &[u8]) -> Result<Vec<u8>, RpcError> {
+            let header = match method_id {
+                kv_store::PUT => PutRequest::parse_from_bytes(request).unwrap().header,
+                kv_store::GET => GetRequest::parse_from_bytes(request).unwrap().header,
+                _ => panic!("unexpected method {method_id}"),
+            };
+            self.log
+                .lock()
+                .push((method_id, header.client_id, header.seq));
+            let step = {
+                let mut script = self.script.lock();
+                script.pop_front().unwrap_or(Ok((ErrorCode::OK, 0)))
+            };
+            let (code, hint) =
+                step.map_err(|()| RpcError::Decode(format!("node {} dropped", self.id)))?;
+            let header = MessageField::some(ReplyHeader {
+                error: code.into(),
+                leader_hint: hint,
+                message: format!("from {}", self.id),
+                ..Default::default()
+            });
+            let bytes = if method_id == kv_store::GET {
+                GetReply {
+                    header,
+                    found: true,
+                    value: format!("v{}", self.id).into_bytes(),
+                    ..Default::default()
+                }
+                .write_to_bytes()
+            } else {
+                PutReply {
+                    header,
+                    ..Default::default()
+                }
+                .write_to_bytes()
+            };
+            Ok(bytes.unwrap())
+        }
+    }
+
+    fn clerk(scripts: Vec<Vec<Result<(ErrorCode, u64), ()>>>, timeout_ms: u64) -> (Clerk, Log) {
+        let log = Log::default();
+        let nodes = scripts
+            .into_iter()
+            .enumerate()
+            .map(|(i, script)| {
+                let id = i as u64 + 1;
+                let channel: NodeChannel = Box::new(Scripted {
+                    id,
+                    script: Mutex::new(script.into()),
+                    log: log.clone(),
+                });
+                (id, channel)
+            })
+            .collect();
+        let options = ClerkOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            client_id: Some(42),
+            ..Default::default()
+        };
+        (Clerk::with_channels(nodes, options), log)
+    }
+
+    fn client_ids(log: &Log) -> Vec<u64> {
+        log.lock()
+            .iter()
+            .map(|&(_, client_id, _)| client_id)
+            .collect()
+    }
+
+    #[test]
+    fn follows_the_hint_and_caches_the_leader() {
+        let (mut clerk, log) = clerk(
+            vec![vec![Ok((ErrorCode::NOT_LEADER, 3))], vec![], vec![]],
+            5_000,
+        );
+        assert_eq!(clerk.leader_hint(), None);
+        clerk.put("k", "v").unwrap();
+        assert_eq!(clerk.leader_hint(), Some(3));
+        assert_eq!(clerk.get("k").unwrap(), Some(b"v3".to_vec()));
+        // Both attempts of the put carried seq 1; the get went straight to 3.
+        let seqs: Vec<(u32, u64)> = log.lock().iter().map(|&(m, _, s)| (m, s)).collect();
+        assert_eq!(
+            seqs,
+            vec![(kv_store::PUT, 1), (kv_store::PUT, 1), (kv_store::GET, 0)]
+        );
+        assert!(client_ids(&log).iter().all(|&id| id == 42));
+    }
+
+    #[test]
+    fn retries_reuse_the_seq_and_the_next_write_takes_a_new_one() {
+        let (mut clerk, log) = clerk(
+            vec![
+                vec![Err(()), Ok((ErrorCode::TIMEOUT, 0))],
+                vec![Ok((ErrorCode::NOT_LEADER, 0))],
+                vec![Ok((ErrorCode::SHUTTING_DOWN, 0))],
+            ],
+            5_000,
+        );
+        clerk.put("k", "1").unwrap();
+        clerk.put("k", "2").unwrap();
+        let seqs: Vec<u64> = log.lock().iter().map(|&(_, _, s)| s).collect();
+        // node1 drop, node2 not leader, node3 shutting down, node1 timeout,
+        // node1 OK; then the next put: node 1 OK.
+        assert_eq!(seqs, vec![1, 1, 1, 1, 1, 2]);
+        assert_eq!(clerk.busy_retries(), 0);
+        assert_eq!(clerk.leader_hint(), Some(1));
+    }
+
+    #[test]
+    fn busy_backs_off_and_is_counted() {
+        let busy = Ok((ErrorCode::BUSY, 0));
+        let (mut clerk, log) = clerk(vec![vec![busy; 5]], 5_000);
+        clerk.put("k", "v").unwrap();
+        assert_eq!(clerk.busy_retries(), 5);
+        assert_eq!(log.lock().len(), 6);
+    }
+
+    #[test]
+    fn rejection_is_final() {
+        let (mut clerk, log) = clerk(
+            vec![vec![Ok((ErrorCode::UNAUTHENTICATED, 0))], vec![]],
+            5_000,
+        );
+        let error = clerk.put("k", "v").unwrap_err();
+        assert_eq!(error, ClerkError::Rejected("node 1: from 1".to_string()));
+        assert_eq!(log.lock().len(), 1);
+    }
+
+    #[test]
+    fn the_deadline_ends_retries_with_outcome_unknown() {
+        let (mut clerk, _) = clerk(vec![vec![Err(()); 100_000], vec![Err(()); 100_000]], 200);
+        let start = Instant::now();
+        let error = clerk.put("k", "v").unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        match &error {
+            ClerkError::Timeout { last_error } => assert!(last_error.contains("dropped")),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(error.to_string().contains("outcome is unknown"), "{error}");
+    }
+
+    #[test]
+    fn random_client_ids_differ_and_are_not_zero() {
+        let ids: std::collections::HashSet<u64> = (0..1000).map(|_| random_client_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(!ids.contains(&0));
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        let (mut clerk, _) = clerk(vec![vec![]], 1_000);
+        for ms in [1, 2, 7, 100] {
+            for _ in 0..100 {
+                let wait = clerk.jittered(ms);
+                assert!(wait >= ms.div_ceil(2) && wait <= ms, "{wait} for {ms}");
+            }
+        }
+    }
+}

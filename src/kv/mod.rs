@@ -1,0 +1,9 @@
+//! The key-value service on top of Raft: the replicated state machine (the
+//! map plus the client sessions that make retries exactly-once) and the codec
+//! of the commands that log entries carry.
+
+pub mod applier;
+pub mod server;
+pub mod service;
+pub mod state_machine;
+pub mod waiters;

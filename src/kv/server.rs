@@ -1,0 +1,207 @@
+//! One kvstore-raft server: storage, node, apply thread and the RPC server
+//! serving both services on one port, assembled from the cluster config.
+//! The `kvserver` binary is a thin wrapper around [`KvServer::start`]; the
+//! in-process tests start several in one process.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::applier::Applier;
+use super::service::{KvService, ServiceOptions};
+use super::state_machine::{KvOptions, KvStateMachine};
+use super::waiters::Waiters;
+use crate::config::ClusterConfig;
+use crate::node::{LinkFilter, Node, NodeHandle, NodeOptions};
+use crate::raft::NodeId;
+use crate::rpc::{Router, RpcServer, ServerConfig};
+use crate::storage::{DiskStorage, StorageOptions};
+
+/// Why a server could not start. Display gives one line naming the cause.
+#[derive(Debug)]
+pub enum StartError {
+    UnknownId {
+        id: NodeId,
+        known: Vec<NodeId>,
+    },
+    Storage(crate::storage::StorageError),
+    Snapshot(String),
+    Bind {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+    Io(std::io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::UnknownId { id, known } => {
+                write!(
+                    f,
+                    "node id {id} is not in the config (its ids are {known:?})"
+                )
+            }
+            StartError::Storage(e) => write!(f, "{e}"),
+            StartError::Snapshot(e) => write!(f, "{e}"),
+            StartError::Bind { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
+            StartError::Io(e) => write!(f, "cannot start threads: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// How to start one server; tests override the data directory and links.
+pub struct StartOptions {
+    pub id: NodeId,
+    /// Overrides `<data_dir>/node<id>` from the config.
+    pub data_dir: Option<PathBuf>,
+    pub link_filter: Option<LinkFilter>,
+}
+
+pub struct KvServer {
+    node: Option<Node>,
+    rpc: Option<RpcServer>,
+    applier: Option<JoinHandle<()>>,
+}
+
+/// The most bytes a key may have.
+const MAX_KEY_BYTES: usize = 64 * 1024;
+
+impl KvServer {
+    pub fn start(config: &ClusterConfig, start: StartOptions) -> Result<KvServer, StartError> {
+        let me = config.node(start.id).ok_or_else(|| StartError::UnknownId {
+            id: start.id,
+            known: config.node_ids(),
+        })?;
+        let addr = me.addr();
+        let data_dir = start
+            .data_dir
+            .unwrap_or_else(|| config.node_data_dir(start.id));
+        let (storage, restored) =
+            DiskStorage::open(&data_dir, StorageOptions::default()).map_err(StartError::Storage)?;
+        let kv_options = KvOptions {
+            session_ttl_ms: config.session_ttl_ms,
+            max_sessions: config.max_sessions,
+            ..KvOptions::default()
+        };
+        let machine = match &restored.snapshot {
+            Some(snapshot) => KvStateMachine::restore(&snapshot.data, kv_options).map_err(|e| {
+                StartError::Snapshot(format!(
+                    "{}: the snapshot at index {} does not load: {e}",
+                    data_dir.display(),
+                    snapshot.meta.index
+                ))
+            })?,
+            None => KvStateMachine::new(kv_options),
+        };
+        // Bind before starting any thread, so a port in use fails cleanly.
+        let listener_config = ServerConfig {
+            max_connections: config.max_connections,
+            max_frame_bytes: config.max_frame_bytes,
+            ..ServerConfig::default()
+        };
+        let node_options = node_options(config, start.id, start.link_filter);
+        let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
+        let waiters = Arc::new(Waiters::default());
+        let service = KvService::new(
+            node.handle().clone(),
+            Arc::clone(&waiters),
+            ServiceOptions {
+                queue_wait: Duration::from_millis(config.proposal_queue_wait_ms),
+                request_timeout: Duration::from_millis(config.request_timeout_ms),
+                client_token: config.client_token.clone(),
+                max_key_bytes: MAX_KEY_BYTES,
+                max_value_bytes: config.max_append_bytes / 2,
+            },
+        );
+        let router = Router::new()
+            .with_kv_store(Arc::new(service))
+            .with_raft(node.raft_service());
+        let rpc = match RpcServer::bind(addr, listener_config, router) {
+            Ok(rpc) => rpc,
+            Err(error) => {
+                node.shutdown();
+                return Err(StartError::Bind { addr, error });
+            }
+        };
+        let applier = Applier::new(
+            node.handle().clone(),
+            tasks,
+            waiters,
+            machine,
+            config.snapshot_threshold_bytes,
+        );
+        let applier = std::thread::Builder::new()
+            .name(format!("apply-{}", start.id))
+            .spawn(move || applier.run())
+            .map_err(StartError::Io)?;
+        Ok(KvServer {
+            node: Some(node),
+            rpc: Some(rpc),
+            applier: Some(applier),
+        })
+    }
+
+    pub fn handle(&self) -> &NodeHandle {
+        self.node.as_ref().expect("running").handle()
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.rpc.as_ref().expect("running").local_addr()
+    }
+
+    /// Stops serving, then stops the node and the apply thread. Every
+    /// request still waiting is answered SHUTTING_DOWN.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(rpc) = self.rpc.take() {
+            rpc.shutdown();
+        }
+        if let Some(node) = self.node.take() {
+            node.shutdown();
+        }
+        if let Some(applier) = self.applier.take() {
+            if applier.join().is_err() {
+                log::error!("the apply thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for KvServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The node's tuning, from the cluster config.
+pub fn node_options(
+    config: &ClusterConfig,
+    id: NodeId,
+    link_filter: Option<LinkFilter>,
+) -> NodeOptions {
+    NodeOptions {
+        id,
+        peers: config.raft_nodes.iter().map(|n| (n.id, n.addr())).collect(),
+        tick_ms: config.tick_ms,
+        election_timeout_min_ms: config.election_timeout_min_ms,
+        election_timeout_max_ms: config.election_timeout_max_ms,
+        heartbeat_interval_ms: config.heartbeat_interval_ms,
+        max_inflight_appends: config.max_inflight_appends,
+        max_append_bytes: config.max_append_bytes,
+        max_snapshot_chunk_bytes: config.max_append_bytes,
+        max_uncommitted_bytes: 64 << 20,
+        proposal_queue_capacity: config.proposal_queue_capacity,
+        max_batch_requests: 1024,
+        max_frame_bytes: config.max_frame_bytes,
+        peer_connect_timeout_ms: config.heartbeat_interval_ms.max(100),
+        link_filter,
+    }
+}

@@ -1,0 +1,226 @@
+//! The KVStore RPC handlers. A write becomes a command in the log and a read
+//! becomes a ReadIndex barrier; either is registered as a waiter and put into
+//! the LockQueue (the bounded channel to the event loop). When the queue
+//! stays full for `queue_wait`, the request is answered BUSY: the clerk backs
+//! off and retries, and nothing queues without bound. The handler returns at
+//! once; the apply thread answers later through the waiter.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::SendTimeoutError;
+
+use super::state_machine::{encode_command, make_command, KvOp};
+use super::waiters::{Waiter, Waiters};
+use crate::node::{ClientRequest, NodeHandle};
+use crate::proto::kvstore::*;
+use crate::raft::Role;
+use crate::rpc::services::KvStoreService;
+use crate::rpc::Responder;
+
+/// Limits and timeouts of the client path.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// How long a request waits for a slot in the LockQueue before BUSY.
+    pub queue_wait: Duration,
+    /// How long a request may wait for the cluster before TIMEOUT.
+    pub request_timeout: Duration,
+    /// When set, every request must carry this token.
+    pub client_token: Option<String>,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+pub struct KvService {
+    node: NodeHandle,
+    waiters: Arc<Waiters>,
+    next_token: AtomicU64,
+    options: ServiceOptions,
+}
+
+type Refusal = (ErrorCode, u64, String);
+
+impl KvService {
+    pub fn new(node: NodeHandle, waiters: Arc<Waiters>, options: ServiceOptions) -> KvService {
+        KvService {
+            node,
+            waiters,
+            next_token: AtomicU64::new(1),
+            options,
+        }
+    }
+
+    /// Checks what every request must satisfy before it costs the cluster
+    /// anything: the token, the sizes, and that this node leads.
+    fn admit(
+        &self,
+        header: Option<&RequestHeader>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), Refusal> {
+        if let Some(expected) = &self.options.client_token {
+            if header.map(|h| &h.token) != Some(expected) {
+                return Err((
+                    ErrorCode::UNAUTHENTICATED,
+                    0,
+                    "missing or wrong client token".into(),
+                ));
+            }
+        }
+        if key.len() > self.options.max_key_bytes {
+            let message = format!(
+                "key of {} bytes exceeds {}",
+                key.len(),
+                self.options.max_key_bytes
+            );
+            return Err((ErrorCode::INVALID_ARGUMENT, 0, message));
+        }
+        if value.len() > self.options.max_value_bytes {
+            let message = format!(
+                "value of {} bytes exceeds {}",
+                value.len(),
+                self.options.max_value_bytes
+            );
+            return Err((ErrorCode::INVALID_ARGUMENT, 0, message));
+        }
+        if self.node.is_stopping() {
+            return Err((
+                ErrorCode::SHUTTING_DOWN,
+                0,
+                "the node is shutting down".into(),
+            ));
+        }
+        let status = self.node.status();
+        if status.role != Role::Leader {
+            return Err((
+                ErrorCode::NOT_LEADER,
+                status.leader,
+                "not the leader".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Registers `waiter` and queues the request `make(token)` for it.
+    fn submit(&self, waiter: Waiter, make: impl FnOnce(u64) -> ClientRequest) {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.options.request_timeout;
+        self.waiters.insert(token, waiter, deadline);
+        let refusal = match self
+            .node
+            .requests()
+            .send_timeout(make(token), self.options.queue_wait)
+        {
+            Ok(()) => return,
+            Err(SendTimeoutError::Timeout(_)) => (
+                ErrorCode::BUSY,
+                "the proposal queue is full; back off and retry",
+            ),
+            Err(SendTimeoutError::Disconnected(_)) => {
+                (ErrorCode::SHUTTING_DOWN, "the node is shutting down")
+            }
+        };
+        // The applier may have expired it meanwhile; then it has answered.
+        if let Some(waiter) = self.waiters.take(token) {
+            waiter.fail(refusal.0, 0, refusal.1);
+        }
+    }
+
+    fn write(&self, header: Option<&RequestHeader>, op: KvOp, waiter: Waiter) {
+        let (key, value) = match &op {
+            KvOp::Put { key, value } | KvOp::Append { key, value } => (key, value),
+            KvOp::Cas { key, value, .. } => (key, value),
+            KvOp::Delete { key } => (key, &Vec::new()),
+            KvOp::Noop => unreachable!("clients do not send no-ops"),
+        };
+        if let Err((error, hint, message)) = self.admit(header, key, value) {
+            return waiter.fail(error, hint, &message);
+        }
+        let Some(header) = header.filter(|h| h.client_id != 0) else {
+            return waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, "a write needs a client_id");
+        };
+        let command = make_command(header.client_id, header.seq, now_ms(), op);
+        let data = encode_command(&command);
+        self.submit(waiter, |token| ClientRequest::Propose { token, data });
+    }
+}
+
+/// The leader's wall clock, stamped into commands so that every replica
+/// expires idle sessions at the same log index.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl KvStoreService for KvService {
+    fn get(&self, request: GetRequest, responder: Responder<GetReply>) {
+        let waiter = Waiter::Get {
+            key: request.key,
+            responder,
+        };
+        let Waiter::Get { key, .. } = &waiter else {
+            unreachable!()
+        };
+        if let Err((error, hint, message)) = self.admit(request.header.as_ref(), key, &[]) {
+            return waiter.fail(error, hint, &message);
+        }
+        self.submit(waiter, |token| ClientRequest::Read { token });
+    }
+
+    fn put(&self, request: PutRequest, responder: Responder<PutReply>) {
+        let op = KvOp::Put {
+            key: request.key,
+            value: request.value,
+        };
+        self.write(request.header.as_ref(), op, Waiter::Put(responder));
+    }
+
+    fn append(&self, request: AppendRequest, responder: Responder<AppendReply>) {
+        let op = KvOp::Append {
+            key: request.key,
+            value: request.value,
+        };
+        self.write(request.header.as_ref(), op, Waiter::Append(responder));
+    }
+
+    fn delete(&self, request: DeleteRequest, responder: Responder<DeleteReply>) {
+        let op = KvOp::Delete { key: request.key };
+        self.write(request.header.as_ref(), op, Waiter::Delete(responder));
+    }
+
+    fn cas(&self, request: CasRequest, responder: Responder<CasReply>) {
+        let op = KvOp::Cas {
+            key: request.key,
+            expected: request.expected,
+            value: request.value,
+        };
+        self.write(request.header.as_ref(), op, Waiter::Cas(responder));
+    }
+
+    fn status(&self, request: StatusRequest, responder: Responder<StatusReply>) {
+        let mut reply = StatusReply::default();
+        if let Some(expected) = &self.options.client_token {
+            if request.header.as_ref().map(|h| &h.token) != Some(expected) {
+                reply.header = protobuf::MessageField::some(ReplyHeader {
+                    error: ErrorCode::UNAUTHENTICATED.into(),
+                    message: "missing or wrong client token".into(),
+                    ..Default::default()
+                });
+                return responder.send(reply);
+            }
+        }
+        let status = self.node.status();
+        reply.id = status.id;
+        reply.role = status.role.as_str().to_string();
+        reply.term = status.term;
+        reply.leader = status.leader;
+        reply.commit = status.commit;
+        reply.applied = status.applied;
+        reply.last_index = status.last_index;
+        reply.snapshot_index = status.snapshot_index;
+        reply.log_bytes = status.log_bytes;
+        responder.send(reply);
+    }
+}

@@ -1,0 +1,1321 @@
+//! The replicated key-value state machine: an ordered map from key to value,
+//! plus one session per client that makes retried commands exactly-once.
+//! Every replica applies the same committed log entries in the same order to
+//! its own copy, and everything here is a pure function of those entries (no
+//! wall clock, no randomness, no hash-order iteration), so all replicas hold
+//! equal state at equal applied indexes — including which sessions exist.
+//!
+//! This module also owns the codec of the commands that log entries carry
+//! (`proto::kvstore::Command`), so the server and the tests share one, and the
+//! compact binary format of the state machine's snapshots.
+//!
+//! # Exactly-once sessions, and why expiring them is safe
+//!
+//! A clerk numbers its commands (`seq`) and retries a command with the same
+//! `(client_id, seq)` until it gets an answer. The session of a client holds
+//! its last applied `seq` and the reply to it: a command with that `seq` is
+//! answered from the session without being applied again, and an older `seq`
+//! is `Stale` (the clerk has moved on, so nobody waits for that reply).
+//!
+//! Sessions cannot live forever (a clerk never says goodbye), so they expire
+//! by *cluster time*: the state machine's clock is the largest `stamp_ms` any
+//! applied command carried. The leader stamps commands with its wall clock
+//! when it proposes them, so the clock is part of the log: every replica drops
+//! the same sessions at the same index (as in LogCabin). A backwards step of
+//! a leader's wall clock never moves the cluster clock back; a forward jump
+//! only expires sessions early. A session whose last activity is more than
+//! `session_ttl_ms` behind the clock is dropped, and beyond `max_sessions` the
+//! least recently active session is dropped (ties broken by the smaller
+//! client id), which is equally deterministic.
+//!
+//! What a clerk risks: once its session is gone, the state machine no longer
+//! knows what that clerk applied. A clerk that sent a command, lost the
+//! answer, stayed silent for longer than `session_ttl_ms` (or while more than
+//! `max_sessions` other clients were active) and *then* retried it, would have
+//! that command applied a second time. Clerks retry only within their
+//! request timeout, which the configuration keeps far below the session TTL,
+//! so this needs a clerk that stalls mid-request for longer than the TTL.
+//!
+//! # Saved replies stay small
+//!
+//! A session keeps one reply. Put, Append and Delete replies are a few bits.
+//! A Cas reply carries the value the key had before the operation, which can
+//! be as large as any value; keeping it would let `max_sessions` large values
+//! hide in every snapshot. So a saved Cas reply keeps `current` only when it
+//! is at most `max_saved_current_bytes` long; otherwise a retried Cas is
+//! answered with `swapped` and `found` (which are exact) and `current: None`,
+//! meaning "not retained". The first answer, straight from `apply`, always
+//! carries the full `current`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use protobuf::{Enum, EnumOrUnknown, Message};
+
+use crate::proto::kvstore::command::Op;
+use crate::proto::kvstore::Command;
+
+/// The client id that has no session: commands with it are applied every
+/// time they appear (meant for commands the servers issue themselves).
+pub const NO_CLIENT: u64 = 0;
+
+/// Tuning of the state machine. Every replica must use the same values (they
+/// come from the shared cluster file), or their sessions would diverge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvOptions {
+    /// A session idle for longer than this, in cluster time, is dropped.
+    pub session_ttl_ms: u64,
+    /// At most this many sessions are kept; the least recently active go first.
+    pub max_sessions: usize,
+    /// A saved Cas reply keeps `current` only up to this many bytes.
+    pub max_saved_current_bytes: usize,
+}
+
+impl Default for KvOptions {
+    fn default() -> KvOptions {
+        KvOptions {
+            session_ttl_ms: 3_600_000,
+            max_sessions: 10_000,
+            max_saved_current_bytes: 1024,
+        }
+    }
+}
+
+/// Something malformed: a command that does not decode or a snapshot that
+/// does not restore. The message is one line naming what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvError {
+    Command(String),
+    Snapshot(String),
+}
+
+impl fmt::Display for KvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvError::Command(why) => write!(f, "invalid command: {why}"),
+            KvError::Snapshot(why) => write!(f, "invalid snapshot: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for KvError {}
+
+// ------------------------------------------------------------------ codec
+
+/// What a command does, as a Rust value (the decoded `Command.op` and the
+/// fields that op uses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvOp {
+    Noop,
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Append {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    Cas {
+        key: Vec<u8>,
+        expected: Vec<u8>,
+        value: Vec<u8>,
+    },
+}
+
+impl KvOp {
+    /// The op a decoded command asks for; an op number this build does not
+    /// know is an error (a newer leader's command, or corruption).
+    pub fn from_command(command: &Command) -> Result<KvOp, KvError> {
+        let op = command.op.enum_value().map_err(|number| {
+            KvError::Command(format!(
+                "unknown op {number} (client {}, seq {})",
+                command.client_id, command.seq
+            ))
+        })?;
+        let key = || command.key.clone();
+        Ok(match op {
+            Op::NOOP => KvOp::Noop,
+            Op::PUT => KvOp::Put {
+                key: key(),
+                value: command.value.clone(),
+            },
+            Op::APPEND => KvOp::Append {
+                key: key(),
+                value: command.value.clone(),
+            },
+            Op::DELETE => KvOp::Delete { key: key() },
+            Op::CAS => KvOp::Cas {
+                key: key(),
+                expected: command.expected.clone(),
+                value: command.value.clone(),
+            },
+        })
+    }
+}
+
+/// Builds the command a leader proposes for `op`.
+pub fn make_command(client_id: u64, seq: u64, stamp_ms: u64, op: KvOp) -> Command {
+    let mut command = Command {
+        client_id,
+        seq,
+        stamp_ms,
+        ..Command::default()
+    };
+    let number = match op {
+        KvOp::Noop => Op::NOOP,
+        KvOp::Put { key, value } => {
+            (command.key, command.value) = (key, value);
+            Op::PUT
+        }
+        KvOp::Append { key, value } => {
+            (command.key, command.value) = (key, value);
+            Op::APPEND
+        }
+        KvOp::Delete { key } => {
+            command.key = key;
+            Op::DELETE
+        }
+        KvOp::Cas {
+            key,
+            expected,
+            value,
+        } => {
+            (command.key, command.expected, command.value) = (key, expected, value);
+            Op::CAS
+        }
+    };
+    command.op = EnumOrUnknown::new(number);
+    command
+}
+
+/// The bytes of a log entry that carries `command`. Never empty: an entry
+/// with empty data is Raft's own no-op, so even an all-default command is
+/// encoded with at least its op field.
+pub fn encode_command(command: &Command) -> Vec<u8> {
+    let mut bytes = command
+        .write_to_bytes()
+        .expect("a proto3 Command without required fields always encodes");
+    if bytes.is_empty() {
+        // Field 1 (op), varint 0: the explicit encoding of NOOP.
+        bytes = vec![0x08, Op::NOOP.value() as u8];
+    }
+    bytes
+}
+
+/// Decodes a log entry's data. Empty data is not a command (it is Raft's
+/// no-op); the caller handles it before decoding.
+pub fn decode_command(data: &[u8]) -> Result<Command, KvError> {
+    Command::parse_from_bytes(data)
+        .map_err(|e| KvError::Command(format!("{} bytes do not decode: {e}", data.len())))
+}
+
+// ----------------------------------------------------------- apply results
+
+/// The answer to one applied command, for the request waiting on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandReply {
+    Put,
+    Append,
+    Delete {
+        existed: bool,
+    },
+    /// `current` is the value before the operation ("" for a missing key).
+    /// It is `None` only in a replay of a saved reply whose `current` was too
+    /// large to retain (see the module documentation).
+    Cas {
+        swapped: bool,
+        found: bool,
+        current: Option<Vec<u8>>,
+    },
+}
+
+impl CommandReply {
+    /// The copy a session keeps: the same reply, without a large `current`.
+    fn to_saved(&self, max_saved_current_bytes: usize) -> CommandReply {
+        match self {
+            CommandReply::Cas {
+                swapped,
+                found,
+                current,
+            } => CommandReply::Cas {
+                swapped: *swapped,
+                found: *found,
+                current: current
+                    .clone()
+                    .filter(|c| c.len() <= max_saved_current_bytes),
+            },
+            other => other.clone(),
+        }
+    }
+
+    fn retained_bytes(&self) -> usize {
+        match self {
+            CommandReply::Cas {
+                current: Some(current),
+                ..
+            } => current.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// What applying one log entry did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Raft's no-op (empty data) or a NOOP command: only the applied index
+    /// (and the clock) moved.
+    Noop,
+    /// The command was applied now; `reply` answers `(client_id, seq)`.
+    Applied {
+        client_id: u64,
+        seq: u64,
+        reply: CommandReply,
+    },
+    /// A retry of the client's last command: not applied again; `reply` is
+    /// the one saved when it was applied.
+    Duplicate {
+        client_id: u64,
+        seq: u64,
+        reply: CommandReply,
+    },
+    /// Older than the client's last command; not applied, and its reply is
+    /// gone. Nobody should be waiting for it.
+    Stale {
+        client_id: u64,
+        seq: u64,
+        last_seq: u64,
+    },
+    /// The entry's data is not a valid command. It is skipped — the index
+    /// counts as applied and nothing else changes — on every replica alike,
+    /// since they all hold the same bytes. `request` is `(client_id, seq)`
+    /// when the bytes decoded far enough to tell.
+    Invalid {
+        request: Option<(u64, u64)>,
+        reason: String,
+    },
+    /// The index is at or below the applied index (a replay after restoring
+    /// a snapshot): it is already part of the state.
+    AlreadyApplied,
+}
+
+// ------------------------------------------------------------ the machine
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Session {
+    last_seq: u64,
+    /// The cluster clock when the client was last heard from.
+    last_active_ms: u64,
+    reply: CommandReply,
+}
+
+/// Bytes counted per map entry and per session on top of their contents: a
+/// rough cost of the tree nodes and headers, so that many tiny entries still
+/// weigh something in `approx_size_bytes`.
+const ENTRY_OVERHEAD_BYTES: usize = 48;
+const SESSION_OVERHEAD_BYTES: usize = 80;
+
+/// The key-value map and the client sessions. See the module documentation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvStateMachine {
+    options: KvOptions,
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    sessions: BTreeMap<u64, Session>,
+    /// Invariant: holds exactly `(s.last_active_ms, id)` for every session
+    /// `(id, s)`, so the first element is the next session to expire or evict.
+    activity: BTreeSet<(u64, u64)>,
+    /// The cluster clock: the largest `stamp_ms` applied so far.
+    clock_ms: u64,
+    applied_index: u64,
+    /// Invariant: equals `compute_size_bytes()`; kept up to date on every change.
+    size_bytes: usize,
+}
+
+impl KvStateMachine {
+    pub fn new(options: KvOptions) -> KvStateMachine {
+        KvStateMachine {
+            options,
+            map: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            activity: BTreeSet::new(),
+            clock_ms: 0,
+            applied_index: 0,
+            size_bytes: 0,
+        }
+    }
+
+    pub fn options(&self) -> &KvOptions {
+        &self.options
+    }
+
+    /// The value of `key`, or `None` when the key does not exist.
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.map.get(key).map(Vec::as_slice)
+    }
+
+    /// The index of the last log entry applied (or restored from a snapshot).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// The number of keys.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The number of client sessions held.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The cluster clock: the largest command stamp applied so far.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    /// A rough size of the state in memory: keys, values, saved replies and
+    /// a fixed overhead per entry and per session.
+    pub fn approx_size_bytes(&self) -> usize {
+        self.size_bytes
+    }
+
+    /// Applies the committed log entry at `index`, whose data is `data`.
+    ///
+    /// Entries must come in log order: `index` is at most one past the
+    /// applied index (lower indexes are ignored as `AlreadyApplied`). A gap
+    /// would mean the driver lost committed entries, which is a bug, so it
+    /// panics rather than let this replica diverge silently.
+    pub fn apply(&mut self, index: u64, data: &[u8]) -> ApplyOutcome {
+        if index <= self.applied_index {
+            return ApplyOutcome::AlreadyApplied;
+        }
+        assert_eq!(
+            index,
+            self.applied_index + 1,
+            "committed entries must be applied in order without gaps"
+        );
+        self.applied_index = index;
+        if data.is_empty() {
+            return ApplyOutcome::Noop;
+        }
+        let command = match decode_command(data) {
+            Ok(command) => command,
+            Err(e) => return self.invalid(index, None, e),
+        };
+        let request = (command.client_id, command.seq);
+        let op = match KvOp::from_command(&command) {
+            Ok(op) => op,
+            Err(e) => return self.invalid(index, Some(request), e),
+        };
+        self.advance_clock(command.stamp_ms);
+        self.apply_op(command.client_id, command.seq, op)
+    }
+
+    fn invalid(&self, index: u64, request: Option<(u64, u64)>, error: KvError) -> ApplyOutcome {
+        log::error!("log entry {index} skipped: {error}");
+        ApplyOutcome::Invalid {
+            request,
+            reason: error.to_string(),
+        }
+    }
+
+    /// Moves the cluster clock forward to `stamp_ms` (never back) and drops
+    /// the sessions that have been idle for longer than the TTL.
+    fn advance_clock(&mut self, stamp_ms: u64) {
+        self.clock_ms = self.clock_ms.max(stamp_ms);
+        let oldest_alive_ms = self.clock_ms.saturating_sub(self.options.session_ttl_ms);
+        while let Some(&(last_active_ms, client_id)) = self.activity.first() {
+            if last_active_ms >= oldest_alive_ms {
+                break;
+            }
+            self.remove_session(client_id);
+        }
+    }
+
+    fn apply_op(&mut self, client_id: u64, seq: u64, op: KvOp) -> ApplyOutcome {
+        if op == KvOp::Noop {
+            return ApplyOutcome::Noop;
+        }
+        if client_id == NO_CLIENT {
+            let reply = self.execute(op);
+            return ApplyOutcome::Applied {
+                client_id,
+                seq,
+                reply,
+            };
+        }
+        if let Some(session) = self.sessions.get(&client_id) {
+            let (last_seq, saved) = (session.last_seq, session.reply.clone());
+            if seq <= last_seq {
+                // The client is alive: a retry counts as activity.
+                self.set_session(client_id, last_seq, saved.clone());
+                return if seq == last_seq {
+                    ApplyOutcome::Duplicate {
+                        client_id,
+                        seq,
+                        reply: saved,
+                    }
+                } else {
+                    ApplyOutcome::Stale {
+                        client_id,
+                        seq,
+                        last_seq,
+                    }
+                };
+            }
+        }
+        let reply = self.execute(op);
+        self.set_session(
+            client_id,
+            seq,
+            reply.to_saved(self.options.max_saved_current_bytes),
+        );
+        self.evict_beyond_max_sessions(client_id);
+        ApplyOutcome::Applied {
+            client_id,
+            seq,
+            reply,
+        }
+    }
+
+    /// Carries out a write on the map and returns its reply.
+    fn execute(&mut self, op: KvOp) -> CommandReply {
+        match op {
+            KvOp::Noop => unreachable!("no-ops are handled before execute"),
+            KvOp::Put { key, value } => {
+                self.set_value(key, value);
+                CommandReply::Put
+            }
+            KvOp::Append { key, value } => {
+                let mut combined = self.get(&key).unwrap_or_default().to_vec();
+                combined.extend_from_slice(&value);
+                self.set_value(key, combined);
+                CommandReply::Append
+            }
+            KvOp::Delete { key } => CommandReply::Delete {
+                existed: self.remove_value(&key),
+            },
+            KvOp::Cas {
+                key,
+                expected,
+                value,
+            } => {
+                let found = self.map.contains_key(&key);
+                let current = self.get(&key).unwrap_or_default().to_vec();
+                let swapped = current == expected;
+                if swapped {
+                    self.set_value(key, value);
+                }
+                CommandReply::Cas {
+                    swapped,
+                    found,
+                    current: Some(current),
+                }
+            }
+        }
+    }
+
+    fn set_value(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.remove_value(&key);
+        self.size_bytes += entry_size_bytes(&key, &value);
+        self.map.insert(key, value);
+    }
+
+    /// Removes `key`; true when it existed.
+    fn remove_value(&mut self, key: &[u8]) -> bool {
+        match self.map.remove(key) {
+            Some(old) => {
+                self.size_bytes -= entry_size_bytes(key, &old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Creates or replaces the session of `client_id`, active now.
+    fn set_session(&mut self, client_id: u64, last_seq: u64, reply: CommandReply) {
+        self.remove_session(client_id);
+        let session = Session {
+            last_seq,
+            last_active_ms: self.clock_ms,
+            reply,
+        };
+        self.size_bytes += session_size_bytes(&session);
+        self.activity.insert((session.last_active_ms, client_id));
+        self.sessions.insert(client_id, session);
+    }
+
+    fn remove_session(&mut self, client_id: u64) {
+        if let Some(old) = self.sessions.remove(&client_id) {
+            self.size_bytes -= session_size_bytes(&old);
+            let removed = self.activity.remove(&(old.last_active_ms, client_id));
+            assert!(removed, "every session has an activity entry");
+        }
+    }
+
+    /// Drops the least recently active sessions (ties: smaller client id
+    /// first) until at most `max_sessions` remain, never the session of
+    /// `keep`, which was just used.
+    fn evict_beyond_max_sessions(&mut self, keep: u64) {
+        while self.sessions.len() > self.options.max_sessions.max(1) {
+            let victim = self
+                .activity
+                .iter()
+                .map(|&(_, client_id)| client_id)
+                .find(|&client_id| client_id != keep)
+                .expect("more than one session exists, so one is not `keep`");
+            self.remove_session(victim);
+        }
+    }
+
+    // ------------------------------------------------------------ snapshots
+
+    /// The whole state as bytes: a deterministic encoding (equal machines
+    /// give equal bytes). Format, integers as LEB128 varints:
+    ///
+    /// ```text
+    /// "KVSM" version:u8 applied_index clock_ms
+    /// key_count { key_len key value_len value }*        keys strictly ascending
+    /// session_count { client_id last_seq last_active_ms reply }*   ids strictly ascending
+    /// crc32:u32le                                        of all the bytes before it
+    /// reply: 0 = Put | 1 = Append | 2 existed:u8 = Delete
+    ///      | 3 flags:u8 [current_len current] = Cas  (flags: 1 swapped, 2 found, 4 current kept)
+    /// ```
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.size_bytes / 2 + 64);
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.push(SNAPSHOT_VERSION);
+        put_varint(&mut out, self.applied_index);
+        put_varint(&mut out, self.clock_ms);
+        put_varint(&mut out, self.map.len() as u64);
+        for (key, value) in &self.map {
+            put_bytes(&mut out, key);
+            put_bytes(&mut out, value);
+        }
+        put_varint(&mut out, self.sessions.len() as u64);
+        for (client_id, session) in &self.sessions {
+            put_varint(&mut out, *client_id);
+            put_varint(&mut out, session.last_seq);
+            put_varint(&mut out, session.last_active_ms);
+            put_reply(&mut out, &session.reply);
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Rebuilds a state machine from `snapshot()` bytes. Every byte is
+    /// checked (checksum, lengths, ordering, trailing data); malformed input
+    /// gives an error naming what is wrong, never a panic or a huge allocation.
+    pub fn restore(bytes: &[u8], options: KvOptions) -> Result<KvStateMachine, KvError> {
+        let body_len = bytes
+            .len()
+            .checked_sub(4)
+            .filter(|&n| n > SNAPSHOT_MAGIC.len())
+            .ok_or_else(|| snapshot_error(format!("{} bytes is too short", bytes.len())))?;
+        let (body, trailer) = bytes.split_at(body_len);
+        if &body[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
+            return Err(snapshot_error(
+                "bad magic: not a key-value snapshot".to_string(),
+            ));
+        }
+        let version = body[SNAPSHOT_MAGIC.len()];
+        if version != SNAPSHOT_VERSION {
+            return Err(snapshot_error(format!(
+                "unsupported version {version} (this build reads {SNAPSHOT_VERSION})"
+            )));
+        }
+        let stored_crc = u32::from_le_bytes(trailer.try_into().expect("the trailer is 4 bytes"));
+        let actual_crc = crc32fast::hash(body);
+        if stored_crc != actual_crc {
+            return Err(snapshot_error(format!(
+                "checksum mismatch (stored {stored_crc:#010x}, computed {actual_crc:#010x})"
+            )));
+        }
+        let mut reader = Reader {
+            bytes: body,
+            pos: SNAPSHOT_MAGIC.len() + 1,
+        };
+        let mut machine = KvStateMachine::new(options);
+        machine.applied_index = reader.varint("applied index")?;
+        machine.clock_ms = reader.varint("clock")?;
+        machine.restore_map(&mut reader)?;
+        machine.restore_sessions(&mut reader)?;
+        if reader.remaining() != 0 {
+            return Err(snapshot_error(format!(
+                "{} unexpected bytes after the sessions",
+                reader.remaining()
+            )));
+        }
+        Ok(machine)
+    }
+
+    fn restore_map(&mut self, reader: &mut Reader<'_>) -> Result<(), KvError> {
+        // Each entry takes at least two bytes (two empty lengths).
+        let count = reader.count("key count", 2)?;
+        for i in 0..count {
+            let key = reader.bytes(|| format!("key {i}"))?.to_vec();
+            let value = reader.bytes(|| format!("value of key {i}"))?.to_vec();
+            if self
+                .map
+                .last_key_value()
+                .is_some_and(|(last, _)| *last >= key)
+            {
+                return Err(snapshot_error(format!("key {i} is out of order")));
+            }
+            self.set_value(key, value);
+        }
+        Ok(())
+    }
+
+    fn restore_sessions(&mut self, reader: &mut Reader<'_>) -> Result<(), KvError> {
+        // Each session takes at least four bytes (three varints and a tag).
+        let count = reader.count("session count", 4)?;
+        for i in 0..count {
+            let client_id = reader.varint("session client id")?;
+            let last_seq = reader.varint("session seq")?;
+            let last_active_ms = reader.varint("session activity time")?;
+            let reply = read_reply(reader, i)?;
+            if self
+                .sessions
+                .last_key_value()
+                .is_some_and(|(&last, _)| last >= client_id)
+            {
+                return Err(snapshot_error(format!(
+                    "session {i} (client {client_id}) is out of order"
+                )));
+            }
+            if client_id == NO_CLIENT || last_active_ms > self.clock_ms {
+                return Err(snapshot_error(format!(
+                    "session {i}: client {client_id} active at {last_active_ms} ms, clock {} ms",
+                    self.clock_ms
+                )));
+            }
+            let session = Session {
+                last_seq,
+                last_active_ms,
+                reply,
+            };
+            self.size_bytes += session_size_bytes(&session);
+            self.activity.insert((last_active_ms, client_id));
+            self.sessions.insert(client_id, session);
+        }
+        Ok(())
+    }
+}
+
+fn entry_size_bytes(key: &[u8], value: &[u8]) -> usize {
+    key.len() + value.len() + ENTRY_OVERHEAD_BYTES
+}
+
+fn session_size_bytes(session: &Session) -> usize {
+    SESSION_OVERHEAD_BYTES + session.reply.retained_bytes()
+}
+
+// ------------------------------------------------------- snapshot encoding
+
+const SNAPSHOT_MAGIC: &[u8; 4] = b"KVSM";
+const SNAPSHOT_VERSION: u8 = 1;
+
+const REPLY_PUT: u8 = 0;
+const REPLY_APPEND: u8 = 1;
+const REPLY_DELETE: u8 = 2;
+const REPLY_CAS: u8 = 3;
+const CAS_SWAPPED: u8 = 1;
+const CAS_FOUND: u8 = 2;
+const CAS_CURRENT_KEPT: u8 = 4;
+
+fn snapshot_error(why: String) -> KvError {
+    KvError::Snapshot(why)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn put_reply(out: &mut Vec<u8>, reply: &CommandReply) {
+    match reply {
+        CommandReply::Put => out.push(REPLY_PUT),
+        CommandReply::Append => out.push(REPLY_APPEND),
+        CommandReply::Delete { existed } => {
+            out.extend_from_slice(&[REPLY_DELETE, u8::from(*existed)])
+        }
+        CommandReply::Cas {
+            swapped,
+            found,
+            current,
+        } => {
+            let mut flags = 0;
+            flags |= if *swapped { CAS_SWAPPED } else { 0 };
+            flags |= if *found { CAS_FOUND } else { 0 };
+            flags |= if current.is_some() {
+                CAS_CURRENT_KEPT
+            } else {
+                0
+            };
+            out.extend_from_slice(&[REPLY_CAS, flags]);
+            if let Some(current) = current {
+                put_bytes(out, current);
+            }
+        }
+    }
+}
+
+fn read_reply(reader: &mut Reader<'_>, session: u64) -> Result<CommandReply, KvError> {
+    let what = || format!("reply of session {session}");
+    Ok(match reader.byte(&what())? {
+        REPLY_PUT => CommandReply::Put,
+        REPLY_APPEND => CommandReply::Append,
+        REPLY_DELETE => match reader.byte(&what())? {
+            flag @ (0 | 1) => CommandReply::Delete { existed: flag == 1 },
+            other => return Err(snapshot_error(format!("{}: bad flag {other}", what()))),
+        },
+        REPLY_CAS => {
+            let flags = reader.byte(&what())?;
+            if flags & !(CAS_SWAPPED | CAS_FOUND | CAS_CURRENT_KEPT) != 0 {
+                return Err(snapshot_error(format!("{}: bad flags {flags:#x}", what())));
+            }
+            let current = if flags & CAS_CURRENT_KEPT != 0 {
+                Some(reader.bytes(what)?.to_vec())
+            } else {
+                None
+            };
+            CommandReply::Cas {
+                swapped: flags & CAS_SWAPPED != 0,
+                found: flags & CAS_FOUND != 0,
+                current,
+            }
+        }
+        tag => return Err(snapshot_error(format!("{}: unknown tag {tag}", what()))),
+    })
+}
+
+/// A cursor over snapshot bytes whose every read is bounds-checked.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn truncated(&self, what: &str) -> KvError {
+        snapshot_error(format!(
+            "truncated while reading the {what} at byte {}",
+            self.pos
+        ))
+    }
+
+    fn byte(&mut self, what: &str) -> Result<u8, KvError> {
+        let byte = *self
+            .bytes
+            .get(self.pos)
+            .ok_or_else(|| self.truncated(what))?;
+        self.pos += 1;
+        Ok(byte)
+    }
+
+    fn varint(&mut self, what: &str) -> Result<u64, KvError> {
+        let mut value = 0u64;
+        // A u64 takes at most ten 7-bit groups, the last holding one bit.
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte(what)?;
+            let group = u64::from(byte & 0x7f);
+            if shift == 63 && group > 1 {
+                break;
+            }
+            value |= group << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(snapshot_error(format!(
+            "the {what} at byte {} overflows 64 bits",
+            self.pos
+        )))
+    }
+
+    /// A count of items that each take at least `min_item_bytes`: bounded
+    /// by what remains, so garbage cannot make the caller loop for long.
+    fn count(&mut self, what: &str, min_item_bytes: usize) -> Result<u64, KvError> {
+        let count = self.varint(what)?;
+        let most = (self.remaining() / min_item_bytes) as u64;
+        if count > most {
+            return Err(snapshot_error(format!(
+                "{what} {count} does not fit in the {} bytes left",
+                self.remaining()
+            )));
+        }
+        Ok(count)
+    }
+
+    fn bytes(&mut self, what: impl Fn() -> String) -> Result<&[u8], KvError> {
+        let len = self.varint(&what())?;
+        if len > self.remaining() as u64 {
+            return Err(self.truncated(&what()));
+        }
+        let start = self.pos;
+        self.pos += len as usize;
+        Ok(&self.bytes[start..self.pos])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> KvOptions {
+        KvOptions {
+            session_ttl_ms: 1_000,
+            max_sessions: 3,
+            max_saved_current_bytes: 8,
+        }
+    }
+
+    fn put(key: &str, value: &str) -> KvOp {
+        KvOp::Put {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+    fn append(key: &str, value: &str) -> KvOp {
+        KvOp::Append {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+    fn delete(key: &str) -> KvOp {
+        KvOp::Delete { key: key.into() }
+    }
+    fn cas(key: &str, expected: &str, value: &str) -> KvOp {
+        KvOp::Cas {
+            key: key.into(),
+            expected: expected.into(),
+            value: value.into(),
+        }
+    }
+
+    /// A test driver: applies commands at consecutive indexes.
+    struct Driver {
+        machine: KvStateMachine,
+    }
+
+    impl Driver {
+        fn new() -> Driver {
+            Driver {
+                machine: KvStateMachine::new(options()),
+            }
+        }
+        fn run(&mut self, client_id: u64, seq: u64, stamp_ms: u64, op: KvOp) -> ApplyOutcome {
+            let data = encode_command(&make_command(client_id, seq, stamp_ms, op));
+            self.raw(&data)
+        }
+        fn raw(&mut self, data: &[u8]) -> ApplyOutcome {
+            let index = self.machine.applied_index() + 1;
+            self.machine.apply(index, data)
+        }
+        fn reply(&mut self, client_id: u64, seq: u64, op: KvOp) -> CommandReply {
+            match self.run(client_id, seq, 0, op) {
+                ApplyOutcome::Applied { reply, .. } => reply,
+                other => panic!("expected Applied, got {other:?}"),
+            }
+        }
+        fn get(&self, key: &str) -> Option<&str> {
+            self.machine
+                .get(key.as_bytes())
+                .map(|v| std::str::from_utf8(v).unwrap())
+        }
+    }
+
+    fn cas_reply(swapped: bool, found: bool, current: &str) -> CommandReply {
+        CommandReply::Cas {
+            swapped,
+            found,
+            current: Some(current.into()),
+        }
+    }
+
+    #[test]
+    fn every_op() {
+        let mut d = Driver::new();
+        assert_eq!(d.reply(1, 1, put("a", "1")), CommandReply::Put);
+        assert_eq!(d.get("a"), Some("1"));
+        assert_eq!(d.reply(1, 2, append("a", "2")), CommandReply::Append);
+        assert_eq!(d.get("a"), Some("12"));
+        assert_eq!(
+            d.reply(1, 3, cas("a", "x", "3")),
+            cas_reply(false, true, "12")
+        );
+        assert_eq!(d.get("a"), Some("12"));
+        assert_eq!(
+            d.reply(1, 4, cas("a", "12", "3")),
+            cas_reply(true, true, "12")
+        );
+        assert_eq!(d.get("a"), Some("3"));
+        assert_eq!(
+            d.reply(1, 5, delete("a")),
+            CommandReply::Delete { existed: true }
+        );
+        assert_eq!(d.get("a"), None);
+        assert_eq!(
+            d.reply(1, 6, delete("a")),
+            CommandReply::Delete { existed: false }
+        );
+        assert!(d.machine.is_empty());
+        assert_eq!(d.machine.applied_index(), 6);
+    }
+
+    #[test]
+    fn missing_key_counts_as_empty_for_append_and_cas() {
+        let mut d = Driver::new();
+        d.reply(1, 1, append("a", "x"));
+        assert_eq!(d.get("a"), Some("x"));
+        assert_eq!(
+            d.reply(1, 2, cas("b", "y", "1")),
+            cas_reply(false, false, "")
+        );
+        assert_eq!(d.get("b"), None);
+        assert_eq!(d.reply(1, 3, cas("b", "", "1")), cas_reply(true, false, ""));
+        assert_eq!(d.get("b"), Some("1"));
+        assert_eq!(d.machine.len(), 2);
+    }
+
+    #[test]
+    fn raft_noop_and_noop_command_change_nothing_but_the_index() {
+        let mut d = Driver::new();
+        assert_eq!(d.raw(&[]), ApplyOutcome::Noop);
+        assert_eq!(d.run(5, 1, 0, KvOp::Noop), ApplyOutcome::Noop);
+        assert_eq!(d.machine.applied_index(), 2);
+        assert_eq!(d.machine.session_count(), 0);
+        // An all-default command still encodes to non-empty bytes.
+        assert!(!encode_command(&Command::default()).is_empty());
+    }
+
+    #[test]
+    fn retried_seq_returns_the_saved_reply_without_reapplying() {
+        let mut d = Driver::new();
+        d.reply(7, 1, append("k", "a"));
+        assert_eq!(
+            d.run(7, 1, 0, append("k", "a")),
+            ApplyOutcome::Duplicate {
+                client_id: 7,
+                seq: 1,
+                reply: CommandReply::Append
+            }
+        );
+        assert_eq!(d.get("k"), Some("a"));
+        let first = d.reply(7, 2, cas("k", "a", "b"));
+        assert_eq!(
+            d.run(7, 2, 0, cas("k", "a", "b")),
+            ApplyOutcome::Duplicate {
+                client_id: 7,
+                seq: 2,
+                reply: first
+            }
+        );
+        assert_eq!(d.get("k"), Some("b"));
+        // Another client's seq 1 is its own.
+        d.reply(8, 1, append("k", "c"));
+        assert_eq!(d.get("k"), Some("bc"));
+    }
+
+    #[test]
+    fn older_seq_is_stale() {
+        let mut d = Driver::new();
+        d.reply(7, 5, put("k", "a"));
+        assert_eq!(
+            d.run(7, 4, 0, put("k", "old")),
+            ApplyOutcome::Stale {
+                client_id: 7,
+                seq: 4,
+                last_seq: 5
+            }
+        );
+        assert_eq!(d.get("k"), Some("a"));
+    }
+
+    #[test]
+    fn large_cas_current_is_not_kept_in_the_session() {
+        let mut d = Driver::new();
+        d.reply(1, 1, put("k", "0123456789"));
+        let reply = d.reply(1, 2, cas("k", "x", "y"));
+        assert_eq!(reply, cas_reply(false, true, "0123456789"));
+        let replay = d.run(1, 2, 0, cas("k", "x", "y"));
+        let saved = CommandReply::Cas {
+            swapped: false,
+            found: true,
+            current: None,
+        };
+        assert_eq!(
+            replay,
+            ApplyOutcome::Duplicate {
+                client_id: 1,
+                seq: 2,
+                reply: saved
+            }
+        );
+    }
+
+    #[test]
+    fn client_zero_has_no_session() {
+        let mut d = Driver::new();
+        d.reply(NO_CLIENT, 1, append("k", "a"));
+        d.reply(NO_CLIENT, 1, append("k", "a"));
+        assert_eq!(d.get("k"), Some("aa"));
+        assert_eq!(d.machine.session_count(), 0);
+    }
+
+    #[test]
+    fn undecodable_entry_is_skipped() {
+        let mut d = Driver::new();
+        let outcome = d.raw(&[0xff, 0xff, 0xff]);
+        assert!(
+            matches!(outcome, ApplyOutcome::Invalid { request: None, .. }),
+            "{outcome:?}"
+        );
+        // Op 9 is unknown, but client and seq decode.
+        let mut command = make_command(3, 4, 0, put("k", "v"));
+        command.op = EnumOrUnknown::from_i32(9);
+        let outcome = d.raw(&encode_command(&command));
+        assert!(
+            matches!(
+                outcome,
+                ApplyOutcome::Invalid {
+                    request: Some((3, 4)),
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(d.machine.applied_index(), 2);
+        assert!(d.machine.is_empty());
+        assert_eq!(d.machine.session_count(), 0);
+    }
+
+    #[test]
+    fn replayed_index_is_already_applied() {
+        let mut d = Driver::new();
+        d.reply(1, 1, append("k", "a"));
+        let data = encode_command(&make_command(2, 1, 0, append("k", "b")));
+        assert_eq!(d.machine.apply(1, &data), ApplyOutcome::AlreadyApplied);
+        assert_eq!(d.get("k"), Some("a"));
+    }
+
+    #[test]
+    fn idle_sessions_expire_by_cluster_time() {
+        let mut d = Driver::new();
+        d.run(1, 1, 1_000, append("k", "a"));
+        d.run(2, 1, 1_500, append("k", "b"));
+        // 2_000 - 1_000 = TTL exactly: client 1 is still alive.
+        d.run(2, 2, 2_000, append("k", "c"));
+        assert!(matches!(
+            d.run(1, 1, 2_000, append("k", "a")),
+            ApplyOutcome::Duplicate { .. }
+        ));
+        // A stamp from a leader whose clock went back does not move time back.
+        d.run(2, 3, 10, append("k", "d"));
+        assert_eq!(d.machine.clock_ms(), 2_000);
+        // Client 1 was last active at 2_000; at 3_001 it is gone, and its
+        // retry is applied again: the documented risk of an idle clerk.
+        d.run(2, 4, 3_001, append("k", "e"));
+        assert_eq!(d.machine.session_count(), 1);
+        assert!(matches!(
+            d.run(1, 1, 3_001, append("k", "a")),
+            ApplyOutcome::Applied { .. }
+        ));
+        assert_eq!(d.get("k"), Some("abcdea"));
+    }
+
+    #[test]
+    fn max_sessions_evicts_least_recently_active_then_smaller_id() {
+        let mut d = Driver::new();
+        d.run(10, 1, 100, put("k", "v"));
+        d.run(30, 1, 200, put("k", "v"));
+        d.run(20, 1, 200, put("k", "v"));
+        d.run(40, 1, 300, put("k", "v")); // evicts 10 (least recent)
+        assert!(matches!(
+            d.run(10, 1, 300, put("k", "v")),
+            ApplyOutcome::Applied { .. }
+        )); // evicts 20 (tie with 30, smaller id)
+        assert!(matches!(
+            d.run(30, 1, 300, put("k", "v")),
+            ApplyOutcome::Duplicate { .. }
+        ));
+        assert!(matches!(
+            d.run(20, 1, 300, put("k", "v")),
+            ApplyOutcome::Applied { .. }
+        ));
+        assert_eq!(d.machine.session_count(), 3);
+        // A new session is never its own victim, even when all tie.
+        assert!(matches!(
+            d.run(1, 1, 300, put("k", "v")),
+            ApplyOutcome::Applied { .. }
+        ));
+        assert!(matches!(
+            d.run(1, 1, 300, put("k", "v")),
+            ApplyOutcome::Duplicate { .. }
+        ));
+    }
+
+    /// A deterministic stream of commands from a few clients, with retries,
+    /// stale seqs, clock jumps and a garbage entry.
+    fn scripted_entries(count: u64) -> Vec<Vec<u8>> {
+        let mut rng = crate::raft::SplitMix64::new(42);
+        let mut seqs = [0u64; 6];
+        let mut stamp_ms = 0;
+        (0..count)
+            .map(|i| {
+                if i % 97 == 13 {
+                    return vec![0x0a, 0xff];
+                }
+                if i % 50 == 0 {
+                    return Vec::new();
+                }
+                let client = (rng.next_u64() % 6) as usize;
+                let r = rng.next_u64() % 10;
+                if r != 0 || seqs[client] == 0 {
+                    seqs[client] += 1;
+                }
+                stamp_ms += rng.next_u64() % 400;
+                let key = format!("k{}", rng.next_u64() % 4);
+                let op = match rng.next_u64() % 4 {
+                    0 => put(&key, &format!("p{i}")),
+                    1 => append(&key, &format!("a{i}")),
+                    2 => delete(&key),
+                    _ => cas(&key, "", &format!("c{i}")),
+                };
+                encode_command(&make_command(client as u64 + 1, seqs[client], stamp_ms, op))
+            })
+            .collect()
+    }
+
+    fn apply_all(entries: &[Vec<u8>]) -> KvStateMachine {
+        let mut machine = KvStateMachine::new(options());
+        for (i, data) in entries.iter().enumerate() {
+            machine.apply(i as u64 + 1, data);
+        }
+        machine
+    }
+
+    #[test]
+    fn replicas_fed_the_same_entries_end_equal() {
+        let entries = scripted_entries(2_000);
+        let (a, b) = (apply_all(&entries), apply_all(&entries));
+        assert_eq!(a, b);
+        assert_eq!(a.snapshot(), b.snapshot());
+        assert!(a.session_count() <= 3);
+    }
+
+    #[test]
+    fn snapshot_round_trip_equals_the_original() {
+        let entries = scripted_entries(500);
+        let original = apply_all(&entries);
+        let restored = KvStateMachine::restore(&original.snapshot(), options()).unwrap();
+        assert_eq!(restored, original);
+        // Continuing from the snapshot gives the same state as never stopping.
+        let more = scripted_entries(800);
+        let (mut a, mut b) = (original, restored);
+        for (i, data) in more.iter().enumerate().skip(500) {
+            assert_eq!(a.apply(i as u64 + 1, data), b.apply(i as u64 + 1, data));
+        }
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn size_accounting_matches_a_fresh_count() {
+        let machine = apply_all(&scripted_entries(1_000));
+        let restored = KvStateMachine::restore(&machine.snapshot(), options()).unwrap();
+        assert_eq!(machine.approx_size_bytes(), restored.approx_size_bytes());
+        let empty = KvStateMachine::new(options());
+        assert_eq!(empty.approx_size_bytes(), 0);
+    }
+
+    #[test]
+    fn snapshot_of_many_appends_on_one_key_is_small() {
+        let mut d = Driver::new();
+        let stamp_ms = 1_700_000_000_000;
+        for i in 0..800u64 {
+            let client = 0x9e37_79b9_7f4a_7c15 + i % 2;
+            let op = if i % 2 == 0 {
+                put("x", "0")
+            } else {
+                append("x", "1")
+            };
+            d.run(client, i / 2 + 1, stamp_ms + i, op);
+        }
+        let bytes = d.machine.snapshot();
+        assert!(bytes.len() < 100, "snapshot is {} bytes", bytes.len());
+    }
+
+    #[test]
+    fn restore_rejects_garbage_and_truncation() {
+        let machine = apply_all(&scripted_entries(300));
+        let bytes = machine.snapshot();
+        for len in 0..bytes.len() {
+            assert!(
+                KvStateMachine::restore(&bytes[..len], options()).is_err(),
+                "prefix of {len} bytes"
+            );
+        }
+        let mut flipped = bytes.clone();
+        flipped[10] ^= 0x40;
+        let error = KvStateMachine::restore(&flipped, options()).unwrap_err();
+        assert!(error.to_string().contains("checksum"), "{error}");
+        let mut rng = crate::raft::SplitMix64::new(7);
+        for len in [0, 3, 9, 64, 1_000] {
+            let garbage: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            assert!(KvStateMachine::restore(&garbage, options()).is_err());
+        }
+    }
+
+    /// Re-seals `body` with a valid checksum, so the structural checks run.
+    fn sealed(body: &[u8]) -> Vec<u8> {
+        let mut out = body.to_vec();
+        out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn restore_checks_structure_behind_a_valid_checksum() {
+        let cases: [(&[u8], &str); 5] = [
+            (b"KVSM\x02\x00\x00\x00\x00", "unsupported version 2"),
+            (b"KVSM\x01\x00\x00\x05\x00", "key count 5 does not fit"),
+            (
+                b"KVSM\x01\x00\x00\x02\x01b\x00\x01a\x00\x00",
+                "key 1 is out of order",
+            ),
+            (
+                b"KVSM\x01\x00\x00\x00\x01\x01\x01\x05\x00",
+                "active at 5 ms, clock 0 ms",
+            ),
+            (b"KVSM\x01\x00\x00\x00\x00\x07", "1 unexpected bytes"),
+        ];
+        for (body, expected) in cases {
+            let error = KvStateMachine::restore(&sealed(body), options()).unwrap_err();
+            assert!(
+                error.to_string().contains(expected),
+                "{error} should contain {expected:?}"
+            );
+        }
+        let overflow = sealed(b"KVSM\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x00\x00\x00");
+        let error = KvStateMachine::restore(&overflow, options()).unwrap_err();
+        assert!(error.to_string().contains("overflows"), "{error}");
+    }
+}

@@ -1,0 +1,333 @@
+//! The event loop: the one thread that owns the consensus core and the
+//! storage. Each cycle it takes what is waiting (peer traffic first, so
+//! heartbeats are never stuck behind client load; then up to
+//! `max_batch_requests` client requests from the LockQueue), feeds the core,
+//! and carries out the Ready in the order the core's contract demands:
+//! leader appends out, then one fsync for the whole batch (group commit),
+//! then the messages that depend on it, then the committed entries to the
+//! application.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{select, Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::peer::PeerSenders;
+use super::{ApplyTask, ClientRequest, Event, FatalError, RaftReply};
+use crate::raft::{Message, MessageBody, NodeId, RaftCore, Role, Snapshot, SnapshotMeta, Status};
+use crate::storage::DiskStorage;
+
+/// How long the loop sleeps when idle before re-checking for shutdown.
+const IDLE_WAIT_MS: u64 = 50;
+/// The most peer events taken in one cycle, so client requests still get
+/// their turn under heavy peer traffic.
+const MAX_EVENTS_PER_CYCLE: usize = 1024;
+
+pub(crate) struct EventLoop {
+    pub core: RaftCore,
+    pub storage: DiskStorage,
+    pub peers: PeerSenders,
+    pub events: Receiver<Event>,
+    pub requests: Receiver<ClientRequest>,
+    pub apply: Sender<ApplyTask>,
+    pub status: Arc<Mutex<Status>>,
+    pub fatal: Arc<Mutex<Option<FatalError>>>,
+    pub stopping: Arc<AtomicBool>,
+    pub max_batch_requests: usize,
+}
+
+/// The four Raft RPCs; each incoming one waits in its own FIFO for the
+/// core's response (the core answers every request exactly once, in order).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum RpcKind {
+    AppendEntries,
+    Heartbeat,
+    RequestVote,
+    InstallSnapshot,
+}
+
+fn request_kind(body: &MessageBody) -> Option<RpcKind> {
+    match body {
+        MessageBody::AppendEntries { .. } => Some(RpcKind::AppendEntries),
+        MessageBody::Heartbeat { .. } => Some(RpcKind::Heartbeat),
+        MessageBody::RequestVote { .. } => Some(RpcKind::RequestVote),
+        MessageBody::InstallSnapshot { .. } => Some(RpcKind::InstallSnapshot),
+        _ => None,
+    }
+}
+
+fn response_kind(body: &MessageBody) -> Option<RpcKind> {
+    match body {
+        MessageBody::AppendEntriesResponse { .. } => Some(RpcKind::AppendEntries),
+        MessageBody::HeartbeatResponse { .. } => Some(RpcKind::Heartbeat),
+        MessageBody::RequestVoteResponse { .. } => Some(RpcKind::RequestVote),
+        MessageBody::InstallSnapshotResponse { .. } => Some(RpcKind::InstallSnapshot),
+        _ => None,
+    }
+}
+
+/// Where the loop stands on leadership, to tell the application when it
+/// stops being leader.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Leadership {
+    leader: bool,
+    term: u64,
+}
+
+impl EventLoop {
+    pub fn run(mut self) {
+        let mut waiting_replies: HashMap<(NodeId, RpcKind), VecDeque<RaftReply>> = HashMap::new();
+        let mut leadership = self.leadership();
+        while !self.stopping.load(Ordering::SeqCst) {
+            let result = self.cycle(&mut waiting_replies);
+            if let Err(error) = result {
+                self.stop_fatally(error);
+                return;
+            }
+            let now = self.leadership();
+            if now != leadership {
+                self.log_role_change();
+            }
+            if leadership.leader && now != leadership {
+                let hint = self.core.leader();
+                if self
+                    .apply
+                    .send(ApplyTask::SteppedDown {
+                        term: leadership.term,
+                        hint,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            leadership = now;
+            *self.status.lock() = self.core.status();
+        }
+    }
+
+    fn log_role_change(&self) {
+        let status = self.core.status();
+        log::info!(
+            "node {}: {} in term {} (leader {}, commit {}, last index {})",
+            status.id,
+            status.role.as_str(),
+            status.term,
+            status.leader,
+            status.commit,
+            status.last_index
+        );
+    }
+
+    fn leadership(&self) -> Leadership {
+        Leadership {
+            leader: self.core.role() == Role::Leader,
+            term: self.core.term(),
+        }
+    }
+
+    /// A node whose storage failed can no longer keep its promises: it stops
+    /// taking part at once, and says why.
+    fn stop_fatally(&mut self, error: FatalError) {
+        log::error!("node {} stops: {error}", self.core.id());
+        *self.fatal.lock() = Some(error);
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn cycle(
+        &mut self,
+        waiting_replies: &mut HashMap<(NodeId, RpcKind), VecDeque<RaftReply>>,
+    ) -> Result<(), FatalError> {
+        // Block until something arrives, then take what else is waiting.
+        select! {
+            recv(self.events) -> event => match event {
+                Ok(event) => self.handle_event(event, waiting_replies)?,
+                Err(_) => return Ok(()),
+            },
+            recv(self.requests) -> request => {
+                if let Ok(request) = request {
+                    self.handle_requests(Some(request));
+                }
+            }
+            default(Duration::from_millis(IDLE_WAIT_MS)) => {}
+        }
+        for _ in 0..MAX_EVENTS_PER_CYCLE {
+            match self.events.try_recv() {
+                Ok(event) => self.handle_event(event, waiting_replies)?,
+                Err(_) => break,
+            }
+        }
+        self.handle_requests(None);
+        self.process_ready(waiting_replies)
+    }
+
+    fn handle_event(
+        &mut self,
+        event: Event,
+        waiting_replies: &mut HashMap<(NodeId, RpcKind), VecDeque<RaftReply>>,
+    ) -> Result<(), FatalError> {
+        match event {
+            Event::Tick => self.core.tick(),
+            Event::Step(message) => self.core.step(message),
+            Event::Request(message, reply) => {
+                // Only requests the core will answer may wait for an
+                // answer; anything else is dropped here, and its caller
+                // gets an error from the RPC layer.
+                let kind = match request_kind(&message.body) {
+                    Some(kind) if self.is_for_us(&message) => kind,
+                    _ => return Ok(()),
+                };
+                waiting_replies
+                    .entry((message.from, kind))
+                    .or_default()
+                    .push_back(reply);
+                self.core.step(message);
+            }
+            Event::Compact { index, data } => self.compact(index, data)?,
+        }
+        Ok(())
+    }
+
+    fn is_for_us(&self, message: &Message) -> bool {
+        message.to == self.core.id()
+            && message.from != self.core.id()
+            && self.peers.is_member(message.from)
+    }
+
+    /// Takes up to `max_batch_requests` client requests: proposals become one
+    /// `propose_batch` (one append, one fsync, one AppendEntries round);
+    /// reads join the next ReadIndex round.
+    fn handle_requests(&mut self, first: Option<ClientRequest>) {
+        let mut tokens = Vec::new();
+        let mut batch = Vec::new();
+        let mut next = first;
+        let mut taken = 0;
+        loop {
+            let request = match next.take() {
+                Some(request) => request,
+                None if taken < self.max_batch_requests => match self.requests.try_recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                },
+                None => break,
+            };
+            taken += 1;
+            match request {
+                ClientRequest::Propose { token, data } => {
+                    tokens.push(token);
+                    batch.push(data);
+                }
+                ClientRequest::Read { token } => {
+                    if let Err(error) = self.core.read_index(token) {
+                        self.send_apply(ApplyTask::Refused { token, error });
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let term = self.core.term();
+        match self.core.propose_batch(batch) {
+            Ok(first_index) => {
+                for (k, token) in tokens.into_iter().enumerate() {
+                    let index = first_index + k as u64;
+                    self.send_apply(ApplyTask::Proposed { token, index, term });
+                }
+            }
+            Err(error) => {
+                for token in tokens {
+                    self.send_apply(ApplyTask::Refused { token, error });
+                }
+            }
+        }
+    }
+
+    fn send_apply(&self, task: ApplyTask) {
+        // The application is gone only when the node is shutting down.
+        let _ = self.apply.send(task);
+    }
+
+    fn process_ready(
+        &mut self,
+        waiting_replies: &mut HashMap<(NodeId, RpcKind), VecDeque<RaftReply>>,
+    ) -> Result<(), FatalError> {
+        while self.core.has_ready() {
+            let ready = self.core.ready();
+            for message in ready.messages_unpersisted {
+                self.send_message(message, waiting_replies);
+            }
+            if let Some(snapshot) = &ready.snapshot {
+                self.storage
+                    .save_snapshot(snapshot)
+                    .map_err(|e| e.to_string())?;
+            }
+            if ready.hard_state.is_some() || !ready.entries.is_empty() {
+                self.storage
+                    .append(ready.hard_state, &ready.entries)
+                    .map_err(|e| e.to_string())?;
+                self.storage.sync().map_err(|e| e.to_string())?;
+            }
+            for message in ready.messages {
+                self.send_message(message, waiting_replies);
+            }
+            if let Some(snapshot) = ready.snapshot {
+                self.send_apply(ApplyTask::Restore(snapshot));
+            }
+            if !ready.committed.is_empty() {
+                self.send_apply(ApplyTask::Committed(ready.committed));
+            }
+            for read in ready.read_states {
+                self.send_apply(ApplyTask::ReadReady {
+                    token: read.context,
+                    index: read.index,
+                });
+            }
+            self.core.advance();
+        }
+        Ok(())
+    }
+
+    fn send_message(
+        &mut self,
+        message: Message,
+        waiting_replies: &mut HashMap<(NodeId, RpcKind), VecDeque<RaftReply>>,
+    ) {
+        let kind = match response_kind(&message.body) {
+            Some(kind) => kind,
+            None => return self.peers.send(message),
+        };
+        let reply = waiting_replies
+            .get_mut(&(message.to, kind))
+            .and_then(VecDeque::pop_front);
+        match reply {
+            Some(reply) => reply(message),
+            None => log::warn!("node {}: no caller waits for {:?}", self.core.id(), message),
+        }
+    }
+
+    /// Saves the application's snapshot at `index` durably, then lets the
+    /// core drop the log entries it covers.
+    fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), FatalError> {
+        let status = self.core.status();
+        if index <= status.snapshot_index || index > status.applied {
+            return Ok(());
+        }
+        let term = match self.core.term_at(index) {
+            Some(term) => term,
+            None => return Ok(()),
+        };
+        let snapshot = Snapshot {
+            meta: SnapshotMeta { index, term },
+            data: Arc::new(data),
+        };
+        self.storage
+            .save_snapshot(&snapshot)
+            .map_err(|e| e.to_string())?;
+        self.core.compact(index, snapshot.data);
+        Ok(())
+    }
+}

@@ -1,0 +1,238 @@
+//! Peer senders: one thread per peer streams the core's requests on one
+//! pipelined connection without waiting for replies (AppendEntries
+//! pipelining), and one thread per peer turns the replies into events. A
+//! broken connection loses what was in flight — Raft retries — and is
+//! re-established, at most once per `RECONNECT_BACKOFF_MS`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+
+use super::wire::{self, WireReply, WireRequest};
+use super::{Event, LinkFilter, NodeOptions};
+use crate::proto::kvstore as pb;
+use crate::raft::{Message, NodeId};
+use crate::rpc::services::raft as ids;
+use crate::rpc::{decode_message, PipelinedConfig, PipelinedConnection, PipelinedReply, RpcError};
+
+/// Messages waiting for one peer's sender; beyond this they are dropped
+/// (the peer is slow or down, and Raft will send again).
+const PEER_QUEUE_CAPACITY: usize = 4096;
+/// Replies waiting for the reply thread.
+const REPLY_QUEUE_CAPACITY: usize = 4096;
+/// After a failed connect, messages to that peer are dropped for this long.
+const RECONNECT_BACKOFF_MS: u64 = 100;
+/// How often blocked threads look at the stop flag.
+const STOP_POLL_MS: u64 = 100;
+/// The low bits of a call id name the method, so a reply decodes without a
+/// table of calls in flight.
+const METHOD_BITS: u32 = 3;
+
+/// The event loop's side: a queue per peer.
+pub(crate) struct PeerSenders {
+    queues: HashMap<NodeId, Sender<Message>>,
+}
+
+impl PeerSenders {
+    pub fn start(
+        options: &NodeOptions,
+        events: Sender<Event>,
+        stopping: &Arc<AtomicBool>,
+        threads: &mut Vec<JoinHandle<()>>,
+    ) -> std::io::Result<PeerSenders> {
+        let mut queues = HashMap::new();
+        for &(peer, addr) in options.peers.iter().filter(|(id, _)| *id != options.id) {
+            let (tx, rx) = bounded(PEER_QUEUE_CAPACITY);
+            let (reply_tx, reply_rx) = bounded(REPLY_QUEUE_CAPACITY);
+            let link = Link {
+                me: options.id,
+                peer,
+                addr,
+                config: PipelinedConfig {
+                    connect_timeout_ms: options.peer_connect_timeout_ms,
+                    max_frame_bytes: options.max_frame_bytes,
+                    max_outstanding: options.max_inflight_appends.max(16) * 4,
+                    ..PipelinedConfig::default()
+                },
+                filter: options.link_filter.clone(),
+                stopping: Arc::clone(stopping),
+            };
+            let replies = ReplyReader {
+                me: options.id,
+                peer,
+                events: events.clone(),
+                filter: options.link_filter.clone(),
+                stopping: Arc::clone(stopping),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("peer-{peer}"))
+                    .spawn(move || link.run(rx, reply_tx))?,
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("peer-{peer}-replies"))
+                    .spawn(move || replies.run(reply_rx))?,
+            );
+            queues.insert(peer, tx);
+        }
+        Ok(PeerSenders { queues })
+    }
+
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.queues.contains_key(&id)
+    }
+
+    /// Queues a request for its peer; drops it when the queue is full.
+    pub fn send(&self, message: Message) {
+        if let Some(queue) = self.queues.get(&message.to) {
+            if queue.try_send(message).is_err() {
+                log::debug!("peer queue full; dropping a message");
+            }
+        }
+    }
+}
+
+struct Link {
+    me: NodeId,
+    peer: NodeId,
+    addr: SocketAddr,
+    config: PipelinedConfig,
+    filter: Option<LinkFilter>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn run(self, messages: Receiver<Message>, replies: Sender<PipelinedReply>) {
+        let mut connection: Option<PipelinedConnection> = None;
+        let mut retry_at = Instant::now();
+        let mut next_call: u64 = 1;
+        let mut buffer = Vec::new();
+        while !self.stopping.load(Ordering::SeqCst) {
+            let message = match messages.recv_timeout(Duration::from_millis(STOP_POLL_MS)) {
+                Ok(message) => message,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if self
+                .filter
+                .as_ref()
+                .is_some_and(|allow| !allow(self.me, self.peer))
+            {
+                continue;
+            }
+            if connection.as_ref().is_some_and(|c| c.failure().is_some()) {
+                connection = None;
+            }
+            if connection.is_none() {
+                if Instant::now() < retry_at {
+                    continue;
+                }
+                match PipelinedConnection::connect(self.addr, self.config.clone(), replies.clone())
+                {
+                    Ok(c) => connection = Some(c),
+                    Err(e) => {
+                        log::debug!("node {}: cannot reach peer {}: {e}", self.me, self.peer);
+                        retry_at = Instant::now() + Duration::from_millis(RECONNECT_BACKOFF_MS);
+                        continue;
+                    }
+                }
+            }
+            let Some(request) = wire::request_to_wire(message) else {
+                continue;
+            };
+            let (method, result) = encode(&request, &mut buffer);
+            if let Err(e) = result {
+                log::error!("node {}: cannot encode a Raft request: {e}", self.me);
+                continue;
+            }
+            let call_id = (next_call << METHOD_BITS) | method as u64;
+            next_call += 1;
+            let conn = connection.as_ref().expect("connected");
+            match conn.send(ids::SERVICE_ID, method, call_id, &buffer) {
+                Ok(()) => {}
+                Err(RpcError::Overloaded { .. }) => {}
+                Err(e) => {
+                    log::debug!("node {}: link to peer {} broke: {e}", self.me, self.peer);
+                    connection = None;
+                }
+            }
+        }
+        if let Some(connection) = connection {
+            connection.close();
+        }
+    }
+}
+
+fn encode(request: &WireRequest, buffer: &mut Vec<u8>) -> (u32, protobuf::Result<()>) {
+    use protobuf::Message as _;
+    buffer.clear();
+    match request {
+        WireRequest::AppendEntries(r) => (ids::APPEND_ENTRIES, r.write_to_vec(buffer)),
+        WireRequest::Heartbeat(r) => (ids::HEARTBEAT, r.write_to_vec(buffer)),
+        WireRequest::RequestVote(r) => (ids::REQUEST_VOTE, r.write_to_vec(buffer)),
+        WireRequest::InstallSnapshot(r) => (ids::INSTALL_SNAPSHOT, r.write_to_vec(buffer)),
+    }
+}
+
+struct ReplyReader {
+    me: NodeId,
+    peer: NodeId,
+    events: Sender<Event>,
+    filter: Option<LinkFilter>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl ReplyReader {
+    fn run(self, replies: Receiver<PipelinedReply>) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            let (call_id, result) = match replies.recv_timeout(Duration::from_millis(STOP_POLL_MS))
+            {
+                Ok(reply) => reply,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if self
+                .filter
+                .as_ref()
+                .is_some_and(|allow| !allow(self.peer, self.me))
+            {
+                continue;
+            }
+            let bytes = match result {
+                Ok(bytes) => bytes,
+                // A lost call: Raft sends again when it matters.
+                Err(_) => continue,
+            };
+            let method = (call_id & ((1 << METHOD_BITS) - 1)) as u32;
+            match decode_reply(method, &bytes) {
+                Ok(reply) => {
+                    let message = wire::reply_from_wire(self.me, self.peer, reply);
+                    if self.events.try_send(Event::Step(message)).is_err() {
+                        log::debug!("node {}: event queue full, dropping a reply", self.me);
+                    }
+                }
+                Err(e) => log::warn!("node {}: bad reply from peer {}: {e}", self.me, self.peer),
+            }
+        }
+    }
+}
+
+fn decode_reply(method: u32, bytes: &[u8]) -> Result<WireReply, RpcError> {
+    Ok(match method {
+        ids::APPEND_ENTRIES => {
+            WireReply::AppendEntries(decode_message::<pb::AppendEntriesReply>(bytes)?)
+        }
+        ids::HEARTBEAT => WireReply::Heartbeat(decode_message::<pb::HeartbeatReply>(bytes)?),
+        ids::REQUEST_VOTE => WireReply::RequestVote(decode_message::<pb::RequestVoteReply>(bytes)?),
+        ids::INSTALL_SNAPSHOT => {
+            WireReply::InstallSnapshot(decode_message::<pb::InstallSnapshotReply>(bytes)?)
+        }
+        other => return Err(RpcError::Decode(format!("reply to unknown method {other}"))),
+    })
+}

@@ -1,0 +1,107 @@
+//! The Raft service's handlers: each incoming RPC becomes an event for the
+//! event loop, carrying a closure that answers the call with the core's
+//! response once it is durable. The handler itself never blocks, so one
+//! connection carries a whole pipeline of AppendEntries.
+
+use crossbeam_channel::Sender;
+
+use super::{wire, Event, LinkFilter};
+use crate::proto::kvstore as pb;
+use crate::raft::{Message, NodeId};
+use crate::rpc::services::RaftService;
+use crate::rpc::Responder;
+
+pub struct RaftServiceHandler {
+    id: NodeId,
+    events: Sender<Event>,
+    link_filter: Option<LinkFilter>,
+}
+
+impl RaftServiceHandler {
+    pub(crate) fn new(id: NodeId, events: Sender<Event>, link_filter: Option<LinkFilter>) -> Self {
+        RaftServiceHandler {
+            id,
+            events,
+            link_filter,
+        }
+    }
+
+    /// Queues `message` with its reply. A cut link or a full event queue
+    /// drops the request: the responder, dropped unanswered, fails the call,
+    /// and Raft treats it as a lost message.
+    fn deliver<R: protobuf::Message>(
+        &self,
+        message: Message,
+        responder: Responder<R>,
+        to_reply: fn(Message) -> Option<R>,
+    ) {
+        if let Some(filter) = &self.link_filter {
+            if !filter(message.from, self.id) {
+                return;
+            }
+        }
+        let id = self.id;
+        let reply = Box::new(move |response: Message| match to_reply(response) {
+            Some(reply) => responder.send(reply),
+            None => {
+                log::error!("node {id}: the core answered an RPC with the wrong kind of message")
+            }
+        });
+        if self
+            .events
+            .try_send(Event::Request(message, reply))
+            .is_err()
+        {
+            log::debug!(
+                "node {}: event queue full, dropping a Raft request",
+                self.id
+            );
+        }
+    }
+}
+
+impl RaftService for RaftServiceHandler {
+    fn append_entries(
+        &self,
+        request: pb::AppendEntriesRequest,
+        responder: Responder<pb::AppendEntriesReply>,
+    ) {
+        self.deliver(
+            wire::append_entries_from_wire(request),
+            responder,
+            wire::append_entries_reply,
+        );
+    }
+
+    fn heartbeat(&self, request: pb::HeartbeatRequest, responder: Responder<pb::HeartbeatReply>) {
+        self.deliver(
+            wire::heartbeat_from_wire(request),
+            responder,
+            wire::heartbeat_reply,
+        );
+    }
+
+    fn request_vote(
+        &self,
+        request: pb::RequestVoteRequest,
+        responder: Responder<pb::RequestVoteReply>,
+    ) {
+        self.deliver(
+            wire::request_vote_from_wire(request),
+            responder,
+            wire::request_vote_reply,
+        );
+    }
+
+    fn install_snapshot(
+        &self,
+        request: pb::InstallSnapshotRequest,
+        responder: Responder<pb::InstallSnapshotReply>,
+    ) {
+        self.deliver(
+            wire::install_snapshot_from_wire(request),
+            responder,
+            wire::install_snapshot_reply,
+        );
+    }
+}

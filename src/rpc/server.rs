@@ -1,0 +1,737 @@
+//! The blocking RPC server: one acceptor thread and a bounded pool of
+//! connection threads. A connection occupies one pool thread while it is
+//! open; when every thread is busy a new connection is closed at once, so the
+//! bound holds under any load. A connection thread reads request frames in a
+//! loop and dispatches each through the [`Router`]; replies go back through
+//! the connection's mutex-protected writer, in whatever order the
+//! [`Responder`]s complete, matched to their calls by call id. A malformed or
+//! oversized frame, or a connection idle past `idle_timeout_ms`, closes that
+//! connection only.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
+use parking_lot::{Condvar, Mutex};
+use protobuf::Message;
+
+use super::client::RpcError;
+use super::frame::{
+    self, encode_frame, finish_frame, read_frame, start_frame, FrameError, FrameHeader, FrameKind,
+    RpcCode, MIN_MAX_FRAME_BYTES,
+};
+use super::services::{describe_method, Router};
+
+/// Read buffer of a connection: large enough that small pipelined frames
+/// need one `read` call for many of them.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// A frame buffer that grew past this (a large snapshot chunk) is released
+/// after use, so idle connections hold little memory.
+pub(crate) const RETAINED_BUFFER_BYTES: usize = 1024 * 1024;
+/// How often a reader blocked on a full in-flight window re-checks for
+/// shutdown; a freed slot wakes it at once.
+const SLOT_WAIT_POLL_MS: u64 = 100;
+
+/// Limits of an [`RpcServer`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections served at once; each occupies one pool thread.
+    pub max_connections: usize,
+    /// Largest frame accepted or sent, header included (not the prefix).
+    pub max_frame_bytes: usize,
+    /// A connection with no call in flight that sends nothing for this long is
+    /// closed. Also bounds how long a half-received frame may stall.
+    pub idle_timeout_ms: u64,
+    /// A reply write blocked this long breaks the connection.
+    pub write_timeout_ms: u64,
+    /// Calls of one connection dispatched but not yet answered. At the bound
+    /// the connection stops reading, which pushes back on the client.
+    pub max_in_flight_per_connection: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 256,
+            max_frame_bytes: 16 * 1024 * 1024,
+            idle_timeout_ms: 60_000,
+            write_timeout_ms: 5_000,
+            max_in_flight_per_connection: 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> io::Result<()> {
+        let invalid = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
+        if self.max_connections == 0 {
+            return invalid("rpc server: max_connections must be at least 1".into());
+        }
+        if self.max_frame_bytes < MIN_MAX_FRAME_BYTES || self.max_frame_bytes > u32::MAX as usize {
+            return invalid(format!(
+                "rpc server: max_frame_bytes must be in [{MIN_MAX_FRAME_BYTES}, {}], got {}",
+                u32::MAX,
+                self.max_frame_bytes
+            ));
+        }
+        if self.idle_timeout_ms == 0 || self.write_timeout_ms == 0 {
+            return invalid("rpc server: idle_timeout_ms and write_timeout_ms must be > 0".into());
+        }
+        if self.max_in_flight_per_connection == 0 {
+            return invalid("rpc server: max_in_flight_per_connection must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A running server. Dropping it shuts it down.
+pub struct RpcServer {
+    local_addr: SocketAddr,
+    shared: Arc<ServerShared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+/// State shared by the acceptor, the pool threads and `shutdown`.
+struct ServerShared {
+    config: ServerConfig,
+    router: Router,
+    local_addr: SocketAddr,
+    stopping: AtomicBool,
+    /// Connections accepted and not yet finished (queued or being served).
+    /// Invariant: `active_connections <= config.max_connections`.
+    active_connections: AtomicUsize,
+    /// A clone of every open connection's socket, so that `shutdown` can
+    /// unblock their readers.
+    open: Mutex<HashMap<u64, TcpStream>>,
+    /// Pool threads spawned so far. Invariant: at least as many as
+    /// `active_connections`, so every accepted connection finds a thread.
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    next_connection_id: AtomicU64,
+}
+
+impl RpcServer {
+    /// Binds `addr` and starts serving `router`'s services. A bind failure
+    /// (e.g. the port is in use) names the address in its message.
+    pub fn bind<A: ToSocketAddrs + std::fmt::Display>(
+        addr: A,
+        config: ServerConfig,
+        router: Router,
+    ) -> io::Result<RpcServer> {
+        config.validate()?;
+        let listener = TcpListener::bind(&addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(ServerShared {
+            config,
+            router,
+            local_addr,
+            stopping: AtomicBool::new(false),
+            active_connections: AtomicUsize::new(0),
+            open: Mutex::new(HashMap::new()),
+            workers: Mutex::new(Vec::new()),
+            next_connection_id: AtomicU64::new(1),
+        });
+        let acceptor_shared = Arc::clone(&shared);
+        let acceptor = std::thread::Builder::new()
+            .name(format!("rpc-accept-{}", local_addr.port()))
+            .spawn(move || accept_loop(listener, acceptor_shared))?;
+        info!("rpc server listening on {local_addr}");
+        Ok(RpcServer {
+            local_addr,
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The address the server listens on (with the real port when bound to 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Connections currently accepted and not yet closed.
+    pub fn active_connections(&self) -> usize {
+        self.shared.active_connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, closes every connection and joins every thread. It
+    /// returns once running handler calls have returned: handlers must not
+    /// block without bound. Responders still held elsewhere fail quietly.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(acceptor) = self.acceptor.take() else {
+            return;
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for stream in self.shared.open.lock().values() {
+            // The peer may already be gone; there is nothing else to undo.
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        wake_acceptor(self.local_addr);
+        if acceptor.join().is_err() {
+            error!(
+                "rpc server {}: the acceptor thread panicked",
+                self.local_addr
+            );
+        }
+        // The acceptor has exited, so no worker is spawned any more.
+        let workers = std::mem::take(&mut *self.shared.workers.lock());
+        for worker in workers {
+            if worker.join().is_err() {
+                error!(
+                    "rpc server {}: a connection thread panicked",
+                    self.local_addr
+                );
+            }
+        }
+        info!("rpc server {} shut down", self.local_addr);
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Unblocks the acceptor's `accept` by connecting to it; the acceptor sees
+/// `stopping` and exits.
+fn wake_acceptor(local_addr: SocketAddr) {
+    let mut target = local_addr;
+    if target.ip().is_unspecified() {
+        let loopback: std::net::IpAddr = if target.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        target.set_ip(loopback);
+    }
+    if let Err(e) = TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+        warn!("rpc server {local_addr}: cannot wake the acceptor to shut down: {e}");
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
+    let max_connections = shared.config.max_connections;
+    // Capacity max_connections: at most that many connections are active, so
+    // `send` never blocks.
+    let (queue_tx, queue_rx) =
+        crossbeam_channel::bounded::<(TcpStream, SocketAddr)>(max_connections);
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                if shared.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                // Out of file descriptors and similar: back off briefly
+                // instead of spinning.
+                warn!("rpc server {}: accept failed: {e}", shared.local_addr);
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let active = shared.active_connections.load(Ordering::SeqCst);
+        if active >= max_connections {
+            warn!(
+                "rpc server {}: refusing connection from {peer}: all {max_connections} \
+                 connection threads are busy (max_connections)",
+                shared.local_addr
+            );
+            continue;
+        }
+        shared.active_connections.fetch_add(1, Ordering::SeqCst);
+        if !ensure_worker(&shared, active + 1, &queue_rx) {
+            shared.active_connections.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        if queue_tx.send((stream, peer)).is_err() {
+            // Workers hold receivers until the sender is dropped below.
+            unreachable!("rpc connection queue closed while the acceptor runs");
+        }
+    }
+    drop(queue_tx);
+    debug!("rpc server {}: acceptor stopped", shared.local_addr);
+}
+
+/// Spawns pool threads until there are at least `needed`. Returns false when
+/// a thread cannot be spawned (the connection is then refused).
+fn ensure_worker(
+    shared: &Arc<ServerShared>,
+    needed: usize,
+    queue_rx: &crossbeam_channel::Receiver<(TcpStream, SocketAddr)>,
+) -> bool {
+    let mut workers = shared.workers.lock();
+    while workers.len() < needed {
+        let worker_shared = Arc::clone(shared);
+        let worker_rx = queue_rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!(
+                "rpc-conn-{}-{}",
+                shared.local_addr.port(),
+                workers.len()
+            ))
+            .spawn(move || worker_loop(worker_shared, worker_rx));
+        match spawned {
+            Ok(handle) => workers.push(handle),
+            Err(e) => {
+                error!(
+                    "rpc server {}: cannot spawn a connection thread: {e}",
+                    shared.local_addr
+                );
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn worker_loop(
+    shared: Arc<ServerShared>,
+    queue_rx: crossbeam_channel::Receiver<(TcpStream, SocketAddr)>,
+) {
+    while let Ok((stream, peer)) = queue_rx.recv() {
+        if let Err(e) = serve_connection(&shared, stream, peer) {
+            warn!(
+                "rpc server {}: connection from {peer}: {e}",
+                shared.local_addr
+            );
+        }
+        shared.active_connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves one connection until it closes, fails or the server stops.
+fn serve_connection(
+    shared: &Arc<ServerShared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> io::Result<()> {
+    let config = &shared.config;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_millis(config.idle_timeout_ms)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(config.write_timeout_ms)))?;
+    let connection_id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    {
+        // Registering under the lock that `stop` holds while closing makes
+        // sure no connection escapes shutdown.
+        let mut open = shared.open.lock();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        open.insert(connection_id, stream.try_clone()?);
+    }
+    debug!("rpc server {}: connection from {peer}", shared.local_addr);
+    let connection = Arc::new(Connection {
+        peer,
+        max_frame_bytes: config.max_frame_bytes,
+        max_in_flight: config.max_in_flight_per_connection,
+        outbox: Mutex::new(Outbox {
+            stream: stream.try_clone()?,
+            buf: Vec::new(),
+            broken: false,
+        }),
+        in_flight: Mutex::new(0),
+        slot_freed: Condvar::new(),
+    });
+    let result = read_requests(shared, &connection, stream);
+    connection.close();
+    shared.open.lock().remove(&connection_id);
+    result
+}
+
+fn read_requests(
+    shared: &ServerShared,
+    connection: &Arc<Connection>,
+    stream: TcpStream,
+) -> io::Result<()> {
+    let peer = connection.peer;
+    let local = shared.local_addr;
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
+    let mut buf = Vec::new();
+    loop {
+        let frame = match read_frame(&mut reader, &mut buf, shared.config.max_frame_bytes) {
+            Ok(frame) => frame,
+            Err(FrameError::Closed) => {
+                debug!("rpc server {local}: {peer} closed the connection");
+                return Ok(());
+            }
+            Err(FrameError::Idle) if connection.in_flight() > 0 => continue,
+            Err(FrameError::Idle) => {
+                info!(
+                    "rpc server {local}: closing connection from {peer}: idle for {} ms \
+                     (idle_timeout_ms)",
+                    shared.config.idle_timeout_ms
+                );
+                return Ok(());
+            }
+            Err(_) if shared.stopping.load(Ordering::SeqCst) => return Ok(()),
+            Err(e) => {
+                warn!("rpc server {local}: closing connection from {peer}: {e}");
+                return Ok(());
+            }
+        };
+        if frame.header.kind != FrameKind::Request {
+            warn!(
+                "rpc server {local}: closing connection from {peer}: it sent a response frame \
+                 (call id {}) where a request was expected",
+                frame.header.call_id
+            );
+            return Ok(());
+        }
+        if !connection.acquire_slot(&shared.stopping) {
+            return Ok(());
+        }
+        let responder = RawResponder {
+            connection: Some(Arc::clone(connection)),
+            request: frame.header,
+        };
+        shared.router.dispatch(
+            frame.header.service_id,
+            frame.header.method_id,
+            frame.body,
+            responder,
+        );
+        if buf.capacity() > RETAINED_BUFFER_BYTES {
+            buf = Vec::new();
+        }
+    }
+}
+
+/// One open connection as seen by its responders.
+struct Connection {
+    peer: SocketAddr,
+    max_frame_bytes: usize,
+    max_in_flight: usize,
+    /// Replies are written whole under this lock, so frames never interleave.
+    outbox: Mutex<Outbox>,
+    /// Calls dispatched and not yet answered.
+    /// Invariant: `in_flight <= max_in_flight`.
+    in_flight: Mutex<usize>,
+    slot_freed: Condvar,
+}
+
+struct Outbox {
+    stream: TcpStream,
+    /// Reused for every reply: a frame is encoded here and written with one
+    /// `write_all`.
+    buf: Vec<u8>,
+    /// Set after a failed write; later replies are dropped.
+    broken: bool,
+}
+
+impl Connection {
+    fn in_flight(&self) -> usize {
+        *self.in_flight.lock()
+    }
+
+    /// Waits for a free in-flight slot and takes it. Returns false when the
+    /// server stops or the connection breaks first.
+    fn acquire_slot(&self, stopping: &AtomicBool) -> bool {
+        let mut in_flight = self.in_flight.lock();
+        while *in_flight >= self.max_in_flight {
+            if stopping.load(Ordering::SeqCst) || self.outbox.lock().broken {
+                return false;
+            }
+            self.slot_freed
+                .wait_for(&mut in_flight, Duration::from_millis(SLOT_WAIT_POLL_MS));
+        }
+        *in_flight += 1;
+        true
+    }
+
+    fn release_slot(&self) {
+        let mut in_flight = self.in_flight.lock();
+        assert!(*in_flight > 0, "released an in-flight slot never taken");
+        *in_flight -= 1;
+        self.slot_freed.notify_one();
+    }
+
+    /// Writes the response to `request`, its body encoded by `encode_body`
+    /// straight into the frame buffer. A body that cannot be encoded or is
+    /// too large becomes a `ReplyFailed` error frame, so the caller always
+    /// hears back while the connection lives.
+    fn reply(
+        &self,
+        request: &FrameHeader,
+        encode_body: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
+    ) {
+        let mut outbox = self.outbox.lock();
+        if outbox.broken {
+            return;
+        }
+        let header = FrameHeader::response_to(request, RpcCode::Ok);
+        start_frame(&mut outbox.buf);
+        let failure = match encode_body(&mut outbox.buf) {
+            Ok(()) => match finish_frame(&mut outbox.buf, &header, self.max_frame_bytes) {
+                Ok(()) => None,
+                Err(e) => Some(format!("reply not sent: {e} (max_frame_bytes)")),
+            },
+            Err(e) => Some(format!("cannot encode reply: {e}")),
+        };
+        if let Some(text) = failure {
+            warn!(
+                "rpc reply to {} for {}: {text}",
+                self.peer,
+                method_label(request)
+            );
+            let header = FrameHeader::response_to(request, RpcCode::ReplyFailed);
+            encode_error_frame(&mut outbox.buf, &header, &text, self.max_frame_bytes);
+        }
+        self.write_locked(&mut outbox, request);
+    }
+
+    fn reply_error(&self, request: &FrameHeader, code: RpcCode, text: &str) {
+        let mut outbox = self.outbox.lock();
+        if outbox.broken {
+            return;
+        }
+        let header = FrameHeader::response_to(request, code);
+        encode_error_frame(&mut outbox.buf, &header, text, self.max_frame_bytes);
+        self.write_locked(&mut outbox, request);
+    }
+
+    fn write_locked(&self, outbox: &mut Outbox, request: &FrameHeader) {
+        let Outbox {
+            stream,
+            buf,
+            broken,
+        } = outbox;
+        if let Err(e) = stream.write_all(buf) {
+            *broken = true;
+            // Unblocks the reader so the connection closes as a whole.
+            let _ = stream.shutdown(Shutdown::Both);
+            let what = if frame::is_timeout(&e) {
+                "write timed out (write_timeout_ms)".to_string()
+            } else {
+                e.to_string()
+            };
+            info!(
+                "rpc reply to {} for {} (call id {}) failed, closing the connection: {what}",
+                self.peer,
+                method_label(request),
+                request.call_id
+            );
+        }
+        if buf.capacity() > RETAINED_BUFFER_BYTES {
+            *buf = Vec::new();
+        }
+    }
+
+    /// Marks the connection closed so that late responders drop their
+    /// replies instead of writing to a closed socket.
+    fn close(&self) {
+        let mut outbox = self.outbox.lock();
+        outbox.broken = true;
+        let _ = outbox.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// An error frame always fits: `max_frame_bytes >= MIN_MAX_FRAME_BYTES`.
+fn encode_error_frame(buf: &mut Vec<u8>, header: &FrameHeader, text: &str, max_frame_bytes: usize) {
+    let encoded = encode_frame(buf, header, text, &[], max_frame_bytes);
+    assert!(encoded.is_ok(), "an error frame exceeds max_frame_bytes");
+}
+
+fn method_label(header: &FrameHeader) -> String {
+    match describe_method(header.service_id, header.method_id) {
+        Some((service, method)) => format!("{service}/{method}"),
+        None => format!("service {} method {}", header.service_id, header.method_id),
+    }
+}
+
+/// The untyped answer channel of one call. It answers exactly once: with a
+/// message, an error, or, when dropped unanswered, a `NoReply` error so the
+/// caller never hangs.
+pub struct RawResponder {
+    /// `None` once answered.
+    connection: Option<Arc<Connection>>,
+    request: FrameHeader,
+}
+
+impl RawResponder {
+    /// The caller's call id.
+    pub fn call_id(&self) -> u64 {
+        self.request.call_id
+    }
+
+    /// The peer that made the call.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.connection.as_ref().map(|c| c.peer)
+    }
+
+    /// Answers with `reply`, encoded straight into the connection's frame
+    /// buffer.
+    pub fn send_message<T: Message>(mut self, reply: &T) {
+        if let Some(connection) = self.connection.take() {
+            connection.reply(&self.request, |buf| {
+                reply.write_to_vec(buf).map_err(|e| e.to_string())
+            });
+            connection.release_slot();
+        }
+    }
+
+    /// Answers with an RPC-level error.
+    pub fn send_error(mut self, code: RpcCode, text: &str) {
+        if let Some(connection) = self.connection.take() {
+            connection.reply_error(&self.request, code, text);
+            connection.release_slot();
+        }
+    }
+}
+
+impl Drop for RawResponder {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            let text = format!(
+                "the handler of {} dropped its responder without replying",
+                method_label(&self.request)
+            );
+            debug!(
+                "rpc call {} from {}: {text}",
+                self.request.call_id, connection.peer
+            );
+            connection.reply_error(&self.request, RpcCode::NoReply, &text);
+            connection.release_slot();
+        }
+    }
+}
+
+/// The typed answer channel a handler receives. Call [`Responder::send`] once,
+/// from any thread; dropping it unanswered replies with a `NoReply` error.
+pub struct Responder<T> {
+    inner: ResponderInner<T>,
+}
+
+enum ResponderInner<T> {
+    Remote(RawResponder),
+    /// In-process delivery, for tests and local transports.
+    Local(crossbeam_channel::Sender<Result<T, RpcError>>),
+}
+
+impl<T: Message> Responder<T> {
+    /// A responder for a call that arrived on a connection.
+    pub fn new(raw: RawResponder) -> Responder<T> {
+        Responder {
+            inner: ResponderInner::Remote(raw),
+        }
+    }
+
+    /// A responder whose answer arrives on the returned receiver, without any
+    /// connection: lets tests and in-process transports call a handler
+    /// directly. A responder dropped unanswered disconnects the receiver.
+    pub fn local() -> (
+        Responder<T>,
+        crossbeam_channel::Receiver<Result<T, RpcError>>,
+    ) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (
+            Responder {
+                inner: ResponderInner::Local(tx),
+            },
+            rx,
+        )
+    }
+
+    /// The caller's call id (0 for a local responder).
+    pub fn call_id(&self) -> u64 {
+        match &self.inner {
+            ResponderInner::Remote(raw) => raw.call_id(),
+            ResponderInner::Local(_) => 0,
+        }
+    }
+
+    /// Answers the call. When the connection has closed meanwhile the reply
+    /// is dropped: nobody waits for it any more.
+    pub fn send(self, reply: T) {
+        match self.inner {
+            ResponderInner::Remote(raw) => raw.send_message(&reply),
+            ResponderInner::Local(tx) => {
+                // A dropped receiver means nobody waits for the answer.
+                let _ = tx.send(Ok(reply));
+            }
+        }
+    }
+
+    /// Fails the call at the RPC layer (e.g. `ShuttingDown`). Application
+    /// errors belong in the reply's own header instead.
+    pub fn send_error(self, code: RpcCode, text: &str) {
+        match self.inner {
+            ResponderInner::Remote(raw) => raw.send_error(code, text),
+            ResponderInner::Local(tx) => {
+                let _ = tx.send(Err(RpcError::Remote {
+                    code,
+                    message: text.to_string(),
+                }));
+            }
+        }
+    }
+}
+
+/// Decodes `request` as `Req` and calls `handler` with a typed responder; an
+/// undecodable request is answered with a `BadRequest` error. Used by the
+/// generated dispatchers.
+pub fn decode_and_call<Req: Message, Rep: Message>(
+    request: &[u8],
+    responder: RawResponder,
+    handler: impl FnOnce(Req, Responder<Rep>),
+) {
+    match Req::parse_from_bytes(request) {
+        Ok(request) => handler(request, Responder::new(responder)),
+        Err(e) => {
+            let text = format!(
+                "cannot decode the request of {} as {}: {e}",
+                method_label(&responder.request),
+                Req::NAME
+            );
+            debug!("rpc call {}: {text}", responder.call_id());
+            responder.send_error(RpcCode::BadRequest, &text);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_the_bad_setting() {
+        let bad = ServerConfig {
+            max_connections: 0,
+            ..ServerConfig::default()
+        };
+        let error = bad.validate().unwrap_err();
+        assert!(error.to_string().contains("max_connections"), "{error}");
+        let bad = ServerConfig {
+            max_frame_bytes: 10,
+            ..ServerConfig::default()
+        };
+        let error = bad.validate().unwrap_err();
+        assert!(error.to_string().contains("max_frame_bytes"), "{error}");
+        assert!(ServerConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn local_responder_delivers_and_disconnects_when_dropped() {
+        use crate::proto::kvstore::GetReply;
+        let (responder, rx) = Responder::<GetReply>::local();
+        let mut reply = GetReply::new();
+        reply.found = true;
+        responder.send(reply.clone());
+        assert_eq!(rx.recv().unwrap().unwrap(), reply);
+
+        let (responder, rx) = Responder::<GetReply>::local();
+        drop(responder);
+        assert!(rx.recv().is_err());
+    }
+}
