@@ -398,7 +398,10 @@ fn bad_command_lines() {
     for (args, needles) in cases {
         expect_failure(setup.dir(), args, EXIT_USAGE, needles);
     }
-    assert!(!setup.data_dir.exists(), "a bad command line must touch nothing");
+    assert!(
+        !setup.data_dir.exists(),
+        "a bad command line must touch nothing"
+    );
 }
 
 #[test]
