@@ -12,6 +12,7 @@ use std::fs::{self, File};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -84,7 +85,9 @@ fn wait_exit(child: &mut Child, deadline: Duration, what: &str) -> ExitStatus {
 /// exactly one `kvserver:` line on stderr that contains every needle.
 /// Returns that line.
 fn expect_failure(dir: &Path, args: &[&str], code: i32, needles: &[&str]) -> String {
-    let stderr_path = dir.join(format!("stderr-{}.txt", free_port()));
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
+    let stderr_path = dir.join(format!("failure-{run}.stderr"));
     let mut child = spawn(args, &stderr_path);
     let status = wait_exit(&mut child, EXIT_DEADLINE, &format!("{args:?}"));
     let stderr = fs::read_to_string(&stderr_path).expect("read stderr");
