@@ -94,7 +94,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         Some(_) => Some(number(&matches, "rate", None)?),
         None => None,
     };
-    if rate.is_some_and(|r: f64| !(r > 0.0)) {
+    if rate.is_some_and(|r: f64| r.is_nan() || r <= 0.0) {
         return Err("--rate must be positive".into());
     }
     let load = LoadOptions {
