@@ -8,6 +8,7 @@ pub mod check;
 pub mod clerk;
 pub mod config;
 pub mod kv;
+pub mod loadgen;
 pub mod node;
 pub mod raft;
 pub mod rpc;

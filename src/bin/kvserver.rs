@@ -1,14 +1,16 @@
 //! `kvserver --config FILE --id N [--data-dir DIR] [--log-level LEVEL]`: runs
 //! one node of the cluster in the foreground until SIGTERM or SIGINT, and
 //! exits non-zero with one line on stderr when it cannot start or when its
-//! storage fails.
+//! storage fails: 2 for a usage or configuration mistake (bad arguments, a
+//! bad cluster file, an id the file does not list), 1 for a failure at run
+//! time (port in use, data directory locked or damaged, storage errors).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use kvstore_raft::config::ClusterConfig;
-use kvstore_raft::kv::server::{KvServer, StartOptions};
+use kvstore_raft::kv::server::{KvServer, StartError, StartOptions};
 
 const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace]";
 
@@ -124,6 +126,12 @@ fn main() -> ExitCode {
     };
     let server = match KvServer::start(&config, start) {
         Ok(server) => server,
+        // An id the cluster file does not list is a usage mistake, like a
+        // bad config: exit 2 and name the file that was read.
+        Err(e @ StartError::UnknownId { .. }) => {
+            eprintln!("kvserver: {}: {e}", args.config.display());
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("kvserver: node {}: {e}", args.id);
             return ExitCode::from(1);

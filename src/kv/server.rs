@@ -28,10 +28,14 @@ pub enum StartError {
     },
     Storage(crate::storage::StorageError),
     Snapshot(String),
+    /// The node's address cannot be bound (in use, or not an address of
+    /// this machine); found before the data directory is opened.
     Bind {
         addr: std::net::SocketAddr,
         error: std::io::Error,
     },
+    /// The RPC server did not start; its error names the address.
+    Serve(std::io::Error),
     Io(std::io::Error),
 }
 
@@ -47,6 +51,7 @@ impl fmt::Display for StartError {
             StartError::Storage(e) => write!(f, "{e}"),
             StartError::Snapshot(e) => write!(f, "{e}"),
             StartError::Bind { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
+            StartError::Serve(e) => write!(f, "{e}"),
             StartError::Io(e) => write!(f, "cannot start threads: {e}"),
         }
     }
@@ -78,6 +83,13 @@ impl KvServer {
             known: config.node_ids(),
         })?;
         let addr = me.addr();
+        // Opening the storage takes the directory lock and starts a new WAL
+        // segment, and the node writes to it, so try the port first: a port
+        // in use then stops the server before it touches the data directory.
+        // The listener is dropped at once (std sets SO_REUSEADDR, so the real
+        // bind below can take the port again); that bind still reports a
+        // port taken in between.
+        drop(std::net::TcpListener::bind(addr).map_err(|error| StartError::Bind { addr, error })?);
         let data_dir = start
             .data_dir
             .unwrap_or_else(|| config.node_data_dir(start.id));
@@ -98,7 +110,6 @@ impl KvServer {
             })?,
             None => KvStateMachine::new(kv_options),
         };
-        // Bind before starting any thread, so a port in use fails cleanly.
         let listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
@@ -125,7 +136,7 @@ impl KvServer {
             Ok(rpc) => rpc,
             Err(error) => {
                 node.shutdown();
-                return Err(StartError::Bind { addr, error });
+                return Err(StartError::Serve(error));
             }
         };
         let applier = Applier::new(

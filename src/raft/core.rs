@@ -1015,13 +1015,9 @@ impl RaftCore {
         } else {
             (prev_log_index, prev_log_term, entries)
         };
-        if prev_index > self.log.last_index() {
-            return self.respond(from, reject(self.log.last_index() + 1, 0));
-        }
         if !self.log.match_term(prev_index, prev_term) {
-            let conflict_index = self.log.first_index_of_term_at(prev_index);
-            let conflict_term = self.log.term(prev_index).unwrap_or(0);
-            return self.respond(from, reject(conflict_index, conflict_term));
+            let (hint_index, hint_term) = self.log.find_conflict_by_term(prev_index, prev_term);
+            return self.respond(from, reject(hint_index, hint_term));
         }
         if !self.log.append_after(prev_index, entries) {
             return self.respond(from, reject(0, 0));
@@ -1208,19 +1204,20 @@ impl RaftCore {
         conflict_term: u64,
         last_log_index: u64,
     ) {
-        // Where to retry: past the leader's last entry of the follower's
-        // conflicting term if the leader has that term, else at the start
-        // of the follower's term, else just past the follower's log.
-        let retry_at = if conflict_term != 0 {
-            match self.log.last_index_of_term(conflict_term, rejected) {
-                Some(index) => index + 1,
-                None => conflict_index,
-            }
-        } else if conflict_index != 0 {
+        // The follower's hint is the last index where its term is at most
+        // the term we sent; where our log has a term at most the hint's at
+        // or below it, the logs may match. A reject without a hint (a
+        // malformed message on our side) falls back to the follower's length.
+        let probe = if conflict_term > 0 {
+            self.log
+                .find_conflict_by_term(conflict_index, conflict_term)
+                .0
+        } else if conflict_index > 0 {
             conflict_index
         } else {
-            last_log_index.saturating_add(1).min(rejected)
+            last_log_index
         };
+        let retry_at = rejected.min(probe + 1);
         let progress = self.progress.get_mut(&from).expect("peer progress");
         if progress.maybe_back_off(rejected, retry_at.max(1)) {
             self.send_append(from);

@@ -229,36 +229,23 @@ impl RaftLog {
         }
     }
 
-    /// The last index of `term` in the log at or below `index`, or `None` if
-    /// the log holds no entry of that term there. Used by the leader to jump
-    /// over a follower's whole conflicting term at once.
-    pub fn last_index_of_term(&self, term: u64, index: u64) -> Option<u64> {
+    /// The largest index `i <= index` whose entry's term is at most `term`,
+    /// with that term (etcd's `findConflictByTerm`). A follower answers a
+    /// mismatched AppendEntries with this hint for the leader's
+    /// `(prev_log_index, prev_log_term)`, and the leader looks up the hint in
+    /// its own log the same way: together they skip whole runs of
+    /// conflicting terms on both sides in one round trip. Below the log's
+    /// first index the answer is the snapshot's index and term.
+    pub fn find_conflict_by_term(&self, index: u64, term: u64) -> (u64, u64) {
         let mut i = index.min(self.last_index());
-        while i >= self.first_index() {
+        while i > self.snapshot.index {
             let t = self.term(i).expect("index within the log");
-            if t == term {
-                return Some(i);
-            }
-            if t < term {
-                return None;
+            if t <= term {
+                return (i, t);
             }
             i -= 1;
         }
-        None
-    }
-
-    /// The first index of the term of the entry at `index` (the follower's
-    /// conflict hint): the leader can skip that whole term in one round trip.
-    pub fn first_index_of_term_at(&self, index: u64) -> u64 {
-        let term = match self.term(index) {
-            Some(term) => term,
-            None => return index,
-        };
-        let mut i = index;
-        while i > self.first_index() && self.term(i - 1) == Some(term) {
-            i -= 1;
-        }
-        i
+        (self.snapshot.index, self.snapshot.term)
     }
 
     pub fn assert_invariants(&self) {

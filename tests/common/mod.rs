@@ -19,7 +19,7 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub config: ClusterConfig,
     pub config_path: std::path::PathBuf,
-    servers: Vec<Option<KvServer>>,
+    servers: Mutex<Vec<Option<KvServer>>>,
     /// Directed links (from, to) that drop every message.
     cut: Arc<Mutex<HashSet<(NodeId, NodeId)>>>,
 }
@@ -61,11 +61,11 @@ impl TestCluster {
         let config_path = dir.path().join("cluster.json");
         std::fs::write(&config_path, &text).unwrap();
         let config = ClusterConfig::parse(&text, "test").expect("valid test config");
-        let mut cluster = TestCluster {
+        let cluster = TestCluster {
             dir,
             config,
             config_path,
-            servers: (0..size).map(|_| None).collect(),
+            servers: Mutex::new((0..size).map(|_| None).collect()),
             cut: Arc::new(Mutex::new(HashSet::new())),
         };
         for id in 1..=size as NodeId {
@@ -75,10 +75,10 @@ impl TestCluster {
     }
 
     pub fn size(&self) -> usize {
-        self.servers.len()
+        self.config.raft_nodes.len()
     }
 
-    pub fn start_node(&mut self, id: NodeId) {
+    pub fn start_node(&self, id: NodeId) {
         let cut = Arc::clone(&self.cut);
         let filter: LinkFilter = Arc::new(move |from, to| !cut.lock().contains(&(from, to)));
         let options = StartOptions {
@@ -91,7 +91,7 @@ impl TestCluster {
         loop {
             match KvServer::start(&self.config, options_clone(&options)) {
                 Ok(server) => {
-                    self.servers[id as usize - 1] = Some(server);
+                    self.servers.lock()[id as usize - 1] = Some(server);
                     return;
                 }
                 Err(e) if Instant::now() < deadline => {
@@ -104,23 +104,24 @@ impl TestCluster {
     }
 
     /// Stops node `id` (a clean shutdown: what it synced stays on disk).
-    pub fn stop_node(&mut self, id: NodeId) {
-        if let Some(server) = self.servers[id as usize - 1].take() {
+    pub fn stop_node(&self, id: NodeId) {
+        let server = self.servers.lock()[id as usize - 1].take();
+        if let Some(server) = server {
             server.shutdown();
         }
     }
 
-    pub fn restart_node(&mut self, id: NodeId) {
+    pub fn restart_node(&self, id: NodeId) {
         self.stop_node(id);
         self.start_node(id);
     }
 
     pub fn is_running(&self, id: NodeId) -> bool {
-        self.servers[id as usize - 1].is_some()
+        self.servers.lock()[id as usize - 1].is_some()
     }
 
     pub fn status(&self, id: NodeId) -> Option<Status> {
-        self.servers[id as usize - 1]
+        self.servers.lock()[id as usize - 1]
             .as_ref()
             .map(|s| s.handle().status())
     }
@@ -202,5 +203,155 @@ fn options_clone(options: &StartOptions) -> StartOptions {
         id: options.id,
         data_dir: options.data_dir.clone(),
         link_filter: options.link_filter.clone(),
+    }
+}
+
+pub mod workload;
+
+use kvstore_raft::clerk::{Clerk, ClerkOptions};
+
+impl TestCluster {
+    /// A clerk for the whole cluster with a `timeout_ms` deadline per operation.
+    pub fn clerk(&self, timeout_ms: u64) -> Clerk {
+        let options = ClerkOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            ..ClerkOptions::default()
+        };
+        Clerk::new(&self.config, options)
+    }
+
+    /// A clerk that knows only the nodes `ids` (a client on one side of a
+    /// partition).
+    pub fn clerk_for(&self, ids: &[NodeId], timeout_ms: u64) -> Clerk {
+        use kvstore_raft::rpc::{ClientConfig, RpcChannel, RpcClient};
+        let nodes: Vec<(u64, Box<dyn RpcChannel + Send + Sync>)> = ids
+            .iter()
+            .map(|&id| {
+                let config = ClientConfig {
+                    call_timeout_ms: 500,
+                    ..ClientConfig::default()
+                };
+                let channel = RpcClient::new(self.config.addr(id).unwrap(), config);
+                (id, Box::new(channel) as Box<dyn RpcChannel + Send + Sync>)
+            })
+            .collect();
+        let options = ClerkOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            ..ClerkOptions::default()
+        };
+        Clerk::with_channels(nodes, options)
+    }
+
+    /// Sends one append with a fixed `(client_id, seq)` straight through the
+    /// stub, trying every node until one leader answers OK (bounded).
+    pub fn raw_append(
+        &self,
+        client_id: u64,
+        seq: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), String> {
+        use kvstore_raft::proto::kvstore::{AppendRequest, ErrorCode, RequestHeader};
+        use kvstore_raft::rpc::services::KvStoreStub;
+        use kvstore_raft::rpc::{ClientConfig, RpcClient};
+        let request = AppendRequest {
+            header: protobuf::MessageField::some(RequestHeader {
+                client_id,
+                seq,
+                ..Default::default()
+            }),
+            key: key.to_vec(),
+            value: value.to_vec(),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            for node in &self.config.raft_nodes {
+                let stub = KvStoreStub::new(RpcClient::new(node.addr(), ClientConfig::default()));
+                match stub.append(&request) {
+                    Ok(reply) if reply.header.error.enum_value() == Ok(ErrorCode::OK) => {
+                        return Ok(())
+                    }
+                    Ok(reply) => last = format!("{:?}", reply.header),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(last)
+    }
+
+    /// A clerk whose connections lose `drop_percent` of requests and of
+    /// replies and delay calls by up to `max_delay_ms`.
+    pub fn lossy_clerk(
+        &self,
+        timeout_ms: u64,
+        drop_percent: u64,
+        max_delay_ms: u64,
+        seed: u64,
+    ) -> Clerk {
+        use kvstore_raft::raft::SplitMix64;
+        use kvstore_raft::rpc::{ClientConfig, RpcChannel, RpcClient};
+        use std::sync::atomic::AtomicBool;
+        let nodes: Vec<(u64, Box<dyn RpcChannel + Send + Sync>)> = self
+            .config
+            .raft_nodes
+            .iter()
+            .map(|n| {
+                let config = ClientConfig {
+                    call_timeout_ms: 500,
+                    ..ClientConfig::default()
+                };
+                let channel = workload::LossyChannel {
+                    inner: RpcClient::new(n.addr(), config),
+                    drop_percent,
+                    max_delay_ms,
+                    rng: Mutex::new(SplitMix64::new(seed ^ n.id)),
+                    enabled: Arc::new(AtomicBool::new(true)),
+                };
+                (n.id, Box::new(channel) as Box<dyn RpcChannel + Send + Sync>)
+            })
+            .collect();
+        let options = ClerkOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            ..ClerkOptions::default()
+        };
+        Clerk::with_channels(nodes, options)
+    }
+
+    /// The bytes of the WAL segments in node `id`'s data directory: the
+    /// persisted Raft state, snapshots excluded.
+    pub fn wal_bytes(&self, id: NodeId) -> u64 {
+        let dir = self.config.node_data_dir(id);
+        std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("wal-"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The size of node `id`'s newest snapshot file (0 without one).
+    pub fn snapshot_bytes(&self, id: NodeId) -> u64 {
+        let dir = self.config.node_data_dir(id);
+        std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        name.starts_with("snap") && !name.ends_with(".tmp")
+                    })
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
     }
 }
