@@ -91,7 +91,7 @@ pub struct ClusterConfig {
     pub proposal_queue_wait_ms: u64,
     /// Frames above this size are refused. Default 16 MiB.
     pub max_frame_bytes: usize,
-    /// Connections served at once, peers and clerks together. Default 256.
+    /// Connections served at once, peers and clerks together. Default 1024.
     pub max_connections: usize,
     /// AppendEntries in flight to one follower (pipelining). Default 64.
     pub max_inflight_appends: usize,
@@ -320,7 +320,7 @@ impl ClusterConfig {
             proposal_queue_capacity: 4096,
             proposal_queue_wait_ms: 100,
             max_frame_bytes: 16 << 20,
-            max_connections: 256,
+            max_connections: 1024,
             max_inflight_appends: 64,
             max_append_bytes: 1 << 20,
             session_ttl_ms: 3_600_000,
