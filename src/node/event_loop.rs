@@ -265,7 +265,16 @@ impl EventLoop {
                     .save_snapshot(snapshot)
                     .map_err(|e| e.to_string())?;
             }
-            if ready.hard_state.is_some() || !ready.entries.is_empty() {
+            // Term and vote must be durable before any message that
+            // depends on them, and entries before they are acknowledged; the
+            // commit index need not be (a restarted node learns it again),
+            // so a Ready that only moves commit costs no write and no fsync.
+            // It rides along with the next write instead.
+            let stored = self.storage.hard_state();
+            let vote_changed = ready
+                .hard_state
+                .is_some_and(|h| h.term != stored.term || h.vote != stored.vote);
+            if vote_changed || !ready.entries.is_empty() {
                 self.storage
                     .append(ready.hard_state, &ready.entries)
                     .map_err(|e| e.to_string())?;
