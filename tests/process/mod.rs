@@ -295,7 +295,10 @@ impl Cluster {
             let log = fs::read_to_string(self.log_path(id)).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(15)..];
-            text.push_str(&format!("--- node {id} (last lines)\n{}\n", tail.join("\n")));
+            text.push_str(&format!(
+                "--- node {id} (last lines)\n{}\n",
+                tail.join("\n")
+            ));
         }
         text
     }
@@ -358,9 +361,11 @@ impl Cluster {
     /// Waits until every node is reachable with the same commit and applied
     /// index; returns that index.
     pub fn wait_converged(&mut self, deadline: Duration) -> u64 {
-        self.wait_for("all nodes at the same commit and applied", deadline, |statuses| {
-            converged(statuses)
-        })
+        self.wait_for(
+            "all nodes at the same commit and applied",
+            deadline,
+            converged,
+        )
     }
 
     /// Starts a `clerk shell --json` child as recorded client `client`,
@@ -388,6 +393,11 @@ impl Drop for Cluster {
         // SIGKILL ends a stopped process too; no SIGCONT needed.
         for child in self.nodes.iter_mut().flatten() {
             kill_child(child);
+        }
+        if std::thread::panicking() {
+            // Keep the logs and data directories of a failed test.
+            self.dir.disable_cleanup(true);
+            eprintln!("{}: kept {}", self.name, self.dir.path().display());
         }
     }
 }
@@ -472,7 +482,10 @@ impl Shell {
                 self.client, self.answer_deadline
             ),
             Err(RecvTimeoutError::Disconnected) => {
-                panic!("client {}: clerk shell exited during {request}", self.client)
+                panic!(
+                    "client {}: clerk shell exited during {request}",
+                    self.client
+                )
             }
         };
         let return_us = self.now_us();
@@ -619,7 +632,9 @@ impl Recorded {
                     .and_then(|file| check::write_history_jsonl(file, &self.ops))
                     .map(|()| format!("history saved to {}", path.display()))
                     .unwrap_or_else(|e| format!("history not saved: {e}"));
-                panic!("{name}: not linearizable on key {key:?} ({saved}); failing prefix: {ops:#?}");
+                panic!(
+                    "{name}: not linearizable on key {key:?} ({saved}); failing prefix: {ops:#?}"
+                );
             }
             Verdict::Timeout => panic!(
                 "{name}: the checker could not decide {} operations within {CHECK_TIMEOUT:?}",
