@@ -163,6 +163,9 @@ struct Shared<'a> {
     history_overflow: AtomicBool,
     /// Makes keys (with `check`) and values unique to this run.
     run_nonce: u64,
+    /// Time zero of the recorded history: the start of the preload, if
+    /// any, else `start`.
+    history_origin: Instant,
 }
 
 /// Microseconds from 1 µs to 1000 s, 3 significant digits (as etcd-bench).
@@ -286,7 +289,7 @@ impl Worker {
         }
         let record = options.check && k.is_multiple_of(check_stride(options.keys));
         let busy_before = self.clerk.busy_retries();
-        let call_us = record.then(|| shared.start.elapsed().as_micros() as u64);
+        let call_us = record.then(|| shared.history_origin.elapsed().as_micros() as u64);
         let (result, output) = if is_read {
             match self.clerk.get(self.key.as_bytes()) {
                 Ok(value) => {
@@ -307,7 +310,7 @@ impl Worker {
         if let Some(call_us) = call_us {
             let return_us = result
                 .is_ok()
-                .then(|| shared.start.elapsed().as_micros() as u64);
+                .then(|| shared.history_origin.elapsed().as_micros() as u64);
             self.record(shared, is_read, call_us, output, return_us);
         }
         Outcome {
@@ -530,21 +533,14 @@ pub fn run(
         });
         (report.preload_keys, report.preload_errors) = counts.into_inner();
         report.preload_s = preload_start.elapsed().as_secs_f64();
-        // The history so far is kept; only the clock restarts. Times in the
-        // history are relative to `start`, so the preload's are rebased.
-        let restart = Instant::now();
-        let shift_us = (restart - shared.start).as_micros() as u64;
-        for worker in &mut workers {
-            for op in &mut worker.history {
-                op.call_us = op.call_us.saturating_sub(shift_us);
-                op.return_us = op.return_us.map(|t| t.saturating_sub(shift_us));
-            }
-        }
+        // The run's clock restarts; the history (and its time zero) goes on.
         let recorded = shared.recorded_ops.load(Ordering::Relaxed);
         let overflow = shared.history_overflow.load(Ordering::Relaxed);
-        shared = new_shared(options, restart, run_nonce);
+        let history_origin = shared.history_origin;
+        shared = new_shared(options, Instant::now(), run_nonce);
         shared.recorded_ops.store(recorded, Ordering::Relaxed);
         shared.history_overflow.store(overflow, Ordering::Relaxed);
+        shared.history_origin = history_origin;
     }
     let workers = std::thread::scope(|scope| {
         let printer = scope.spawn(|| report_progress(&shared, progress));
@@ -583,6 +579,7 @@ fn new_shared(options: &LoadOptions, start: Instant, run_nonce: u64) -> Shared<'
         recorded_ops: AtomicU64::new(0),
         history_overflow: AtomicBool::new(false),
         run_nonce,
+        history_origin: start,
     }
 }
 
