@@ -1,15 +1,22 @@
 //! The load generator behind `loadgen`: N clerks against a cluster, closed
 //! loop (one request in flight each) or open loop (`rate`: requests are
-//! scheduled at fixed times whatever the latency, and latency counts from
-//! the scheduled time, so a slow cluster cannot hide its queueing —
-//! no coordinated omission). It reports throughput, HDR-histogram latency
-//! percentiles, errors by kind, and the requests the LockQueue pushed back
-//! (BUSY) that the clerks retried. With `check`, every operation is recorded
-//! and the history goes through the linearizability checker at the end.
+//! scheduled at fixed times whatever the latency, handed to whichever of the
+//! N clerks is free, and latency counts from the scheduled time, so a slow
+//! cluster cannot hide its queueing — no coordinated omission). It reports
+//! throughput, HDR-histogram latency percentiles, errors by kind, and the
+//! requests the LockQueue pushed back (BUSY) that the clerks retried. With
+//! `check`, every operation on a sample of keys is recorded and the history
+//! goes through the linearizability checker at the end.
+//!
+//! The generator shares the machine's cores with the cluster it measures, so
+//! the per-operation work is kept small: no allocation on the hot path
+//! unless `check` records the operation, a few relaxed atomic increments,
+//! and latencies batched per client and merged into the shared histograms
+//! once a second.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -19,9 +26,29 @@ use crate::check::{self, KvInput, KvOutput, Operation, Verdict};
 use crate::clerk::{Clerk, ClerkError};
 use crate::raft::SplitMix64;
 
+/// The longest run `run` accepts (warmup plus measured time): one timeline
+/// slot is kept per second.
+pub const MAX_RUN_SECS: u64 = 24 * 3600;
+/// With `check`, at most this many keys are recorded; larger key spaces are
+/// sampled evenly (every key `k` with `k % stride == 0`). Whole keys are
+/// sampled, never single operations, because a history with some of a key's
+/// operations left out can look non-linearizable when it is not.
+pub const MAX_CHECKED_KEYS: u64 = 1000;
+/// How long the linearizability check may search before it answers "timeout".
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Progress lines are printed this long after their second ends, so that
+/// clients have merged that second's latencies (they do when they finish
+/// their next request). Counts are exact whatever the delay.
+const PROGRESS_DELAY: Duration = Duration::from_millis(100);
+/// Stack of a client thread: a clerk call needs little, and up to thousands
+/// of clients may run.
+const CLIENT_STACK_BYTES: usize = 512 * 1024;
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
+    /// Concurrent clerks: one request in flight each. In an open loop they
+    /// are the pool that sends the scheduled requests.
     pub clients: usize,
     pub duration: Duration,
     /// Unmeasured time at the start.
@@ -30,24 +57,40 @@ pub struct LoadOptions {
     pub keys: u64,
     /// The fraction of operations that are (linearizable) gets.
     pub read_ratio: f64,
-    /// Open loop at this many operations per second, spread over the clients.
+    /// Open loop at this many operations per second in total.
     pub rate: Option<f64>,
-    /// Record the history and check it.
+    /// Write every key once, unmeasured, before the run (so gets find values).
+    pub preload: bool,
+    /// Record the history (on a sample of keys) and check it.
     pub check: bool,
-    /// The most operations recorded for `check`.
+    /// The most operations recorded for `check`; past it the check is
+    /// skipped (and says so) rather than run on a partial history.
     pub max_checked_ops: usize,
     pub seed: u64,
 }
 
-/// One second of the run, for progress lines and the plot.
+/// One second of the run, for progress lines and the plot. `ops`, `busy` and
+/// `errors` count everything that finished in that second; `p50_ms` and
+/// `p99_ms` cover the measured operations that finished in it.
 #[derive(Clone, Debug, Default)]
 pub struct SecondStats {
-    pub second: u64,
+    /// 1 for the first second of the measured window; warmup seconds count
+    /// up to 0 (…, -1, 0).
+    pub second: i64,
     pub ops: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// p99 of every measured operation up to now (progress lines only).
+    pub p99_so_far_ms: f64,
     pub busy: u64,
     pub errors: u64,
+}
+
+impl SecondStats {
+    /// Whether this second is part of the unmeasured warmup.
+    pub fn is_warmup(&self) -> bool {
+        self.second <= 0
+    }
 }
 
 /// What a run measured. Only successful operations that started inside the
@@ -67,40 +110,397 @@ pub struct Report {
     pub mean_ms: f64,
     /// Failed operations by kind ("timeout", "rejected").
     pub errors: BTreeMap<String, u64>,
+    /// The first error message of each kind, to say what went wrong.
+    pub error_samples: BTreeMap<String, String>,
     /// Requests answered BUSY by the LockQueue and retried by the clerks.
     pub busy: u64,
+    /// Open loop: requests scheduled inside the measured window.
+    pub scheduled: Option<u64>,
+    /// Open loop: scheduled requests never sent because every clerk was
+    /// still busy when the run ended (the backlog of an overloaded cluster).
+    pub unsent: u64,
+    /// Keys written by the preload, its failed writes and its seconds.
+    pub preload_keys: u64,
+    pub preload_errors: u64,
+    pub preload_s: f64,
+    /// CPU seconds (user + system) the generator itself spent on the run.
+    pub client_cpu_s: f64,
     pub seconds: Vec<SecondStats>,
-    /// "linearizable", "not linearizable: ..." or "timeout", with `check`.
+    /// "linearizable", "not linearizable: ...", "timeout" or "skipped: ...",
+    /// with `check`.
     pub check: Option<String>,
     pub checked_ops: usize,
+    pub checked_keys: u64,
 }
 
-/// Counters the clients bump and the progress printer reads.
-#[derive(Default)]
-struct Live {
+/// One second of the timeline, shared by the clients.
+struct Slot {
     ops: AtomicU64,
     errors: AtomicU64,
+    busy: AtomicU64,
+    /// Latencies of the measured operations that finished in this second;
+    /// allocated on first use.
+    latency: Mutex<Option<Histogram<u64>>>,
 }
 
-/// Per-second histograms and BUSY counts, merged from the clients once a
-/// second each.
-struct Timeline {
-    seconds: Mutex<Vec<(Histogram<u64>, u64)>>,
+/// State shared by the clients and the progress printer.
+struct Shared<'a> {
+    options: &'a LoadOptions,
+    /// When the clients start (open-loop slot 0 is scheduled here).
+    start: Instant,
+    /// Timeline slot `i` covers `[base + i s, base + (i + 1) s)`; `base` is
+    /// `start` moved back so that a slot boundary falls on `measure_from`.
+    base: Instant,
+    warmup_slots: usize,
+    measure_from: Instant,
+    end: Instant,
+    slots: Vec<Slot>,
+    /// Every measured success: the run's figures, and "p99 so far".
+    measured: Mutex<Histogram<u64>>,
+    /// Open loop: the next request slot to send.
+    next_request: AtomicU64,
+    recorded_ops: AtomicU64,
+    history_overflow: AtomicBool,
+    /// Makes keys (with `check`) and values unique to this run.
+    run_nonce: u64,
+    /// Time zero of the recorded history: the start of the preload, if
+    /// any, else `start`.
+    history_origin: Instant,
 }
 
+/// Microseconds from 1 µs to 1000 s, 3 significant digits (as etcd-bench).
 fn new_histogram() -> Histogram<u64> {
-    // Microseconds from 1 µs to 1000 s, 3 significant digits.
     Histogram::new_with_bounds(1, 1_000_000_000, 3).expect("valid histogram bounds")
 }
 
-struct ClientResult {
-    latency: Histogram<u64>,
+/// The per-second histograms only feed the plot: 2 digits are plenty and
+/// take a tenth of the memory.
+fn new_slot_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 1_000_000_000, 2).expect("valid histogram bounds")
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+impl Shared<'_> {
+    fn slot_index(&self, at: Instant) -> usize {
+        let index = at.saturating_duration_since(self.base).as_secs() as usize;
+        index.min(self.slots.len() - 1)
+    }
+
+    /// When the next request starts, or `None` when the run is over. Closed
+    /// loop: now. Open loop: the next free slot of the schedule, waited for.
+    fn next_start(&self) -> Option<Instant> {
+        let Some(rate) = self.options.rate else {
+            let now = Instant::now();
+            return (now < self.end).then_some(now);
+        };
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let scheduled = self.start + Duration::from_secs_f64(request as f64 / rate);
+        let now = Instant::now();
+        // A request scheduled before the end that no clerk could start in
+        // time is counted as unsent, not sent late.
+        if scheduled >= self.end || now >= self.end {
+            return None;
+        }
+        if scheduled > now {
+            std::thread::sleep(scheduled - now);
+        }
+        Some(scheduled)
+    }
+
+    /// Requests an open loop schedules in the measured window.
+    fn scheduled_in_window(&self) -> Option<u64> {
+        let rate = self.options.rate?;
+        let first = (self.measure_from - self.start).as_secs_f64() * rate;
+        let past_end = (self.end - self.start).as_secs_f64() * rate;
+        Some((past_end.ceil() - first.ceil()).max(0.0) as u64)
+    }
+}
+
+/// A client: its clerk, its choices, and what it measured.
+struct Worker {
+    client: usize,
+    clerk: Clerk,
+    rng: SplitMix64,
+    /// Operations started, numbering the values.
+    started: u64,
+    key: String,
+    value: Vec<u8>,
+    value_prefix: String,
+    /// Latencies (µs) of measured successes not yet merged into the shared
+    /// histograms, all finished in timeline slot `pending_slot`.
+    pending: Vec<u64>,
+    pending_slot: usize,
     reads: u64,
     writes: u64,
-    errors: BTreeMap<String, u64>,
     busy: u64,
+    sent_measured: u64,
+    errors: BTreeMap<&'static str, u64>,
+    error_samples: BTreeMap<&'static str, String>,
     history: Vec<Operation>,
-    last_finish: Instant,
+    last_finish: Option<Instant>,
+}
+
+/// What one operation came to.
+struct Outcome {
+    result: Result<(), ClerkError>,
+    /// BUSY answers the clerk retried on the way.
+    busy: u64,
+}
+
+impl Worker {
+    fn new(options: &LoadOptions, client: usize, clerk: Clerk) -> Worker {
+        Worker {
+            client,
+            clerk,
+            rng: SplitMix64::new(
+                options.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ),
+            started: 0,
+            key: String::with_capacity(32),
+            value: vec![b'x'; options.value_size_bytes.max(1)],
+            value_prefix: String::with_capacity(48),
+            pending: Vec::with_capacity(1024),
+            pending_slot: 0,
+            reads: 0,
+            writes: 0,
+            busy: 0,
+            sent_measured: 0,
+            errors: BTreeMap::new(),
+            error_samples: BTreeMap::new(),
+            history: Vec::new(),
+            last_finish: None,
+        }
+    }
+
+    /// Runs one get or put of key number `k`, recording it for the check
+    /// when its key is sampled.
+    fn execute(&mut self, shared: &Shared, k: u64, is_read: bool) -> Outcome {
+        let options = shared.options;
+        self.started += 1;
+        self.key.clear();
+        let _ = write!(self.key, "key{k:08}");
+        if options.check {
+            // A key of this run only: the history then starts from absent
+            // keys whatever earlier runs left in the cluster.
+            let _ = write!(self.key, "-{:08x}", shared.run_nonce as u32);
+        }
+        let record = options.check && k.is_multiple_of(check_stride(options.keys));
+        let busy_before = self.clerk.busy_retries();
+        let call_us = record.then(|| shared.history_origin.elapsed().as_micros() as u64);
+        let (result, output) = if is_read {
+            match self.clerk.get(self.key.as_bytes()) {
+                Ok(value) => {
+                    let output = record.then(|| KvOutput::Get {
+                        value: value.map(|v| String::from_utf8_lossy(&v).into_owned()),
+                    });
+                    (Ok(()), output)
+                }
+                Err(error) => (Err(error), None),
+            }
+        } else {
+            self.fill_value(shared.run_nonce);
+            match self.clerk.put(self.key.as_bytes(), &self.value) {
+                Ok(()) => (Ok(()), record.then_some(KvOutput::Put)),
+                Err(error) => (Err(error), None),
+            }
+        };
+        if let Some(call_us) = call_us {
+            let return_us = result
+                .is_ok()
+                .then(|| shared.history_origin.elapsed().as_micros() as u64);
+            self.record(shared, is_read, call_us, output, return_us);
+        }
+        Outcome {
+            result,
+            busy: self.clerk.busy_retries() - busy_before,
+        }
+    }
+
+    /// Makes the value unique to (run, client, operation): a put is then
+    /// identifiable in the history by its value.
+    fn fill_value(&mut self, run_nonce: u64) {
+        self.value_prefix.clear();
+        let _ = write!(
+            self.value_prefix,
+            "v{:08x}-{}-{}-",
+            run_nonce as u32, self.client, self.started
+        );
+        let n = self.value_prefix.len().min(self.value.len());
+        self.value[..n].copy_from_slice(&self.value_prefix.as_bytes()[..n]);
+    }
+
+    fn record(
+        &mut self,
+        shared: &Shared,
+        is_read: bool,
+        call_us: u64,
+        output: Option<KvOutput>,
+        return_us: Option<u64>,
+    ) {
+        if shared.recorded_ops.fetch_add(1, Ordering::Relaxed)
+            >= shared.options.max_checked_ops as u64
+        {
+            shared.history_overflow.store(true, Ordering::Relaxed);
+            return;
+        }
+        let key = self.key.clone();
+        let input = if is_read {
+            KvInput::Get { key }
+        } else {
+            KvInput::Put {
+                key,
+                value: String::from_utf8_lossy(&self.value).into_owned(),
+            }
+        };
+        self.history.push(Operation {
+            client_id: self.clerk.client_id(),
+            input,
+            call_us,
+            output,
+            return_us,
+        });
+    }
+
+    /// The measured loop: operations until the schedule says the run is over.
+    fn run(&mut self, shared: &Shared) {
+        let options = shared.options;
+        let read_threshold = (options.read_ratio.clamp(0.0, 1.0) * 1_000_000.0) as u64;
+        while let Some(scheduled) = shared.next_start() {
+            let k = self.rng.range(0, options.keys.max(1));
+            let is_read = self.rng.range(0, 1_000_000) < read_threshold;
+            let outcome = self.execute(shared, k, is_read);
+            let finished = Instant::now();
+            let measured = scheduled >= shared.measure_from;
+            let slot_index = shared.slot_index(finished);
+            if slot_index != self.pending_slot {
+                self.flush(shared);
+                self.pending_slot = slot_index;
+            }
+            let slot = &shared.slots[slot_index];
+            if outcome.busy > 0 {
+                slot.busy.fetch_add(outcome.busy, Ordering::Relaxed);
+            }
+            if measured {
+                self.sent_measured += 1;
+                self.busy += outcome.busy;
+            }
+            match outcome.result {
+                Ok(()) => {
+                    slot.ops.fetch_add(1, Ordering::Relaxed);
+                    if measured {
+                        let latency_us = finished.duration_since(scheduled).as_micros() as u64;
+                        self.pending.push(latency_us.max(1));
+                        if is_read {
+                            self.reads += 1;
+                        } else {
+                            self.writes += 1;
+                        }
+                        self.last_finish = Some(finished);
+                    }
+                }
+                Err(error) => {
+                    slot.errors.fetch_add(1, Ordering::Relaxed);
+                    if measured {
+                        self.count_error(&error);
+                    }
+                }
+            }
+        }
+        self.flush(shared);
+    }
+
+    fn count_error(&mut self, error: &ClerkError) {
+        let kind = match error {
+            ClerkError::Timeout { .. } => "timeout",
+            ClerkError::Rejected(_) => "rejected",
+        };
+        *self.errors.entry(kind).or_default() += 1;
+        self.error_samples
+            .entry(kind)
+            .or_insert_with(|| error.to_string());
+    }
+
+    /// Merges the pending latencies into their second's histogram and into
+    /// the run's histogram.
+    fn flush(&mut self, shared: &Shared) {
+        if self.pending.is_empty() {
+            return;
+        }
+        {
+            let mut slot = shared.slots[self.pending_slot].latency.lock();
+            let histogram = slot.get_or_insert_with(new_slot_histogram);
+            for &us in &self.pending {
+                histogram.saturating_record(us);
+            }
+        }
+        let mut measured = shared.measured.lock();
+        for &us in &self.pending {
+            measured.saturating_record(us);
+        }
+        self.pending.clear();
+    }
+
+    /// Writes keys `client, client + clients, ...` once each; returns the
+    /// keys written and the failures.
+    fn preload(&mut self, shared: &Shared) -> (u64, u64) {
+        let (mut written, mut failed) = (0, 0);
+        let clients = shared.options.clients as u64;
+        let mut k = self.client as u64;
+        while k < shared.options.keys {
+            match self.execute(shared, k, false).result {
+                Ok(()) => written += 1,
+                Err(_) => failed += 1,
+            }
+            k += clients;
+        }
+        (written, failed)
+    }
+}
+
+/// Every `check_stride`-th key is recorded for the check.
+fn check_stride(keys: u64) -> u64 {
+    keys.div_ceil(MAX_CHECKED_KEYS).max(1)
+}
+
+/// User plus system CPU time of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Runs `body` on `clients` scoped threads, one per worker, and collects
+/// the workers back.
+fn on_threads<F>(workers: Vec<Worker>, body: &F) -> Vec<Worker>
+where
+    F: Fn(&mut Worker) + Sync,
+{
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .into_iter()
+            .map(|mut worker| {
+                std::thread::Builder::new()
+                    .name(format!("loadgen-{}", worker.client))
+                    .stack_size(CLIENT_STACK_BYTES)
+                    .spawn_scoped(scope, move || {
+                        body(&mut worker);
+                        worker
+                    })
+                    .expect("spawn a client thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    })
 }
 
 /// Runs the load with clerks from `make_clerk` (one per client) and
@@ -111,323 +511,202 @@ pub fn run(
     progress: &(dyn Fn(&SecondStats) + Sync),
 ) -> Report {
     assert!(options.clients > 0, "at least one client");
-    let epoch = Instant::now();
-    let measure_from = epoch + options.warmup;
-    let end = measure_from + options.duration;
-    let live = Live::default();
-    let timeline = Timeline {
-        seconds: Mutex::new(Vec::new()),
-    };
-    let recorded_ops = AtomicU64::new(0);
-    let results: Vec<ClientResult> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..options.clients)
-            .map(|client| {
-                let (live, timeline, recorded_ops) = (&live, &timeline, &recorded_ops);
-                std::thread::Builder::new()
-                    .name(format!("loadgen-{client}"))
-                    .spawn_scoped(scope, move || {
-                        let clerk = make_clerk(client);
-                        let window = Window {
-                            epoch,
-                            measure_from,
-                            end,
-                        };
-                        run_client(options, client, clerk, window, live, timeline, recorded_ops)
-                    })
-                    .expect("spawn a client thread")
-            })
-            .collect();
-        report_progress(&live, &timeline, epoch, end, progress);
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("client thread"))
-            .collect()
+    assert!(
+        (options.warmup + options.duration).as_secs() <= MAX_RUN_SECS,
+        "a run of at most {MAX_RUN_SECS} s"
+    );
+    let cpu_before = process_cpu();
+    let mut workers: Vec<Worker> = (0..options.clients)
+        .map(|client| Worker::new(options, client, make_clerk(client)))
+        .collect();
+    let run_nonce = SplitMix64::new(options.seed ^ clock_seed()).next_u64();
+    let mut shared = new_shared(options, Instant::now(), run_nonce);
+    let mut report = Report::default();
+    if options.preload {
+        let preload_start = Instant::now();
+        let counts = Mutex::new((0u64, 0u64));
+        workers = on_threads(workers, &|worker: &mut Worker| {
+            let (written, failed) = worker.preload(&shared);
+            let mut counts = counts.lock();
+            counts.0 += written;
+            counts.1 += failed;
+        });
+        (report.preload_keys, report.preload_errors) = counts.into_inner();
+        report.preload_s = preload_start.elapsed().as_secs_f64();
+        // The run's clock restarts; the history (and its time zero) goes on.
+        let recorded = shared.recorded_ops.load(Ordering::Relaxed);
+        let overflow = shared.history_overflow.load(Ordering::Relaxed);
+        let history_origin = shared.history_origin;
+        shared = new_shared(options, Instant::now(), run_nonce);
+        shared.recorded_ops.store(recorded, Ordering::Relaxed);
+        shared.history_overflow.store(overflow, Ordering::Relaxed);
+        shared.history_origin = history_origin;
+    }
+    let workers = std::thread::scope(|scope| {
+        let printer = scope.spawn(|| report_progress(&shared, progress));
+        let workers = on_threads(workers, &|worker: &mut Worker| worker.run(&shared));
+        printer.join().expect("progress thread");
+        workers
     });
-    summarize(options, results, timeline, measure_from, end)
+    report.client_cpu_s = (process_cpu() - cpu_before).as_secs_f64();
+    summarize(&shared, workers, report)
 }
 
-#[derive(Clone, Copy)]
-struct Window {
-    epoch: Instant,
-    measure_from: Instant,
-    end: Instant,
+fn new_shared(options: &LoadOptions, start: Instant, run_nonce: u64) -> Shared<'_> {
+    let warmup_slots = options.warmup.as_secs_f64().ceil() as usize;
+    let measured_slots = (options.duration.as_secs_f64().ceil() as usize).max(1);
+    let measure_from = start + options.warmup;
+    let base = measure_from
+        .checked_sub(Duration::from_secs(warmup_slots as u64))
+        .unwrap_or(start);
+    Shared {
+        options,
+        start,
+        base,
+        warmup_slots,
+        measure_from,
+        end: measure_from + options.duration,
+        slots: (0..warmup_slots + measured_slots)
+            .map(|_| Slot {
+                ops: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                busy: AtomicU64::new(0),
+                latency: Mutex::new(None),
+            })
+            .collect(),
+        measured: Mutex::new(new_histogram()),
+        next_request: AtomicU64::new(0),
+        recorded_ops: AtomicU64::new(0),
+        history_overflow: AtomicBool::new(false),
+        run_nonce,
+        history_origin: start,
+    }
 }
 
-/// Prints one line a second until the run ends.
-fn report_progress(
-    live: &Live,
-    timeline: &Timeline,
-    epoch: Instant,
-    end: Instant,
-    progress: &(dyn Fn(&SecondStats) + Sync),
-) {
-    let mut second = 1u64;
-    let mut last_ops = 0;
-    let mut last_errors = 0;
-    while Instant::now() < end {
-        let wake = epoch + Duration::from_secs(second);
+/// Differs from run to run, so values (and `check` keys) of two runs never
+/// collide.
+fn clock_seed() -> u64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    since_epoch.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+/// The figures of timeline slot `index`, numbered so that the first measured
+/// second is 1.
+fn slot_stats(shared: &Shared, index: usize) -> SecondStats {
+    let slot = &shared.slots[index];
+    let mut stats = SecondStats {
+        second: index as i64 - shared.warmup_slots as i64 + 1,
+        ops: slot.ops.load(Ordering::Relaxed),
+        busy: slot.busy.load(Ordering::Relaxed),
+        errors: slot.errors.load(Ordering::Relaxed),
+        ..Default::default()
+    };
+    if let Some(histogram) = slot.latency.lock().as_ref() {
+        stats.p50_ms = ms(histogram.value_at_quantile(0.5));
+        stats.p99_ms = ms(histogram.value_at_quantile(0.99));
+    }
+    stats
+}
+
+/// Calls `progress` once a second, for the second just ended, until the
+/// run ends. Counts are exact; latencies are merged by the clients as they
+/// move on, so a client stuck in a long request shows up late.
+fn report_progress(shared: &Shared, progress: &(dyn Fn(&SecondStats) + Sync)) {
+    for index in 0..shared.slots.len() {
+        let wake = shared.base + Duration::from_secs(index as u64 + 1) + PROGRESS_DELAY;
         let now = Instant::now();
         if wake > now {
             std::thread::sleep(wake - now);
         }
-        let (ops, errors) = (
-            live.ops.load(Ordering::Relaxed),
-            live.errors.load(Ordering::Relaxed),
-        );
-        let mut stats = SecondStats {
-            second,
-            ops: ops - last_ops,
-            errors: errors - last_errors,
-            ..Default::default()
-        };
-        (last_ops, last_errors) = (ops, errors);
-        // Clients merge a second's histogram once they move past it, so
-        // the previous second is complete (or nearly) by now.
-        if let Some((histogram, busy)) = timeline.seconds.lock().get(second as usize - 1) {
-            stats.p50_ms = histogram.value_at_quantile(0.5) as f64 / 1000.0;
-            stats.p99_ms = histogram.value_at_quantile(0.99) as f64 / 1000.0;
-            stats.busy = *busy;
-        }
+        let mut stats = slot_stats(shared, index);
+        stats.p99_so_far_ms = ms(shared.measured.lock().value_at_quantile(0.99));
         progress(&stats);
-        second += 1;
     }
 }
 
-fn key_name(k: u64) -> String {
-    format!("key{k:08}")
-}
-
-/// An ASCII value of `size` bytes, unique per (client, n), so a history of
-/// puts can tell values apart.
-fn value_for(client: usize, n: u64, size: usize) -> String {
-    let mut value = format!("v{client}-{n}-");
-    while value.len() < size {
-        value.push('x');
-    }
-    value.truncate(size.max(1));
-    value
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_client(
-    options: &LoadOptions,
-    client: usize,
-    mut clerk: Clerk,
-    window: Window,
-    live: &Live,
-    timeline: &Timeline,
-    recorded_ops: &AtomicU64,
-) -> ClientResult {
-    let mut rng =
-        SplitMix64::new(options.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut result = ClientResult {
-        latency: new_histogram(),
-        reads: 0,
-        writes: 0,
-        errors: BTreeMap::new(),
-        busy: 0,
-        history: Vec::new(),
-        last_finish: window.measure_from,
-    };
-    let mut second_histogram = new_histogram();
-    let mut second_index = 0usize;
-    let mut second_busy = 0u64;
-    let interval = options
-        .rate
-        .map(|rate| Duration::from_secs_f64(options.clients as f64 / rate));
-    let mut next_start = window.epoch
-        + interval.map_or(Duration::ZERO, |i| {
-            i.mul_f64(client as f64 / options.clients as f64)
-        });
-    let mut n = 0u64;
-    let read_threshold = (options.read_ratio.clamp(0.0, 1.0) * 1_000_000.0) as u64;
-    loop {
-        // Open loop: wait for the scheduled time (never skip a slot).
-        let scheduled = match interval {
-            Some(interval) => {
-                let scheduled = next_start;
-                next_start += interval;
-                let now = Instant::now();
-                if scheduled > now {
-                    std::thread::sleep(scheduled - now);
-                }
-                scheduled
-            }
-            None => Instant::now(),
-        };
-        if scheduled >= window.end {
-            break;
-        }
-        n += 1;
-        let key = key_name(rng.range(0, options.keys.max(1)));
-        let is_read = rng.range(0, 1_000_000) < read_threshold;
-        let busy_before = clerk.busy_retries();
-        let call_us = window.epoch.elapsed().as_micros() as u64;
-        let (input, outcome) = if is_read {
-            let outcome = clerk.get(key.as_bytes()).map(|v| KvOutput::Get {
-                value: v.map(|v| String::from_utf8_lossy(&v).into_owned()),
-            });
-            (KvInput::Get { key }, outcome)
-        } else {
-            let value = value_for(client, n, options.value_size_bytes);
-            let outcome = clerk
-                .put(key.as_bytes(), value.as_bytes())
-                .map(|()| KvOutput::Put);
-            (KvInput::Put { key, value }, outcome)
-        };
-        let finished = Instant::now();
-        let measured = scheduled >= window.measure_from;
-        let busy = clerk.busy_retries() - busy_before;
-        second_busy += busy;
-        if measured {
-            result.busy += busy;
-        }
-        let return_us = finished.duration_since(window.epoch).as_micros() as u64;
-        let output = match outcome {
-            Ok(output) => {
-                if measured {
-                    let latency_us = finished.duration_since(scheduled).as_micros().max(1) as u64;
-                    result.latency.saturating_record(latency_us);
-                    second_histogram.saturating_record(latency_us);
-                    if is_read {
-                        result.reads += 1;
-                    } else {
-                        result.writes += 1;
-                    }
-                    result.last_finish = result.last_finish.max(finished);
-                    live.ops.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(output)
-            }
-            Err(error) => {
-                if measured {
-                    let kind = match error {
-                        ClerkError::Timeout { .. } => "timeout",
-                        ClerkError::Rejected(_) => "rejected",
-                    };
-                    *result.errors.entry(kind.to_string()).or_default() += 1;
-                    live.errors.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-        };
-        if options.check
-            && recorded_ops.fetch_add(1, Ordering::Relaxed) < options.max_checked_ops as u64
-        {
-            let return_us = output.as_ref().map(|_| return_us);
-            let client_id = clerk.client_id();
-            result.history.push(Operation {
-                client_id,
-                input,
-                call_us,
-                output,
-                return_us,
-            });
-        }
-        let now_second = finished.duration_since(window.epoch).as_secs() as usize;
-        if now_second > second_index {
-            merge_second(
-                timeline,
-                second_index,
-                &mut second_histogram,
-                &mut second_busy,
-            );
-            second_index = now_second;
-        }
-    }
-    merge_second(
-        timeline,
-        second_index,
-        &mut second_histogram,
-        &mut second_busy,
-    );
-    result
-}
-
-fn merge_second(
-    timeline: &Timeline,
-    second: usize,
-    histogram: &mut Histogram<u64>,
-    busy: &mut u64,
-) {
-    let mut seconds = timeline.seconds.lock();
-    while seconds.len() <= second {
-        seconds.push((new_histogram(), 0));
-    }
-    let slot = &mut seconds[second];
-    slot.0.add(&*histogram).expect("same histogram bounds");
-    slot.1 += *busy;
-    histogram.reset();
-    *busy = 0;
-}
-
-fn summarize(
-    options: &LoadOptions,
-    results: Vec<ClientResult>,
-    timeline: Timeline,
-    measure_from: Instant,
-    end: Instant,
-) -> Report {
-    let mut latency = new_histogram();
-    let mut report = Report::default();
-    let mut last_finish = end;
+fn summarize(shared: &Shared, workers: Vec<Worker>, mut report: Report) -> Report {
+    let options = shared.options;
+    let mut last_finish = shared.end;
     let mut history = Vec::new();
-    for result in results {
-        latency.add(&result.latency).expect("same histogram bounds");
-        report.reads += result.reads;
-        report.writes += result.writes;
-        report.busy += result.busy;
-        for (kind, count) in result.errors {
-            *report.errors.entry(kind).or_default() += count;
+    let mut sent_measured = 0;
+    for worker in workers {
+        report.reads += worker.reads;
+        report.writes += worker.writes;
+        report.busy += worker.busy;
+        sent_measured += worker.sent_measured;
+        for (kind, count) in worker.errors {
+            *report.errors.entry(kind.to_string()).or_default() += count;
         }
-        last_finish = last_finish.max(result.last_finish);
-        history.extend(result.history);
+        for (kind, sample) in worker.error_samples {
+            report
+                .error_samples
+                .entry(kind.to_string())
+                .or_insert(sample);
+        }
+        if let Some(finish) = worker.last_finish {
+            last_finish = last_finish.max(finish);
+        }
+        history.extend(worker.history);
     }
     report.ops = report.reads + report.writes;
     // As etcd-bench does: from the start of the window until the last
     // request that started inside it finished.
     report.elapsed_s = last_finish
-        .duration_since(measure_from)
+        .duration_since(shared.measure_from)
         .as_secs_f64()
         .max(1e-9);
     report.ops_per_sec = report.ops as f64 / report.elapsed_s;
-    let ms = |us: u64| us as f64 / 1000.0;
+    report.scheduled = shared.scheduled_in_window();
+    report.unsent = report
+        .scheduled
+        .map_or(0, |scheduled| scheduled.saturating_sub(sent_measured));
+    let latency = shared.measured.lock();
     report.p50_ms = ms(latency.value_at_quantile(0.50));
     report.p90_ms = ms(latency.value_at_quantile(0.90));
     report.p99_ms = ms(latency.value_at_quantile(0.99));
     report.p999_ms = ms(latency.value_at_quantile(0.999));
     report.max_ms = ms(latency.max());
     report.mean_ms = latency.mean() / 1000.0;
-    let warmup_seconds = options.warmup.as_secs() as usize;
-    let seconds = timeline.seconds.into_inner();
-    for (index, (histogram, busy)) in seconds.into_iter().enumerate().skip(warmup_seconds) {
-        report.seconds.push(SecondStats {
-            second: (index - warmup_seconds) as u64 + 1,
-            ops: histogram.len(),
-            p50_ms: ms(histogram.value_at_quantile(0.5)),
-            p99_ms: ms(histogram.value_at_quantile(0.99)),
-            busy,
-            errors: 0,
-        });
-    }
+    report.seconds = (shared.warmup_slots..shared.slots.len())
+        .map(|index| slot_stats(shared, index))
+        .collect();
     if options.check {
         report.checked_ops = history.len();
-        report.check = Some(match check::check(&history, Duration::from_secs(60)) {
-            Verdict::Linearizable => "linearizable".to_string(),
-            Verdict::NotLinearizable { key, ops } => {
-                format!(
-                    "not linearizable on key {key} ({} operations in the smallest failing prefix)",
-                    ops.len()
-                )
-            }
-            Verdict::Timeout => "timeout".to_string(),
+        report.checked_keys = options.keys.div_ceil(check_stride(options.keys));
+        report.check = Some(if shared.history_overflow.load(Ordering::Relaxed) {
+            format!(
+                "skipped: more than {} operations on the sampled keys (run shorter or with fewer keys)",
+                options.max_checked_ops
+            )
+        } else {
+            verdict_text(check::check(&history, CHECK_TIMEOUT))
         });
     }
     report
 }
 
+fn verdict_text(verdict: Verdict) -> String {
+    match verdict {
+        Verdict::Linearizable => "linearizable".to_string(),
+        Verdict::NotLinearizable { key, ops } => format!(
+            "not linearizable on key {key} ({} operations in the smallest failing prefix)",
+            ops.len()
+        ),
+        Verdict::Timeout => "timeout".to_string(),
+    }
+}
+
 impl Report {
-    /// One JSON object with the fields compare.sh and etcd-bench share.
+    /// Failed operations of every kind.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// One JSON object with the fields compare.sh and etcd-bench share
+    /// (`ops_per_sec`, `p50_ms` ... `max_ms`, `errors`, `ops`, `reads`,
+    /// `writes`, `elapsed_s`, `client_cpu_s`) plus our own.
     pub fn to_json(&self, options: &LoadOptions) -> serde_json::Value {
         serde_json::json!({
             "ops_per_sec": self.ops_per_sec,
@@ -442,17 +721,27 @@ impl Report {
             "max_ms": self.max_ms,
             "mean_ms": self.mean_ms,
             "errors": self.errors,
+            "error_samples": self.error_samples,
             "busy": self.busy,
+            "scheduled": self.scheduled,
+            "unsent": self.unsent,
+            "client_cpu_s": self.client_cpu_s,
+            "preload_keys": self.preload_keys,
+            "preload_errors": self.preload_errors,
+            "preload_s": self.preload_s,
             "clients": options.clients,
             "duration_s": options.duration.as_secs_f64(),
+            "warmup_s": options.warmup.as_secs_f64(),
             "value_size": options.value_size_bytes,
             "keys": options.keys,
             "read_ratio": options.read_ratio,
             "rate": options.rate,
             "check": self.check,
             "checked_ops": self.checked_ops,
+            "checked_keys": self.checked_keys,
             "timeline": self.seconds.iter().map(|s| serde_json::json!({
-                "second": s.second, "ops": s.ops, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "busy": s.busy
+                "second": s.second, "ops": s.ops, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
+                "busy": s.busy, "errors": s.errors,
             })).collect::<Vec<_>>(),
         })
     }
@@ -471,10 +760,36 @@ impl Report {
             self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms
         );
         let _ = writeln!(text, "busy (pushed back and retried): {}", self.busy);
-        let errors: u64 = self.errors.values().sum();
-        let _ = writeln!(text, "errors: {errors} {:?}", self.errors);
+        if let Some(scheduled) = self.scheduled {
+            let _ = writeln!(
+                text,
+                "open loop: {scheduled} requests scheduled, {} never sent",
+                self.unsent
+            );
+        }
+        let _ = writeln!(text, "errors: {} {:?}", self.error_count(), self.errors);
+        for (kind, sample) in &self.error_samples {
+            let _ = writeln!(text, "  first {kind}: {sample}");
+        }
+        if self.preload_keys + self.preload_errors > 0 {
+            let _ = writeln!(
+                text,
+                "preload: {} keys in {:.2} s, {} failed",
+                self.preload_keys, self.preload_s, self.preload_errors
+            );
+        }
+        let _ = writeln!(
+            text,
+            "loadgen cpu: {:.2} s ({:.1} µs per op)",
+            self.client_cpu_s,
+            self.client_cpu_s * 1e6 / self.ops.max(1) as f64
+        );
         if let Some(check) = &self.check {
-            let _ = writeln!(text, "check ({} ops): {check}", self.checked_ops);
+            let _ = writeln!(
+                text,
+                "check ({} ops on {} keys): {check}",
+                self.checked_ops, self.checked_keys
+            );
         }
         text
     }

@@ -1,16 +1,34 @@
 //! `loadgen`: drives a kvstore-raft cluster with N clerks and reports
-//! throughput, latency percentiles, errors and backpressure. See
-//! `loadgen --help` and the README's performance section.
+//! throughput, latency percentiles, errors and backpressure; see `--help`
+//! and the README's performance section. A progress line goes to stderr
+//! each second; the result goes to stdout, as text or (`--json`) as one
+//! JSON object on the last line.
+//!
+//! Exit status: 0 when the run completed; 1 when no operation succeeded,
+//! the check found the history not linearizable (or could not decide), or
+//! the plot could not be written; 3 for bad arguments or a bad config file
+//! (one line on stderr).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use kvstore_raft::clerk::{Clerk, ClerkOptions};
 use kvstore_raft::config::ClusterConfig;
-use kvstore_raft::loadgen::{self, LoadOptions};
+use kvstore_raft::loadgen::{self, LoadOptions, Report, SecondStats, MAX_RUN_SECS};
 
 const USAGE: &str = "usage: loadgen [--config FILE] --clients N --duration SECS [--warmup SECS] \
---value-size BYTES --keys K --read-ratio R [--rate OPS] [--timeout SECS] [--json] [--plot FILE.svg] [--check] [--seed S]";
+[--value-size BYTES] [--keys K] [--read-ratio R] [--rate OPS] [--preload] [--timeout SECS] \
+[--json] [--plot FILE.svg] [--check] [--seed S]";
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 3;
+/// Bounds of the numeric options: generous, but they keep a typo from
+/// asking for a million threads or a year-long run.
+const MAX_CLIENTS: usize = 4096;
+const MAX_KEYS: u64 = 1_000_000_000;
+const MAX_RATE: f64 = 10_000_000.0;
+const MAX_TIMEOUT_SECS: f64 = 3600.0;
+/// The most operations `--check` records.
+const MAX_CHECKED_OPS: usize = 200_000;
 
 struct Args {
     config: String,
@@ -20,6 +38,7 @@ struct Args {
     plot: Option<String>,
 }
 
+/// The value of `--name` parsed as `T`, or `default` when it is absent.
 fn number<T: std::str::FromStr>(
     matches: &getopts::Matches,
     name: &str,
@@ -33,15 +52,46 @@ fn number<T: std::str::FromStr>(
     }
 }
 
-fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
+/// `value` when it lies in `[low, high]`, else an error naming the option.
+fn within<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    value: T,
+    low: T,
+    high: T,
+) -> Result<T, String> {
+    if value >= low && value <= high {
+        Ok(value)
+    } else {
+        Err(format!("--{name} {value} is not between {low} and {high}"))
+    }
+}
+
+/// Seconds as a Duration, checked to lie in `[low, high]` (NaN never does).
+fn seconds(
+    matches: &getopts::Matches,
+    name: &str,
+    default: Option<f64>,
+    low: f64,
+    high: f64,
+) -> Result<Duration, String> {
+    let secs = within(name, number(matches, name, default)?, low, high)?;
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn options() -> getopts::Options {
     let mut opts = getopts::Options::new();
     opts.optopt(
         "",
         "config",
-        "the cluster file (default conf/cluster.json)",
+        "cluster file (default conf/cluster.json)",
         "FILE",
     );
-    opts.optopt("", "clients", "concurrent clerks", "N");
+    opts.optopt(
+        "",
+        "clients",
+        "concurrent clerks, one request in flight each",
+        "N",
+    );
     opts.optopt("", "duration", "measured seconds", "SECS");
     opts.optopt("", "warmup", "unmeasured seconds first (default 0)", "SECS");
     opts.optopt("", "value-size", "bytes per value (default 256)", "BYTES");
@@ -55,8 +105,14 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     opts.optopt(
         "",
         "rate",
-        "open loop: operations per second in total",
+        "open loop: operations per second in total, sent by the N clerks; \
+         latency counts from the scheduled time",
         "OPS",
+    );
+    opts.optflag(
+        "",
+        "preload",
+        "write every key once before the run (unmeasured)",
     );
     opts.optopt("", "timeout", "per-operation deadline (default 10)", "SECS");
     opts.optopt(
@@ -69,11 +125,21 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     opts.optopt(
         "",
         "plot",
-        "write throughput and latency per second as SVG",
+        "write ops/s and p50/p99 latency per second as SVG",
         "FILE",
     );
-    opts.optflag("", "check", "record the history and check linearizability");
+    opts.optflag(
+        "",
+        "check",
+        "record the operations (on at most 1000 keys) and check linearizability; \
+         uses keys of this run only",
+    );
     opts.optflag("h", "help", "print this help");
+    opts
+}
+
+fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
+    let opts = options();
     let matches = opts.parse(argv).map_err(|e| e.to_string())?;
     if matches.opt_present("help") {
         println!("{}", opts.usage(USAGE));
@@ -82,31 +148,42 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     if let Some(extra) = matches.free.first() {
         return Err(format!("unexpected argument {extra:?}"));
     }
-    let read_ratio: f64 = number(&matches, "read-ratio", Some(0.0))?;
-    if !(0.0..=1.0).contains(&read_ratio) {
-        return Err(format!("--read-ratio {read_ratio} is not between 0 and 1"));
-    }
-    let clients: usize = number(&matches, "clients", None)?;
-    if clients == 0 || clients > 4096 {
-        return Err(format!("--clients {clients} is not between 1 and 4096"));
-    }
-    let rate: Option<f64> = match matches.opt_str("rate") {
-        Some(_) => Some(number(&matches, "rate", None)?),
+    let rate = match matches.opt_str("rate") {
+        Some(_) => Some(within(
+            "rate",
+            number(&matches, "rate", None)?,
+            0.001,
+            MAX_RATE,
+        )?),
         None => None,
     };
-    if rate.is_some_and(|r: f64| r.is_nan() || r <= 0.0) {
-        return Err("--rate must be positive".into());
-    }
+    let max_run_secs = MAX_RUN_SECS as f64 / 2.0;
     let load = LoadOptions {
-        clients,
-        duration: Duration::from_secs_f64(number(&matches, "duration", None)?),
-        warmup: Duration::from_secs_f64(number(&matches, "warmup", Some(0.0))?),
-        value_size_bytes: number(&matches, "value-size", Some(256))?,
-        keys: number(&matches, "keys", Some(10_000))?,
-        read_ratio,
+        clients: within(
+            "clients",
+            number(&matches, "clients", None)?,
+            1,
+            MAX_CLIENTS,
+        )?,
+        duration: seconds(&matches, "duration", None, 0.001, max_run_secs)?,
+        warmup: seconds(&matches, "warmup", Some(0.0), 0.0, max_run_secs)?,
+        value_size_bytes: within(
+            "value-size",
+            number(&matches, "value-size", Some(256))?,
+            1,
+            usize::MAX,
+        )?,
+        keys: within("keys", number(&matches, "keys", Some(10_000))?, 1, MAX_KEYS)?,
+        read_ratio: within(
+            "read-ratio",
+            number(&matches, "read-ratio", Some(0.0))?,
+            0.0,
+            1.0,
+        )?,
         rate,
+        preload: matches.opt_present("preload"),
         check: matches.opt_present("check"),
-        max_checked_ops: 200_000,
+        max_checked_ops: MAX_CHECKED_OPS,
         seed: number(&matches, "seed", Some(1))?,
     };
     Ok(Some(Args {
@@ -114,10 +191,48 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             .opt_str("config")
             .unwrap_or_else(|| "conf/cluster.json".into()),
         load,
-        timeout: Duration::from_secs_f64(number(&matches, "timeout", Some(10.0))?),
+        timeout: seconds(&matches, "timeout", Some(10.0), 0.001, MAX_TIMEOUT_SECS)?,
         json: matches.opt_present("json"),
         plot: matches.opt_str("plot"),
     }))
+}
+
+/// The cluster file, with the value size checked against its limit.
+fn load_config(args: &Args) -> Result<ClusterConfig, String> {
+    let config = ClusterConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let max_value_bytes = config.max_append_bytes / 2;
+    if args.load.value_size_bytes > max_value_bytes {
+        return Err(format!(
+            "--value-size {} is above this cluster's limit of {max_value_bytes} bytes \
+             (half of max_append_bytes in {})",
+            args.load.value_size_bytes, args.config
+        ));
+    }
+    Ok(config)
+}
+
+fn print_progress(s: &SecondStats) {
+    let label = if s.is_warmup() { " warmup" } else { "" };
+    eprintln!(
+        "[{:>4}s]{label} {:>8} ops/s  p99 so far {:>8.3} ms  busy/s {:>6}  errors/s {:>5}",
+        s.second, s.ops, s.p99_so_far_ms, s.busy, s.errors
+    );
+}
+
+/// Why the run counts as failed, if it does.
+fn failure(report: &Report) -> Option<String> {
+    if report.ops == 0 {
+        let first = report.error_samples.values().next();
+        return Some(format!(
+            "no operation succeeded ({} errors{})",
+            report.error_count(),
+            first.map(|e| format!("; first: {e}")).unwrap_or_default()
+        ));
+    }
+    match report.check.as_deref() {
+        Some(check) if check != "linearizable" => Some(format!("check: {check}")),
+        _ => None,
+    }
 }
 
 fn main() -> ExitCode {
@@ -126,15 +241,15 @@ fn main() -> ExitCode {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("loadgen: {message}\n{USAGE}");
-            return ExitCode::from(3);
+            eprintln!("loadgen: {message} ({USAGE})");
+            return ExitCode::from(EXIT_USAGE);
         }
     };
-    let config = match ClusterConfig::load(&args.config) {
+    let config = match load_config(&args) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("loadgen: {e}");
-            return ExitCode::from(3);
+        Err(message) => {
+            eprintln!("loadgen: {message}");
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let make_clerk = |_client: usize| {
@@ -145,17 +260,12 @@ fn main() -> ExitCode {
         };
         Clerk::new(&config, options)
     };
-    let progress = |s: &loadgen::SecondStats| {
-        eprintln!(
-            "[{:>3}s] {:>8} ops/s  p50 {:>8.3} ms  p99 {:>8.3} ms  busy/s {:>6}  errors/s {:>4}",
-            s.second, s.ops, s.p50_ms, s.p99_ms, s.busy, s.errors
-        );
-    };
-    let report = loadgen::run(&args.load, &make_clerk, &progress);
+    let report = loadgen::run(&args.load, &make_clerk, &print_progress);
+    let mut status = ExitCode::SUCCESS;
     if let Some(path) = &args.plot {
         if let Err(e) = std::fs::write(path, report.to_svg()) {
             eprintln!("loadgen: cannot write the plot to {path}: {e}");
-            return ExitCode::from(1);
+            status = ExitCode::from(EXIT_FAILED);
         }
     }
     if args.json {
@@ -163,8 +273,9 @@ fn main() -> ExitCode {
     } else {
         print!("{}", report.to_text());
     }
-    if report.check.as_deref().is_some_and(|c| c != "linearizable") {
-        return ExitCode::from(1);
+    if let Some(reason) = failure(&report) {
+        eprintln!("loadgen: {reason}");
+        status = ExitCode::from(EXIT_FAILED);
     }
-    ExitCode::SUCCESS
+    status
 }

@@ -1,0 +1,325 @@
+//! The `loadgen` binary against a real 3-node cluster of `kvserver`
+//! processes on loopback: a small closed-loop run with `--json --plot
+//! --check` must print one JSON object with the fields compare.sh reads, a
+//! linearizable verdict and an SVG plot; an open-loop run must send what its
+//! schedule asks for; bad arguments must exit 3 with one line. Every child
+//! process is killed when the test ends, even when it fails.
+
+use std::fs::{self, File};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use kvstore_raft::clerk::{Clerk, ClerkOptions};
+use kvstore_raft::config::ClusterConfig;
+use serde_json::Value;
+use tempfile::TempDir;
+
+const KVSERVER: &str = env!("CARGO_BIN_EXE_kvserver");
+const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
+/// How long the cluster may take to elect a leader and take a write.
+const READY_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a loadgen run of a few seconds may take, check included.
+const RUN_DEADLINE: Duration = Duration::from_secs(40);
+const NODES: u64 = 3;
+
+/// Three kvserver processes on loopback ports that were free a moment ago,
+/// with short Raft timings and data in a temporary directory. Killed on drop.
+struct Cluster {
+    dir: TempDir,
+    config: PathBuf,
+    nodes: Vec<Child>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listeners: Vec<TcpListener> = (0..NODES)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+            .collect();
+        let nodes: Vec<String> = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, listener)| {
+                let port = listener.local_addr().expect("local addr").port();
+                format!(r#"{{"id": {}, "ip": "127.0.0.1", "port": {port}}}"#, i + 1)
+            })
+            .collect();
+        drop(listeners);
+        let config = dir.path().join("cluster.json");
+        let text = format!(
+            r#"{{"raft_nodes": [{}], "data_dir": {:?}, "tick_ms": 10,
+                "election_timeout_min_ms": 150, "election_timeout_max_ms": 300,
+                "heartbeat_interval_ms": 30}}"#,
+            nodes.join(", "),
+            dir.path().join("data").display().to_string()
+        );
+        fs::write(&config, text).expect("write cluster.json");
+        let mut cluster = Cluster {
+            dir,
+            config,
+            nodes: Vec::new(),
+        };
+        for id in 1..=NODES {
+            let log = File::create(cluster.dir.path().join(format!("node{id}.log"))).unwrap();
+            let child = Command::new(KVSERVER)
+                .arg("--config")
+                .arg(&cluster.config)
+                .args(["--id", &id.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn kvserver");
+            cluster.nodes.push(child);
+        }
+        cluster.wait_ready();
+        cluster
+    }
+
+    /// Waits until a write succeeds, i.e. a leader was elected.
+    fn wait_ready(&mut self) {
+        let config = ClusterConfig::load(&self.config).expect("load the config");
+        let options = ClerkOptions {
+            timeout: READY_DEADLINE,
+            ..ClerkOptions::default()
+        };
+        let mut clerk = Clerk::new(&config, options);
+        if let Err(e) = clerk.put(b"ready", b"1") {
+            for (i, node) in self.nodes.iter_mut().enumerate() {
+                if let Ok(Some(status)) = node.try_wait() {
+                    panic!("node {} exited with {status}: {}", i + 1, self.log(i + 1));
+                }
+            }
+            panic!("the cluster took no write within {READY_DEADLINE:?}: {e}");
+        }
+    }
+
+    fn log(&self, id: usize) -> String {
+        fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+/// What a loadgen process left behind.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs loadgen with `args` (stdout and stderr to files, so a full pipe can
+/// never block it), killing it and failing past `RUN_DEADLINE`.
+fn loadgen(dir: &Path, args: &[&str]) -> Run {
+    let out_path = dir.join("loadgen.out");
+    let err_path = dir.join("loadgen.err");
+    let mut child = Command::new(LOADGEN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap())
+        .spawn()
+        .expect("spawn loadgen");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if start.elapsed() > RUN_DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "loadgen {args:?} ran past {RUN_DEADLINE:?}; stderr:\n{}",
+                fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        sleep(Duration::from_millis(50));
+    };
+    Run {
+        status,
+        stdout: fs::read_to_string(&out_path).unwrap(),
+        stderr: fs::read_to_string(&err_path).unwrap(),
+    }
+}
+
+/// The last line of stdout, which must be one JSON object.
+fn last_json(run: &Run) -> Value {
+    let line = run.stdout.lines().last().expect("stdout has a line");
+    let value: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {line}"));
+    assert!(value.is_object(), "not an object: {line}");
+    value
+}
+
+fn number(json: &Value, field: &str) -> f64 {
+    json[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} is not a number in {json}"))
+}
+
+#[test]
+fn closed_and_open_loop_runs_report_json_plot_and_check() {
+    let cluster = Cluster::start();
+    let config = cluster.config.to_str().unwrap();
+    let plot = cluster.dir.path().join("F.svg");
+    let run = loadgen(
+        cluster.dir.path(),
+        &[
+            "--config",
+            config,
+            "--clients",
+            "4",
+            "--duration",
+            "2",
+            "--keys",
+            "50",
+            "--read-ratio",
+            "0.5",
+            "--json",
+            "--plot",
+            plot.to_str().unwrap(),
+            "--check",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(0), "stderr:\n{}", run.stderr);
+    let json = last_json(&run);
+    for field in [
+        "ops_per_sec",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "p999_ms",
+        "max_ms",
+        "busy",
+        "writes",
+        "reads",
+        "ops",
+        "elapsed_s",
+    ] {
+        number(&json, field);
+    }
+    assert!(number(&json, "ops_per_sec") > 0.0, "{json}");
+    let (p50, p90, p99) = (
+        number(&json, "p50_ms"),
+        number(&json, "p90_ms"),
+        number(&json, "p99_ms"),
+    );
+    let (p999, max) = (number(&json, "p999_ms"), number(&json, "max_ms"));
+    assert!(p50 > 0.0 && p50 <= p90 && p90 <= p99, "{json}");
+    assert!(p99 <= p999 && p999 <= max, "{json}");
+    assert!(json["errors"].is_object(), "errors by kind: {json}");
+    assert_eq!(
+        number(&json, "reads") + number(&json, "writes"),
+        number(&json, "ops")
+    );
+    assert!(number(&json, "reads") > 0.0 && number(&json, "writes") > 0.0);
+    let elapsed = number(&json, "elapsed_s");
+    assert!((2.0..10.0).contains(&elapsed), "{json}");
+    assert_eq!(json["check"], "linearizable", "{json}");
+    assert!(
+        number(&json, "checked_ops") >= number(&json, "ops"),
+        "{json}"
+    );
+    assert_eq!(json["timeline"].as_array().map(Vec::len), Some(2), "{json}");
+    // One progress line per second, on stderr.
+    let progress = run.stderr.lines().filter(|l| l.contains("ops/s")).count();
+    assert_eq!(progress, 2, "stderr:\n{}", run.stderr);
+
+    let svg = fs::read_to_string(&plot).expect("the plot was written");
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+    assert!(svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 3, "ops/s, p50 and p99");
+
+    // Open loop: 200 requests a second for 2 s are scheduled and sent,
+    // whatever the latency; none is left unsent at this modest rate.
+    let run = loadgen(
+        cluster.dir.path(),
+        &[
+            "--config",
+            config,
+            "--clients",
+            "4",
+            "--duration",
+            "2",
+            "--keys",
+            "50",
+            "--rate",
+            "200",
+            "--json",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(0), "stderr:\n{}", run.stderr);
+    let json = last_json(&run);
+    assert_eq!(number(&json, "scheduled"), 400.0, "{json}");
+    let errors: f64 = json["errors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    let (ops, unsent) = (number(&json, "ops"), number(&json, "unsent"));
+    assert_eq!(
+        ops + errors + unsent,
+        400.0,
+        "every request accounted: {json}"
+    );
+    assert!(
+        ops >= 360.0,
+        "ops {ops} not close to rate x duration: {json}"
+    );
+    let rate = number(&json, "ops_per_sec");
+    assert!((150.0..=205.0).contains(&rate), "{json}");
+}
+
+#[test]
+fn bad_arguments_exit_3_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.json");
+    fs::write(
+        &config,
+        r#"{"raft_nodes": [{"id": 1, "ip": "127.0.0.1", "port": 9}]}"#,
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--clients", "0", "--duration", "1"], "--clients 0"),
+        (&["--clients", "2"], "--duration is required"),
+        (&["--clients", "2", "--duration", "-1"], "--duration -1"),
+        (&["--clients", "x", "--duration", "1"], "--clients \"x\""),
+        (
+            &["--clients", "2", "--duration", "1", "--read-ratio", "2"],
+            "--read-ratio 2",
+        ),
+        (&["--clients", "2", "--duration", "1", "--frob"], "frob"),
+    ];
+    for (args, expected) in cases {
+        let run = loadgen(dir.path(), &[&["--config", config], args].concat());
+        assert_eq!(run.status.code(), Some(3), "{args:?}: {}", run.stderr);
+        assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(expected), "{args:?}: {}", run.stderr);
+        assert!(run.stdout.is_empty(), "{args:?}: {}", run.stdout);
+    }
+    let missing = dir.path().join("missing.json");
+    let args = [
+        "--config",
+        missing.to_str().unwrap(),
+        "--clients",
+        "1",
+        "--duration",
+        "1",
+    ];
+    let run = loadgen(dir.path(), &args);
+    assert_eq!(run.status.code(), Some(3), "{}", run.stderr);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("missing.json"), "{}", run.stderr);
+}
