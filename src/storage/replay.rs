@@ -39,10 +39,11 @@ pub(crate) struct Replayed {
     pub hard_state: HardState,
     /// Contiguous, starting right after the snapshot.
     pub entries: Vec<Entry>,
-    /// True when the stored entries conflicted with the snapshot and were
-    /// dropped without a reset record in the WAL (a crash between writing the
-    /// snapshot file and logging the reset): the caller must log one now, or
-    /// entries appended later would be dropped again at the next open.
+    /// True when the stored entries conflicted with the snapshot, or ended
+    /// before it, and were dropped without a reset record in the WAL (a crash
+    /// between writing the snapshot file and logging the reset): the caller
+    /// must log one now, or entries appended later would be dropped again, or
+    /// follow the dropped ones with a gap, at the next open.
     pub needs_reset: bool,
 }
 
@@ -159,8 +160,9 @@ impl Replay {
         let snapshot_index = match self.snapshot {
             None => 0,
             Some(meta) => {
-                if let Some(term) = self.term_at(meta.index) {
-                    if term != meta.term {
+                let last_index = self.entries.last().map_or(0, |e| e.index);
+                match self.term_at(meta.index) {
+                    Some(term) if term != meta.term => {
                         log::info!(
                             "{}: stored entries conflict with the snapshot at index {} \
                              (term {} there, snapshot term {}); dropping them",
@@ -172,6 +174,23 @@ impl Replay {
                         self.entries.clear();
                         needs_reset = true;
                     }
+                    None if !self.entries.is_empty() && last_index < meta.index => {
+                        // The log ends before the snapshot (one from the
+                        // leader, and a crash before its reset record was
+                        // logged). Every stored entry is covered, but the WAL
+                        // must say so: entries appended after the snapshot
+                        // would otherwise follow these with a gap, and the
+                        // next open would refuse the log as corrupt.
+                        log::info!(
+                            "{}: the log ends at entry {last_index}, before the snapshot at \
+                             index {}; logging the reset that a crash prevented",
+                            dir.display(),
+                            meta.index
+                        );
+                        self.entries.clear();
+                        needs_reset = true;
+                    }
+                    _ => {}
                 }
                 meta.index
             }
