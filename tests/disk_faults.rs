@@ -802,48 +802,68 @@ fn hole_before_an_intact_record_in_the_tail_is_refused() {
 /// Regression: a snapshot from the leader beyond the end of the stored log,
 /// and a crash after its file was renamed into place but before the reset
 /// record was logged. Recovery must log the reset itself: without it, the
-/// entries appended after the snapshot follow the old, shorter log with a
-/// gap, and the *next* open refused the directory as corrupt ("entry 10
-/// follows entry 5: entries are missing") although nothing was lost.
-/// Found by crash point DISK_SEED=53606 DISK_CRASH_POINT=5.
+/// entries appended after the snapshot follow the old, shorter log (or an
+/// older reset) with a gap, and the *next* open refused the directory as
+/// corrupt ("entry 10 follows entry 5: entries are missing", "entry 10
+/// follows a reset to the snapshot at index 4") although nothing was lost.
+/// Found by crash points DISK_SEED=53606 DISK_CRASH_POINT=5 and
+/// DISK_SEED=53645 DISK_CRASH_POINT=2.
 #[test]
 fn crash_after_renaming_a_snapshot_beyond_the_log_is_repaired() {
-    let temp = TempDir::new().unwrap();
-    let donor = TempDir::new().unwrap();
+    fn entries(first: u64, last: u64) -> Vec<Entry> {
+        (first..=last)
+            .map(|index| Entry {
+                index,
+                term: 2,
+                data: vec![index as u8; 9],
+            })
+            .collect()
+    }
+    // The log before the crash: entries 1..=5; or no entries after a reset
+    // to an older snapshot at 4.
+    let setups: [(&str, fn(&mut DiskStorage)); 2] = [
+        ("entries", |storage| {
+            storage.append(None, &entries(1, 5)).unwrap();
+        }),
+        ("an older reset", |storage| {
+            storage.save_snapshot(&snapshot(4, 2, 0)).unwrap();
+        }),
+    ];
     let hard_state = HardState {
         term: 2,
         vote: 1,
         commit: 3,
     };
-    let entries = |first: u64, last: u64, term: u64| -> Vec<Entry> {
-        (first..=last)
-            .map(|index| Entry {
-                index,
-                term,
-                data: vec![index as u8; 9],
-            })
-            .collect()
-    };
-    {
-        let (mut storage, _) = open(donor.path(), 1 << 20, "donor");
-        storage.append(Some(hard_state), &[]).unwrap();
-        storage.save_snapshot(&snapshot(8, 2, 0)).unwrap();
+    for (what, setup) in setups {
+        let temp = TempDir::new().unwrap();
+        let donor = TempDir::new().unwrap();
+        {
+            let (mut storage, _) = open(donor.path(), 1 << 20, "donor");
+            storage.append(Some(hard_state), &[]).unwrap();
+            storage.save_snapshot(&snapshot(8, 2, 0)).unwrap();
+        }
+        {
+            let (mut storage, _) = open(temp.path(), 1 << 20, what);
+            storage.append(Some(hard_state), &[]).unwrap();
+            setup(&mut storage);
+            storage.sync().unwrap();
+        }
+        // The crash: the leader's snapshot at 8 is in place, nothing else.
+        let donor_image = read_image(donor.path());
+        let snap_name = donor_image.keys().find(|n| n.starts_with("snap-")).unwrap();
+        fs::write(temp.path().join(snap_name), &donor_image[snap_name]).unwrap();
+        {
+            let (mut storage, restored) = open(temp.path(), 1 << 20, what);
+            assert_eq!(restored.snapshot, Some(snapshot(8, 2, 0)), "{what}");
+            assert!(
+                restored.entries.is_empty(),
+                "{what}: {:?}",
+                restored.entries
+            );
+            storage.append(None, &entries(9, 10)).unwrap();
+            storage.sync().unwrap();
+        }
+        let (_storage, restored) = open(temp.path(), 1 << 20, what);
+        assert_eq!(restored.entries, entries(9, 10), "{what}");
     }
-    {
-        let (mut storage, _) = open(temp.path(), 1 << 20, "log");
-        storage.append(Some(hard_state), &entries(1, 5, 1)).unwrap();
-        storage.sync().unwrap();
-    }
-    let donor_image = read_image(donor.path());
-    let snap_name = donor_image.keys().find(|n| n.starts_with("snap-")).unwrap();
-    fs::write(temp.path().join(snap_name), &donor_image[snap_name]).unwrap();
-    {
-        let (mut storage, restored) = open(temp.path(), 1 << 20, "after the crash");
-        assert_eq!(restored.snapshot, Some(snapshot(8, 2, 0)));
-        assert!(restored.entries.is_empty(), "{:?}", restored.entries);
-        storage.append(None, &entries(9, 10, 2)).unwrap();
-        storage.sync().unwrap();
-    }
-    let (_storage, restored) = open(temp.path(), 1 << 20, "the open after");
-    assert_eq!(restored.entries, entries(9, 10, 2));
 }

@@ -160,7 +160,9 @@ impl Replay {
         let snapshot_index = match self.snapshot {
             None => 0,
             Some(meta) => {
-                let last_index = self.entries.last().map_or(0, |e| e.index);
+                // Where the WAL says the next entry follows: its last entry,
+                // or the latest reset if none follows it.
+                let log_end = self.entries.last().map(|e| e.index).or(self.reset_base);
                 match self.term_at(meta.index) {
                     Some(term) if term != meta.term => {
                         log::info!(
@@ -174,17 +176,19 @@ impl Replay {
                         self.entries.clear();
                         needs_reset = true;
                     }
-                    None if !self.entries.is_empty() && last_index < meta.index => {
+                    None if log_end.is_some_and(|end| end < meta.index) => {
                         // The log ends before the snapshot (one from the
                         // leader, and a crash before its reset record was
                         // logged). Every stored entry is covered, but the WAL
                         // must say so: entries appended after the snapshot
-                        // would otherwise follow these with a gap, and the
-                        // next open would refuse the log as corrupt.
+                        // would otherwise follow these (or an older reset)
+                        // with a gap, and the next open would refuse the log
+                        // as corrupt.
                         log::info!(
-                            "{}: the log ends at entry {last_index}, before the snapshot at \
-                             index {}; logging the reset that a crash prevented",
+                            "{}: the log ends at index {}, before the snapshot at index {}; \
+                             logging the reset that a crash prevented",
                             dir.display(),
+                            log_end.unwrap_or(0),
                             meta.index
                         );
                         self.entries.clear();
