@@ -368,11 +368,7 @@ impl DiskStorage {
                 fs::remove_file(&previous.path).map_err(StorageError::io("delete", &previous.path));
             self.stop_on_error(result)?;
         }
-        let result = self
-            .dir_file
-            .sync_all()
-            .map_err(StorageError::io("fsync directory", &self.dir));
-        self.stop_on_error(result)
+        self.sync_dir()
     }
 
     /// The index of the first entry after the snapshot (1 without a snapshot).
@@ -413,6 +409,16 @@ impl DiskStorage {
             Some(faults) => faults.before_fsync(),
             None => Ok(()),
         }
+    }
+
+    /// Fsyncs the directory, so that file creations, renames and deletions
+    /// are durable; a failure stops the storage.
+    fn sync_dir(&mut self) -> Result<(), StorageError> {
+        let result = self
+            .dir_file
+            .sync_all()
+            .map_err(StorageError::io("fsync directory", &self.dir));
+        self.stop_on_error(result)
     }
 
     fn check_running(&self) -> Result<(), StorageError> {
@@ -572,11 +578,7 @@ impl DiskStorage {
             let result = fs::remove_file(path).map_err(StorageError::io("delete", path));
             self.stop_on_error(result)?;
         }
-        let result = self
-            .dir_file
-            .sync_all()
-            .map_err(StorageError::io("fsync directory", &self.dir));
-        self.stop_on_error(result)
+        self.sync_dir()
     }
 }
 
