@@ -17,7 +17,7 @@ use crate::config::ClusterConfig;
 use crate::node::{LinkFilter, Node, NodeHandle, NodeOptions};
 use crate::raft::NodeId;
 use crate::rpc::{Router, RpcServer, ServerConfig};
-use crate::storage::{DiskStorage, StorageOptions};
+use crate::storage::{DiskStorage, FaultFile, StorageOptions};
 
 /// Why a server could not start. Display gives one line naming the cause.
 #[derive(Debug)]
@@ -65,6 +65,9 @@ pub struct StartOptions {
     /// Overrides `<data_dir>/node<id>` from the config.
     pub data_dir: Option<PathBuf>,
     pub link_filter: Option<LinkFilter>,
+    /// The testing hook that stalls or fails this node's fsyncs on request
+    /// (`kvserver --fault-file`); `None` in production.
+    pub fault_file: Option<PathBuf>,
 }
 
 pub struct KvServer {
@@ -93,8 +96,8 @@ impl KvServer {
         let data_dir = start
             .data_dir
             .unwrap_or_else(|| config.node_data_dir(start.id));
-        let (storage, restored) =
-            DiskStorage::open(&data_dir, StorageOptions::default()).map_err(StartError::Storage)?;
+        let (storage, restored) = DiskStorage::open(&data_dir, storage_options(&start.fault_file))
+            .map_err(StartError::Storage)?;
         let kv_options = KvOptions {
             session_ttl_ms: config.session_ttl_ms,
             max_sessions: config.max_sessions,
@@ -214,5 +217,12 @@ pub fn node_options(
         max_frame_bytes: config.max_frame_bytes,
         peer_connect_timeout_ms: config.heartbeat_interval_ms.max(100),
         link_filter,
+    }
+}
+
+fn storage_options(fault_file: &Option<PathBuf>) -> StorageOptions {
+    StorageOptions {
+        fault_file: fault_file.as_deref().map(FaultFile::new),
+        ..StorageOptions::default()
     }
 }

@@ -20,5 +20,5 @@ pub use client::{
     RpcChannel, RpcClient, RpcError,
 };
 pub use frame::RpcCode;
-pub use server::{decode_and_call, RawResponder, Responder, RpcServer, ServerConfig};
+pub use server::{decode_and_call, RawResponder, ReplyBatch, Responder, RpcServer, ServerConfig};
 pub use services::Router;
