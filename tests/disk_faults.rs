@@ -20,6 +20,11 @@
 //! record is, as src/storage documents, indistinguishable from a torn write
 //! and is cut off like one.
 //!
+//! tests/disk_faults_process.rs has the real-process half (failed and
+//! stalled fsyncs through `kvserver --fault-file`); it is a separate test
+//! binary because a child forked while a test here holds a directory lock
+//! would hold that lock too until it execs.
+//!
 //! Environment: `DISK_CRASH_POINTS=N` (default 300) crash points in all,
 //! spread over workloads of `CRASH_POINTS_PER_WORKLOAD` each; `DISK_SEED=S`
 //! runs the workload with seed S only, and `DISK_CRASH_POINT=P` only its
@@ -79,7 +84,10 @@ fn write_image(dir: &Path, image: &Image) {
 }
 
 fn options(segment_bytes: u64) -> StorageOptions {
-    StorageOptions { segment_bytes }
+    StorageOptions {
+        segment_bytes,
+        fault_file: None,
+    }
 }
 
 /// What a correct storage returns at open: the model of the acknowledged
@@ -558,7 +566,9 @@ fn check_recovery(crash: &Crash, segment_bytes: u64, context: &str) {
         term: first.hard_state.term,
         data: b"after recovery".to_vec(),
     };
-    storage.append(None, &[next.clone()]).expect("append");
+    storage
+        .append(None, std::slice::from_ref(&next))
+        .expect("append");
     storage.sync().expect("sync");
     drop(storage);
     let (_storage, third) = open(dir, segment_bytes, &context);
@@ -786,9 +796,9 @@ fn hole_before_an_intact_record_in_the_tail_is_refused() {
     image.get_mut(&name).unwrap()[start..end].fill(0);
     let temp = TempDir::new().unwrap();
     write_image(temp.path(), &image);
-    let error = DiskStorage::open(temp.path(), options(workload.segment_bytes))
-        .err()
-        .expect("open refuses");
+    let Err(error) = DiskStorage::open(temp.path(), options(workload.segment_bytes)) else {
+        panic!("open succeeded");
+    };
     let message = error.to_string();
     assert!(
         message.contains(&name)
@@ -821,7 +831,8 @@ fn crash_after_renaming_a_snapshot_beyond_the_log_is_repaired() {
     }
     // The log before the crash: entries 1..=5; or no entries after a reset
     // to an older snapshot at 4.
-    let setups: [(&str, fn(&mut DiskStorage)); 2] = [
+    type Setup = fn(&mut DiskStorage);
+    let setups: [(&str, Setup); 2] = [
         ("entries", |storage| {
             storage.append(None, &entries(1, 5)).unwrap();
         }),
