@@ -18,7 +18,14 @@
 //! any other damage — a bad checksum before intact records, a missing
 //! segment, a hole in the entry indexes, an unreadable snapshot — stops the
 //! open with an error naming the file and offset, and then nothing on disk
-//! has been modified. Opening never silently drops an entry that was synced.
+//! has been modified. Opening never drops an entry that was synced, with
+//! one exception it cannot tell apart: damage inside the very last record
+//! (no intact record after it) looks exactly like a torn write, because
+//! where the last fsync ended is not recorded, so it is cut off like one,
+//! with a warning naming the file and the bytes dropped; bit rot in that
+//! one record thus costs this node an acknowledged record. Conversely,
+//! zeroes or garbage inside the unsynced tail with an intact record after
+//! them (out-of-order writeback) are reported as corruption.
 //!
 //! Any failed write or fsync stops the storage for good (see
 //! [`StorageError::Stopped`]): after a failed fsync the kernel may already
