@@ -148,6 +148,7 @@ enum Step {
     /// files): `written` is the directory after the write and before the
     /// fsync, `before` what was durable when the step began.
     Write {
+        reopen: bool,
         before: Image,
         written: Image,
         old: State,
@@ -199,6 +200,7 @@ fn record_workload(seed: u64) -> Workload {
                     model.entries.extend(batch);
                 }
                 steps.push(Step::Write {
+                    reopen: false,
                     before,
                     written,
                     old,
@@ -236,6 +238,7 @@ fn record_workload(seed: u64) -> Workload {
                     "seed {seed} step {step}"
                 );
                 steps.push(Step::Write {
+                    reopen: true,
                     before,
                     written: read_image(dir),
                     old: model.clone(),
@@ -244,6 +247,20 @@ fn record_workload(seed: u64) -> Workload {
             }
         }
     }
+    let snapshots = steps
+        .iter()
+        .filter(|s| matches!(s, Step::Snapshot { .. }))
+        .count();
+    let last_segment = read_image(dir)
+        .keys()
+        .rev()
+        .find(|n| n.starts_with("wal-"))
+        .cloned();
+    eprintln!(
+        "workload {seed}: {} steps, {snapshots} snapshots, segment_bytes {segment_bytes}, \
+         last segment {last_segment:?}",
+        steps.len()
+    );
     Workload {
         seed,
         segment_bytes,
@@ -276,7 +293,9 @@ fn next_batch(rng: &mut SplitMix64, model: &State, step: usize) -> (HardState, V
             data: vec![(step as u8) ^ (index as u8); rng.range(0, 200) as usize],
         })
         .collect();
-    hard_state.commit = rng.range(0, first + count);
+    if rng.chance(1, 2) {
+        hard_state.commit = rng.range(0, first + count);
+    }
     (hard_state, batch)
 }
 
@@ -312,6 +331,9 @@ fn random_bytes(rng: &mut SplitMix64, len: u64) -> Vec<u8> {
 
 /// A crash image and what recovery may return from it.
 struct Crash {
+    /// The kind of step and where in it, for the counts.
+    kind: String,
+    /// The details, for failure messages.
     what: String,
     image: Image,
     /// For each file: the bytes that were acknowledged (durable before the
@@ -344,7 +366,13 @@ fn tear(rng: &mut SplitMix64, before: &[u8], written: &[u8]) -> (Vec<u8>, usize)
         // Nothing unsynced: the file is as durable as it was.
         return (written.to_vec(), written.len());
     }
-    let kept = rng.range(before.len() as u64, written.len() as u64 + 1) as usize;
+    // A third of the time everything reached the disk (but was not yet
+    // acknowledged), else any prefix of it did.
+    let kept = if rng.chance(1, 3) {
+        written.len()
+    } else {
+        rng.range(before.len() as u64, written.len() as u64 + 1) as usize
+    };
     let mut bytes = written[..kept].to_vec();
     match rng.range(0, 3) {
         0 => {}
@@ -392,6 +420,7 @@ fn crash_in_write(
         assert!(written.contains_key(name), "a write step deleted {name}");
     }
     Crash {
+        kind: String::new(),
         what: format!("crash inside a write (complete: {complete})"),
         image,
         acked: before.clone(),
@@ -434,6 +463,16 @@ fn crash_in_snapshot(
     assert_eq!(new_segments.len(), 1, "one fresh segment");
     let snap_name = new_snapshot[0];
     let segment_name = new_segments[0];
+    let meta = new
+        .snapshot
+        .as_ref()
+        .expect("a snapshot step saves one")
+        .meta;
+    let source = if old.term_at(meta.index) == Some(meta.term) {
+        "matching the log"
+    } else {
+        "leader's, replacing the log"
+    };
     let stage = rng.range(0, 7);
     let mut image = before.clone();
     let snap_bytes = &after[snap_name];
@@ -473,6 +512,7 @@ fn crash_in_snapshot(
     let mut intended = before.clone();
     intended.extend(after.iter().map(|(n, b)| (n.clone(), b.clone())));
     Crash {
+        kind: format!("save_snapshot ({source}) stage {stage}"),
         what: format!("crash inside save_snapshot at stage {stage}"),
         image,
         acked: before.clone(),
@@ -492,8 +532,9 @@ fn open(dir: &Path, segment_bytes: u64, context: &str) -> (DiskStorage, State) {
     }
 }
 
-/// Recovers from `crash` and checks everything the module promises.
-fn check_recovery(crash: &Crash, segment_bytes: u64, context: &str) {
+/// Recovers from `crash` and checks everything the module promises;
+/// returns which of the acceptable states it recovered.
+fn check_recovery(crash: &Crash, segment_bytes: u64, context: &str) -> &'static str {
     let context = format!("{context} ({})", crash.what);
     let temp = TempDir::new().unwrap();
     let dir = temp.path();
@@ -505,10 +546,12 @@ fn check_recovery(crash: &Crash, segment_bytes: u64, context: &str) {
         hard_state: crash.new.hard_state,
         ..crash.old.clone()
     };
-    let is_new = if first == crash.new {
-        true
-    } else if first == crash.old || (crash.is_write && first == hard_state_only) {
-        false
+    let (is_new, outcome) = if first == crash.new {
+        (true, "whole step")
+    } else if first == crash.old {
+        (false, "acknowledged only")
+    } else if crash.is_write && first == hard_state_only {
+        (false, "hard state only")
     } else {
         panic!(
             "{context}: recovered {}\nbut acknowledged was {}\nand the whole step {}",
@@ -578,35 +621,47 @@ fn check_recovery(crash: &Crash, segment_bytes: u64, context: &str) {
         third, expected,
         "{context}: an append after recovery was lost"
     );
+    outcome
 }
 
-/// Crash point `point` of `workload`; returns what kind of step it hit.
-fn run_crash_point(workload: &Workload, point: u64) -> &'static str {
+/// Crash point `point` of `workload`; returns what kind of step it hit and
+/// what recovery returned.
+fn run_crash_point(workload: &Workload, point: u64) -> String {
     let mut rng = SplitMix64::new(workload.seed.wrapping_mul(1_000_003) ^ point);
-    let step_index = rng.range(0, workload.steps.len() as u64) as usize;
+    // A third of the crash points go to snapshot steps, which are rarer
+    // but have more stages.
+    let snapshot_steps: Vec<usize> = (0..workload.steps.len())
+        .filter(|&i| matches!(workload.steps[i], Step::Snapshot { .. }))
+        .collect();
+    let step_index = if !snapshot_steps.is_empty() && rng.chance(1, 3) {
+        snapshot_steps[rng.range(0, snapshot_steps.len() as u64) as usize]
+    } else {
+        rng.range(0, workload.steps.len() as u64) as usize
+    };
     let context = format!(
         "DISK_SEED={} DISK_CRASH_POINT={point} (step {step_index}, segment_bytes {})",
         workload.seed, workload.segment_bytes
     );
-    let (crash, kind) = match &workload.steps[step_index] {
+    let crash = match &workload.steps[step_index] {
         Step::Write {
+            reopen,
             before,
             written,
             old,
             new,
-        } => (crash_in_write(&mut rng, before, written, old, new), "write"),
+        } => Crash {
+            kind: if *reopen { "reopen" } else { "append" }.to_string(),
+            ..crash_in_write(&mut rng, before, written, old, new)
+        },
         Step::Snapshot {
             before,
             after,
             old,
             new,
-        } => (
-            crash_in_snapshot(&mut rng, before, after, old, new),
-            "snapshot",
-        ),
+        } => crash_in_snapshot(&mut rng, before, after, old, new),
     };
-    check_recovery(&crash, workload.segment_bytes, &context);
-    kind
+    let outcome = check_recovery(&crash, workload.segment_bytes, &context);
+    format!("{}: {outcome}", crash.kind)
 }
 
 /// The workload seeds to run: `DISK_SEED` alone, or enough from the base
@@ -625,7 +680,7 @@ fn workload_seeds(total_points: u64) -> Vec<u64> {
 fn crash_points_lose_nothing_acknowledged() {
     let total_points = env_u64("DISK_CRASH_POINTS").unwrap_or(DEFAULT_CRASH_POINTS);
     let only_point = env_u64("DISK_CRASH_POINT");
-    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for (position, seed) in workload_seeds(total_points).into_iter().enumerate() {
         let workload = record_workload(seed);
         let left = total_points - position as u64 * CRASH_POINTS_PER_WORKLOAD;
@@ -637,7 +692,10 @@ fn crash_points_lose_nothing_acknowledged() {
             *counts.entry(run_crash_point(&workload, point)).or_default() += 1;
         }
     }
-    eprintln!("crash points checked, by kind of step: {counts:?}");
+    eprintln!("crash points checked, by step and recovered state:");
+    for (kind, count) in &counts {
+        eprintln!("  {kind}: {count}");
+    }
     assert!(counts.values().sum::<u64>() > 0);
 }
 
