@@ -18,7 +18,8 @@
 //! must stop the open with a `Corrupt` error naming the file and the record's
 //! offset, leaving every file as it was; a flipped byte inside the very last
 //! record is, as src/storage documents, indistinguishable from a torn write
-//! and is cut off like one.
+//! and is cut off like one. A flipped byte anywhere in the snapshot file
+//! stops the open too. And a regression test for the one bug these found.
 //!
 //! tests/disk_faults_process.rs has the real-process half (failed and
 //! stalled fsyncs through `kvserver --fault-file`); it is a separate test
@@ -50,6 +51,7 @@ const DEFAULT_CRASH_POINTS: u64 = 300;
 const BASE_SEED: u64 = 0xd15c;
 const DEFAULT_FLIPS: u64 = 600;
 const DEFAULT_LAST_RECORD_FLIPS: u64 = 60;
+const DEFAULT_SNAPSHOT_FLIPS: u64 = 200;
 /// The longest run of garbage or zeroes put after a torn write.
 const MAX_GARBAGE_BYTES: u64 = 600;
 
@@ -794,6 +796,43 @@ fn flipped_byte_before_the_last_record_stops_the_open_untouched() {
         done += 1;
     }
     eprintln!("{done} flipped bytes, each refused with file and offset");
+}
+
+/// A flipped byte anywhere in the newest snapshot file (header or data)
+/// stops the open with a `Corrupt` error naming that file, and changes
+/// nothing: the snapshot is written whole under a temporary name and renamed,
+/// so unlike the WAL's tail it has no torn state to forgive.
+#[test]
+fn flipped_byte_in_the_snapshot_file_stops_the_open_untouched() {
+    let workload = record_workload(BASE_SEED + 400);
+    let images: Vec<&Image> = acked_images(&workload)
+        .into_iter()
+        .filter(|image| image.keys().any(|n| n.starts_with("snap-")))
+        .collect();
+    assert!(!images.is_empty(), "the workload took no snapshot");
+    let mut rng = SplitMix64::new(BASE_SEED + 2);
+    for trial in 0..DEFAULT_SNAPSHOT_FLIPS {
+        let mut image = images[rng.range(0, images.len() as u64) as usize].clone();
+        let name = image
+            .keys()
+            .find(|n| n.starts_with("snap-"))
+            .unwrap()
+            .clone();
+        let bytes = image.get_mut(&name).unwrap();
+        let len = bytes.len();
+        let at = flip(&mut rng, bytes, 0, len);
+        let context = format!("trial {trial}: byte {at} of {name}");
+        let temp = TempDir::new().unwrap();
+        write_image(temp.path(), &image);
+        match DiskStorage::open(temp.path(), options(workload.segment_bytes)) {
+            Err(StorageError::Corrupt { path, .. }) => {
+                assert_eq!(path, temp.path().join(&name), "{context}")
+            }
+            Err(other) => panic!("{context}: not a corruption error: {other}"),
+            Ok(_) => panic!("{context}: open succeeded"),
+        }
+        assert_eq!(read_image(temp.path()), image, "{context}: modified");
+    }
 }
 
 /// A flipped byte inside the very last record of the WAL cannot be told from
