@@ -258,7 +258,7 @@ impl Cluster {
         fs::read_to_string(self.log_path(id)).unwrap_or_default()
     }
 
-    /// Node `id`'s fault file (used when started `with_fault_files`): it
+    /// Node `id`'s fault file (used by `start_with_fault_files` clusters): it
     /// does not exist until a test writes `stall` or `fail` into it.
     pub fn fault_file(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("node{id}.fault"))
