@@ -25,7 +25,7 @@ use crate::proto::kvstore::{
 };
 use crate::raft::SplitMix64;
 use crate::rpc::services::KvStoreStub;
-use crate::rpc::{ClientConfig, RpcChannel, RpcClient, RpcError};
+use crate::rpc::{ClientConfig, Credentials, RpcChannel, RpcClient, RpcError};
 
 /// The transport to one node, as [`Clerk::with_channels`] takes it.
 pub type NodeChannel = Box<dyn RpcChannel + Send + Sync>;
@@ -142,12 +142,17 @@ impl Clerk {
             call_timeout_ms: options.attempt_timeout_ms,
             max_frame_bytes: config.max_frame_bytes,
         };
+        // A clerk presents the cluster id, so a clerk of another cluster is
+        // refused at once; it needs no secret (its token is in each request).
+        let credentials = Credentials::clerk(&config.cluster_id);
         let nodes = config
             .raft_nodes
             .iter()
             .map(|node| {
-                let channel: NodeChannel =
-                    Box::new(RpcClient::new(node.addr(), rpc_config.clone()));
+                let channel: NodeChannel = Box::new(
+                    RpcClient::new(node.addr(), rpc_config.clone())
+                        .with_credentials(credentials.clone()),
+                );
                 Node {
                     id: node.id,
                     addr: Some(node.addr()),
@@ -343,6 +348,11 @@ impl Clerk {
         loop {
             let node = &self.nodes[self.leader];
             let wait = match attempt(&node.stub) {
+                // Refused at the handshake: this clerk's cluster file names
+                // another cluster; no node of it will answer otherwise.
+                Err(error @ RpcError::Refused { .. }) => {
+                    return Err(ClerkError::Rejected(format!("node {}: {error}", node.id)));
+                }
                 Err(error) => {
                     last_error = format!("node {}: {error}", node.id);
                     self.rotate();
