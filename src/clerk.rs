@@ -108,6 +108,9 @@ pub struct NodeStatusView {
     pub addr: Option<SocketAddr>,
     /// The node's status, or why it could not be had.
     pub status: Result<StatusReply, String>,
+    /// The node refused this clerk (no or a wrong client token, another
+    /// cluster's id): asking again cannot help.
+    pub rejected: bool,
 }
 
 struct Node {
@@ -296,10 +299,17 @@ impl Clerk {
                 .iter()
                 .map(|node| {
                     let request = &request;
-                    scope.spawn(move || NodeStatusView {
-                        id: node.id,
-                        addr: node.addr,
-                        status: node_status(node, request),
+                    scope.spawn(move || {
+                        let (status, rejected) = match node_status(node, request) {
+                            Ok(status) => (Ok(status), false),
+                            Err((error, rejected)) => (Err(error), rejected),
+                        };
+                        NodeStatusView {
+                            id: node.id,
+                            addr: node.addr,
+                            status,
+                            rejected,
+                        }
                     })
                 })
                 .collect();
@@ -311,6 +321,7 @@ impl Clerk {
                         id: node.id,
                         addr: node.addr,
                         status: Err("the status call panicked".to_string()),
+                        rejected: false,
                     })
                 })
                 .collect()
@@ -440,13 +451,17 @@ impl Clerk {
     }
 }
 
-fn node_status(node: &Node, request: &StatusRequest) -> Result<StatusReply, String> {
-    let reply = node.stub.status(request).map_err(|e| e.to_string())?;
+/// A node's status, or why not and whether the node rejected the clerk.
+fn node_status(node: &Node, request: &StatusRequest) -> Result<StatusReply, (String, bool)> {
+    let reply = node.stub.status(request).map_err(|e| {
+        let rejected = matches!(e, RpcError::Refused { .. });
+        (e.to_string(), rejected)
+    })?;
     let (code, _, message) = reply_status(reply.reply_header());
-    if code == ErrorCode::OK {
-        Ok(reply)
-    } else {
-        Err(format!("{code:?}: {message}"))
+    match code {
+        ErrorCode::OK => Ok(reply),
+        ErrorCode::UNAUTHENTICATED => Err((format!("{code:?}: {message}"), true)),
+        _ => Err((format!("{code:?}: {message}"), false)),
     }
 }
 

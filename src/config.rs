@@ -684,8 +684,7 @@ mod tests {
             ),
             (
                 r#", "cluster_id": "a\nb""#.to_string(),
-                r#"cluster_id: "a\nb" holds a control character; use printable text"#
-                    .to_string(),
+                r#"cluster_id: "a\nb" holds a control character; use printable text"#.to_string(),
             ),
             (
                 r#", "cluster_id": 7"#.to_string(),

@@ -17,8 +17,8 @@ use super::wire::{self, WireReply, WireRequest};
 use super::{Event, LinkFilter, NodeOptions};
 use crate::proto::kvstore as pb;
 use crate::raft::{Message, NodeId};
-use crate::rpc::services::raft as ids;
 use crate::rpc::handshake::RepeatFilter;
+use crate::rpc::services::raft as ids;
 use crate::rpc::{decode_message, PipelinedConfig, PipelinedConnection, PipelinedReply, RpcError};
 
 /// Messages waiting for one peer's sender; beyond this they are dropped
@@ -185,7 +185,7 @@ impl Link {
         match error {
             RpcError::Refused { .. } | RpcError::Handshake { .. } => {
                 if refusals.admit(&error.to_string()) {
-                    log::warn!("node {}: peer {}: {error}", self.me, self.peer);
+                    log::warn!("node {}: link to node {}: {error}", self.me, self.peer);
                 }
                 REFUSED_BACKOFF_MS
             }

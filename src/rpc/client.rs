@@ -422,11 +422,7 @@ impl RpcChannel for RpcClient {
             state.connection = None;
         }
         if state.connection.is_none() {
-            state.connection = Some(open_connection(
-                self.peer,
-                &self.config,
-                &self.credentials,
-            )?);
+            state.connection = Some(open_connection(self.peer, &self.config, &self.credentials)?);
         }
         let connection = state.connection.as_mut().expect("connected just above");
         let result = exchange(self.peer, &self.config, connection, &mut state.buf, call_id);

@@ -153,11 +153,16 @@ pub enum HandshakeError {
     /// A refusal: on the server, ours; on the client, the server's. The
     /// reason is worded from this end's point of view. `node_id` is the
     /// other end's (as it claimed).
-    Refused { node_id: u64, reason: String },
+    Refused {
+        node_id: u64,
+        reason: String,
+    },
     /// The other end broke the protocol, or could not prove the secret.
     Protocol(String),
     /// The handshake did not finish within `timeout_ms`.
-    Timeout { timeout_ms: u64 },
+    Timeout {
+        timeout_ms: u64,
+    },
     /// The other end closed the connection before the handshake finished.
     Closed,
     Io(io::Error),
@@ -371,7 +376,11 @@ impl Transcript<'_> {
             HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
         mac.update(MAC_LABEL);
         mac.update(&[role]);
-        for part in [self.cluster_id.as_bytes(), self.client_nonce, self.server_nonce] {
+        for part in [
+            self.cluster_id.as_bytes(),
+            self.client_nonce,
+            self.server_nonce,
+        ] {
             mac.update(&(part.len() as u64).to_be_bytes());
             mac.update(part);
         }
@@ -452,14 +461,8 @@ impl<'a> HandshakeIo<'a> {
             kind,
             ..FrameHeader::request(HANDSHAKE_SERVICE_ID, method_id, 0)
         };
-        encode_frame(
-            &mut self.buf,
-            &header,
-            "",
-            &body,
-            MAX_HANDSHAKE_FRAME_BYTES,
-        )
-        .map_err(|e| HandshakeError::Protocol(format!("{} not sent: {e}", M::NAME)))?;
+        encode_frame(&mut self.buf, &header, "", &body, MAX_HANDSHAKE_FRAME_BYTES)
+            .map_err(|e| HandshakeError::Protocol(format!("{} not sent: {e}", M::NAME)))?;
         let mut stream = self.stream;
         stream.write_all(&self.buf).map_err(|e| self.io_error(e))
     }
@@ -476,13 +479,20 @@ impl<'a> HandshakeIo<'a> {
         let frame = match read_frame(&mut reader, &mut self.buf, MAX_HANDSHAKE_FRAME_BYTES) {
             Ok(frame) => frame,
             Err(FrameError::Closed) => return Err(HandshakeError::Closed),
-            Err(FrameError::Idle | FrameError::Truncated { .. }) if Instant::now() >= self.deadline => {
+            Err(FrameError::Idle | FrameError::Truncated { .. })
+                if Instant::now() >= self.deadline =>
+            {
                 return Err(HandshakeError::Timeout {
                     timeout_ms: self.timeout_ms,
                 })
             }
             Err(FrameError::Io(e)) => return Err(HandshakeError::Io(e)),
-            Err(e) => return Err(HandshakeError::Protocol(format!("expected {}: {e}", M::NAME))),
+            Err(e) => {
+                return Err(HandshakeError::Protocol(format!(
+                    "expected {}: {e}",
+                    M::NAME
+                )))
+            }
         };
         let header = frame.header;
         if header.code != RpcCode::Ok {

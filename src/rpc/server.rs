@@ -23,11 +23,11 @@ use parking_lot::{Condvar, Mutex};
 use protobuf::Message;
 
 use super::client::RpcError;
-use super::handshake::{self, Access, HandshakeError, RepeatFilter, ServerAuth};
 use super::frame::{
     self, encode_frame, finish_frame, read_frame, start_frame, FrameError, FrameHeader, FrameKind,
     RpcCode, MIN_MAX_FRAME_BYTES,
 };
+use super::handshake::{self, Access, HandshakeError, RepeatFilter, ServerAuth};
 use super::services::{describe_method, Router};
 
 /// Read buffer of a connection: large enough that small pipelined frames
