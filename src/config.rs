@@ -656,6 +656,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/cluster.json");
         let config = ClusterConfig::load(path).unwrap();
         assert_eq!(config.raft_nodes.len(), 3);
+        assert_eq!(config.cluster_id, "local");
     }
 
     #[test]
