@@ -46,6 +46,7 @@ pub struct ClerkOptions {
     /// call in flight is not interrupted.
     pub attempt_timeout_ms: u64,
     /// Presented to the nodes when the cluster requires a client token.
+    /// When `None`, [`Clerk::new`] takes the cluster file's `client_token`.
     pub client_token: Option<String>,
     /// Identifies this clerk's session on the servers. Default: a random
     /// non-zero id. Two clerks must never share one while both run.
@@ -138,8 +139,13 @@ pub struct Clerk {
 }
 
 impl Clerk {
-    /// A clerk for every node of `config`. Connections open on first use.
-    pub fn new(config: &ClusterConfig, options: ClerkOptions) -> Clerk {
+    /// A clerk for every node of `config`, presenting its cluster id and
+    /// (unless `options` names another) its client token. Connections open
+    /// on first use.
+    pub fn new(config: &ClusterConfig, mut options: ClerkOptions) -> Clerk {
+        if options.client_token.is_none() {
+            options.client_token = config.client_token.clone();
+        }
         let rpc_config = ClientConfig {
             connect_timeout_ms: options.attempt_timeout_ms,
             call_timeout_ms: options.attempt_timeout_ms,
