@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use kvstore_raft::check::KvInput;
 use kvstore_raft::clerk::{CasResult, Clerk, ClerkError, ClerkOptions, NodeStatusView};
 use kvstore_raft::config::ClusterConfig;
-use serde::Deserialize;
 use serde_json::Value;
 
 const USAGE: &str = "\
@@ -52,29 +52,9 @@ enum Exit {
 }
 
 /// One key-value operation, from the command line or a shell line.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-enum Op {
-    Get {
-        key: String,
-    },
-    Put {
-        key: String,
-        value: String,
-    },
-    Append {
-        key: String,
-        value: String,
-    },
-    Delete {
-        key: String,
-    },
-    Cas {
-        key: String,
-        expected: String,
-        value: String,
-    },
-}
+/// One operation of the shell: the same shape as a history's input, so a
+/// `shell --json` line is exactly the checker's JSON for that operation.
+type Op = KvInput;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Action {

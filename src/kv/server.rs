@@ -18,7 +18,7 @@ use crate::node::{LinkFilter, Node, NodeHandle, NodeOptions};
 use crate::raft::NodeId;
 use crate::rpc::services::raft as raft_ids;
 use crate::rpc::{Credentials, Router, RpcServer, ServerAuth, ServerConfig};
-use crate::storage::{DiskStorage, StorageOptions};
+use crate::storage::{DiskStorage, FaultFile, StorageOptions};
 
 /// Why a server could not start. Display gives one line naming the cause.
 #[derive(Debug)]
@@ -66,6 +66,9 @@ pub struct StartOptions {
     /// Overrides `<data_dir>/node<id>` from the config.
     pub data_dir: Option<PathBuf>,
     pub link_filter: Option<LinkFilter>,
+    /// The testing hook that stalls or fails this node's fsyncs on request
+    /// (`kvserver --fault-file`); `None` in production.
+    pub fault_file: Option<PathBuf>,
 }
 
 pub struct KvServer {
@@ -94,8 +97,8 @@ impl KvServer {
         let data_dir = start
             .data_dir
             .unwrap_or_else(|| config.node_data_dir(start.id));
-        let (storage, restored) =
-            DiskStorage::open(&data_dir, StorageOptions::default()).map_err(StartError::Storage)?;
+        let (storage, restored) = DiskStorage::open(&data_dir, storage_options(&start.fault_file))
+            .map_err(StartError::Storage)?;
         let kv_options = KvOptions {
             session_ttl_ms: config.session_ttl_ms,
             max_sessions: config.max_sessions,
@@ -232,5 +235,12 @@ pub fn node_options(
         peer_connect_timeout_ms: config.heartbeat_interval_ms.max(100),
         credentials: node_credentials(config, id),
         link_filter,
+    }
+}
+
+fn storage_options(fault_file: &Option<PathBuf>) -> StorageOptions {
+    StorageOptions {
+        fault_file: fault_file.as_deref().map(FaultFile::new),
+        ..StorageOptions::default()
     }
 }

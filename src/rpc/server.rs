@@ -362,8 +362,10 @@ fn serve_connection(
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight: config.max_in_flight_per_connection,
         outbox: Mutex::new(Outbox {
+            frame: Vec::new(),
+            pending: Vec::new(),
+            in_batch: false,
             stream: stream.try_clone()?,
-            buf: Vec::new(),
             broken: false,
         }),
         in_flight: Mutex::new(0),
@@ -496,9 +498,16 @@ struct Connection {
 
 struct Outbox {
     stream: TcpStream,
-    /// Reused for every reply: a frame is encoded here and written with one
-    /// `write_all`.
-    buf: Vec<u8>,
+    /// Reused for every reply: a frame is encoded here, then moved to
+    /// `pending`.
+    frame: Vec<u8>,
+    /// Whole frames not yet written. Empty except inside a [`ReplyBatch`]
+    /// of some thread, which writes them all with one `write_all` when it
+    /// ends (or sooner, when a reply from outside any batch comes first).
+    pending: Vec<u8>,
+    /// True while this connection is on some thread's batch list, so that
+    /// it is listed (and flushed) once per batch however many replies it gets.
+    in_batch: bool,
     /// Set after a failed write; later replies are dropped.
     broken: bool,
 }
@@ -535,7 +544,7 @@ impl Connection {
     /// too large becomes a `ReplyFailed` error frame, so the caller always
     /// hears back while the connection lives.
     fn reply(
-        &self,
+        self: &Arc<Self>,
         request: &FrameHeader,
         encode_body: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
     ) {
@@ -544,9 +553,9 @@ impl Connection {
             return;
         }
         let header = FrameHeader::response_to(request, RpcCode::Ok);
-        start_frame(&mut outbox.buf);
-        let failure = match encode_body(&mut outbox.buf) {
-            Ok(()) => match finish_frame(&mut outbox.buf, &header, self.max_frame_bytes) {
+        start_frame(&mut outbox.frame);
+        let failure = match encode_body(&mut outbox.frame) {
+            Ok(()) => match finish_frame(&mut outbox.frame, &header, self.max_frame_bytes) {
                 Ok(()) => None,
                 Err(e) => Some(format!("reply not sent: {e} (max_frame_bytes)")),
             },
@@ -559,28 +568,59 @@ impl Connection {
                 method_label(request)
             );
             let header = FrameHeader::response_to(request, RpcCode::ReplyFailed);
-            encode_error_frame(&mut outbox.buf, &header, &text, self.max_frame_bytes);
+            encode_error_frame(&mut outbox.frame, &header, &text, self.max_frame_bytes);
         }
-        self.write_locked(&mut outbox, request);
+        self.queue_locked(&mut outbox, request);
     }
 
-    fn reply_error(&self, request: &FrameHeader, code: RpcCode, text: &str) {
+    fn reply_error(self: &Arc<Self>, request: &FrameHeader, code: RpcCode, text: &str) {
         let mut outbox = self.outbox.lock();
         if outbox.broken {
             return;
         }
         let header = FrameHeader::response_to(request, code);
-        encode_error_frame(&mut outbox.buf, &header, text, self.max_frame_bytes);
-        self.write_locked(&mut outbox, request);
+        encode_error_frame(&mut outbox.frame, &header, text, self.max_frame_bytes);
+        self.queue_locked(&mut outbox, request);
     }
 
-    fn write_locked(&self, outbox: &mut Outbox, request: &FrameHeader) {
+    /// Moves the encoded frame to `pending`, then writes at once unless this
+    /// thread is inside a [`ReplyBatch`], which writes when it ends.
+    fn queue_locked(self: &Arc<Self>, outbox: &mut Outbox, request: &FrameHeader) {
+        let Outbox { frame, pending, .. } = outbox;
+        pending.extend_from_slice(frame);
+        if frame.capacity() > RETAINED_BUFFER_BYTES {
+            *frame = Vec::new();
+        }
+        if !ReplyBatch::is_open() {
+            return self.write_locked(outbox, request.call_id);
+        }
+        // Listed once per batch; a connection already listed by another
+        // thread's batch is flushed when that batch ends.
+        if !outbox.in_batch {
+            outbox.in_batch = true;
+            ReplyBatch::defer(self);
+        }
+    }
+
+    /// Writes every pending frame; called when a batch ends.
+    fn flush(&self) {
+        let mut outbox = self.outbox.lock();
+        outbox.in_batch = false;
+        if !outbox.broken && !outbox.pending.is_empty() {
+            self.write_locked(&mut outbox, 0);
+        }
+    }
+
+    /// Writes `pending` whole. `call_id` names the reply that triggered the
+    /// write (0 for a batch) in the log line of a failure.
+    fn write_locked(&self, outbox: &mut Outbox, call_id: u64) {
         let Outbox {
             stream,
-            buf,
+            pending,
             broken,
+            ..
         } = outbox;
-        if let Err(e) = stream.write_all(buf) {
+        if let Err(e) = stream.write_all(pending) {
             *broken = true;
             // Unblocks the reader so the connection closes as a whole.
             let _ = stream.shutdown(Shutdown::Both);
@@ -590,14 +630,13 @@ impl Connection {
                 e.to_string()
             };
             info!(
-                "rpc reply to {} for {} (call id {}) failed, closing the connection: {what}",
+                "rpc reply to {} (call id {call_id}) failed, closing the connection: {what}",
                 self.peer,
-                method_label(request),
-                request.call_id
             );
         }
-        if buf.capacity() > RETAINED_BUFFER_BYTES {
-            *buf = Vec::new();
+        pending.clear();
+        if pending.capacity() > RETAINED_BUFFER_BYTES {
+            *pending = Vec::new();
         }
     }
 
@@ -620,6 +659,64 @@ fn method_label(header: &FrameHeader) -> String {
     match describe_method(header.service_id, header.method_id) {
         Some((service, method)) => format!("{service}/{method}"),
         None => format!("service {} method {}", header.service_id, header.method_id),
+    }
+}
+
+thread_local! {
+    /// The connections with replies deferred by this thread's open
+    /// [`ReplyBatch`]; `None` outside a batch.
+    static BATCH: std::cell::RefCell<Option<Vec<Arc<Connection>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Coalesces the replies one thread sends while it lives: each connection's
+/// replies are written with one `write_all` when the batch ends, instead of
+/// one system call (and one wake-up of the client) per reply. The apply
+/// thread opens one around each group of tasks it handles, so a commit of
+/// many entries answers a pipelining client in a single write.
+///
+/// Invariant: a reply deferred by a batch is written when the batch ends, or
+/// earlier by any immediate reply on the same connection; it is never lost
+/// while the connection lives. Batches do not nest.
+pub struct ReplyBatch {
+    /// A batch belongs to the thread that opened it.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl ReplyBatch {
+    pub fn begin() -> ReplyBatch {
+        BATCH.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            assert!(batch.is_none(), "ReplyBatch::begin inside a batch");
+            *batch = Some(Vec::new());
+        });
+        ReplyBatch {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    fn is_open() -> bool {
+        BATCH.with(|batch| batch.borrow().is_some())
+    }
+
+    /// Lists `connection` for the flush at the end of this thread's batch.
+    fn defer(connection: &Arc<Connection>) {
+        BATCH.with(|batch| {
+            if let Some(list) = batch.borrow_mut().as_mut() {
+                list.push(Arc::clone(connection));
+            }
+        });
+    }
+}
+
+impl Drop for ReplyBatch {
+    fn drop(&mut self) {
+        let connections = BATCH
+            .with(|batch| batch.borrow_mut().take())
+            .unwrap_or_default();
+        for connection in connections {
+            connection.flush();
+        }
     }
 }
 
