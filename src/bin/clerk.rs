@@ -329,7 +329,14 @@ fn status_line(view: &NodeStatusView) -> String {
             s.log_bytes,
             s.snapshot_index
         ),
-        Err(error) => format!("{:<3} {:<21} {:<14} {error}", view.id, addr, "unreachable"),
+        Err(error) => {
+            let role = if view.rejected {
+                "refused"
+            } else {
+                "unreachable"
+            };
+            format!("{:<3} {:<21} {:<14} {error}", view.id, addr, role)
+        }
     }
 }
 
@@ -385,8 +392,14 @@ fn run_status(clerk: &Clerk, json: bool) -> Exit {
             println!("{}", status_line(view));
         }
     }
+    let refusal = views
+        .iter()
+        .find_map(|view| view.status.as_ref().err().filter(|_| view.rejected));
     if views.iter().any(|view| view.status.is_ok()) {
         Exit::Ok
+    } else if let Some(error) = refusal {
+        eprintln!("clerk: request rejected: {error}");
+        Exit::Usage
     } else {
         eprintln!("clerk: no node answered: the cluster is unreachable");
         Exit::Failed

@@ -6,7 +6,9 @@
 //! the connection's mutex-protected writer, in whatever order the
 //! [`Responder`]s complete, matched to their calls by call id. A malformed or
 //! oversized frame, or a connection idle past `idle_timeout_ms`, closes that
-//! connection only.
+//! connection only. Before its first call a connection must pass the
+//! [`handshake`](super::handshake); a call to a service its handshake does
+//! not allow (Raft, from a clerk) closes it.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, Write};
@@ -25,6 +27,7 @@ use super::frame::{
     self, encode_frame, finish_frame, read_frame, start_frame, FrameError, FrameHeader, FrameKind,
     RpcCode, MIN_MAX_FRAME_BYTES,
 };
+use super::handshake::{self, Access, HandshakeError, RepeatFilter, ServerAuth};
 use super::services::{describe_method, Router};
 
 /// Read buffer of a connection: large enough that small pipelined frames
@@ -36,6 +39,8 @@ pub(crate) const RETAINED_BUFFER_BYTES: usize = 1024 * 1024;
 /// How often a reader blocked on a full in-flight window re-checks for
 /// shutdown; a freed slot wakes it at once.
 const SLOT_WAIT_POLL_MS: u64 = 100;
+/// The same refusal (same address and reason) is logged at most this often.
+const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
 
 /// Limits of an [`RpcServer`].
 #[derive(Debug, Clone)]
@@ -52,6 +57,9 @@ pub struct ServerConfig {
     /// Calls of one connection dispatched but not yet answered. At the bound
     /// the connection stops reading, which pushes back on the client.
     pub max_in_flight_per_connection: usize,
+    /// Who may connect and call what. The default lets clerks of the
+    /// default cluster call every service.
+    pub auth: ServerAuth,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +70,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 60_000,
             write_timeout_ms: 5_000,
             max_in_flight_per_connection: 1024,
+            auth: ServerAuth::default(),
         }
     }
 }
@@ -84,6 +93,9 @@ impl ServerConfig {
         }
         if self.max_in_flight_per_connection == 0 {
             return invalid("rpc server: max_in_flight_per_connection must be at least 1".into());
+        }
+        if self.auth.timeout_ms == 0 {
+            return invalid("rpc server: auth.timeout_ms must be > 0".into());
         }
         Ok(())
     }
@@ -112,6 +124,8 @@ struct ServerShared {
     /// `active_connections`, so every accepted connection finds a thread.
     workers: Mutex<Vec<JoinHandle<()>>>,
     next_connection_id: AtomicU64,
+    /// Keeps a refused node that retries from flooding the log.
+    refusal_log: Mutex<RepeatFilter>,
 }
 
 impl RpcServer {
@@ -135,6 +149,9 @@ impl RpcServer {
             open: Mutex::new(HashMap::new()),
             workers: Mutex::new(Vec::new()),
             next_connection_id: AtomicU64::new(1),
+            refusal_log: Mutex::new(RepeatFilter::new(Duration::from_millis(
+                REFUSAL_LOG_INTERVAL_MS,
+            ))),
         });
         let acceptor_shared = Arc::clone(&shared);
         let acceptor = std::thread::Builder::new()
@@ -319,7 +336,6 @@ fn serve_connection(
 ) -> io::Result<()> {
     let config = &shared.config;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_millis(config.idle_timeout_ms)))?;
     stream.set_write_timeout(Some(Duration::from_millis(config.write_timeout_ms)))?;
     let connection_id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
     {
@@ -331,9 +347,18 @@ fn serve_connection(
         }
         open.insert(connection_id, stream.try_clone()?);
     }
-    debug!("rpc server {}: connection from {peer}", shared.local_addr);
+    let Some(access) = shake_hands(shared, &stream, peer) else {
+        shared.open.lock().remove(&connection_id);
+        return Ok(());
+    };
+    stream.set_read_timeout(Some(Duration::from_millis(config.idle_timeout_ms)))?;
+    debug!(
+        "rpc server {}: connection from {peer} ({access:?})",
+        shared.local_addr
+    );
     let connection = Arc::new(Connection {
         peer,
+        access,
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight: config.max_in_flight_per_connection,
         outbox: Mutex::new(Outbox {
@@ -350,6 +375,40 @@ fn serve_connection(
     connection.close();
     shared.open.lock().remove(&connection_id);
     result
+}
+
+/// Runs the server side of the handshake within the configured timeout (and
+/// never longer than `idle_timeout_ms`); logs why a connection is turned
+/// away and returns `None` then.
+fn shake_hands(shared: &ServerShared, stream: &TcpStream, peer: SocketAddr) -> Option<Access> {
+    let config = &shared.config;
+    let auth = ServerAuth {
+        timeout_ms: config.auth.timeout_ms.min(config.idle_timeout_ms),
+        ..config.auth.clone()
+    };
+    let local = shared.local_addr;
+    let error = match handshake::accept(stream, &auth) {
+        Ok(access) => return Some(access),
+        Err(error) => error,
+    };
+    if shared.stopping.load(Ordering::SeqCst) {
+        return None;
+    }
+    match error {
+        HandshakeError::Refused { node_id, reason } => {
+            let key = format!("{} {node_id} {reason}", peer.ip());
+            if shared.refusal_log.lock().admit(&key) {
+                warn!("rpc server {local}: refused {peer} (node {node_id}): {reason}");
+            }
+        }
+        // A port probe, or a client that gave up: nothing to report.
+        HandshakeError::Closed => debug!("rpc server {local}: {peer} left during the handshake"),
+        error @ HandshakeError::Timeout { .. } => {
+            info!("rpc server {local}: closing connection from {peer}: {error}")
+        }
+        error => warn!("rpc server {local}: closing connection from {peer}: {error}"),
+    }
+    None
 }
 
 fn read_requests(
@@ -391,6 +450,18 @@ fn read_requests(
             );
             return Ok(());
         }
+        if !shared
+            .config
+            .auth
+            .allows(connection.access, frame.header.service_id)
+        {
+            warn!(
+                "rpc server {local}: closing connection from {peer}: it called {} but its \
+                 handshake did not prove it is a member node",
+                method_label(&frame.header)
+            );
+            return Ok(());
+        }
         if !connection.acquire_slot(&shared.stopping) {
             return Ok(());
         }
@@ -413,6 +484,8 @@ fn read_requests(
 /// One open connection as seen by its responders.
 struct Connection {
     peer: SocketAddr,
+    /// What the handshake allowed.
+    access: Access,
     max_frame_bytes: usize,
     max_in_flight: usize,
     /// Replies are written whole under this lock, so frames never interleave.
