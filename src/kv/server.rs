@@ -113,6 +113,8 @@ impl KvServer {
         let listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
+            idle_timeout_ms: config.idle_timeout_ms,
+            frame_timeout_ms: config.frame_timeout_ms,
             ..ServerConfig::default()
         };
         let node_options = node_options(config, start.id, start.link_filter);

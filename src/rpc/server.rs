@@ -5,16 +5,18 @@
 //! loop and dispatches each through the [`Router`]; replies go back through
 //! the connection's mutex-protected writer, in whatever order the
 //! [`Responder`]s complete, matched to their calls by call id. A malformed or
-//! oversized frame, or a connection idle past `idle_timeout_ms`, closes that
-//! connection only.
+//! oversized frame, a connection idle past `idle_timeout_ms`, or a frame that
+//! takes longer than `frame_timeout_ms` to arrive once begun (a slow writer
+//! trickling bytes), closes that connection only.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::io::{self, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use parking_lot::{Condvar, Mutex};
@@ -47,6 +49,11 @@ pub struct ServerConfig {
     /// A connection with no call in flight that sends nothing for this long is
     /// closed. Also bounds how long a half-received frame may stall.
     pub idle_timeout_ms: u64,
+    /// Once the first byte of a frame has arrived, the whole frame must
+    /// arrive within this time, or the connection is closed. Without it a
+    /// writer sending one byte just inside every `idle_timeout_ms` would hold
+    /// a connection thread for ever.
+    pub frame_timeout_ms: u64,
     /// A reply write blocked this long breaks the connection.
     pub write_timeout_ms: u64,
     /// Calls of one connection dispatched but not yet answered. At the bound
@@ -60,6 +67,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_frame_bytes: 16 * 1024 * 1024,
             idle_timeout_ms: 60_000,
+            frame_timeout_ms: 30_000,
             write_timeout_ms: 5_000,
             max_in_flight_per_connection: 1024,
         }
@@ -79,8 +87,11 @@ impl ServerConfig {
                 self.max_frame_bytes
             ));
         }
-        if self.idle_timeout_ms == 0 || self.write_timeout_ms == 0 {
-            return invalid("rpc server: idle_timeout_ms and write_timeout_ms must be > 0".into());
+        if self.idle_timeout_ms == 0 || self.write_timeout_ms == 0 || self.frame_timeout_ms == 0 {
+            return invalid(
+                "rpc server: idle_timeout_ms, frame_timeout_ms and write_timeout_ms must be > 0"
+                    .into(),
+            );
         }
         if self.max_in_flight_per_connection == 0 {
             return invalid("rpc server: max_in_flight_per_connection must be at least 1".into());
@@ -357,6 +368,7 @@ fn read_requests(
 ) -> io::Result<()> {
     let peer = connection.peer;
     let local = shared.local_addr;
+    let stream = DeadlineStream::new(stream, &shared.config);
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
     let mut buf = Vec::new();
     loop {
@@ -366,7 +378,10 @@ fn read_requests(
                 debug!("rpc server {local}: {peer} closed the connection");
                 return Ok(());
             }
-            Err(FrameError::Idle) if connection.in_flight() > 0 => continue,
+            Err(FrameError::Idle) if connection.in_flight() > 0 => {
+                reader.get_mut().frame_done();
+                continue;
+            }
             Err(FrameError::Idle) => {
                 info!(
                     "rpc server {local}: closing connection from {peer}: idle for {} ms \
@@ -381,6 +396,7 @@ fn read_requests(
                 return Ok(());
             }
         };
+        reader.get_mut().frame_done();
         if frame.header.kind != FrameKind::Request {
             warn!(
                 "rpc server {local}: closing connection from {peer}: it sent a response frame \
@@ -405,6 +421,68 @@ fn read_requests(
         if buf.capacity() > RETAINED_BUFFER_BYTES {
             buf = Vec::new();
         }
+    }
+}
+
+/// The socket under a connection's reader. Between frames a read waits up
+/// to `idle_timeout_ms`; from the first byte that arrives, the frame it
+/// begins has until `frame_timeout_ms` later to be complete, however the
+/// bytes trickle in. The reader calls [`DeadlineStream::frame_done`] after
+/// each frame. Bytes of the next frame that came with the end of the last
+/// one are already buffered, so that frame's clock starts at its next read
+/// from the socket: the bound is looser by one read, never absent.
+struct DeadlineStream {
+    stream: TcpStream,
+    idle_timeout: Duration,
+    frame_timeout: Duration,
+    /// When the frame being received must be complete; `None` between frames.
+    deadline: Option<Instant>,
+    /// The read timeout now set on the socket, to skip needless syscalls.
+    timeout_set: Duration,
+}
+
+impl DeadlineStream {
+    fn new(stream: TcpStream, config: &ServerConfig) -> DeadlineStream {
+        let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
+        DeadlineStream {
+            stream,
+            idle_timeout,
+            frame_timeout: Duration::from_millis(config.frame_timeout_ms),
+            deadline: None,
+            // serve_connection set the idle timeout on the socket.
+            timeout_set: idle_timeout,
+        }
+    }
+
+    fn frame_done(&mut self) {
+        self.deadline = None;
+    }
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let timeout = match self.deadline {
+            None => self.idle_timeout,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the frame did not arrive within frame_timeout_ms",
+                    ));
+                }
+                left.min(self.idle_timeout)
+            }
+        };
+        if timeout != self.timeout_set {
+            self.stream.set_read_timeout(Some(timeout))?;
+            self.timeout_set = timeout;
+        }
+        let got_bytes = self.stream.read(buf)?;
+        if got_bytes > 0 && self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.frame_timeout);
+        }
+        Ok(got_bytes)
     }
 }
 
