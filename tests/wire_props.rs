@@ -1078,21 +1078,32 @@ fn build_kv_request(plan: &KvNonsense) -> (u32, Vec<u8>) {
     (encoded.0, encoded.1.expect("a generated message encodes"))
 }
 
-/// A one-node cluster (so it leads and writes commit): every KVStore method
-/// gets arbitrary bytes and well-formed nonsense; then a clerk is served.
+/// A three-node cluster: every KVStore method gets arbitrary bytes and
+/// well-formed nonsense at the leader (so that writes are replicated, and a
+/// request that cannot be would stop the cluster); each case is followed by
+/// a liveness probe, and a clerk is served at the end.
 #[test]
 fn kv_requests_never_crash_a_node() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 1);
-    let node = start_node(&config, 1);
-    let addr = node.local_addr();
+    let config = write_config(dir.path(), 3);
+    let nodes: Vec<KvServer> = (1..=3).map(|id| start_node(&config, id)).collect();
+    assert_clerk_served(&config, "kv-fuzz-before");
+    let leader = || -> SocketAddr {
+        nodes
+            .iter()
+            .find(|n| n.handle().status().role == kvstore_raft::raft::Role::Leader)
+            .unwrap_or(&nodes[0])
+            .local_addr()
+    };
     let started = Instant::now();
-    let alive = |node: &KvServer| -> Result<(), TestCaseError> {
-        prop_assert!(
-            node.handle().fatal_error().is_none(),
-            "the node stopped: {:?}",
-            node.handle().fatal_error()
-        );
+    let alive = |addr: SocketAddr| -> Result<(), TestCaseError> {
+        for node in &nodes {
+            prop_assert!(
+                node.handle().fatal_error().is_none(),
+                "a node stopped: {:?}",
+                node.handle().fatal_error()
+            );
+        }
         // The Status handler reads the event loop's view; it must answer.
         let body = pb::StatusRequest::default().write_to_bytes().unwrap();
         match call(addr, kv_store::SERVICE_ID, kv_store::STATUS, &body)? {
@@ -1111,8 +1122,9 @@ fn kv_requests_never_crash_a_node() {
     let tally = Tally::default();
     runner()
         .run(&strategy, |(service, method, bytes)| {
+            let addr = leader();
             tally.answered(&call(addr, service, method, &bytes)?)?;
-            alive(&node)
+            alive(addr)
         })
         .unwrap();
     tally.print("kv methods, arbitrary bytes");
@@ -1120,9 +1132,18 @@ fn kv_requests_never_crash_a_node() {
     let tally = Tally::default();
     runner()
         .run(&arb_kv_nonsense(), |plan| {
+            let addr = leader();
             let (method, body) = build_kv_request(&plan);
             let outcome = call(addr, kv_store::SERVICE_ID, method, &body)?;
             tally.answered(&outcome)?;
+            if let Outcome::Reply(RpcCode::Ok, reply, _) = &outcome {
+                // Every reply's field 1 is its ReplyHeader: read it through
+                // the one reply that has nothing else.
+                let header = pb::PutReply::parse_from_bytes(reply);
+                prop_assert!(header.is_ok(), "a reply does not decode");
+                let error = header.unwrap().header.error.enum_value();
+                tally.count(&format!("answer {error:?}"));
+            }
             // A frame over the limit closes the connection; anything that
             // fits gets a reply.
             if body.len() + HEADER_BYTES <= NODE_MAX_FRAME_BYTES {
@@ -1132,10 +1153,59 @@ fn kv_requests_never_crash_a_node() {
                     outcome
                 );
             }
-            alive(&node)
+            alive(addr)
         })
         .unwrap();
     tally.print("kv methods, well-formed nonsense");
     eprintln!("kv abuse took {:?}", started.elapsed());
     assert_clerk_served(&config, "kv-fuzz-after");
+}
+
+/// Regression: a CAS whose `expected` was not size-checked (only `value`
+/// was) could make a log entry whose AppendEntries no longer fits in a
+/// frame, though the client's own request did. The leader stored it and
+/// could then never replicate it: every later write of the cluster waited
+/// behind it for ever. Such a request must be refused with
+/// INVALID_ARGUMENT, and the cluster must keep serving.
+#[test]
+fn a_cas_too_large_to_replicate_is_refused_and_the_cluster_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 3);
+    let _nodes: Vec<KvServer> = (1..=3).map(|id| start_node(&config, id)).collect();
+    let mut clerk = clerk_for(&config);
+    clerk.put("before", "1").expect("the cluster serves");
+    // The request frame is just under the limit; the entry that would carry
+    // it to the followers, with its own headers, is just over.
+    let request = pb::CasRequest {
+        header: request_header(&Some((0x5eed, 1))),
+        key: b"big-cas".to_vec(),
+        expected: vec![b'e'; NODE_MAX_FRAME_BYTES - HEADER_BYTES - 40],
+        value: b"new".to_vec(),
+        ..Default::default()
+    };
+    let body = request.write_to_bytes().unwrap();
+    assert!(body.len() + HEADER_BYTES <= NODE_MAX_FRAME_BYTES);
+    let mut refused = 0;
+    for node in &config.raft_nodes {
+        match call(node.addr(), kv_store::SERVICE_ID, kv_store::CAS, &body).unwrap() {
+            Outcome::Reply(RpcCode::Ok, reply, _) => {
+                let reply = pb::CasReply::parse_from_bytes(&reply).unwrap();
+                let error = reply.header.error.enum_value();
+                if error == Ok(pb::ErrorCode::INVALID_ARGUMENT) {
+                    refused += 1;
+                    assert!(
+                        reply.header.message.contains("bytes"),
+                        "{}",
+                        reply.header.message
+                    );
+                }
+            }
+            other => panic!("the oversized CAS got {other:?}"),
+        }
+    }
+    assert!(refused >= 1, "no node refused the oversized CAS");
+    clerk
+        .put("after", "2")
+        .unwrap_or_else(|e| panic!("the cluster no longer commits writes: {e}"));
+    assert_eq!(clerk.get("before").unwrap().as_deref(), Some(&b"1"[..]));
 }

@@ -129,6 +129,7 @@ impl KvServer {
                 client_token: config.client_token.clone(),
                 max_key_bytes: MAX_KEY_BYTES,
                 max_value_bytes: config.max_append_bytes / 2,
+                max_command_bytes: config.max_append_bytes,
             },
         );
         let router = Router::new()
