@@ -32,7 +32,7 @@ use protobuf::Message;
 
 /// The server's connection limit in this test.
 const MAX_CONNECTIONS: usize = 512;
-const IDLE_TIMEOUT_MS: u64 = 2_000;
+const IDLE_TIMEOUT_MS: u64 = 4_000;
 const FRAME_TIMEOUT_MS: u64 = 2_000;
 const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Idle connections opened at most (fewer when the fd limit is lower).
@@ -576,60 +576,94 @@ fn announced_but_not_sent(abuse: &mut Abuse) {
     );
 }
 
-/// As many idle connections as the fd limit allows: at most
-/// `max_connections` are held, the rest closed at once; the held ones are
-/// closed by `idle_timeout_ms`; then a new clerk connects and is served.
-fn idle_flood(abuse: &mut Abuse, fd_limit: u64, config: &ClusterConfig) {
-    let before = abuse.clerk.ok_ops();
-    let count = (fd_limit.saturating_sub(300) as usize).min(MAX_IDLE_CONNECTIONS);
+/// Opens up to `count` connections (bounded by `time_limit`); returns them
+/// and how many connects failed.
+fn open_connections(
+    addr: SocketAddr,
+    count: usize,
+    time_limit: Duration,
+) -> (Vec<TcpStream>, usize) {
     let started = Instant::now();
     let mut streams = Vec::with_capacity(count);
-    let mut connect_failures = 0;
-    for _ in 0..count {
-        match connect(abuse.addr()) {
+    let mut failures = 0;
+    while streams.len() + failures < count && started.elapsed() < time_limit {
+        match connect(addr) {
             Some(stream) => streams.push(stream),
-            None => connect_failures += 1,
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            break;
+            None => failures += 1,
         }
     }
+    (streams, failures)
+}
+
+/// How many of `streams` the server has not closed, once the count stops
+/// falling (the acceptor closes what is over the limit as it gets to it).
+fn settled_open_count(streams: &[TcpStream]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut open = streams.iter().filter(|s| !closed_now(s)).count();
+    while Instant::now() < deadline {
+        sleep(Duration::from_millis(200));
+        let now = streams.iter().filter(|s| !closed_now(s)).count();
+        if now == open && now <= MAX_CONNECTIONS {
+            break;
+        }
+        open = now;
+    }
+    open
+}
+
+/// As many idle connections as the fd limit allows. First a burst of
+/// `max_connections + 100`: the server holds up to its limit and closes the
+/// rest at once. Then the rest, up to the fd limit: the server never holds
+/// more than its limit. The held ones are closed by `idle_timeout_ms`; the
+/// clerk connected before the flood is served throughout, and a new clerk
+/// is served after it.
+fn idle_flood(abuse: &mut Abuse, fd_limit: u64, config: &ClusterConfig) {
+    let before = abuse.clerk.ok_ops();
+    let total = (fd_limit.saturating_sub(300) as usize).min(MAX_IDLE_CONNECTIONS);
+    let started = Instant::now();
+    let burst = (MAX_CONNECTIONS + 100).min(total);
+    let (mut streams, mut connect_failures) =
+        open_connections(abuse.addr(), burst, Duration::from_secs(10));
+    let burst_time = started.elapsed();
+    let held_after_burst = settled_open_count(&streams);
+    assert!(
+        held_after_burst <= MAX_CONNECTIONS,
+        "{held_after_burst} of {} connections held; max_connections is {MAX_CONNECTIONS}",
+        streams.len()
+    );
+    // When the burst and the count took less than the idle timeout (so none
+    // of them can have timed out yet), the server must have filled its
+    // slots: all but the clerk's.
+    let burst_was_quick = started.elapsed() < Duration::from_millis(IDLE_TIMEOUT_MS);
+    if burst_was_quick {
+        assert!(
+            held_after_burst >= MAX_CONNECTIONS - 10,
+            "only {held_after_burst} of {} connections held in a burst",
+            streams.len()
+        );
+    }
+    let (more, failures) = open_connections(
+        abuse.addr(),
+        total - streams.len() - connect_failures,
+        Duration::from_secs(20),
+    );
+    streams.extend(more);
+    connect_failures += failures;
     let opened = streams.len();
     let connect_time = started.elapsed();
-    // The acceptor closes what is over the limit at once; give it a moment
-    // to get through the backlog, then count what is still open.
-    let settle_deadline = Instant::now() + Duration::from_secs(5);
-    let mut held = opened;
-    while Instant::now() < settle_deadline {
-        held = streams.iter().filter(|s| !closed_now(s)).count();
-        if held <= MAX_CONNECTIONS {
-            break;
-        }
-        sleep(Duration::from_millis(100));
-    }
+    let held = settled_open_count(&streams);
     let rss_held = rss_bytes(abuse.server.pid());
     assert!(
         held <= MAX_CONNECTIONS,
         "{held} of {opened} idle connections are still open; max_connections is \
          {MAX_CONNECTIONS}"
     );
-    // The server really holds idle connections up to its limit (the
-    // background clerk has one slot), rather than closing everything.
-    assert!(
-        opened < MAX_CONNECTIONS || held >= MAX_CONNECTIONS / 2,
-        "only {held} of {opened} idle connections were held"
-    );
-    // The clerk, connected before the flood, is still served meanwhile.
     abuse.clerk.assert_progress(before, 3, "the idle flood");
-    let wait = Duration::from_millis(IDLE_TIMEOUT_MS) + CLOSE_SLACK;
-    let deadline = Instant::now() + wait;
+    let deadline = Instant::now() + Duration::from_millis(IDLE_TIMEOUT_MS) + CLOSE_SLACK;
     let mut still_open = held;
-    while Instant::now() < deadline {
-        still_open = streams.iter().filter(|s| !closed_now(s)).count();
-        if still_open == 0 {
-            break;
-        }
+    while still_open > 0 && Instant::now() < deadline {
         sleep(Duration::from_millis(200));
+        still_open = streams.iter().filter(|s| !closed_now(s)).count();
     }
     assert_eq!(still_open, 0, "idle connections outlived idle_timeout_ms");
     drop(streams);
@@ -646,11 +680,10 @@ fn idle_flood(abuse: &mut Abuse, fd_limit: u64, config: &ClusterConfig) {
         "idle flood",
         before,
         format!(
-            "fd limit {fd_limit}; opened {opened} idle connections in {connect_time:?} \
-             ({connect_failures} connects failed); {held} held (max_connections \
-             {MAX_CONNECTIONS}), {} closed at once; RSS with them held {:.1} MiB; all closed \
-             by idle_timeout_ms; a new clerk was then served",
-            opened - held,
+            "fd limit {fd_limit}; a burst of {burst} in {burst_time:?} left {held_after_burst} \
+             held (max_connections {MAX_CONNECTIONS}; the clerk has one); {opened} opened in \
+             all in {connect_time:?} ({connect_failures} connects failed), {held} held at the \
+             end; RSS then {:.1} MiB; all closed by idle_timeout_ms; a new clerk was then served",
             rss_held as f64 / (1 << 20) as f64
         ),
     );
