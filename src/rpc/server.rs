@@ -424,13 +424,18 @@ fn read_requests(
     }
 }
 
+/// How far past its deadline a frame's last read may block: the price of
+/// not re-arming the socket's timeout on every read.
+const FRAME_DEADLINE_SLACK: Duration = Duration::from_millis(100);
+
 /// The socket under a connection's reader. Between frames a read waits up
 /// to `idle_timeout_ms`; from the first byte that arrives, the frame it
 /// begins has until `frame_timeout_ms` later to be complete, however the
 /// bytes trickle in. The reader calls [`DeadlineStream::frame_done`] after
 /// each frame. Bytes of the next frame that came with the end of the last
 /// one are already buffered, so that frame's clock starts at its next read
-/// from the socket: the bound is looser by one read, never absent.
+/// from the socket: the bound is looser by one read (and by
+/// [`FRAME_DEADLINE_SLACK`]), never absent.
 struct DeadlineStream {
     stream: TcpStream,
     idle_timeout: Duration,
@@ -471,7 +476,14 @@ impl Read for DeadlineStream {
                         "the frame did not arrive within frame_timeout_ms",
                     ));
                 }
-                left.min(self.idle_timeout)
+                // Shorten the socket's timeout only when the deadline is
+                // nearer than it by more than the slack: re-arming it on
+                // every read would cost a syscall per read.
+                if left + FRAME_DEADLINE_SLACK < self.timeout_set {
+                    left
+                } else {
+                    self.timeout_set
+                }
             }
         };
         if timeout != self.timeout_set {
@@ -797,6 +809,52 @@ mod tests {
         let error = bad.validate().unwrap_err();
         assert!(error.to_string().contains("max_frame_bytes"), "{error}");
         assert!(ServerConfig::default().validate().is_ok());
+    }
+
+    /// Regression: a writer sending one byte well inside every idle timeout
+    /// held its connection (and a pool thread) for as long as it liked.
+    #[test]
+    fn a_slow_writer_is_closed_by_the_frame_timeout() {
+        use std::io::Read as _;
+        let config = ServerConfig {
+            idle_timeout_ms: 5_000,
+            frame_timeout_ms: 300,
+            ..ServerConfig::default()
+        };
+        let server = RpcServer::bind("127.0.0.1:0", config, Router::new()).unwrap();
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        // A frame of 1000 bytes, one byte every 50 ms: 50 s if let run.
+        let mut frame = 1000u32.to_be_bytes().to_vec();
+        frame.resize(4 + 1000, 1);
+        let started = Instant::now();
+        let mut closed = false;
+        for byte in frame.iter().take(200) {
+            if stream.write_all(&[*byte]).is_err() {
+                closed = true;
+                break;
+            }
+            let mut sink = [0u8; 16];
+            match stream.read(&mut sink) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Err(e) if !frame::is_timeout(&e) => {
+                    closed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert!(closed, "still open after {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "closed only after {:?}, by the idle timeout at best",
+            started.elapsed()
+        );
     }
 
     #[test]
