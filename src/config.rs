@@ -117,6 +117,12 @@ pub struct ClusterConfig {
     pub max_sessions: usize,
     /// How long a node works on one client request. Default 2000.
     pub request_timeout_ms: u64,
+    /// A connection that sends nothing for this long, with no call of its
+    /// own in flight, is closed. Default 60000.
+    pub idle_timeout_ms: u64,
+    /// Once a frame's first byte has arrived, the rest must follow within
+    /// this time or the connection is closed (slow writers). Default 30000.
+    pub frame_timeout_ms: u64,
     /// Names the cluster: the connection handshake refuses a node or clerk
     /// whose file names another. Printable text. Default
     /// [`DEFAULT_CLUSTER_ID`].
@@ -151,6 +157,8 @@ struct RawConfig {
     session_ttl_ms: Option<u64>,
     max_sessions: Option<u64>,
     request_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    frame_timeout_ms: Option<u64>,
     cluster_id: Option<String>,
     secret: Option<String>,
     client_token: Option<String>,
@@ -182,6 +190,8 @@ const TOP_LEVEL_KEYS: &[(&str, Kind)] = &[
     ("session_ttl_ms", Kind::Unsigned),
     ("max_sessions", Kind::Unsigned),
     ("request_timeout_ms", Kind::Unsigned),
+    ("idle_timeout_ms", Kind::Unsigned),
+    ("frame_timeout_ms", Kind::Unsigned),
     ("cluster_id", Kind::Text),
     ("secret", Kind::Text),
     ("client_token", Kind::Text),
@@ -317,6 +327,8 @@ impl ClusterConfig {
             request_timeout_ms: raw
                 .request_timeout_ms
                 .unwrap_or(defaults.request_timeout_ms),
+            idle_timeout_ms: raw.idle_timeout_ms.unwrap_or(defaults.idle_timeout_ms),
+            frame_timeout_ms: raw.frame_timeout_ms.unwrap_or(defaults.frame_timeout_ms),
             cluster_id: validate_cluster_id(raw.cluster_id)?,
             secret: validate_text("secret", raw.secret)?,
             client_token: validate_text("client_token", raw.client_token)?,
@@ -344,6 +356,8 @@ impl ClusterConfig {
             session_ttl_ms: 3_600_000,
             max_sessions: 10_000,
             request_timeout_ms: 2_000,
+            idle_timeout_ms: 60_000,
+            frame_timeout_ms: 30_000,
             cluster_id: DEFAULT_CLUSTER_ID.to_string(),
             secret: None,
             client_token: None,
@@ -351,7 +365,7 @@ impl ClusterConfig {
     }
 
     fn validate_tuning(&self) -> Result<(), String> {
-        let ranges: [(&str, u64, u64, u64); 13] = [
+        let ranges: [(&str, u64, u64, u64); 15] = [
             ("tick_ms", self.tick_ms, 1, 1_000),
             (
                 "election_timeout_min_ms",
@@ -405,6 +419,8 @@ impl ClusterConfig {
             ("max_append_bytes", self.max_append_bytes as u64, 1, 1 << 30),
             ("max_sessions", self.max_sessions as u64, 1, 10_000_000),
             ("request_timeout_ms", self.request_timeout_ms, 1, 3_600_000),
+            ("idle_timeout_ms", self.idle_timeout_ms, 1, 86_400_000),
+            ("frame_timeout_ms", self.frame_timeout_ms, 1, 3_600_000),
         ];
         for (key, value, low, high) in ranges {
             if value < low || value > high {

@@ -124,6 +124,8 @@ impl KvServer {
                 peer_services: vec![raft_ids::SERVICE_ID],
                 ..ServerAuth::default()
             },
+            idle_timeout_ms: config.idle_timeout_ms,
+            frame_timeout_ms: config.frame_timeout_ms,
             ..ServerConfig::default()
         };
         let node_options = node_options(config, start.id, start.link_filter);
@@ -138,6 +140,7 @@ impl KvServer {
                 client_token: config.client_token.clone(),
                 max_key_bytes: MAX_KEY_BYTES,
                 max_value_bytes: config.max_append_bytes / 2,
+                max_command_bytes: config.max_append_bytes,
             },
         );
         let router = Router::new()

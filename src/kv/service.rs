@@ -30,7 +30,12 @@ pub struct ServiceOptions {
     /// When set, every request must carry this token.
     pub client_token: Option<String>,
     pub max_key_bytes: usize,
+    /// The most bytes of a value, and of a CAS's expected value.
     pub max_value_bytes: usize,
+    /// The most bytes of an encoded command: a log entry must fit in one
+    /// AppendEntries frame, or the leader could never replicate it and every
+    /// later write would wait behind it (the cluster's `max_append_bytes`).
+    pub max_command_bytes: usize,
 }
 
 pub struct KvService {
@@ -153,11 +158,30 @@ impl KvService {
         if let Err((error, hint, message)) = self.admit(header, key, value) {
             return waiter.fail(error, hint, &message);
         }
+        if let KvOp::Cas { expected, .. } = &op {
+            if expected.len() > self.options.max_value_bytes {
+                let message = format!(
+                    "expected value of {} bytes exceeds {}",
+                    expected.len(),
+                    self.options.max_value_bytes
+                );
+                return waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &message);
+            }
+        }
         let Some(header) = header.filter(|h| h.client_id != 0) else {
             return waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, "a write needs a client_id");
         };
         let command = make_command(header.client_id, header.seq, now_ms(), op);
         let data = encode_command(&command);
+        if data.len() > self.options.max_command_bytes {
+            let message = format!(
+                "the request makes a log entry of {} bytes, over the limit of {} \
+                 (max_append_bytes), so it could not be replicated",
+                data.len(),
+                self.options.max_command_bytes
+            );
+            return waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &message);
+        }
         self.submit(waiter, |token| ClientRequest::Propose { token, data });
     }
 }

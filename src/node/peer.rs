@@ -241,6 +241,14 @@ impl ReplyReader {
             match decode_reply(method, &bytes) {
                 Ok(reply) => {
                     let message = wire::reply_from_wire(self.me, self.peer, reply);
+                    if let Err(what) = wire::check_numbers(&message) {
+                        log::warn!(
+                            "node {}: bad reply from peer {}: {what}",
+                            self.me,
+                            self.peer
+                        );
+                        continue;
+                    }
                     if self.events.try_send(Event::Step(message)).is_err() {
                         log::debug!("node {}: event queue full, dropping a reply", self.me);
                     }

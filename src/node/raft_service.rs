@@ -9,7 +9,7 @@ use super::{wire, Event, LinkFilter};
 use crate::proto::kvstore as pb;
 use crate::raft::{Message, NodeId};
 use crate::rpc::services::RaftService;
-use crate::rpc::Responder;
+use crate::rpc::{Responder, RpcCode};
 
 pub struct RaftServiceHandler {
     id: NodeId,
@@ -28,13 +28,18 @@ impl RaftServiceHandler {
 
     /// Queues `message` with its reply. A cut link or a full event queue
     /// drops the request: the responder, dropped unanswered, fails the call,
-    /// and Raft treats it as a lost message.
+    /// and Raft treats it as a lost message. A message with an impossible
+    /// term or index is answered `BadRequest` and never reaches the core.
     fn deliver<R: protobuf::Message>(
         &self,
         message: Message,
         responder: Responder<R>,
         to_reply: fn(Message) -> Option<R>,
     ) {
+        if let Err(what) = wire::check_numbers(&message) {
+            log::warn!("node {}: refusing a Raft request: {what}", self.id);
+            return responder.send_error(RpcCode::BadRequest, &what);
+        }
         if let Some(filter) = &self.link_filter {
             if !filter(message.from, self.id) {
                 return;

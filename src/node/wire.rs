@@ -6,6 +6,85 @@
 use crate::proto::kvstore as pb;
 use crate::raft::{Entry, Message, MessageBody, NodeId, SnapshotMeta};
 
+/// The largest term, log index or snapshot offset a peer may send. Real
+/// terms and indexes grow by one per election or entry and never come near
+/// it; a larger one is nonsense (or hostile), and refusing it at the wire
+/// keeps every `term + 1` and `index + k` in the core far from overflow.
+pub const MAX_WIRE_NUMBER: u64 = 1 << 62;
+
+/// Checks what no decoder checks: that every term, index and offset of
+/// `message` (a request or a reply from a peer) is at most
+/// [`MAX_WIRE_NUMBER`]. The error names the field and its value.
+pub fn check_numbers(message: &Message) -> Result<(), String> {
+    let mut fields: Vec<(&str, u64)> = vec![("term", message.term)];
+    match &message.body {
+        MessageBody::AppendEntries {
+            prev_log_index,
+            prev_log_term,
+            entries,
+            leader_commit,
+        } => {
+            fields.extend([
+                ("prev_log_index", *prev_log_index),
+                ("prev_log_term", *prev_log_term),
+                ("leader_commit", *leader_commit),
+            ]);
+            for entry in entries {
+                fields.extend([("entry index", entry.index), ("entry term", entry.term)]);
+            }
+        }
+        MessageBody::AppendEntriesResponse {
+            match_index,
+            conflict_index,
+            conflict_term,
+            last_log_index,
+            ..
+        } => fields.extend([
+            ("match_index", *match_index),
+            ("conflict_index", *conflict_index),
+            ("conflict_term", *conflict_term),
+            ("last_log_index", *last_log_index),
+        ]),
+        MessageBody::Heartbeat { leader_commit, .. } => {
+            fields.push(("leader_commit", *leader_commit))
+        }
+        MessageBody::RequestVote {
+            last_log_index,
+            last_log_term,
+            ..
+        } => fields.extend([
+            ("last_log_index", *last_log_index),
+            ("last_log_term", *last_log_term),
+        ]),
+        MessageBody::InstallSnapshot {
+            meta,
+            offset,
+            total_bytes,
+            ..
+        } => fields.extend([
+            ("last_included_index", meta.index),
+            ("last_included_term", meta.term),
+            ("offset", *offset),
+            ("total_bytes", *total_bytes),
+        ]),
+        MessageBody::InstallSnapshotResponse {
+            meta, next_offset, ..
+        } => fields.extend([
+            ("last_included_index", meta.index),
+            ("last_included_term", meta.term),
+            ("next_offset", *next_offset),
+        ]),
+        MessageBody::HeartbeatResponse { .. } | MessageBody::RequestVoteResponse { .. } => {}
+    }
+    match fields.iter().find(|(_, value)| *value > MAX_WIRE_NUMBER) {
+        Some((name, value)) => Err(format!(
+            "{name} {value} from node {} is above the limit of {MAX_WIRE_NUMBER}",
+            message.from
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A core request as the RPC to send: which method, and its encoded bytes.
 pub enum WireRequest {
     AppendEntries(pb::AppendEntriesRequest),

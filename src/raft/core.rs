@@ -994,7 +994,7 @@ impl RaftCore {
             conflict_term,
             last_log_index,
         };
-        if !entries_follow(prev_log_index, entries) {
+        if !entries_follow(prev_log_index, prev_log_term, self.term, entries) {
             return self.respond(from, reject(0, 0));
         }
         // Entries at or below our commit are already ours (Leader
@@ -1348,12 +1348,18 @@ impl RaftCore {
 /// up on a long log applies it in bounded batches.
 const MAX_COMMITTED_PER_READY: u64 = 4096;
 
-/// Whether `entries` are numbered consecutively right after `prev_log_index`
-/// with non-decreasing terms: a message that is not is malformed.
-fn entries_follow(prev_log_index: u64, entries: &[Entry]) -> bool {
-    let mut prev_term = 0;
+/// Whether `entries` are numbered consecutively right after `prev_log_index`,
+/// with terms that never decrease from `prev_log_term` on and never exceed
+/// the leader's `term`: a leader's log has that shape, so a message that does
+/// not is malformed (appending it would break the log's invariants).
+fn entries_follow(prev_log_index: u64, prev_log_term: u64, term: u64, entries: &[Entry]) -> bool {
+    if prev_log_term > term {
+        return false;
+    }
+    let mut prev_term = prev_log_term;
     entries.iter().enumerate().all(|(k, e)| {
-        let ok = e.index == prev_log_index + 1 + k as u64 && e.term >= prev_term;
+        let index = prev_log_index.checked_add(1 + k as u64);
+        let ok = index == Some(e.index) && e.term >= prev_term && e.term <= term;
         prev_term = e.term;
         ok
     })

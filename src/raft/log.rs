@@ -148,23 +148,37 @@ impl RaftLog {
     /// Appends `entries` that follow `prev_index` (whose term already matched),
     /// skipping those we already hold and truncating at the first conflict.
     /// Returns false, changing nothing, when the conflict would remove a
-    /// committed entry: that can only happen when some node broke Raft's
-    /// rules, and the core refuses the message rather than lose data.
+    /// committed entry, or when the new entries' terms would be below the
+    /// term of the entry they follow: either can only happen when some node
+    /// broke Raft's rules, and the core refuses the message rather than lose
+    /// data or break the log's invariants.
     pub fn append_after(&mut self, prev_index: u64, entries: &[Entry]) -> bool {
         let mut skip = 0;
+        let mut conflict = None;
         for (k, entry) in entries.iter().enumerate() {
             let index = prev_index + 1 + k as u64;
             match self.term(index) {
                 Some(term) if term == entry.term => skip = k + 1,
                 Some(_) => {
-                    if index <= self.commit {
-                        return false;
-                    }
-                    self.truncate_from(index);
+                    conflict = Some(index);
                     break;
                 }
                 None => break,
             }
+        }
+        let Some(first_new) = entries.get(skip) else {
+            return true;
+        };
+        if conflict.is_some_and(|index| index <= self.commit) {
+            return false;
+        }
+        // The entry before the first new one stays; terms must not drop after it.
+        match self.term(prev_index + skip as u64) {
+            Some(term) if first_new.term >= term => {}
+            _ => return false,
+        }
+        if let Some(index) = conflict {
+            self.truncate_from(index);
         }
         for entry in &entries[skip..] {
             self.append(entry.clone());

@@ -165,3 +165,95 @@ fn snapshot_catches_up_a_follower() {
     assert!(status.snapshot_index >= applied, "{status:?}");
     assert_eq!(status.commit, cluster.cores[leader].status().commit);
 }
+
+/// Steps `message` into `core` and carries out the Ready; returns the
+/// AppendEntries response it produced, as `(success, last_log_index)`.
+fn append_response(core: &mut RaftCore, message: Message) -> (bool, u64) {
+    core.step(message);
+    let ready = core.ready();
+    core.advance();
+    ready
+        .messages
+        .into_iter()
+        .find_map(|m| match m.body {
+            MessageBody::AppendEntriesResponse {
+                success,
+                last_log_index,
+                ..
+            } => Some((success, last_log_index)),
+            _ => None,
+        })
+        .expect("an AppendEntries response")
+}
+
+fn append_from_2(prev: (u64, u64), entries: &[(u64, u64)], leader_commit: u64) -> Message {
+    Message {
+        from: 2,
+        to: 1,
+        term: 5,
+        body: MessageBody::AppendEntries {
+            prev_log_index: prev.0,
+            prev_log_term: prev.1,
+            entries: entries
+                .iter()
+                .map(|&(index, term)| Entry {
+                    term,
+                    index,
+                    data: Vec::new(),
+                })
+                .collect(),
+            leader_commit,
+        },
+    }
+}
+
+/// Regression (wire abuse): entries whose terms fall below the entry they
+/// follow, or rise above the sender's term, used to reach `RaftLog::append`
+/// and panic ("append lowers the term") or make the log's last term exceed
+/// the node's term. A follower must refuse them and keep its log.
+#[test]
+fn append_entries_with_impossible_terms_are_refused_not_panicked_on() {
+    let mut core = RaftCore::new(Config::new(1, vec![1, 2, 3]), RestoredState::default());
+    // A sane start: entries 1 and 2 of terms 3 and 4, both committed.
+    assert_eq!(
+        append_response(&mut core, append_from_2((0, 0), &[(1, 3), (2, 4)], 2)),
+        (true, 2)
+    );
+    assert_eq!(core.status().commit, 2);
+    // Entry 3 of term 1 after entry 2 of term 4.
+    assert_eq!(
+        append_response(&mut core, append_from_2((2, 4), &[(3, 1)], 2)),
+        (false, 2)
+    );
+    // The same, reached through the skip over committed entries: the message
+    // claims prev (0, 0) and re-sends 1 and 2 with term 1.
+    assert_eq!(
+        append_response(
+            &mut core,
+            append_from_2((0, 0), &[(1, 1), (2, 1), (3, 1)], 2)
+        ),
+        (false, 2)
+    );
+    // An entry of a term above the message's own (5).
+    assert_eq!(
+        append_response(&mut core, append_from_2((2, 4), &[(3, 9)], 2)),
+        (false, 2)
+    );
+    // A prev_log_term above the message's term.
+    assert_eq!(
+        append_response(&mut core, append_from_2((2, 9), &[], 2)),
+        (false, 2)
+    );
+    // Indexes that would overflow.
+    assert_eq!(
+        append_response(&mut core, append_from_2((u64::MAX, 4), &[(0, 5)], 2)),
+        (false, 2)
+    );
+    // The log is intact, and a sane append still works.
+    assert_eq!(core.term_at(2), Some(4));
+    assert_eq!(
+        append_response(&mut core, append_from_2((2, 4), &[(3, 5)], 3)),
+        (true, 3)
+    );
+    assert_eq!(core.status().commit, 3);
+}

@@ -326,7 +326,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
 
 /// Reads one frame from `reader` into `buf` (reusing its capacity) and
 /// decodes it. The announced length is checked against `max_frame_bytes`
-/// before `buf` grows. Returns [`FrameError::Closed`] on a clean end of
+/// before `buf` grows, and `buf` then grows only as the bytes arrive. Returns [`FrameError::Closed`] on a clean end of
 /// stream and [`FrameError::Idle`] on a read timeout, both only when no byte
 /// of the frame had arrived.
 pub fn read_frame<'a, R: Read>(
@@ -357,13 +357,7 @@ pub fn read_frame<'a, R: Read>(
             "length prefix {frame_bytes} is shorter than the {HEADER_BYTES}-byte header"
         )));
     }
-    buf.clear();
-    buf.resize(frame_bytes, 0);
-    // The prefix has arrived, so a timeout now is in the middle of a frame.
-    let got_bytes = match read_full(reader, buf) {
-        Err(FrameError::Idle) => 0,
-        other => other?,
-    };
+    let got_bytes = read_body(reader, buf, frame_bytes)?;
     if got_bytes < frame_bytes {
         return Err(FrameError::Truncated {
             needed_bytes: LENGTH_PREFIX_BYTES + frame_bytes,
@@ -371,6 +365,39 @@ pub fn read_frame<'a, R: Read>(
         });
     }
     decode_frame(buf)
+}
+
+/// The first step of a frame buffer's growth; see [`read_body`].
+const FIRST_BODY_CHUNK_BYTES: usize = 4096;
+
+/// Reads up to `frame_bytes` into `buf` (cleared first) and returns how many
+/// arrived. The buffer grows with the data, doubling from
+/// [`FIRST_BODY_CHUNK_BYTES`], and never past `frame_bytes`: a peer that
+/// announces a large frame and then sends little or nothing costs only what
+/// it sent, not what it announced.
+fn read_body<R: Read>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    frame_bytes: usize,
+) -> Result<usize, FrameError> {
+    buf.clear();
+    let mut filled = 0;
+    while filled < frame_bytes {
+        let target = frame_bytes.min((filled * 2).max(FIRST_BODY_CHUNK_BYTES));
+        buf.reserve_exact(target - buf.len());
+        buf.resize(target, 0);
+        // The prefix has arrived, so a timeout now is in the middle of a frame.
+        let got_bytes = match read_full(reader, &mut buf[filled..]) {
+            Err(FrameError::Idle) => 0,
+            other => other?,
+        };
+        filled += got_bytes;
+        if filled < target {
+            break;
+        }
+    }
+    buf.truncate(filled);
+    Ok(filled)
 }
 
 /// Fills `buf` from `reader`; returns how many bytes arrived before the end of
@@ -477,6 +504,32 @@ mod tests {
             }
         ));
         assert_eq!(buf.capacity(), 0, "no buffer may grow for a refused frame");
+    }
+
+    #[test]
+    fn an_announced_frame_costs_only_the_bytes_that_arrive() {
+        // Regression: the buffer was sized to the announced length before
+        // any byte of the body came, so connections announcing frames just
+        // under the limit and sending nothing held that much memory each.
+        let mut bytes = (MAX as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[1u8; 100]);
+        let mut buf = Vec::new();
+        let error = read_frame(&mut &bytes[..], &mut buf, MAX).unwrap_err();
+        assert!(matches!(
+            error,
+            FrameError::Truncated { got_bytes: 104, .. }
+        ));
+        assert!(
+            buf.capacity() <= FIRST_BODY_CHUNK_BYTES,
+            "{}",
+            buf.capacity()
+        );
+        // A whole large frame still arrives, in a buffer no larger than it.
+        let body = vec![7u8; MAX - HEADER_BYTES];
+        let bytes = encoded(&request_header(), "", &body);
+        let frame = read_frame(&mut &bytes[..], &mut buf, MAX).unwrap();
+        assert_eq!(frame.body, &body[..]);
+        assert!(buf.capacity() <= MAX);
     }
 
     #[test]

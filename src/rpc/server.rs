@@ -5,18 +5,20 @@
 //! loop and dispatches each through the [`Router`]; replies go back through
 //! the connection's mutex-protected writer, in whatever order the
 //! [`Responder`]s complete, matched to their calls by call id. A malformed or
-//! oversized frame, or a connection idle past `idle_timeout_ms`, closes that
-//! connection only. Before its first call a connection must pass the
-//! [`handshake`](super::handshake); a call to a service its handshake does
-//! not allow (Raft, from a clerk) closes it.
+//! oversized frame, a connection idle past `idle_timeout_ms`, or a frame that
+//! takes longer than `frame_timeout_ms` to arrive once begun (a slow writer
+//! trickling bytes), closes that connection only. Before its first call a
+//! connection must pass the [`handshake`](super::handshake); a call to a
+//! service its handshake does not allow (Raft, from a clerk) closes it.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::io::{self, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use parking_lot::{Condvar, Mutex};
@@ -52,6 +54,11 @@ pub struct ServerConfig {
     /// A connection with no call in flight that sends nothing for this long is
     /// closed. Also bounds how long a half-received frame may stall.
     pub idle_timeout_ms: u64,
+    /// Once the first byte of a frame has arrived, the whole frame must
+    /// arrive within this time, or the connection is closed. Without it a
+    /// writer sending one byte just inside every `idle_timeout_ms` would hold
+    /// a connection thread for ever.
+    pub frame_timeout_ms: u64,
     /// A reply write blocked this long breaks the connection.
     pub write_timeout_ms: u64,
     /// Calls of one connection dispatched but not yet answered. At the bound
@@ -68,6 +75,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_frame_bytes: 16 * 1024 * 1024,
             idle_timeout_ms: 60_000,
+            frame_timeout_ms: 30_000,
             write_timeout_ms: 5_000,
             max_in_flight_per_connection: 1024,
             auth: ServerAuth::default(),
@@ -88,8 +96,11 @@ impl ServerConfig {
                 self.max_frame_bytes
             ));
         }
-        if self.idle_timeout_ms == 0 || self.write_timeout_ms == 0 {
-            return invalid("rpc server: idle_timeout_ms and write_timeout_ms must be > 0".into());
+        if self.idle_timeout_ms == 0 || self.write_timeout_ms == 0 || self.frame_timeout_ms == 0 {
+            return invalid(
+                "rpc server: idle_timeout_ms, frame_timeout_ms and write_timeout_ms must be > 0"
+                    .into(),
+            );
         }
         if self.max_in_flight_per_connection == 0 {
             return invalid("rpc server: max_in_flight_per_connection must be at least 1".into());
@@ -418,6 +429,7 @@ fn read_requests(
 ) -> io::Result<()> {
     let peer = connection.peer;
     let local = shared.local_addr;
+    let stream = DeadlineStream::new(stream, &shared.config);
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
     let mut buf = Vec::new();
     loop {
@@ -427,7 +439,10 @@ fn read_requests(
                 debug!("rpc server {local}: {peer} closed the connection");
                 return Ok(());
             }
-            Err(FrameError::Idle) if connection.in_flight() > 0 => continue,
+            Err(FrameError::Idle) if connection.in_flight() > 0 => {
+                reader.get_mut().frame_done();
+                continue;
+            }
             Err(FrameError::Idle) => {
                 info!(
                     "rpc server {local}: closing connection from {peer}: idle for {} ms \
@@ -442,6 +457,7 @@ fn read_requests(
                 return Ok(());
             }
         };
+        reader.get_mut().frame_done();
         if frame.header.kind != FrameKind::Request {
             warn!(
                 "rpc server {local}: closing connection from {peer}: it sent a response frame \
@@ -478,6 +494,80 @@ fn read_requests(
         if buf.capacity() > RETAINED_BUFFER_BYTES {
             buf = Vec::new();
         }
+    }
+}
+
+/// How far past its deadline a frame's last read may block: the price of
+/// not re-arming the socket's timeout on every read.
+const FRAME_DEADLINE_SLACK: Duration = Duration::from_millis(100);
+
+/// The socket under a connection's reader. Between frames a read waits up
+/// to `idle_timeout_ms`; from the first byte that arrives, the frame it
+/// begins has until `frame_timeout_ms` later to be complete, however the
+/// bytes trickle in. The reader calls [`DeadlineStream::frame_done`] after
+/// each frame. Bytes of the next frame that came with the end of the last
+/// one are already buffered, so that frame's clock starts at its next read
+/// from the socket: the bound is looser by one read (and by
+/// [`FRAME_DEADLINE_SLACK`]), never absent.
+struct DeadlineStream {
+    stream: TcpStream,
+    idle_timeout: Duration,
+    frame_timeout: Duration,
+    /// When the frame being received must be complete; `None` between frames.
+    deadline: Option<Instant>,
+    /// The read timeout now set on the socket, to skip needless syscalls.
+    timeout_set: Duration,
+}
+
+impl DeadlineStream {
+    fn new(stream: TcpStream, config: &ServerConfig) -> DeadlineStream {
+        let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
+        DeadlineStream {
+            stream,
+            idle_timeout,
+            frame_timeout: Duration::from_millis(config.frame_timeout_ms),
+            deadline: None,
+            // serve_connection set the idle timeout on the socket.
+            timeout_set: idle_timeout,
+        }
+    }
+
+    fn frame_done(&mut self) {
+        self.deadline = None;
+    }
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let timeout = match self.deadline {
+            None => self.idle_timeout,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the frame did not arrive within frame_timeout_ms",
+                    ));
+                }
+                // Shorten the socket's timeout only when the deadline is
+                // nearer than it by more than the slack: re-arming it on
+                // every read would cost a syscall per read.
+                if left + FRAME_DEADLINE_SLACK < self.timeout_set {
+                    left
+                } else {
+                    self.timeout_set
+                }
+            }
+        };
+        if timeout != self.timeout_set {
+            self.stream.set_read_timeout(Some(timeout))?;
+            self.timeout_set = timeout;
+        }
+        let got_bytes = self.stream.read(buf)?;
+        if got_bytes > 0 && self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.frame_timeout);
+        }
+        Ok(got_bytes)
     }
 }
 
@@ -889,6 +979,52 @@ mod tests {
         let error = bad.validate().unwrap_err();
         assert!(error.to_string().contains("max_frame_bytes"), "{error}");
         assert!(ServerConfig::default().validate().is_ok());
+    }
+
+    /// Regression: a writer sending one byte well inside every idle timeout
+    /// held its connection (and a pool thread) for as long as it liked.
+    #[test]
+    fn a_slow_writer_is_closed_by_the_frame_timeout() {
+        use std::io::Read as _;
+        let config = ServerConfig {
+            idle_timeout_ms: 5_000,
+            frame_timeout_ms: 300,
+            ..ServerConfig::default()
+        };
+        let server = RpcServer::bind("127.0.0.1:0", config, Router::new()).unwrap();
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        // A frame of 1000 bytes, one byte every 50 ms: 50 s if let run.
+        let mut frame = 1000u32.to_be_bytes().to_vec();
+        frame.resize(4 + 1000, 1);
+        let started = Instant::now();
+        let mut closed = false;
+        for byte in frame.iter().take(200) {
+            if stream.write_all(&[*byte]).is_err() {
+                closed = true;
+                break;
+            }
+            let mut sink = [0u8; 16];
+            match stream.read(&mut sink) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Err(e) if !frame::is_timeout(&e) => {
+                    closed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert!(closed, "still open after {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "closed only after {:?}, by the idle timeout at best",
+            started.elapsed()
+        );
     }
 
     #[test]
