@@ -126,13 +126,11 @@ pub struct Clerk {
     nodes: Vec<Node>,
     options: ClerkOptions,
     client_id: u64,
+    /// The ids of `nodes`, in the same order, for [`Route`].
+    node_ids: Vec<u64>,
     /// The seq of the last write started; the next write takes `last_seq + 1`.
     last_seq: u64,
-    /// Index into `nodes` of the node tried first.
-    leader: usize,
-    /// Whether `leader` answered as leader (or was named by a leader hint)
-    /// rather than being a guess.
-    leader_known: bool,
+    route: Route,
     busy_retries: u64,
     /// Jitter for the back-off.
     rng: SplitMix64,
@@ -190,11 +188,11 @@ impl Clerk {
         assert!(!nodes.is_empty(), "a clerk needs at least one node");
         let client_id = options.client_id.unwrap_or_else(random_client_id);
         Clerk {
+            node_ids: nodes.iter().map(|node| node.id).collect(),
             nodes,
             client_id,
             last_seq: 0,
-            leader: 0,
-            leader_known: false,
+            route: Route::default(),
             busy_retries: 0,
             rng: SplitMix64::new(client_id),
             options,
@@ -209,7 +207,7 @@ impl Clerk {
     /// The node this clerk believes leads, once a node has answered as
     /// leader or named one.
     pub fn leader_hint(&self) -> Option<u64> {
-        self.leader_known.then(|| self.nodes[self.leader].id)
+        self.route.leader(&self.node_ids)
     }
 
     /// How many times a node answered `BUSY` to this clerk, over its lifetime.
@@ -335,12 +333,7 @@ impl Clerk {
     }
 
     fn header(&self, seq: u64) -> MessageField<RequestHeader> {
-        MessageField::some(RequestHeader {
-            client_id: self.client_id,
-            seq,
-            token: self.options.client_token.clone().unwrap_or_default(),
-            ..Default::default()
-        })
+        request_header(self.client_id, seq, self.options.client_token.as_deref())
     }
 
     /// The header of a new write: the next seq, which every retry reuses.
@@ -355,106 +348,208 @@ impl Clerk {
         &mut self,
         mut attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
     ) -> Result<Rep, ClerkError> {
-        let deadline = Instant::now() + self.options.timeout;
-        let mut backoff_ms = BACKOFF_MIN_MS;
-        // Attempts since the last one that got anywhere; after a full round of
-        // nodes without progress (no leader, or hints pointing in a circle)
-        // the clerk waits before the next round instead of spinning.
-        let mut fruitless = 0usize;
-        let mut last_error: String;
+        let mut attempts = Attempts::new(Instant::now() + self.options.timeout);
         loop {
-            let node = &self.nodes[self.leader];
-            let wait = match attempt(&node.stub) {
-                // Refused at the handshake: this clerk's cluster file names
-                // another cluster; no node of it will answer otherwise.
-                Err(error @ RpcError::Refused { .. }) => {
-                    return Err(ClerkError::Rejected(format!("node {}: {error}", node.id)));
-                }
-                Err(error) => {
-                    last_error = format!("node {}: {error}", node.id);
-                    self.rotate();
-                    fruitless += 1;
-                    false
-                }
-                Ok(reply) => {
-                    let (code, hint, message) = reply_status(reply.reply_header());
-                    match code {
-                        ErrorCode::OK => {
-                            self.leader_known = true;
-                            return Ok(reply);
-                        }
-                        ErrorCode::INVALID_ARGUMENT | ErrorCode::UNAUTHENTICATED => {
-                            return Err(ClerkError::Rejected(format!(
-                                "node {}: {message}",
-                                node.id
-                            )));
-                        }
-                        ErrorCode::BUSY => {
-                            last_error = format!("node {} is busy: {message}", node.id);
-                            self.busy_retries += 1;
-                            true
-                        }
-                        ErrorCode::NOT_LEADER => {
-                            last_error = format!("node {} is not the leader", node.id);
-                            self.follow_hint(node.id, hint);
-                            fruitless += 1;
-                            false
-                        }
-                        ErrorCode::TIMEOUT => {
-                            // The node may still commit it: ask it again with
-                            // the same seq; a deposed leader will say so.
-                            last_error = format!("node {} timed out: {message}", node.id);
-                            fruitless += 1;
-                            false
-                        }
-                        _ => {
-                            last_error = format!("node {}: {code:?} {message}", node.id);
-                            self.rotate();
-                            fruitless += 1;
-                            false
-                        }
+            let node = &self.nodes[self.route.current()];
+            let answer = attempt(&node.stub);
+            // Refused at the handshake: this clerk's cluster file names
+            // another cluster; no node of it will answer otherwise.
+            if let Err(error @ RpcError::Refused { .. }) = &answer {
+                return Err(ClerkError::Rejected(format!("node {}: {error}", node.id)));
+            }
+            let seen = match &answer {
+                Ok(reply) => Ok(reply.reply_header()),
+                Err(error) => Err(error as &dyn fmt::Display),
+            };
+            let step = attempts.judge(
+                &mut self.route,
+                &self.node_ids,
+                seen,
+                Instant::now(),
+                &mut self.rng,
+            );
+            match (step, answer) {
+                (NextStep::Done, Ok(reply)) => return Ok(reply),
+                (NextStep::Done, Err(_)) => unreachable!("a failed attempt is never done"),
+                (NextStep::Fail(error), _) => return Err(error),
+                (NextStep::Retry { wait, busy }, _) => {
+                    self.busy_retries += u64::from(busy);
+                    if !wait.is_zero() {
+                        thread::sleep(wait);
                     }
                 }
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ClerkError::Timeout { last_error });
-            }
-            if wait || fruitless >= self.nodes.len() {
-                fruitless = 0;
-                let sleep_ms = self.jittered(backoff_ms);
-                backoff_ms = (backoff_ms * 2).min(BACKOFF_MAX_MS);
-                thread::sleep(Duration::from_millis(sleep_ms).min(deadline - now));
             }
         }
+    }
+}
+
+/// Which node a client tries next: the one it believes leads, moved by
+/// `NOT_LEADER` hints and by failures. Indexes refer to the client's list of
+/// node ids, which never changes.
+#[derive(Clone, Debug, Default)]
+pub struct Route {
+    /// Index of the node tried first.
+    current: usize,
+    /// Whether `current` answered as leader (or was named by a leader hint)
+    /// rather than being a guess.
+    known: bool,
+}
+
+impl Route {
+    /// The index of the node to try next.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// The id of the node believed to lead, once one answered as leader or
+    /// was named by a hint.
+    pub fn leader(&self, node_ids: &[u64]) -> Option<u64> {
+        self.known.then(|| node_ids[self.current])
     }
 
     /// Tries the node named by a `NOT_LEADER` hint next, or the next node
     /// when the hint names none, an unknown node, or the node that answered.
-    fn follow_hint(&mut self, answered: u64, hint: u64) {
+    fn follow_hint(&mut self, node_ids: &[u64], answered: u64, hint: u64) {
         let hinted = (hint != 0 && hint != answered)
-            .then(|| self.nodes.iter().position(|node| node.id == hint))
+            .then(|| node_ids.iter().position(|&id| id == hint))
             .flatten();
         match hinted {
             Some(index) => {
-                self.leader = index;
-                self.leader_known = true;
+                self.current = index;
+                self.known = true;
             }
-            None => self.rotate(),
+            None => self.rotate(node_ids.len()),
         }
     }
 
-    fn rotate(&mut self) {
-        self.leader = (self.leader + 1) % self.nodes.len();
-        self.leader_known = false;
+    fn rotate(&mut self, node_count: usize) {
+        self.current = (self.current + 1) % node_count;
+        self.known = false;
+    }
+}
+
+/// What a client does after an attempt, as [`Attempts::judge`] decides.
+#[derive(Debug)]
+pub enum NextStep {
+    /// The node answered OK: the operation is done.
+    Done,
+    /// The operation is over without success: rejected for good, or the
+    /// deadline passed (outcome unknown).
+    Fail(ClerkError),
+    /// Send the same request again, to [`Route::current`], after `wait`
+    /// (zero: at once; never past the deadline). `busy` says the node
+    /// answered `BUSY`.
+    Retry { wait: Duration, busy: bool },
+}
+
+/// The retry rules of one operation, shared by [`Clerk`] and the load
+/// generator's multiplexed clients: follow `NOT_LEADER` hints, rotate on
+/// failures, back off (doubling, jittered) on `BUSY` and after a full round
+/// of nodes without progress, and give up at the deadline.
+#[derive(Debug)]
+pub struct Attempts {
+    deadline: Instant,
+    backoff_ms: u64,
+    /// Attempts since the last one that got anywhere; after a full round of
+    /// nodes without progress (no leader, or hints pointing in a circle)
+    /// the client waits before the next round instead of spinning.
+    fruitless: usize,
+}
+
+impl Attempts {
+    /// The attempts of an operation that must end by `deadline`.
+    pub fn new(deadline: Instant) -> Attempts {
+        Attempts {
+            deadline,
+            backoff_ms: BACKOFF_MIN_MS,
+            fruitless: 0,
+        }
     }
 
-    /// A wait in `[ms/2, ms]`, so clerks pushed back together do not return
-    /// together.
-    fn jittered(&mut self, ms: u64) -> u64 {
-        let low = ms.div_ceil(2);
-        self.rng.range(low, ms + 1)
+    /// Judges one attempt sent to node `node_ids[route.current()]`: its reply
+    /// header (`Ok`), or why no reply came (`Err`). Moves `route` as the
+    /// answer says; `rng` jitters the back-off.
+    pub fn judge(
+        &mut self,
+        route: &mut Route,
+        node_ids: &[u64],
+        answer: Result<Option<&ReplyHeader>, &dyn fmt::Display>,
+        now: Instant,
+        rng: &mut SplitMix64,
+    ) -> NextStep {
+        let node = node_ids[route.current];
+        let (wait, busy, last_error) = match answer {
+            Err(error) => {
+                route.rotate(node_ids.len());
+                self.fruitless += 1;
+                (false, false, format!("node {node}: {error}"))
+            }
+            Ok(header) => {
+                let (code, hint, message) = reply_status(header);
+                match code {
+                    ErrorCode::OK => {
+                        route.known = true;
+                        return NextStep::Done;
+                    }
+                    ErrorCode::INVALID_ARGUMENT | ErrorCode::UNAUTHENTICATED => {
+                        return NextStep::Fail(ClerkError::Rejected(format!(
+                            "node {node}: {message}"
+                        )));
+                    }
+                    ErrorCode::BUSY => (true, true, format!("node {node} is busy: {message}")),
+                    ErrorCode::NOT_LEADER => {
+                        route.follow_hint(node_ids, node, hint);
+                        self.fruitless += 1;
+                        (false, false, format!("node {node} is not the leader"))
+                    }
+                    ErrorCode::TIMEOUT => {
+                        // The node may still commit it: ask it again with the
+                        // same seq; a deposed leader will say so.
+                        self.fruitless += 1;
+                        (false, false, format!("node {node} timed out: {message}"))
+                    }
+                    _ => {
+                        route.rotate(node_ids.len());
+                        self.fruitless += 1;
+                        (false, false, format!("node {node}: {code:?} {message}"))
+                    }
+                }
+            }
+        };
+        if now >= self.deadline {
+            return NextStep::Fail(ClerkError::Timeout { last_error });
+        }
+        let mut pause = Duration::ZERO;
+        if wait || self.fruitless >= node_ids.len() {
+            self.fruitless = 0;
+            let sleep_ms = jittered(rng, self.backoff_ms);
+            self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);
+            pause = Duration::from_millis(sleep_ms).min(self.deadline - now);
+        }
+        NextStep::Retry { wait: pause, busy }
     }
+}
+
+/// A wait in `[ms/2, ms]`, so clients pushed back together do not return
+/// together.
+fn jittered(rng: &mut SplitMix64, ms: u64) -> u64 {
+    let low = ms.div_ceil(2);
+    rng.range(low, ms + 1)
+}
+
+/// The header of a request from session `client_id`: `seq` 0 for reads, the
+/// write's own seq (the same on every retry) for writes.
+pub fn request_header(
+    client_id: u64,
+    seq: u64,
+    client_token: Option<&str>,
+) -> MessageField<RequestHeader> {
+    MessageField::some(RequestHeader {
+        client_id,
+        seq,
+        token: client_token.unwrap_or_default().to_string(),
+        ..Default::default()
+    })
 }
 
 /// A node's status, or why not and whether the node rejected the clerk.
@@ -515,7 +610,7 @@ has_reply_header!(
 /// A random non-zero client id. Wall-clock nanoseconds, the process id and a
 /// per-process counter are mixed by SplitMix64, so clerks started in the same
 /// nanosecond, in one process or in several, still get different ids.
-fn random_client_id() -> u64 {
+pub fn random_client_id() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -716,7 +811,7 @@ mod tests {
         let (mut clerk, _) = clerk(vec![vec![]], 1_000);
         for ms in [1, 2, 7, 100] {
             for _ in 0..100 {
-                let wait = clerk.jittered(ms);
+                let wait = jittered(&mut clerk.rng, ms);
                 assert!(wait >= ms.div_ceil(2) && wait <= ms, "{wait} for {ms}");
             }
         }

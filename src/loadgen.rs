@@ -1,29 +1,34 @@
-//! The load generator behind `loadgen`: N clerks against a cluster, closed
-//! loop (one request in flight each) or open loop (`rate`: requests are
-//! scheduled at fixed times whatever the latency, handed to whichever of the
-//! N clerks is free, and latency counts from the scheduled time, so a slow
-//! cluster cannot hide its queueing — no coordinated omission). It reports
-//! throughput, HDR-histogram latency percentiles, errors by kind, and the
-//! requests the LockQueue pushed back (BUSY) that the clerks retried. With
-//! `check`, every operation on a sample of keys is recorded and the history
-//! goes through the linearizability checker at the end.
+//! The load generator behind `loadgen`: N logical clients against a
+//! cluster, closed loop (one request in flight each) or open loop (`rate`:
+//! requests are scheduled at fixed times whatever the latency, handed to
+//! whichever of the N clients is free, and latency counts from the scheduled
+//! time, so a slow cluster cannot hide its queueing — no coordinated
+//! omission). It reports throughput, HDR-histogram latency percentiles,
+//! errors by kind, and the requests the LockQueue pushed back (BUSY) that the
+//! clients retried. With `check`, every operation on a sample of keys is
+//! recorded and the history goes through the linearizability checker at the
+//! end.
 //!
 //! The generator shares the machine's cores with the cluster it measures, so
-//! the per-operation work is kept small: no allocation on the hot path
-//! unless `check` records the operation, a few relaxed atomic increments,
-//! and latencies batched per client and merged into the shared histograms
-//! once a second.
+//! it must cost little: the clients are not threads but state machines in
+//! one event loop ([`mux`]), multiplexed over a few connections per node,
+//! each with the clerk's session and retry rules. Latencies are batched and
+//! merged into the shared histograms once a second, for the progress lines.
+
+mod mux;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
-use crate::check::{self, KvInput, KvOutput, Operation, Verdict};
-use crate::clerk::{Clerk, ClerkError};
+use crate::check::{self, Operation, Verdict};
+use crate::clerk::{ClerkError, ClerkOptions};
+use crate::config::ClusterConfig;
 use crate::raft::SplitMix64;
 
 /// The longest run `run` accepts (warmup plus measured time): one timeline
@@ -37,19 +42,59 @@ pub const MAX_CHECKED_KEYS: u64 = 1000;
 /// How long the linearizability check may search before it answers "timeout".
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Progress lines are printed this long after their second ends, so that
-/// clients have merged that second's latencies (they do when they finish
-/// their next request). Counts are exact whatever the delay.
+/// the event loop has merged that second's latencies (it does when an
+/// operation finishes in a later second, or at its next wake-up). Counts are
+/// exact whatever the delay.
 const PROGRESS_DELAY: Duration = Duration::from_millis(100);
-/// Stack of a client thread: a clerk call needs little, and up to thousands
-/// of clients may run.
-const CLIENT_STACK_BYTES: usize = 512 * 1024;
+/// The most logical clients sharing one connection: with their calls and
+/// the calls they abandoned after an attempt timeout, a connection stays
+/// below the server's window of calls in flight per connection (1024), so
+/// the server never stops reading it.
+pub const MAX_CLIENTS_PER_CONNECTION: usize = 256;
+
+/// The cluster and how to reach it.
+#[derive(Clone, Debug)]
+pub struct Targets {
+    /// Node ids and addresses; never empty.
+    pub nodes: Vec<(u64, SocketAddr)>,
+    pub client_token: Option<String>,
+    pub max_frame_bytes: usize,
+    /// Deadline of one operation, retries included: past it the operation
+    /// counts as a "timeout" error, with an unknown outcome.
+    pub op_timeout: Duration,
+    /// Limit on one attempt (connect, or send to reply) to one node, as
+    /// [`ClerkOptions::attempt_timeout_ms`].
+    pub attempt_timeout_ms: u64,
+}
+
+impl Targets {
+    /// Every node of `config`, with the clerk's attempt limit.
+    pub fn from_config(config: &ClusterConfig, op_timeout: Duration) -> Targets {
+        Targets {
+            nodes: config
+                .raft_nodes
+                .iter()
+                .map(|node| (node.id, node.addr()))
+                .collect(),
+            client_token: config.client_token.clone(),
+            max_frame_bytes: config.max_frame_bytes,
+            op_timeout,
+            attempt_timeout_ms: ClerkOptions::default().attempt_timeout_ms,
+        }
+    }
+}
 
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Concurrent clerks: one request in flight each. In an open loop they
-    /// are the pool that sends the scheduled requests.
+    /// Concurrent logical clients, each its own session with one request in
+    /// flight. In an open loop they are the pool that sends the scheduled
+    /// requests.
     pub clients: usize,
+    /// Connections to each node that the clients share (client `i` uses
+    /// connection `i % conns_per_node`). More are opened when the clients
+    /// would exceed [`MAX_CLIENTS_PER_CONNECTION`] on one.
+    pub conns_per_node: usize,
     pub duration: Duration,
     /// Unmeasured time at the start.
     pub warmup: Duration,
@@ -157,12 +202,8 @@ struct Shared<'a> {
     slots: Vec<Slot>,
     /// Every measured success: the run's figures, and "p99 so far".
     measured: Mutex<Histogram<u64>>,
-    /// Open loop: the next request slot to send.
-    next_request: AtomicU64,
     recorded_ops: AtomicU64,
     history_overflow: AtomicBool,
-    /// Makes keys (with `check`) and values unique to this run.
-    run_nonce: u64,
     /// Time zero of the recorded history: the start of the preload, if
     /// any, else `start`.
     history_origin: Instant,
@@ -189,25 +230,9 @@ impl Shared<'_> {
         index.min(self.slots.len() - 1)
     }
 
-    /// When the next request starts, or `None` when the run is over. Closed
-    /// loop: now. Open loop: the next free slot of the schedule, waited for.
-    fn next_start(&self) -> Option<Instant> {
-        let Some(rate) = self.options.rate else {
-            let now = Instant::now();
-            return (now < self.end).then_some(now);
-        };
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let scheduled = self.start + Duration::from_secs_f64(request as f64 / rate);
-        let now = Instant::now();
-        // A request scheduled before the end that no clerk could start in
-        // time is counted as unsent, not sent late.
-        if scheduled >= self.end || now >= self.end {
-            return None;
-        }
-        if scheduled > now {
-            std::thread::sleep(scheduled - now);
-        }
-        Some(scheduled)
+    /// When open-loop request number `request` is scheduled.
+    fn scheduled_at(&self, rate: f64, request: u64) -> Instant {
+        self.start + Duration::from_secs_f64(request as f64 / rate)
     }
 
     /// Requests an open loop schedules in the measured window.
@@ -219,16 +244,21 @@ impl Shared<'_> {
     }
 }
 
-/// A client: its clerk, its choices, and what it measured.
-struct Worker {
-    client: usize,
-    clerk: Clerk,
-    rng: SplitMix64,
-    /// Operations started, numbering the values.
-    started: u64,
-    key: String,
-    value: Vec<u8>,
-    value_prefix: String,
+/// One operation that has ended, as the engine reports it to the [`Tally`].
+struct Finished {
+    /// When the operation was due: latency counts from here.
+    scheduled: Instant,
+    finished: Instant,
+    is_read: bool,
+    /// BUSY answers retried on the way.
+    busy: u64,
+    result: Result<(), ClerkError>,
+}
+
+/// What the clients measured, kept by the engine (one thread, no locks)
+/// and merged into the report at the end.
+#[derive(Default)]
+struct Tally {
     /// Latencies (µs) of measured successes not yet merged into the shared
     /// histograms, all finished in timeline slot `pending_slot`.
     pending: Vec<u64>,
@@ -236,6 +266,7 @@ struct Worker {
     reads: u64,
     writes: u64,
     busy: u64,
+    /// Operations scheduled inside the measured window that were sent.
     sent_measured: u64,
     errors: BTreeMap<&'static str, u64>,
     error_samples: BTreeMap<&'static str, String>,
@@ -243,173 +274,45 @@ struct Worker {
     last_finish: Option<Instant>,
 }
 
-/// What one operation came to.
-struct Outcome {
-    result: Result<(), ClerkError>,
-    /// BUSY answers the clerk retried on the way.
-    busy: u64,
-}
-
-impl Worker {
-    fn new(options: &LoadOptions, client: usize, clerk: Clerk) -> Worker {
-        Worker {
-            client,
-            clerk,
-            rng: SplitMix64::new(
-                options.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            ),
-            started: 0,
-            key: String::with_capacity(32),
-            value: vec![b'x'; options.value_size_bytes.max(1)],
-            value_prefix: String::with_capacity(48),
-            pending: Vec::with_capacity(1024),
-            pending_slot: 0,
-            reads: 0,
-            writes: 0,
-            busy: 0,
-            sent_measured: 0,
-            errors: BTreeMap::new(),
-            error_samples: BTreeMap::new(),
-            history: Vec::new(),
-            last_finish: None,
+impl Tally {
+    /// Counts one ended operation of the run in its second and, when it
+    /// started inside the measured window, in the run's figures.
+    fn finish(&mut self, shared: &Shared, op: Finished) {
+        let measured = op.scheduled >= shared.measure_from;
+        let slot_index = shared.slot_index(op.finished);
+        if slot_index != self.pending_slot {
+            self.flush(shared);
+            self.pending_slot = slot_index;
         }
-    }
-
-    /// Runs one get or put of key number `k`, recording it for the check
-    /// when its key is sampled.
-    fn execute(&mut self, shared: &Shared, k: u64, is_read: bool) -> Outcome {
-        let options = shared.options;
-        self.started += 1;
-        self.key.clear();
-        let _ = write!(self.key, "key{k:08}");
-        if options.check {
-            // A key of this run only: the history then starts from absent
-            // keys whatever earlier runs left in the cluster.
-            let _ = write!(self.key, "-{:08x}", shared.run_nonce as u32);
+        let slot = &shared.slots[slot_index];
+        if op.busy > 0 {
+            slot.busy.fetch_add(op.busy, Ordering::Relaxed);
         }
-        let record = options.check && k.is_multiple_of(check_stride(options.keys));
-        let busy_before = self.clerk.busy_retries();
-        let call_us = record.then(|| shared.history_origin.elapsed().as_micros() as u64);
-        let (result, output) = if is_read {
-            match self.clerk.get(self.key.as_bytes()) {
-                Ok(value) => {
-                    let output = record.then(|| KvOutput::Get {
-                        value: value.map(|v| String::from_utf8_lossy(&v).into_owned()),
-                    });
-                    (Ok(()), output)
-                }
-                Err(error) => (Err(error), None),
-            }
-        } else {
-            self.fill_value(shared.run_nonce);
-            match self.clerk.put(self.key.as_bytes(), &self.value) {
-                Ok(()) => (Ok(()), record.then_some(KvOutput::Put)),
-                Err(error) => (Err(error), None),
-            }
-        };
-        if let Some(call_us) = call_us {
-            let return_us = result
-                .is_ok()
-                .then(|| shared.history_origin.elapsed().as_micros() as u64);
-            self.record(shared, is_read, call_us, output, return_us);
+        if measured {
+            self.sent_measured += 1;
+            self.busy += op.busy;
         }
-        Outcome {
-            result,
-            busy: self.clerk.busy_retries() - busy_before,
-        }
-    }
-
-    /// Makes the value unique to (run, client, operation): a put is then
-    /// identifiable in the history by its value.
-    fn fill_value(&mut self, run_nonce: u64) {
-        self.value_prefix.clear();
-        let _ = write!(
-            self.value_prefix,
-            "v{:08x}-{}-{}-",
-            run_nonce as u32, self.client, self.started
-        );
-        let n = self.value_prefix.len().min(self.value.len());
-        self.value[..n].copy_from_slice(&self.value_prefix.as_bytes()[..n]);
-    }
-
-    fn record(
-        &mut self,
-        shared: &Shared,
-        is_read: bool,
-        call_us: u64,
-        output: Option<KvOutput>,
-        return_us: Option<u64>,
-    ) {
-        if shared.recorded_ops.fetch_add(1, Ordering::Relaxed)
-            >= shared.options.max_checked_ops as u64
-        {
-            shared.history_overflow.store(true, Ordering::Relaxed);
-            return;
-        }
-        let key = self.key.clone();
-        let input = if is_read {
-            KvInput::Get { key }
-        } else {
-            KvInput::Put {
-                key,
-                value: String::from_utf8_lossy(&self.value).into_owned(),
-            }
-        };
-        self.history.push(Operation {
-            client_id: self.clerk.client_id(),
-            input,
-            call_us,
-            output,
-            return_us,
-        });
-    }
-
-    /// The measured loop: operations until the schedule says the run is over.
-    fn run(&mut self, shared: &Shared) {
-        let options = shared.options;
-        let read_threshold = (options.read_ratio.clamp(0.0, 1.0) * 1_000_000.0) as u64;
-        while let Some(scheduled) = shared.next_start() {
-            let k = self.rng.range(0, options.keys.max(1));
-            let is_read = self.rng.range(0, 1_000_000) < read_threshold;
-            let outcome = self.execute(shared, k, is_read);
-            let finished = Instant::now();
-            let measured = scheduled >= shared.measure_from;
-            let slot_index = shared.slot_index(finished);
-            if slot_index != self.pending_slot {
-                self.flush(shared);
-                self.pending_slot = slot_index;
-            }
-            let slot = &shared.slots[slot_index];
-            if outcome.busy > 0 {
-                slot.busy.fetch_add(outcome.busy, Ordering::Relaxed);
-            }
-            if measured {
-                self.sent_measured += 1;
-                self.busy += outcome.busy;
-            }
-            match outcome.result {
-                Ok(()) => {
-                    slot.ops.fetch_add(1, Ordering::Relaxed);
-                    if measured {
-                        let latency_us = finished.duration_since(scheduled).as_micros() as u64;
-                        self.pending.push(latency_us.max(1));
-                        if is_read {
-                            self.reads += 1;
-                        } else {
-                            self.writes += 1;
-                        }
-                        self.last_finish = Some(finished);
+        match op.result {
+            Ok(()) => {
+                slot.ops.fetch_add(1, Ordering::Relaxed);
+                if measured {
+                    let latency_us = op.finished.duration_since(op.scheduled).as_micros() as u64;
+                    self.pending.push(latency_us.max(1));
+                    if op.is_read {
+                        self.reads += 1;
+                    } else {
+                        self.writes += 1;
                     }
+                    self.last_finish = Some(op.finished);
                 }
-                Err(error) => {
-                    slot.errors.fetch_add(1, Ordering::Relaxed);
-                    if measured {
-                        self.count_error(&error);
-                    }
+            }
+            Err(error) => {
+                slot.errors.fetch_add(1, Ordering::Relaxed);
+                if measured {
+                    self.count_error(&error);
                 }
             }
         }
-        self.flush(shared);
     }
 
     fn count_error(&mut self, error: &ClerkError) {
@@ -421,6 +324,25 @@ impl Worker {
         self.error_samples
             .entry(kind)
             .or_insert_with(|| error.to_string());
+    }
+
+    /// Keeps one operation of the history, unless the history is full.
+    fn record(&mut self, shared: &Shared, operation: Operation) {
+        if shared.recorded_ops.fetch_add(1, Ordering::Relaxed)
+            >= shared.options.max_checked_ops as u64
+        {
+            shared.history_overflow.store(true, Ordering::Relaxed);
+            return;
+        }
+        self.history.push(operation);
+    }
+
+    /// Merges the pending latencies once their second is over, so that the
+    /// progress line of that second sees them.
+    fn flush_if_past(&mut self, shared: &Shared, now: Instant) {
+        if !self.pending.is_empty() && shared.slot_index(now) != self.pending_slot {
+            self.flush(shared);
+        }
     }
 
     /// Merges the pending latencies into their second's histogram and into
@@ -442,22 +364,6 @@ impl Worker {
         }
         self.pending.clear();
     }
-
-    /// Writes keys `client, client + clients, ...` once each; returns the
-    /// keys written and the failures.
-    fn preload(&mut self, shared: &Shared) -> (u64, u64) {
-        let (mut written, mut failed) = (0, 0);
-        let clients = shared.options.clients as u64;
-        let mut k = self.client as u64;
-        while k < shared.options.keys {
-            match self.execute(shared, k, false).result {
-                Ok(()) => written += 1,
-                Err(_) => failed += 1,
-            }
-            k += clients;
-        }
-        (written, failed)
-    }
 }
 
 /// Every `check_stride`-th key is recorded for the check.
@@ -476,83 +382,63 @@ fn process_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// Runs `body` on `clients` scoped threads, one per worker, and collects
-/// the workers back.
-fn on_threads<F>(workers: Vec<Worker>, body: &F) -> Vec<Worker>
-where
-    F: Fn(&mut Worker) + Sync,
-{
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = workers
-            .into_iter()
-            .map(|mut worker| {
-                std::thread::Builder::new()
-                    .name(format!("loadgen-{}", worker.client))
-                    .stack_size(CLIENT_STACK_BYTES)
-                    .spawn_scoped(scope, move || {
-                        body(&mut worker);
-                        worker
-                    })
-                    .expect("spawn a client thread")
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("client thread"))
-            .collect()
-    })
-}
-
-/// Runs the load with clerks from `make_clerk` (one per client) and
-/// reports. `progress` is called once a second with that second's figures.
+/// Runs the load against `targets` and reports. `progress` is called once
+/// a second with that second's figures.
 pub fn run(
     options: &LoadOptions,
-    make_clerk: &(dyn Fn(usize) -> Clerk + Sync),
+    targets: &Targets,
     progress: &(dyn Fn(&SecondStats) + Sync),
 ) -> Report {
     assert!(options.clients > 0, "at least one client");
+    assert!(!targets.nodes.is_empty(), "at least one node");
     assert!(
         (options.warmup + options.duration).as_secs() <= MAX_RUN_SECS,
         "a run of at most {MAX_RUN_SECS} s"
     );
     let cpu_before = process_cpu();
-    let mut workers: Vec<Worker> = (0..options.clients)
-        .map(|client| Worker::new(options, client, make_clerk(client)))
-        .collect();
     let run_nonce = SplitMix64::new(options.seed ^ clock_seed()).next_u64();
-    let mut shared = new_shared(options, Instant::now(), run_nonce);
+    let mut engine = mux::Engine::new(options, targets, run_nonce);
+    let mut io = match mux::Io::connect(targets, engine.conn_count()) {
+        Ok(io) => io,
+        Err(error) => {
+            let mut report = Report::default();
+            let sample = format!("cannot start the connector thread: {error}");
+            report.errors.insert("connect".to_string(), 1);
+            report.error_samples.insert("connect".to_string(), sample);
+            return report;
+        }
+    };
+    let mut shared = new_shared(options, Instant::now());
     let mut report = Report::default();
     if options.preload {
         let preload_start = Instant::now();
-        let counts = Mutex::new((0u64, 0u64));
-        workers = on_threads(workers, &|worker: &mut Worker| {
-            let (written, failed) = worker.preload(&shared);
-            let mut counts = counts.lock();
-            counts.0 += written;
-            counts.1 += failed;
-        });
-        (report.preload_keys, report.preload_errors) = counts.into_inner();
+        mux::run_phase(&mut engine, &mut io, &shared, mux::Phase::Preload);
+        (report.preload_keys, report.preload_errors) = engine.preload_counts();
         report.preload_s = preload_start.elapsed().as_secs_f64();
         // The run's clock restarts; the history (and its time zero) goes on.
         let recorded = shared.recorded_ops.load(Ordering::Relaxed);
         let overflow = shared.history_overflow.load(Ordering::Relaxed);
         let history_origin = shared.history_origin;
-        shared = new_shared(options, Instant::now(), run_nonce);
+        shared = new_shared(options, Instant::now());
         shared.recorded_ops.store(recorded, Ordering::Relaxed);
         shared.history_overflow.store(overflow, Ordering::Relaxed);
         shared.history_origin = history_origin;
     }
-    let workers = std::thread::scope(|scope| {
+    let phase = match options.rate {
+        Some(rate) => mux::Phase::OpenLoop { rate },
+        None => mux::Phase::ClosedLoop,
+    };
+    std::thread::scope(|scope| {
         let printer = scope.spawn(|| report_progress(&shared, progress));
-        let workers = on_threads(workers, &|worker: &mut Worker| worker.run(&shared));
+        mux::run_phase(&mut engine, &mut io, &shared, phase);
         printer.join().expect("progress thread");
-        workers
     });
+    drop(io);
     report.client_cpu_s = (process_cpu() - cpu_before).as_secs_f64();
-    summarize(&shared, workers, report)
+    summarize(&shared, engine.into_tally(), report)
 }
 
-fn new_shared(options: &LoadOptions, start: Instant, run_nonce: u64) -> Shared<'_> {
+fn new_shared(options: &LoadOptions, start: Instant) -> Shared<'_> {
     let warmup_slots = options.warmup.as_secs_f64().ceil() as usize;
     let measured_slots = (options.duration.as_secs_f64().ceil() as usize).max(1);
     let measure_from = start + options.warmup;
@@ -575,10 +461,8 @@ fn new_shared(options: &LoadOptions, start: Instant, run_nonce: u64) -> Shared<'
             })
             .collect(),
         measured: Mutex::new(new_histogram()),
-        next_request: AtomicU64::new(0),
         recorded_ops: AtomicU64::new(0),
         history_overflow: AtomicBool::new(false),
-        run_nonce,
         history_origin: start,
     }
 }
@@ -626,30 +510,24 @@ fn report_progress(shared: &Shared, progress: &(dyn Fn(&SecondStats) + Sync)) {
     }
 }
 
-fn summarize(shared: &Shared, workers: Vec<Worker>, mut report: Report) -> Report {
+fn summarize(shared: &Shared, mut tally: Tally, mut report: Report) -> Report {
     let options = shared.options;
-    let mut last_finish = shared.end;
-    let mut history = Vec::new();
-    let mut sent_measured = 0;
-    for worker in workers {
-        report.reads += worker.reads;
-        report.writes += worker.writes;
-        report.busy += worker.busy;
-        sent_measured += worker.sent_measured;
-        for (kind, count) in worker.errors {
-            *report.errors.entry(kind.to_string()).or_default() += count;
-        }
-        for (kind, sample) in worker.error_samples {
-            report
-                .error_samples
-                .entry(kind.to_string())
-                .or_insert(sample);
-        }
-        if let Some(finish) = worker.last_finish {
-            last_finish = last_finish.max(finish);
-        }
-        history.extend(worker.history);
+    tally.flush(shared);
+    report.reads = tally.reads;
+    report.writes = tally.writes;
+    report.busy = tally.busy;
+    let sent_measured = tally.sent_measured;
+    for (kind, count) in tally.errors {
+        *report.errors.entry(kind.to_string()).or_default() += count;
     }
+    for (kind, sample) in tally.error_samples {
+        report
+            .error_samples
+            .entry(kind.to_string())
+            .or_insert(sample);
+    }
+    let last_finish = tally.last_finish.map_or(shared.end, |t| t.max(shared.end));
+    let history = tally.history;
     report.ops = report.reads + report.writes;
     // As etcd-bench does: from the start of the window until the last
     // request that started inside it finished.
@@ -730,6 +608,7 @@ impl Report {
             "preload_errors": self.preload_errors,
             "preload_s": self.preload_s,
             "clients": options.clients,
+            "conns_per_node": options.conns_per_node,
             "duration_s": options.duration.as_secs_f64(),
             "warmup_s": options.warmup.as_secs_f64(),
             "value_size": options.value_size_bytes,

@@ -1,4 +1,5 @@
-//! `loadgen`: drives a kvstore-raft cluster with N clerks and reports
+//! `loadgen`: drives a kvstore-raft cluster with N logical clients
+//! (multiplexed over `--conns` connections per node) and reports
 //! throughput, latency percentiles, errors and backpressure; see `--help`
 //! and the README's performance section. A progress line goes to stderr
 //! each second; the result goes to stdout, as text or (`--json`) as one
@@ -12,18 +13,21 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kvstore_raft::clerk::{Clerk, ClerkOptions};
 use kvstore_raft::config::ClusterConfig;
-use kvstore_raft::loadgen::{self, LoadOptions, Report, SecondStats, MAX_RUN_SECS};
+use kvstore_raft::loadgen::{self, LoadOptions, Report, SecondStats, Targets, MAX_RUN_SECS};
 
 const USAGE: &str = "usage: loadgen [--config FILE] --clients N --duration SECS [--warmup SECS] \
-[--value-size BYTES] [--keys K] [--read-ratio R] [--rate OPS] [--preload] [--timeout SECS] \
-[--json] [--plot FILE.svg] [--check] [--seed S]";
+[--value-size BYTES] [--keys K] [--read-ratio R] [--rate OPS] [--conns C] [--preload] \
+[--timeout SECS] [--json] [--plot FILE.svg] [--check] [--seed S]";
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 3;
 /// Bounds of the numeric options: generous, but they keep a typo from
 /// asking for a million threads or a year-long run.
 const MAX_CLIENTS: usize = 4096;
+const MAX_CONNS: usize = 64;
+/// Connections per node unless `--conns` says otherwise (see
+/// /work/notes/lgmux-results.md for the measurements behind it).
+const DEFAULT_CONNS: usize = 1;
 const MAX_KEYS: u64 = 1_000_000_000;
 const MAX_RATE: f64 = 10_000_000.0;
 const MAX_TIMEOUT_SECS: f64 = 3600.0;
@@ -89,8 +93,15 @@ fn options() -> getopts::Options {
     opts.optopt(
         "",
         "clients",
-        "concurrent clerks, one request in flight each",
+        "concurrent clients, one session and one request in flight each",
         "N",
+    );
+    opts.optopt(
+        "",
+        "conns",
+        "connections per node, shared by the clients (default 1; more when \
+         there are over 256 clients per connection)",
+        "C",
     );
     opts.optopt("", "duration", "measured seconds", "SECS");
     opts.optopt("", "warmup", "unmeasured seconds first (default 0)", "SECS");
@@ -105,7 +116,7 @@ fn options() -> getopts::Options {
     opts.optopt(
         "",
         "rate",
-        "open loop: operations per second in total, sent by the N clerks; \
+        "open loop: operations per second in total, sent by the N clients; \
          latency counts from the scheduled time",
         "OPS",
     );
@@ -164,6 +175,12 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             number(&matches, "clients", None)?,
             1,
             MAX_CLIENTS,
+        )?,
+        conns_per_node: within(
+            "conns",
+            number(&matches, "conns", Some(DEFAULT_CONNS))?,
+            1,
+            MAX_CONNS,
         )?,
         duration: seconds(&matches, "duration", None, 0.001, max_run_secs)?,
         warmup: seconds(&matches, "warmup", Some(0.0), 0.0, max_run_secs)?,
@@ -252,15 +269,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let make_clerk = |_client: usize| {
-        let options = ClerkOptions {
-            timeout: args.timeout,
-            client_token: config.client_token.clone(),
-            ..ClerkOptions::default()
-        };
-        Clerk::new(&config, options)
-    };
-    let report = loadgen::run(&args.load, &make_clerk, &print_progress);
+    let targets = Targets::from_config(&config, args.timeout);
+    let report = loadgen::run(&args.load, &targets, &print_progress);
     let mut status = ExitCode::SUCCESS;
     if let Some(path) = &args.plot {
         if let Err(e) = std::fs::write(path, report.to_svg()) {

@@ -1,0 +1,1379 @@
+//! The multiplexed engine of the load generator: N logical clients, each
+//! with its own session (`client_id`, `seq`) and exactly one request in
+//! flight, share a few connections per node and one event-loop thread. The
+//! thread waits in `ppoll(2)` on every connection, reads whatever replies
+//! arrived, matches each to its client by call id (replies come in any
+//! order), lets the client take its next step under the clerk's rules
+//! ([`Attempts`]: follow `NOT_LEADER` hints, rotate on failures, back off on
+//! `BUSY` with the same seq, give up at the deadline), and writes every
+//! request this produced in one `write` per connection.
+//!
+//! [`Engine`] is the pure part: clients, call tables and output buffers,
+//! driven by events ([`Engine::on_reply`], [`Engine::on_link_down`],
+//! [`Engine::on_tick`]) and testable without sockets. [`Io`] owns the
+//! non-blocking sockets and a connector thread, so a slow `connect` never
+//! stalls the loop. A connection that breaks, or that stays silent for an
+//! attempt timeout while calls wait on it, fails every call on it: their
+//! clients retry elsewhere with the same seq, as a clerk would.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt::{self, Write as _};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use protobuf::Message;
+
+use super::{check_stride, Finished, LoadOptions, Shared, Tally, Targets};
+use super::{MAX_CLIENTS_PER_CONNECTION, MAX_RUN_SECS};
+use crate::check::{KvInput, KvOutput, Operation};
+use crate::clerk::{random_client_id, request_header, Attempts, ClerkError, NextStep, Route};
+use crate::proto::kvstore::{
+    GetReply, GetRequest, PutReply, PutRequest, ReplyHeader, RequestHeader,
+};
+use crate::raft::SplitMix64;
+use crate::rpc::frame::{
+    decode_frame, finish_frame, FrameHeader, FrameKind, RpcCode, HEADER_BYTES, LENGTH_PREFIX_BYTES,
+};
+use crate::rpc::services::kv_store;
+
+/// A connection with this many calls unanswered (its clients' live calls
+/// plus calls abandoned after an attempt timeout) is broken and reopened,
+/// well below the server's window of 1024 calls in flight per connection.
+const MAX_CALLS_PER_CONNECTION: usize = 3 * MAX_CLIENTS_PER_CONNECTION;
+/// How often attempts are checked against the attempt timeout.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
+/// After a failed connect, attempts on that connection fail at once for
+/// this long (their clients try other nodes), then it is tried again.
+const RECONNECT_DELAY: Duration = Duration::from_millis(50);
+/// The shortest operation deadline: every operation gets one attempt.
+const MIN_OP_TIMEOUT: Duration = Duration::from_millis(1);
+/// Bytes asked of the kernel per `read`: many replies at once.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Output bytes kept for a connection whose peer reads slowly; past this
+/// the connection counts as broken (the server is not reading).
+const MAX_OUTPUT_BYTES: usize = 64 * 1024 * 1024;
+
+/// What the clients do in a phase of the run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Phase {
+    /// Write keys `i, i + N, ...` once each (client `i` of N), unmeasured.
+    Preload,
+    /// Each client starts its next operation as soon as one ends, until
+    /// the run's end.
+    ClosedLoop,
+    /// Operations are due at `rate` per second from the run's start; each
+    /// goes to an idle client, at once if one is idle, else as soon as one
+    /// becomes idle (latency still counts from when it was due).
+    OpenLoop { rate: f64 },
+}
+
+/// One request on the wire, waiting for its reply.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Call {
+    conn: usize,
+    call_id: u64,
+    sent_at: Instant,
+}
+
+/// The operation a client is running.
+struct Op {
+    is_read: bool,
+    /// When the operation was due (closed loop: when it started).
+    scheduled: Instant,
+    attempts: Attempts,
+    busy: u64,
+    /// The attempt in flight; `None` while the client waits to retry.
+    call: Option<Call>,
+    /// With `check` on a sampled key: the history's view of the operation,
+    /// and when it was invoked (µs since the history's origin).
+    record: Option<(KvInput, u64)>,
+}
+
+/// A logical client: one session, one operation at a time.
+struct Client {
+    client_id: u64,
+    /// The seq of the last write started; every retry of it reuses it.
+    last_seq: u64,
+    route: Route,
+    /// Key and read/write choices.
+    rng: SplitMix64,
+    /// Operations started, numbering the values.
+    started: u64,
+    /// Preload: the next key this client writes.
+    preload_next: u64,
+    op: Option<Op>,
+    /// The encoded request message of `op`, sent unchanged on every attempt.
+    request: Vec<u8>,
+}
+
+/// Whether a connection can carry calls.
+#[derive(Debug)]
+enum Link {
+    /// Being opened: calls queue in its output buffer.
+    Connecting,
+    Up,
+    /// The last connect failed: calls fail at once, with this error.
+    Down(String),
+}
+
+/// The engine's side of a connection.
+struct Conn {
+    link: Link,
+    /// Calls sent (or queued) and not answered: call id to client.
+    /// Invariant: `calls.len() <= MAX_CALLS_PER_CONNECTION` once swept.
+    calls: HashMap<u64, usize>,
+    /// Request frames not yet written.
+    out: Vec<u8>,
+    /// The last reply, or the first call after a quiet spell: a connection
+    /// with calls waiting and nothing heard since `attempt_timeout` is dead.
+    last_heard: Instant,
+}
+
+/// Reusable request messages: encoding one allocates nothing.
+struct Scratch {
+    get: GetRequest,
+    put: PutRequest,
+    key: String,
+    value_prefix: String,
+    /// Bytes of the value the last prefix overwrote.
+    value_prefix_bytes: usize,
+}
+
+/// The clients, their connections and their timers. See the module
+/// documentation.
+pub(super) struct Engine {
+    node_ids: Vec<u64>,
+    conns_per_node: usize,
+    keys: u64,
+    read_threshold: u64,
+    check: bool,
+    run_nonce: u64,
+    op_timeout: Duration,
+    attempt_timeout: Duration,
+    max_frame_bytes: usize,
+    clients: Vec<Client>,
+    /// Connection `node * conns_per_node + slot`.
+    conns: Vec<Conn>,
+    /// Clients waiting to retry, by when.
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Open loop: clients without an operation.
+    idle: Vec<usize>,
+    /// Open loop: the next request of the schedule.
+    next_request: u64,
+    next_call_id: u64,
+    /// Operations started and not ended.
+    active: usize,
+    phase: Phase,
+    next_sweep: Instant,
+    /// Jitter of the back-offs.
+    rng: SplitMix64,
+    scratch: Scratch,
+    tally: Tally,
+    preload_written: u64,
+    preload_failed: u64,
+}
+
+impl Engine {
+    pub(super) fn new(options: &LoadOptions, targets: &Targets, run_nonce: u64) -> Engine {
+        let per_node = options
+            .conns_per_node
+            .max(1)
+            .max(options.clients.div_ceil(MAX_CLIENTS_PER_CONNECTION));
+        let now = Instant::now();
+        let conns = (0..targets.nodes.len() * per_node)
+            .map(|_| Conn {
+                link: Link::Connecting,
+                calls: HashMap::new(),
+                out: Vec::new(),
+                last_heard: now,
+            })
+            .collect();
+        let clients = (0..options.clients)
+            .map(|index| Client {
+                client_id: random_client_id(),
+                last_seq: 0,
+                route: Route::default(),
+                rng: SplitMix64::new(
+                    options.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ),
+                started: 0,
+                preload_next: index as u64,
+                op: None,
+                request: Vec::new(),
+            })
+            .collect();
+        let header = request_header(0, 0, targets.client_token.as_deref());
+        Engine {
+            node_ids: targets.nodes.iter().map(|&(id, _)| id).collect(),
+            conns_per_node: per_node,
+            keys: options.keys.max(1),
+            read_threshold: (options.read_ratio.clamp(0.0, 1.0) * 1_000_000.0) as u64,
+            check: options.check,
+            run_nonce,
+            // A zero deadline would fail an operation on a down connection
+            // before its first attempt, and start the next one at once.
+            op_timeout: targets.op_timeout.max(MIN_OP_TIMEOUT),
+            attempt_timeout: Duration::from_millis(targets.attempt_timeout_ms),
+            max_frame_bytes: targets.max_frame_bytes,
+            clients,
+            conns,
+            timers: BinaryHeap::new(),
+            idle: Vec::new(),
+            next_request: 0,
+            next_call_id: 1,
+            active: 0,
+            phase: Phase::Preload,
+            next_sweep: now,
+            rng: SplitMix64::new(run_nonce),
+            scratch: Scratch {
+                get: GetRequest {
+                    header: header.clone(),
+                    ..Default::default()
+                },
+                put: PutRequest {
+                    header,
+                    value: vec![b'x'; options.value_size_bytes.max(1)],
+                    ..Default::default()
+                },
+                key: String::with_capacity(32),
+                value_prefix: String::with_capacity(48),
+                value_prefix_bytes: 0,
+            },
+            tally: Tally::default(),
+            preload_written: 0,
+            preload_failed: 0,
+        }
+    }
+
+    /// How many connections the engine uses, over all nodes.
+    pub(super) fn conn_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Keys written by the preload, and its failed writes.
+    pub(super) fn preload_counts(&self) -> (u64, u64) {
+        (self.preload_written, self.preload_failed)
+    }
+
+    pub(super) fn into_tally(self) -> Tally {
+        self.tally
+    }
+
+    /// Starts a phase: closed-loop and preload clients start their first
+    /// operation; open-loop clients wait for the schedule.
+    pub(super) fn begin(&mut self, shared: &Shared, phase: Phase, now: Instant) {
+        assert_eq!(self.active, 0, "a phase begins with every client idle");
+        self.phase = phase;
+        self.next_request = 0;
+        self.idle.clear();
+        for client in 0..self.clients.len() {
+            match phase {
+                Phase::OpenLoop { .. } => self.idle.push(client),
+                Phase::Preload | Phase::ClosedLoop => self.start_next(shared, client, now),
+            }
+        }
+        // Clients pop from the end: the lowest numbers go first.
+        self.idle.reverse();
+        self.next_sweep = now + SWEEP_INTERVAL;
+        self.start_scheduled(shared, now);
+    }
+
+    /// Whether the phase is over: no operation runs and none will start.
+    pub(super) fn finished(&self, shared: &Shared, now: Instant) -> bool {
+        if self.active > 0 {
+            return false;
+        }
+        match self.phase {
+            Phase::OpenLoop { rate } => {
+                now >= shared.end || shared.scheduled_at(rate, self.next_request) >= shared.end
+            }
+            Phase::Preload | Phase::ClosedLoop => true,
+        }
+    }
+
+    /// When the engine next has something to do without any reply
+    /// arriving: a retry, a scheduled request, or the next sweep.
+    pub(super) fn next_wake(&self, shared: &Shared) -> Instant {
+        let mut wake = self.next_sweep;
+        if let Some(Reverse((at, _))) = self.timers.peek() {
+            wake = wake.min(*at);
+        }
+        if let Phase::OpenLoop { rate } = self.phase {
+            if !self.idle.is_empty() {
+                wake = wake.min(shared.scheduled_at(rate, self.next_request).min(shared.end));
+            }
+        }
+        wake
+    }
+
+    /// Retries that are due, open-loop requests that are due, and (every
+    /// [`SWEEP_INTERVAL`]) attempts past their timeout. Returns the
+    /// connections to break: silent too long, or too many calls on them.
+    pub(super) fn on_tick(&mut self, shared: &Shared, now: Instant) -> Vec<usize> {
+        while let Some(&Reverse((at, client))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let waiting = matches!(&self.clients[client].op, Some(op) if op.call.is_none());
+            if waiting {
+                self.send(shared, client, now);
+            }
+        }
+        self.start_scheduled(shared, now);
+        self.tally.flush_if_past(shared, now);
+        if now < self.next_sweep {
+            return Vec::new();
+        }
+        self.next_sweep = now + SWEEP_INTERVAL;
+        self.sweep(shared, now)
+    }
+
+    /// Abandons attempts older than the attempt timeout (a late reply to
+    /// one is dropped) and names the connections that look dead.
+    fn sweep(&mut self, shared: &Shared, now: Instant) -> Vec<usize> {
+        for client in 0..self.clients.len() {
+            let late = match &self.clients[client].op {
+                Some(Op {
+                    call: Some(call), ..
+                }) => now.duration_since(call.sent_at) >= self.attempt_timeout,
+                _ => false,
+            };
+            if late {
+                let error = format!(
+                    "no reply within {} ms (attempt timeout)",
+                    self.attempt_timeout.as_millis()
+                );
+                self.fail_attempt(shared, client, &error, now);
+            }
+        }
+        (0..self.conns.len())
+            .filter(|&index| {
+                let conn = &self.conns[index];
+                !conn.calls.is_empty()
+                    && (conn.calls.len() >= MAX_CALLS_PER_CONNECTION
+                        || now.duration_since(conn.last_heard) >= self.attempt_timeout)
+            })
+            .collect()
+    }
+
+    /// The connection is open: its queued calls can go out.
+    pub(super) fn on_link_up(&mut self, conn: usize, now: Instant) {
+        self.conns[conn].link = Link::Up;
+        self.conns[conn].last_heard = now;
+    }
+
+    /// The connection is being (re)opened: calls queue on it.
+    pub(super) fn on_link_connecting(&mut self, conn: usize) {
+        self.conns[conn].link = Link::Connecting;
+    }
+
+    /// The connection broke, or could not be opened (`down`: attempts on it
+    /// fail at once until it is tried again). Every call on it fails; each
+    /// of their clients retries as the clerk's rules say.
+    pub(super) fn on_link_down(
+        &mut self,
+        shared: &Shared,
+        conn: usize,
+        error: &str,
+        down: bool,
+        now: Instant,
+    ) {
+        let state = &mut self.conns[conn];
+        state.link = if down {
+            Link::Down(error.to_string())
+        } else {
+            Link::Connecting
+        };
+        state.out.clear();
+        let calls: Vec<(u64, usize)> = state.calls.drain().collect();
+        for (call_id, client) in calls {
+            let current = self.clients[client]
+                .op
+                .as_ref()
+                .and_then(|op| op.call)
+                .is_some_and(|call| call.conn == conn && call.call_id == call_id);
+            if current {
+                self.fail_attempt(shared, client, error, now);
+            }
+        }
+    }
+
+    /// The output buffer of a connection, for [`Io`] to write.
+    fn output(&mut self, conn: usize) -> &mut Vec<u8> {
+        &mut self.conns[conn].out
+    }
+
+    /// Handles one reply frame read from `conn`. An error means the
+    /// connection carries something other than replies to our calls.
+    pub(super) fn on_reply(
+        &mut self,
+        shared: &Shared,
+        conn: usize,
+        frame_bytes: &[u8],
+        now: Instant,
+    ) -> Result<(), String> {
+        let frame = decode_frame(frame_bytes).map_err(|e| e.to_string())?;
+        if frame.header.kind != FrameKind::Response {
+            return Err("the server sent a request frame".to_string());
+        }
+        let call_id = frame.header.call_id;
+        let state = &mut self.conns[conn];
+        let client = state
+            .calls
+            .remove(&call_id)
+            .ok_or_else(|| format!("reply to call {call_id}, which is not in flight"))?;
+        state.last_heard = now;
+        let Some(op) = self.clients[client].op.as_mut() else {
+            return Ok(());
+        };
+        if op.call.map(|call| call.call_id) != Some(call_id) {
+            // A reply to an attempt abandoned after its timeout.
+            return Ok(());
+        }
+        op.call = None;
+        let is_read = op.is_read;
+        if frame.header.code != RpcCode::Ok {
+            let error = format!(
+                "rpc failed on the server ({}): {}",
+                frame.header.code, frame.error_text
+            );
+            self.fail_attempt(shared, client, &error, now);
+            return Ok(());
+        }
+        let decoded = if is_read {
+            GetReply::parse_from_bytes(frame.body).map(|mut reply| {
+                let value = reply
+                    .found
+                    .then(|| String::from_utf8_lossy(&std::mem::take(&mut reply.value)).into());
+                (reply.header.take(), Some(KvOutput::Get { value }))
+            })
+        } else {
+            PutReply::parse_from_bytes(frame.body)
+                .map(|mut reply| (reply.header.take(), Some(KvOutput::Put)))
+        };
+        match decoded {
+            Ok((header, output)) => {
+                let step = self.judge(client, Ok(header.as_ref()), now);
+                self.take_step(shared, client, step, output, now);
+            }
+            Err(e) => {
+                let error = format!("reply cannot be decoded: {e}");
+                self.fail_attempt(shared, client, &error, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// The clerk's verdict on the attempt of `client` that just ended.
+    fn judge(
+        &mut self,
+        client: usize,
+        answer: Result<Option<&ReplyHeader>, &dyn fmt::Display>,
+        now: Instant,
+    ) -> NextStep {
+        let state = &mut self.clients[client];
+        let op = state.op.as_mut().expect("judged clients run an operation");
+        op.attempts
+            .judge(&mut state.route, &self.node_ids, answer, now, &mut self.rng)
+    }
+
+    /// The attempt in flight (or about to be sent) failed without a reply.
+    fn fail_attempt(&mut self, shared: &Shared, client: usize, error: &str, now: Instant) {
+        if let Some(op) = self.clients[client].op.as_mut() {
+            op.call = None;
+        }
+        let step = self.judge(client, Err(&error), now);
+        self.take_step(shared, client, step, None, now);
+    }
+
+    fn take_step(
+        &mut self,
+        shared: &Shared,
+        client: usize,
+        step: NextStep,
+        output: Option<KvOutput>,
+        now: Instant,
+    ) {
+        match step {
+            NextStep::Done => self.finish(shared, client, Ok(output), now),
+            NextStep::Fail(error) => self.finish(shared, client, Err(error), now),
+            NextStep::Retry { wait, busy } => {
+                let op = self.clients[client]
+                    .op
+                    .as_mut()
+                    .expect("retried clients run an operation");
+                op.busy += u64::from(busy);
+                if wait.is_zero() {
+                    self.send(shared, client, now);
+                } else {
+                    self.timers.push(Reverse((now + wait, client)));
+                }
+            }
+        }
+    }
+
+    /// Sends the client's request to the node its route names, on the
+    /// client's connection to that node. A connection that is down fails
+    /// the attempt at once (the clerk's connect failure).
+    fn send(&mut self, shared: &Shared, client: usize, now: Instant) {
+        let node = self.clients[client].route.current();
+        let conn = node * self.conns_per_node + client % self.conns_per_node;
+        if let Link::Down(error) = &self.conns[conn].link {
+            let error = format!("not connected: {error}");
+            return self.fail_attempt(shared, client, &error, now);
+        }
+        let call_id = self.next_call_id;
+        self.next_call_id += 1;
+        let method_id = if self.clients[client]
+            .op
+            .as_ref()
+            .is_some_and(|op| op.is_read)
+        {
+            kv_store::GET
+        } else {
+            kv_store::PUT
+        };
+        let state = &mut self.conns[conn];
+        let framed = push_frame(
+            &mut state.out,
+            method_id,
+            call_id,
+            &self.clients[client].request,
+            self.max_frame_bytes,
+        );
+        if let Err(error) = framed {
+            let error = format!("request cannot be sent: {error}");
+            return self.stop(shared, client, error, now);
+        }
+        if state.calls.is_empty() {
+            state.last_heard = now;
+        }
+        state.calls.insert(call_id, client);
+        let op = self.clients[client]
+            .op
+            .as_mut()
+            .expect("sent clients run an operation");
+        op.call = Some(Call {
+            conn,
+            call_id,
+            sent_at: now,
+        });
+    }
+
+    /// Starts the client's next operation in a closed loop or a preload,
+    /// unless the phase is over for it.
+    fn start_next(&mut self, shared: &Shared, client: usize, now: Instant) {
+        match self.phase {
+            Phase::Preload => {
+                let key = self.clients[client].preload_next;
+                if key < self.keys {
+                    self.clients[client].preload_next += self.clients.len() as u64;
+                    self.start_op(shared, client, key, false, now, now);
+                }
+            }
+            Phase::ClosedLoop => {
+                if now < shared.end {
+                    self.start_chosen(shared, client, now, now);
+                }
+            }
+            Phase::OpenLoop { .. } => {
+                self.idle.push(client);
+                self.start_scheduled(shared, now);
+            }
+        }
+    }
+
+    /// Hands every open-loop request that is due to an idle client.
+    fn start_scheduled(&mut self, shared: &Shared, now: Instant) {
+        let Phase::OpenLoop { rate } = self.phase else {
+            return;
+        };
+        // A request due before the end that no client could start in time
+        // is counted as unsent, not sent late.
+        if now >= shared.end {
+            return;
+        }
+        loop {
+            let due = shared.scheduled_at(rate, self.next_request);
+            if due > now || due >= shared.end {
+                break;
+            }
+            let Some(client) = self.idle.pop() else {
+                break;
+            };
+            self.next_request += 1;
+            self.start_chosen(shared, client, due, now);
+        }
+    }
+
+    /// Starts an operation on a key and kind chosen by the client's rng.
+    fn start_chosen(&mut self, shared: &Shared, client: usize, scheduled: Instant, now: Instant) {
+        let rng = &mut self.clients[client].rng;
+        let key = rng.range(0, self.keys);
+        let is_read = rng.range(0, 1_000_000) < self.read_threshold;
+        self.start_op(shared, client, key, is_read, scheduled, now);
+    }
+
+    /// Encodes the get or put of key number `key` and sends it.
+    fn start_op(
+        &mut self,
+        shared: &Shared,
+        client: usize,
+        key: u64,
+        is_read: bool,
+        scheduled: Instant,
+        now: Instant,
+    ) {
+        let scratch = &mut self.scratch;
+        let state = &mut self.clients[client];
+        state.started += 1;
+        scratch.key.clear();
+        let _ = write!(scratch.key, "key{key:08}");
+        if self.check {
+            // A key of this run only: the history then starts from absent
+            // keys whatever earlier runs left in the cluster.
+            let _ = write!(scratch.key, "-{:08x}", self.run_nonce as u32);
+        }
+        let recorded = self.check && key.is_multiple_of(check_stride(self.keys));
+        state.request.clear();
+        let (encoded, input) = if is_read {
+            let message = &mut scratch.get;
+            set_header(&mut message.header, state.client_id, 0);
+            message.key.clear();
+            message.key.extend_from_slice(scratch.key.as_bytes());
+            let input = recorded.then(|| KvInput::Get {
+                key: scratch.key.clone(),
+            });
+            (message.write_to_vec(&mut state.request), input)
+        } else {
+            state.last_seq += 1;
+            let message = &mut scratch.put;
+            set_header(&mut message.header, state.client_id, state.last_seq);
+            message.key.clear();
+            message.key.extend_from_slice(scratch.key.as_bytes());
+            // A value unique to (run, client, operation): a put is then
+            // identifiable in the history by its value.
+            let value = &mut message.value;
+            let stale = scratch.value_prefix_bytes.min(value.len());
+            value[..stale].fill(b'x');
+            let prefix = &mut scratch.value_prefix;
+            prefix.clear();
+            let _ = write!(
+                prefix,
+                "v{:08x}-{client}-{}-",
+                self.run_nonce as u32, state.started
+            );
+            let n = prefix.len().min(value.len());
+            value[..n].copy_from_slice(&prefix.as_bytes()[..n]);
+            scratch.value_prefix_bytes = n;
+            let input = recorded.then(|| KvInput::Put {
+                key: scratch.key.clone(),
+                value: String::from_utf8_lossy(value).into_owned(),
+            });
+            (message.write_to_vec(&mut state.request), input)
+        };
+        let call_us = shared.history_origin.elapsed().as_micros() as u64;
+        state.op = Some(Op {
+            is_read,
+            scheduled,
+            attempts: Attempts::new(now + self.op_timeout),
+            busy: 0,
+            call: None,
+            record: input.map(|input| (input, call_us)),
+        });
+        self.active += 1;
+        match encoded {
+            Ok(()) => self.send(shared, client, now),
+            Err(e) => self.stop(
+                shared,
+                client,
+                format!("request cannot be encoded: {e}"),
+                now,
+            ),
+        }
+    }
+
+    /// Ends the client's operation as rejected, and the client's part in
+    /// this phase: a request that cannot be encoded or framed never can,
+    /// and retrying it at once would never end.
+    fn stop(&mut self, shared: &Shared, client: usize, error: String, now: Instant) {
+        self.end_op(shared, client, Err(ClerkError::Rejected(error)), now);
+    }
+
+    /// Ends the client's operation and starts its next one.
+    fn finish(
+        &mut self,
+        shared: &Shared,
+        client: usize,
+        result: Result<Option<KvOutput>, ClerkError>,
+        now: Instant,
+    ) {
+        self.end_op(shared, client, result, now);
+        self.start_next(shared, client, now);
+    }
+
+    /// Counts the client's operation and records it for the check.
+    fn end_op(
+        &mut self,
+        shared: &Shared,
+        client: usize,
+        result: Result<Option<KvOutput>, ClerkError>,
+        now: Instant,
+    ) {
+        let state = &mut self.clients[client];
+        let op = state.op.take().expect("finished clients ran an operation");
+        self.active -= 1;
+        if let Some((input, call_us)) = op.record {
+            let return_us = result
+                .is_ok()
+                .then(|| shared.history_origin.elapsed().as_micros() as u64);
+            let output = result.as_ref().ok().cloned().flatten();
+            let operation = Operation {
+                client_id: state.client_id,
+                input,
+                call_us,
+                output,
+                return_us,
+            };
+            self.tally.record(shared, operation);
+        }
+        if self.phase == Phase::Preload {
+            if result.is_ok() {
+                self.preload_written += 1;
+            } else {
+                self.preload_failed += 1;
+            }
+        } else {
+            self.tally.finish(
+                shared,
+                Finished {
+                    scheduled: op.scheduled,
+                    finished: now,
+                    is_read: op.is_read,
+                    busy: op.busy,
+                    result: result.map(drop),
+                },
+            );
+        }
+    }
+}
+
+/// Sets the session fields of a reused request header.
+fn set_header(header: &mut protobuf::MessageField<RequestHeader>, client_id: u64, seq: u64) {
+    let header = header.mut_or_insert_default();
+    header.client_id = client_id;
+    header.seq = seq;
+}
+
+/// Appends one request frame (KVStore method `method_id`, message `body`)
+/// to `out`; leaves `out` as it was when the frame is too large.
+fn push_frame(
+    out: &mut Vec<u8>,
+    method_id: u32,
+    call_id: u64,
+    body: &[u8],
+    max_frame_bytes: usize,
+) -> Result<(), crate::rpc::frame::FrameError> {
+    let start = out.len();
+    out.resize(start + LENGTH_PREFIX_BYTES + HEADER_BYTES, 0);
+    out.extend_from_slice(body);
+    let header = FrameHeader::request(kv_store::SERVICE_ID, method_id, call_id);
+    finish_frame(&mut out[start..], &header, max_frame_bytes).inspect_err(|_| out.truncate(start))
+}
+
+/// What a connection looks like to the event loop.
+enum Socket {
+    /// A connect request is with the connector thread.
+    Connecting,
+    Open {
+        stream: TcpStream,
+        /// Bytes read and not yet a whole frame.
+        input: Vec<u8>,
+    },
+    /// Waiting until `retry_at` to be opened again.
+    Closed { retry_at: Instant },
+}
+
+/// The sockets of the engine's connections and the connector thread that
+/// opens them. See the module documentation.
+pub(super) struct Io {
+    addrs: Vec<SocketAddr>,
+    max_frame_bytes: usize,
+    sockets: Vec<Socket>,
+    /// Connect requests: (connection, address). Bounded by the number of
+    /// connections, since each has at most one request out.
+    connect_tx: Option<crossbeam_channel::Sender<(usize, SocketAddr)>>,
+    connected_rx: crossbeam_channel::Receiver<(usize, io::Result<TcpStream>)>,
+    /// Readable when the connector has delivered a result.
+    wake: UnixStream,
+    connector: Option<JoinHandle<()>>,
+}
+
+impl Io {
+    /// Starts the connector thread; connections open on the first phase.
+    pub(super) fn connect(targets: &Targets, conn_count: usize) -> io::Result<Io> {
+        let per_node = conn_count / targets.nodes.len();
+        let addrs = (0..conn_count)
+            .map(|conn| targets.nodes[conn / per_node].1)
+            .collect();
+        let (connect_tx, connect_rx) = crossbeam_channel::bounded(conn_count);
+        let (connected_tx, connected_rx) = crossbeam_channel::bounded(conn_count);
+        let (wake, wake_tx) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        let timeout = Duration::from_millis(targets.attempt_timeout_ms.max(1));
+        let connector = std::thread::Builder::new()
+            .name("loadgen-connect".to_string())
+            .spawn(move || connector(connect_rx, connected_tx, wake_tx, timeout))?;
+        Ok(Io {
+            addrs,
+            max_frame_bytes: targets.max_frame_bytes,
+            sockets: (0..conn_count)
+                .map(|_| Socket::Closed {
+                    retry_at: Instant::now(),
+                })
+                .collect(),
+            connect_tx: Some(connect_tx),
+            connected_rx,
+            wake,
+            connector: Some(connector),
+        })
+    }
+
+    /// Asks the connector to open every closed connection whose retry time
+    /// has come.
+    fn open_due(&mut self, engine: &mut Engine, now: Instant) {
+        for conn in 0..self.sockets.len() {
+            if matches!(self.sockets[conn], Socket::Closed { retry_at } if retry_at <= now) {
+                let sender = self.connect_tx.as_ref().expect("the connector runs");
+                // Never full: each connection has at most one request out.
+                if sender.try_send((conn, self.addrs[conn])).is_ok() {
+                    self.sockets[conn] = Socket::Connecting;
+                    engine.on_link_connecting(conn);
+                }
+            }
+        }
+    }
+
+    /// Takes the connector's results.
+    fn take_connected(&mut self, engine: &mut Engine, shared: &Shared, now: Instant) {
+        let mut drained = [0u8; 64];
+        while matches!(self.wake.read(&mut drained), Ok(n) if n > 0) {}
+        while let Ok((conn, result)) = self.connected_rx.try_recv() {
+            match result {
+                Ok(stream) => {
+                    self.sockets[conn] = Socket::Open {
+                        stream,
+                        input: Vec::new(),
+                    };
+                    engine.on_link_up(conn, now);
+                }
+                Err(e) => {
+                    self.sockets[conn] = Socket::Closed {
+                        retry_at: now + RECONNECT_DELAY,
+                    };
+                    let error = format!("connecting to {}: {e}", self.addrs[conn]);
+                    engine.on_link_down(shared, conn, &error, true, now);
+                }
+            }
+        }
+    }
+
+    /// Closes a connection that broke; it is opened again at once, and its
+    /// calls are failed (their clients retry).
+    fn break_conn(&mut self, engine: &mut Engine, shared: &Shared, conn: usize, error: &str) {
+        let now = Instant::now();
+        let error = format!("connection to {} broke: {error}", self.addrs[conn]);
+        self.sockets[conn] = Socket::Closed { retry_at: now };
+        engine.on_link_down(shared, conn, &error, false, now);
+    }
+
+    /// Writes what every open connection has to send, as far as the socket
+    /// takes it now.
+    fn write_all_ready(&mut self, engine: &mut Engine, shared: &Shared) {
+        for conn in 0..self.sockets.len() {
+            let Socket::Open { stream, .. } = &mut self.sockets[conn] else {
+                continue;
+            };
+            let out = engine.output(conn);
+            if out.is_empty() {
+                continue;
+            }
+            match write_some(stream, out) {
+                Ok(()) if out.len() > MAX_OUTPUT_BYTES => {
+                    let error = format!("{} bytes wait to be written", out.len());
+                    self.break_conn(engine, shared, conn, &error);
+                }
+                Ok(()) => {}
+                Err(e) => self.break_conn(engine, shared, conn, &format!("writing: {e}")),
+            }
+        }
+    }
+
+    /// Reads every reply that has arrived on `conn` and hands each to the
+    /// engine.
+    fn read_ready(&mut self, engine: &mut Engine, shared: &Shared, conn: usize) {
+        let Socket::Open { stream, input } = &mut self.sockets[conn] else {
+            return;
+        };
+        let failure = loop {
+            let filled = input.len();
+            input.resize(filled + READ_CHUNK_BYTES, 0);
+            let read = stream.read(&mut input[filled..]);
+            let now = Instant::now();
+            match read {
+                Ok(0) => {
+                    input.truncate(filled);
+                    break Some("closed by the server".to_string());
+                }
+                Ok(n) => {
+                    input.truncate(filled + n);
+                    if let Err(e) =
+                        take_frames(engine, shared, conn, input, self.max_frame_bytes, now)
+                    {
+                        break Some(e);
+                    }
+                }
+                Err(e) => {
+                    input.truncate(filled);
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        break None;
+                    }
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        break Some(format!("reading: {e}"));
+                    }
+                }
+            }
+        };
+        if let Some(error) = failure {
+            self.break_conn(engine, shared, conn, &error);
+        }
+    }
+
+    /// Waits until a socket is ready or `until`, then handles whatever is
+    /// ready.
+    fn poll(&mut self, engine: &mut Engine, shared: &Shared, until: Instant) {
+        let mut fds = vec![libc::pollfd {
+            fd: self.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let mut polled = Vec::with_capacity(self.sockets.len());
+        for (conn, socket) in self.sockets.iter().enumerate() {
+            if let Socket::Open { stream, .. } = socket {
+                let mut events = libc::POLLIN;
+                if !engine.conns[conn].out.is_empty() {
+                    events |= libc::POLLOUT;
+                }
+                fds.push(libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
+                polled.push(conn);
+            }
+        }
+        let wait = until.saturating_duration_since(Instant::now());
+        let timeout = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: wait.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that
+        // outlives the call; the timeout is a valid timespec; no signal mask.
+        let ready = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &timeout,
+                std::ptr::null(),
+            )
+        };
+        if ready <= 0 {
+            // A timeout, or EINTR: the caller's loop goes on either way.
+            return;
+        }
+        for (fd, &conn) in fds[1..].iter().zip(&polled) {
+            if fd.revents != 0 {
+                self.read_ready(engine, shared, conn);
+            }
+        }
+        if fds[0].revents != 0 {
+            self.take_connected(engine, shared, Instant::now());
+        }
+    }
+
+    /// When a closed connection is next due to be opened.
+    fn next_reopen(&self) -> Option<Instant> {
+        self.sockets
+            .iter()
+            .filter_map(|socket| match socket {
+                Socket::Closed { retry_at } => Some(*retry_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Waits until no connect request is out: every connection is open or
+    /// failed to open. Bounded by the connect timeout.
+    fn settle(&mut self, engine: &mut Engine, shared: &Shared) {
+        while self
+            .sockets
+            .iter()
+            .any(|socket| matches!(socket, Socket::Connecting))
+        {
+            self.poll(engine, shared, Instant::now() + SWEEP_INTERVAL);
+        }
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        // Closing the request channel ends the connector after its current
+        // connect, which the connect timeout bounds.
+        self.connect_tx = None;
+        if let Some(connector) = self.connector.take() {
+            let _ = connector.join();
+        }
+    }
+}
+
+/// The connector thread: opens connections on request, non-blocking with
+/// no delay, and wakes the event loop with each result.
+fn connector(
+    requests: crossbeam_channel::Receiver<(usize, SocketAddr)>,
+    results: crossbeam_channel::Sender<(usize, io::Result<TcpStream>)>,
+    mut wake: UnixStream,
+    timeout: Duration,
+) {
+    for (conn, addr) in requests {
+        let result = TcpStream::connect_timeout(&addr, timeout).and_then(|stream| {
+            stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
+            Ok(stream)
+        });
+        if results.send((conn, result)).is_err() {
+            return;
+        }
+        // A full wake socket already has a wake-up pending.
+        let _ = wake.write(&[1]);
+    }
+}
+
+/// Writes as much of `out` as the socket takes without blocking and drops
+/// what was written.
+fn write_some(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut written = 0;
+    while written < out.len() {
+        match stream.write(&out[written..]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.drain(..written);
+    Ok(())
+}
+
+/// Hands every whole frame at the front of `input` to the engine and keeps
+/// the rest. Fails on a frame that breaks the protocol.
+fn take_frames(
+    engine: &mut Engine,
+    shared: &Shared,
+    conn: usize,
+    input: &mut Vec<u8>,
+    max_frame_bytes: usize,
+    now: Instant,
+) -> Result<(), String> {
+    let mut at = 0;
+    while input.len() - at >= LENGTH_PREFIX_BYTES {
+        let prefix: [u8; LENGTH_PREFIX_BYTES] = input[at..at + LENGTH_PREFIX_BYTES]
+            .try_into()
+            .expect("a 4-byte slice");
+        let frame_bytes = u32::from_be_bytes(prefix) as usize;
+        if frame_bytes > max_frame_bytes || frame_bytes < HEADER_BYTES {
+            return Err(format!(
+                "a reply frame announces {frame_bytes} bytes (must be {HEADER_BYTES} to \
+                 {max_frame_bytes})"
+            ));
+        }
+        let end = at + LENGTH_PREFIX_BYTES + frame_bytes;
+        if input.len() < end {
+            break;
+        }
+        engine.on_reply(shared, conn, &input[at + LENGTH_PREFIX_BYTES..end], now)?;
+        at = end;
+    }
+    input.drain(..at);
+    Ok(())
+}
+
+/// Runs one phase to its end: every operation started in it has ended.
+pub(super) fn run_phase(engine: &mut Engine, io: &mut Io, shared: &Shared, phase: Phase) {
+    let now = Instant::now();
+    io.open_due(engine, now);
+    io.settle(engine, shared);
+    engine.begin(shared, phase, Instant::now());
+    // Bounded: every operation ends by its deadline, and no new one starts
+    // after the end of the run (the preload has a fixed number of keys).
+    let hard_stop = Instant::now() + Duration::from_secs(MAX_RUN_SECS);
+    loop {
+        io.write_all_ready(engine, shared);
+        let now = Instant::now();
+        if engine.finished(shared, now) || now >= hard_stop {
+            break;
+        }
+        io.open_due(engine, now);
+        let mut until = engine.next_wake(shared);
+        if let Some(reopen) = io.next_reopen() {
+            until = until.min(reopen);
+        }
+        io.poll(engine, shared, until);
+        let now = Instant::now();
+        for conn in engine.on_tick(shared, now) {
+            io.break_conn(engine, shared, conn, "no reply within the attempt timeout");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::kvstore::ErrorCode;
+    use crate::rpc::frame::encode_frame;
+    use std::collections::HashSet;
+
+    /// One request frame the engine wrote.
+    struct Sent {
+        call_id: u64,
+        client_id: u64,
+        seq: u64,
+        key: String,
+    }
+
+    fn options(clients: usize, read_ratio: f64, check: bool) -> LoadOptions {
+        LoadOptions {
+            clients,
+            conns_per_node: 1,
+            duration: Duration::from_secs(3600),
+            warmup: Duration::ZERO,
+            value_size_bytes: 16,
+            keys: 1,
+            read_ratio,
+            rate: None,
+            preload: false,
+            check,
+            max_checked_ops: 1000,
+            seed: 7,
+        }
+    }
+
+    fn targets(nodes: u64, op_timeout: Duration) -> Targets {
+        Targets {
+            nodes: (1..=nodes)
+                .map(|id| (id, SocketAddr::from(([127, 0, 0, 1], 1))))
+                .collect(),
+            client_token: None,
+            max_frame_bytes: 1 << 20,
+            op_timeout,
+            attempt_timeout_ms: 60_000,
+        }
+    }
+
+    /// Takes the request frames queued on `conn`.
+    fn sent(engine: &mut Engine, conn: usize) -> Vec<Sent> {
+        let out = std::mem::take(engine.output(conn));
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < out.len() {
+            let len = u32::from_be_bytes(out[at..at + 4].try_into().unwrap()) as usize;
+            let frame = decode_frame(&out[at + 4..at + 4 + len]).unwrap();
+            let (header, key) = if frame.header.method_id == kv_store::GET {
+                let request = GetRequest::parse_from_bytes(frame.body).unwrap();
+                (request.header.unwrap(), request.key)
+            } else {
+                let request = PutRequest::parse_from_bytes(frame.body).unwrap();
+                (request.header.unwrap(), request.key)
+            };
+            frames.push(Sent {
+                call_id: frame.header.call_id,
+                client_id: header.client_id,
+                seq: header.seq,
+                key: String::from_utf8(key).unwrap(),
+            });
+            at += 4 + len;
+        }
+        frames
+    }
+
+    /// The reply frame (without its length prefix) to a get, whose value
+    /// names the call it answers.
+    fn get_reply(call_id: u64, code: ErrorCode) -> Vec<u8> {
+        let reply = GetReply {
+            header: protobuf::MessageField::some(ReplyHeader {
+                error: code.into(),
+                ..Default::default()
+            }),
+            found: true,
+            value: format!("for-call-{call_id}").into_bytes(),
+            ..Default::default()
+        };
+        frame(call_id, &reply.write_to_bytes().unwrap())
+    }
+
+    fn frame(call_id: u64, body: &[u8]) -> Vec<u8> {
+        let header = FrameHeader::response_to(
+            &FrameHeader::request(kv_store::SERVICE_ID, kv_store::GET, call_id),
+            RpcCode::Ok,
+        );
+        let mut out = Vec::new();
+        encode_frame(&mut out, &header, "", body, 1 << 20).unwrap();
+        out.split_off(LENGTH_PREFIX_BYTES)
+    }
+
+    fn shared(options: &LoadOptions) -> Shared<'_> {
+        super::super::new_shared(options, Instant::now())
+    }
+
+    #[test]
+    fn replies_in_any_order_reach_the_client_that_sent_the_call() {
+        let options = options(4, 1.0, true);
+        let targets = targets(1, Duration::from_secs(60));
+        let shared = shared(&options);
+        let mut engine = Engine::new(&options, &targets, 1);
+        engine.on_link_up(0, Instant::now());
+        engine.begin(&shared, Phase::ClosedLoop, Instant::now());
+        let first = sent(&mut engine, 0);
+        assert_eq!(first.len(), 4, "one request in flight per client");
+        let ids: HashSet<u64> = first.iter().map(|s| s.client_id).collect();
+        assert_eq!(ids.len(), 4, "every client has its own session");
+        // Answer in reverse order; each reply's value names its call.
+        for request in first.iter().rev() {
+            let reply = get_reply(request.call_id, ErrorCode::OK);
+            engine.on_reply(&shared, 0, &reply, Instant::now()).unwrap();
+        }
+        // Each client got the value of its own call, and sent its next get.
+        let history = &engine.tally.history;
+        assert_eq!(history.len(), 4);
+        for request in &first {
+            let operation = history
+                .iter()
+                .find(|op| op.client_id == request.client_id)
+                .expect("every client finished its get");
+            let expected = format!("for-call-{}", request.call_id);
+            assert_eq!(
+                operation.output,
+                Some(KvOutput::Get {
+                    value: Some(expected)
+                })
+            );
+            assert!(matches!(&operation.input, KvInput::Get { key } if *key == request.key));
+        }
+        assert_eq!(engine.tally.reads, 4);
+        let second = sent(&mut engine, 0);
+        assert_eq!(second.len(), 4);
+        let second_ids: HashSet<u64> = second.iter().map(|s| s.client_id).collect();
+        assert_eq!(second_ids, ids);
+        // A reply to a call that is not in flight breaks the connection.
+        let stray = get_reply(first[0].call_id, ErrorCode::OK);
+        assert!(engine.on_reply(&shared, 0, &stray, Instant::now()).is_err());
+    }
+
+    #[test]
+    fn a_broken_connection_retries_its_writes_elsewhere_with_the_same_seq() {
+        let options = options(3, 0.0, false);
+        let targets = targets(2, Duration::from_secs(60));
+        let shared = shared(&options);
+        let mut engine = Engine::new(&options, &targets, 1);
+        let now = Instant::now();
+        engine.on_link_up(0, now);
+        engine.on_link_up(1, now);
+        engine.begin(&shared, Phase::ClosedLoop, now);
+        let on_node_1 = sent(&mut engine, 0);
+        assert_eq!(on_node_1.len(), 3);
+        assert!(on_node_1.iter().all(|s| s.seq == 1));
+        engine.on_link_down(&shared, 0, "reset by peer", false, now);
+        let on_node_2 = sent(&mut engine, 1);
+        let before: HashSet<(u64, u64)> = on_node_1.iter().map(|s| (s.client_id, s.seq)).collect();
+        let after: HashSet<(u64, u64)> = on_node_2.iter().map(|s| (s.client_id, s.seq)).collect();
+        assert_eq!(before, after, "the same writes, to the other node");
+        // Node 2 answers OK: the writes count once each, and the clients
+        // move on to seq 2.
+        for request in &on_node_2 {
+            let reply = PutReply::default().write_to_bytes().unwrap();
+            engine
+                .on_reply(&shared, 1, &frame(request.call_id, &reply), Instant::now())
+                .unwrap();
+        }
+        assert_eq!(engine.tally.writes, 3);
+        assert!(engine.tally.errors.is_empty());
+        let next = sent(&mut engine, 1);
+        assert_eq!(next.len(), 3);
+        assert!(next.iter().all(|s| s.seq == 2));
+    }
+
+    #[test]
+    fn past_the_deadline_a_lost_write_counts_as_a_timeout_with_unknown_outcome() {
+        let options = options(1, 0.0, true);
+        let targets = targets(1, Duration::from_millis(5));
+        let shared = shared(&options);
+        let mut engine = Engine::new(&options, &targets, 1);
+        let now = Instant::now();
+        engine.on_link_up(0, now);
+        engine.begin(&shared, Phase::ClosedLoop, now);
+        let first = sent(&mut engine, 0);
+        assert_eq!(first.len(), 1);
+        let past_deadline = now + Duration::from_millis(10);
+        engine.on_link_down(&shared, 0, "reset by peer", true, past_deadline);
+        assert_eq!(engine.tally.errors.get("timeout"), Some(&1));
+        let sample = &engine.tally.error_samples["timeout"];
+        assert!(sample.contains("reset by peer"), "{sample}");
+        // The history has the write with no return: it may have happened.
+        let operation = &engine.tally.history[0];
+        assert!(matches!(operation.input, KvInput::Put { .. }));
+        assert_eq!(
+            (operation.output.clone(), operation.return_us),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn busy_is_retried_with_the_same_seq_after_a_back_off() {
+        let options = options(1, 0.0, false);
+        let targets = targets(1, Duration::from_secs(60));
+        let shared = shared(&options);
+        let mut engine = Engine::new(&options, &targets, 1);
+        let now = Instant::now();
+        engine.on_link_up(0, now);
+        engine.begin(&shared, Phase::ClosedLoop, now);
+        let first = sent(&mut engine, 0);
+        let busy = PutReply {
+            header: protobuf::MessageField::some(ReplyHeader {
+                error: ErrorCode::BUSY.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let reply = frame(first[0].call_id, &busy.write_to_bytes().unwrap());
+        engine.on_reply(&shared, 0, &reply, now).unwrap();
+        assert!(sent(&mut engine, 0).is_empty(), "it waits before retrying");
+        let later = engine.next_wake(&shared);
+        assert!(later > now && later <= now + Duration::from_millis(20));
+        engine.on_tick(&shared, later);
+        let retry = sent(&mut engine, 0);
+        assert_eq!(retry.len(), 1);
+        assert_eq!((retry[0].client_id, retry[0].seq), (first[0].client_id, 1));
+        assert_ne!(retry[0].call_id, first[0].call_id);
+        let ok = PutReply::default().write_to_bytes().unwrap();
+        engine
+            .on_reply(&shared, 0, &frame(retry[0].call_id, &ok), later)
+            .unwrap();
+        assert_eq!((engine.tally.writes, engine.tally.busy), (1, 1));
+    }
+}
