@@ -170,6 +170,8 @@ pub struct Report {
     pub preload_s: f64,
     /// CPU seconds (user + system) the generator itself spent on the run.
     pub client_cpu_s: f64,
+    /// Connections to each node the clients shared.
+    pub conns_per_node: usize,
     pub seconds: Vec<SecondStats>,
     /// "linearizable", "not linearizable: ...", "timeout" or "skipped: ...",
     /// with `check`.
@@ -409,7 +411,10 @@ pub fn run(
         }
     };
     let mut shared = new_shared(options, Instant::now());
-    let mut report = Report::default();
+    let mut report = Report {
+        conns_per_node: engine.conns_per_node(),
+        ..Report::default()
+    };
     if options.preload {
         let preload_start = Instant::now();
         mux::run_phase(&mut engine, &mut io, &shared, mux::Phase::Preload);
@@ -608,7 +613,7 @@ impl Report {
             "preload_errors": self.preload_errors,
             "preload_s": self.preload_s,
             "clients": options.clients,
-            "conns_per_node": options.conns_per_node,
+            "conns_per_node": self.conns_per_node,
             "duration_s": options.duration.as_secs_f64(),
             "warmup_s": options.warmup.as_secs_f64(),
             "value_size": options.value_size_bytes,

@@ -54,6 +54,12 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(50);
 const MIN_OP_TIMEOUT: Duration = Duration::from_millis(1);
 /// Bytes asked of the kernel per `read`: many replies at once.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// How much longer than the connect timeout the first connects may take
+/// before the clients start anyway (and queue on connections still opening).
+const SETTLE_SLACK: Duration = Duration::from_secs(1);
+/// An input buffer that grew past this for a large frame is given back
+/// once empty.
+const RETAINED_INPUT_BYTES: usize = 1024 * 1024;
 /// Output bytes kept for a connection whose peer reads slowly; past this
 /// the connection counts as broken (the server is not reading).
 const MAX_OUTPUT_BYTES: usize = 64 * 1024 * 1024;
@@ -255,6 +261,12 @@ impl Engine {
         self.conns.len()
     }
 
+    /// Connections to each node: `conns_per_node` of the options, or more
+    /// when the clients would exceed [`MAX_CLIENTS_PER_CONNECTION`].
+    pub(super) fn conns_per_node(&self) -> usize {
+        self.conns_per_node
+    }
+
     /// Keys written by the preload, and its failed writes.
     pub(super) fn preload_counts(&self) -> (u64, u64) {
         (self.preload_written, self.preload_failed)
@@ -355,7 +367,9 @@ impl Engine {
         (0..self.conns.len())
             .filter(|&index| {
                 let conn = &self.conns[index];
-                !conn.calls.is_empty()
+                // A connection still opening has its own (connect) timeout.
+                matches!(conn.link, Link::Up)
+                    && !conn.calls.is_empty()
                     && (conn.calls.len() >= MAX_CALLS_PER_CONNECTION
                         || now.duration_since(conn.last_heard) >= self.attempt_timeout)
             })
@@ -678,14 +692,14 @@ impl Engine {
             });
             (message.write_to_vec(&mut state.request), input)
         };
-        let call_us = shared.history_origin.elapsed().as_micros() as u64;
+        let invoked_us = || shared.history_origin.elapsed().as_micros() as u64;
         state.op = Some(Op {
             is_read,
             scheduled,
             attempts: Attempts::new(now + self.op_timeout),
             busy: 0,
             call: None,
-            record: input.map(|input| (input, call_us)),
+            record: input.map(|input| (input, invoked_us())),
         });
         self.active += 1;
         match encoded {
@@ -793,11 +807,49 @@ enum Socket {
     Connecting,
     Open {
         stream: TcpStream,
-        /// Bytes read and not yet a whole frame.
-        input: Vec<u8>,
+        input: Input,
     },
     /// Waiting until `retry_at` to be opened again.
-    Closed { retry_at: Instant },
+    Closed {
+        retry_at: Instant,
+    },
+}
+
+/// Reply bytes read from a connection and not yet handled as whole frames.
+/// The buffer is zeroed once and reused, not zeroed again for every read.
+struct Input {
+    /// `bytes[..filled]` holds the bytes; the rest is room for the next read.
+    bytes: Vec<u8>,
+    filled: usize,
+}
+
+impl Input {
+    fn new() -> Input {
+        Input {
+            bytes: vec![0; READ_CHUNK_BYTES],
+            filled: 0,
+        }
+    }
+
+    /// The room for the next read. A full buffer holds part of a frame
+    /// larger than itself (whose length was checked against
+    /// `max_frame_bytes` when its prefix arrived): it grows, up to one frame.
+    fn spare(&mut self, max_frame_bytes: usize) -> &mut [u8] {
+        if self.filled == self.bytes.len() {
+            let grown = (self.bytes.len() * 2).min(LENGTH_PREFIX_BYTES + max_frame_bytes);
+            self.bytes.resize(grown.max(self.filled + 1), 0);
+        }
+        &mut self.bytes[self.filled..]
+    }
+
+    /// Drops the first `used` bytes (whole frames, handled).
+    fn consume(&mut self, used: usize) {
+        self.bytes.copy_within(used..self.filled, 0);
+        self.filled -= used;
+        if self.filled == 0 && self.bytes.len() > RETAINED_INPUT_BYTES {
+            self.bytes = vec![0; READ_CHUNK_BYTES];
+        }
+    }
 }
 
 /// The sockets of the engine's connections and the connector thread that
@@ -805,7 +857,12 @@ enum Socket {
 pub(super) struct Io {
     addrs: Vec<SocketAddr>,
     max_frame_bytes: usize,
+    connect_timeout: Duration,
     sockets: Vec<Socket>,
+    /// The poll set, rebuilt (not reallocated) on every wait: the wake
+    /// socket, then the open connections named in `polled`.
+    fds: Vec<libc::pollfd>,
+    polled: Vec<usize>,
     /// Connect requests: (connection, address). Bounded by the number of
     /// connections, since each has at most one request out.
     connect_tx: Option<crossbeam_channel::Sender<(usize, SocketAddr)>>,
@@ -833,6 +890,9 @@ impl Io {
         Ok(Io {
             addrs,
             max_frame_bytes: targets.max_frame_bytes,
+            connect_timeout: timeout,
+            fds: Vec::with_capacity(conn_count + 1),
+            polled: Vec::with_capacity(conn_count),
             sockets: (0..conn_count)
                 .map(|_| Socket::Closed {
                     retry_at: Instant::now(),
@@ -869,7 +929,7 @@ impl Io {
                 Ok(stream) => {
                     self.sockets[conn] = Socket::Open {
                         stream,
-                        input: Vec::new(),
+                        input: Input::new(),
                     };
                     engine.on_link_up(conn, now);
                 }
@@ -887,6 +947,9 @@ impl Io {
     /// Closes a connection that broke; it is opened again at once, and its
     /// calls are failed (their clients retry).
     fn break_conn(&mut self, engine: &mut Engine, shared: &Shared, conn: usize, error: &str) {
+        if !matches!(self.sockets[conn], Socket::Open { .. }) {
+            return;
+        }
         let now = Instant::now();
         let error = format!("connection to {} broke: {error}", self.addrs[conn]);
         self.sockets[conn] = Socket::Closed { retry_at: now };
@@ -921,26 +984,28 @@ impl Io {
         let Socket::Open { stream, input } = &mut self.sockets[conn] else {
             return;
         };
+        let max_frame_bytes = self.max_frame_bytes;
         let failure = loop {
-            let filled = input.len();
-            input.resize(filled + READ_CHUNK_BYTES, 0);
-            let read = stream.read(&mut input[filled..]);
+            let read = stream.read(input.spare(max_frame_bytes));
             let now = Instant::now();
             match read {
-                Ok(0) => {
-                    input.truncate(filled);
-                    break Some("closed by the server".to_string());
-                }
+                Ok(0) => break Some("closed by the server".to_string()),
                 Ok(n) => {
-                    input.truncate(filled + n);
-                    if let Err(e) =
-                        take_frames(engine, shared, conn, input, self.max_frame_bytes, now)
-                    {
-                        break Some(e);
+                    input.filled += n;
+                    let taken = take_frames(
+                        engine,
+                        shared,
+                        conn,
+                        &input.bytes[..input.filled],
+                        max_frame_bytes,
+                        now,
+                    );
+                    match taken {
+                        Ok(used) => input.consume(used),
+                        Err(e) => break Some(e),
                     }
                 }
                 Err(e) => {
-                    input.truncate(filled);
                     if e.kind() == io::ErrorKind::WouldBlock {
                         break None;
                     }
@@ -958,12 +1023,14 @@ impl Io {
     /// Waits until a socket is ready or `until`, then handles whatever is
     /// ready.
     fn poll(&mut self, engine: &mut Engine, shared: &Shared, until: Instant) {
-        let mut fds = vec![libc::pollfd {
+        let (fds, polled) = (&mut self.fds, &mut self.polled);
+        fds.clear();
+        polled.clear();
+        fds.push(libc::pollfd {
             fd: self.wake.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
-        }];
-        let mut polled = Vec::with_capacity(self.sockets.len());
+        });
         for (conn, socket) in self.sockets.iter().enumerate() {
             if let Socket::Open { stream, .. } = socket {
                 let mut events = libc::POLLIN;
@@ -993,16 +1060,24 @@ impl Io {
                 std::ptr::null(),
             )
         };
-        if ready <= 0 {
-            // A timeout, or EINTR: the caller's loop goes on either way.
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                // Cannot happen with a valid poll set; wait rather than spin.
+                log::warn!("loadgen: ppoll failed: {error}");
+                std::thread::sleep(wait.min(SWEEP_INTERVAL));
+            }
             return;
         }
-        for (fd, &conn) in fds[1..].iter().zip(&polled) {
-            if fd.revents != 0 {
-                self.read_ready(engine, shared, conn);
+        if ready == 0 {
+            return;
+        }
+        for index in 1..self.fds.len() {
+            if self.fds[index].revents != 0 {
+                self.read_ready(engine, shared, self.polled[index - 1]);
             }
         }
-        if fds[0].revents != 0 {
+        if self.fds[0].revents != 0 {
             self.take_connected(engine, shared, Instant::now());
         }
     }
@@ -1019,12 +1094,14 @@ impl Io {
     }
 
     /// Waits until no connect request is out: every connection is open or
-    /// failed to open. Bounded by the connect timeout.
+    /// failed to open. Bounded by the connect timeout (and some slack).
     fn settle(&mut self, engine: &mut Engine, shared: &Shared) {
-        while self
-            .sockets
-            .iter()
-            .any(|socket| matches!(socket, Socket::Connecting))
+        let give_up = Instant::now() + self.connect_timeout + SETTLE_SLACK;
+        while Instant::now() < give_up
+            && self
+                .sockets
+                .iter()
+                .any(|socket| matches!(socket, Socket::Connecting))
         {
             self.poll(engine, shared, Instant::now() + SWEEP_INTERVAL);
         }
@@ -1081,16 +1158,16 @@ fn write_some(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-/// Hands every whole frame at the front of `input` to the engine and keeps
-/// the rest. Fails on a frame that breaks the protocol.
+/// Hands every whole frame at the front of `input` to the engine; returns
+/// how many bytes they took. Fails on a frame that breaks the protocol.
 fn take_frames(
     engine: &mut Engine,
     shared: &Shared,
     conn: usize,
-    input: &mut Vec<u8>,
+    input: &[u8],
     max_frame_bytes: usize,
     now: Instant,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     let mut at = 0;
     while input.len() - at >= LENGTH_PREFIX_BYTES {
         let prefix: [u8; LENGTH_PREFIX_BYTES] = input[at..at + LENGTH_PREFIX_BYTES]
@@ -1110,8 +1187,7 @@ fn take_frames(
         engine.on_reply(shared, conn, &input[at + LENGTH_PREFIX_BYTES..end], now)?;
         at = end;
     }
-    input.drain(..at);
-    Ok(())
+    Ok(at)
 }
 
 /// Runs one phase to its end: every operation started in it has ended.
@@ -1241,14 +1317,23 @@ mod tests {
         super::super::new_shared(options, Instant::now())
     }
 
+    /// An engine with every connection up, its clients in a closed loop.
+    fn started(options: &LoadOptions, targets: &Targets, shared: &Shared) -> (Engine, Instant) {
+        let mut engine = Engine::new(options, targets, 1);
+        let now = Instant::now();
+        for conn in 0..engine.conn_count() {
+            engine.on_link_up(conn, now);
+        }
+        engine.begin(shared, Phase::ClosedLoop, now);
+        (engine, now)
+    }
+
     #[test]
     fn replies_in_any_order_reach_the_client_that_sent_the_call() {
         let options = options(4, 1.0, true);
         let targets = targets(1, Duration::from_secs(60));
         let shared = shared(&options);
-        let mut engine = Engine::new(&options, &targets, 1);
-        engine.on_link_up(0, Instant::now());
-        engine.begin(&shared, Phase::ClosedLoop, Instant::now());
+        let (mut engine, _) = started(&options, &targets, &shared);
         let first = sent(&mut engine, 0);
         assert_eq!(first.len(), 4, "one request in flight per client");
         let ids: HashSet<u64> = first.iter().map(|s| s.client_id).collect();
@@ -1290,11 +1375,7 @@ mod tests {
         let options = options(3, 0.0, false);
         let targets = targets(2, Duration::from_secs(60));
         let shared = shared(&options);
-        let mut engine = Engine::new(&options, &targets, 1);
-        let now = Instant::now();
-        engine.on_link_up(0, now);
-        engine.on_link_up(1, now);
-        engine.begin(&shared, Phase::ClosedLoop, now);
+        let (mut engine, now) = started(&options, &targets, &shared);
         let on_node_1 = sent(&mut engine, 0);
         assert_eq!(on_node_1.len(), 3);
         assert!(on_node_1.iter().all(|s| s.seq == 1));
@@ -1323,10 +1404,7 @@ mod tests {
         let options = options(1, 0.0, true);
         let targets = targets(1, Duration::from_millis(5));
         let shared = shared(&options);
-        let mut engine = Engine::new(&options, &targets, 1);
-        let now = Instant::now();
-        engine.on_link_up(0, now);
-        engine.begin(&shared, Phase::ClosedLoop, now);
+        let (mut engine, now) = started(&options, &targets, &shared);
         let first = sent(&mut engine, 0);
         assert_eq!(first.len(), 1);
         let past_deadline = now + Duration::from_millis(10);
@@ -1348,10 +1426,7 @@ mod tests {
         let options = options(1, 0.0, false);
         let targets = targets(1, Duration::from_secs(60));
         let shared = shared(&options);
-        let mut engine = Engine::new(&options, &targets, 1);
-        let now = Instant::now();
-        engine.on_link_up(0, now);
-        engine.begin(&shared, Phase::ClosedLoop, now);
+        let (mut engine, now) = started(&options, &targets, &shared);
         let first = sent(&mut engine, 0);
         let busy = PutReply {
             header: protobuf::MessageField::some(ReplyHeader {
