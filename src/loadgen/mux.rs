@@ -131,7 +131,10 @@ enum Link {
 struct Conn {
     link: Link,
     /// Calls sent (or queued) and not answered: call id to client.
-    /// Invariant: `calls.len() <= MAX_CALLS_PER_CONNECTION` once swept.
+    /// Invariant: fewer than `MAX_CALLS_PER_CONNECTION` abandoned calls
+    /// (only a sweep abandons, and a sweep breaks a connection at the
+    /// limit) plus at most one live call per client of the connection
+    /// (`MAX_CLIENTS_PER_CONNECTION`): always below the server's window.
     calls: HashMap<u64, usize>,
     /// Request frames not yet written.
     out: Vec<u8>,
@@ -310,14 +313,17 @@ impl Engine {
 
     /// When the engine next has something to do without any reply
     /// arriving: a retry, a scheduled request, or the next sweep.
-    pub(super) fn next_wake(&self, shared: &Shared) -> Instant {
+    pub(super) fn next_wake(&self, shared: &Shared, now: Instant) -> Instant {
         let mut wake = self.next_sweep;
         if let Some(Reverse((at, _))) = self.timers.peek() {
             wake = wake.min(*at);
         }
         if let Phase::OpenLoop { rate } = self.phase {
-            if !self.idle.is_empty() {
-                wake = wake.min(shared.scheduled_at(rate, self.next_request).min(shared.end));
+            // Past the end nothing more is sent: waking for the schedule
+            // then would only spin while the last replies come in.
+            let due = shared.scheduled_at(rate, self.next_request);
+            if !self.idle.is_empty() && now < shared.end && due < shared.end {
+                wake = wake.min(due);
             }
         }
         wake
@@ -452,6 +458,8 @@ impl Engine {
         }
         op.call = None;
         let is_read = op.is_read;
+        // The history's output, built only for recorded operations.
+        let recorded = op.record.is_some();
         if frame.header.code != RpcCode::Ok {
             let error = format!(
                 "rpc failed on the server ({}): {}",
@@ -462,14 +470,16 @@ impl Engine {
         }
         let decoded = if is_read {
             GetReply::parse_from_bytes(frame.body).map(|mut reply| {
-                let value = reply
-                    .found
-                    .then(|| String::from_utf8_lossy(&std::mem::take(&mut reply.value)).into());
-                (reply.header.take(), Some(KvOutput::Get { value }))
+                let output = recorded.then(|| KvOutput::Get {
+                    value: reply
+                        .found
+                        .then(|| String::from_utf8_lossy(&reply.value).into_owned()),
+                });
+                (reply.header.take(), output)
             })
         } else {
             PutReply::parse_from_bytes(frame.body)
-                .map(|mut reply| (reply.header.take(), Some(KvOutput::Put)))
+                .map(|mut reply| (reply.header.take(), recorded.then_some(KvOutput::Put)))
         };
         match decoded {
             Ok((header, output)) => {
@@ -1206,7 +1216,7 @@ pub(super) fn run_phase(engine: &mut Engine, io: &mut Io, shared: &Shared, phase
             break;
         }
         io.open_due(engine, now);
-        let mut until = engine.next_wake(shared);
+        let mut until = engine.next_wake(shared, now);
         if let Some(reopen) = io.next_reopen() {
             until = until.min(reopen);
         }
@@ -1223,7 +1233,9 @@ mod tests {
     use super::*;
     use crate::proto::kvstore::ErrorCode;
     use crate::rpc::frame::encode_frame;
+    use parking_lot::Mutex;
     use std::collections::HashSet;
+    use std::sync::Arc;
 
     /// One request frame the engine wrote.
     struct Sent {
@@ -1421,6 +1433,103 @@ mod tests {
         );
     }
 
+    /// What the fake server saw on one connection: (client_id, seq) of
+    /// every request, and of those it never answered.
+    #[derive(Default, Debug)]
+    struct ConnLog {
+        requests: Vec<(u64, u64)>,
+        unanswered: Vec<(u64, u64)>,
+    }
+
+    /// A KV node on 127.0.0.1 that answers every put OK, two at a time in
+    /// reverse order (or whatever is pending after a 20 ms lull). On its
+    /// first connection it stops after `break_after` replies and closes the
+    /// connection with a request unanswered.
+    fn fake_node(break_after: usize) -> (SocketAddr, Arc<Mutex<Vec<ConnLog>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::<ConnLog>::new()));
+        let server_logs = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for (index, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { return };
+                let logs = Arc::clone(&server_logs);
+                let limit = if index == 0 { break_after } else { usize::MAX };
+                std::thread::spawn(move || serve_fake(stream, &logs, limit));
+            }
+        });
+        (addr, logs)
+    }
+
+    fn serve_fake(stream: TcpStream, logs: &Mutex<Vec<ConnLog>>, limit: usize) {
+        let me = {
+            let mut logs = logs.lock();
+            logs.push(ConnLog::default());
+            logs.len() - 1
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        let mut pending: Vec<(FrameHeader, (u64, u64))> = Vec::new();
+        let mut answered = 0;
+        loop {
+            let lull = match crate::rpc::frame::read_frame(&mut reader, &mut buf, 1 << 20) {
+                Ok(frame) => {
+                    let request = PutRequest::parse_from_bytes(frame.body).unwrap();
+                    let session = (request.header.client_id, request.header.seq);
+                    logs.lock()[me].requests.push(session);
+                    pending.push((frame.header, session));
+                    false
+                }
+                Err(crate::rpc::frame::FrameError::Idle) => true,
+                Err(_) => return,
+            };
+            if answered >= limit && !pending.is_empty() {
+                let unanswered = pending.iter().map(|&(_, session)| session);
+                logs.lock()[me].unanswered.extend(unanswered);
+                return;
+            }
+            if pending.len() >= 2 || (lull && !pending.is_empty()) {
+                for (header, _) in pending.drain(..).rev() {
+                    let reply = FrameHeader::response_to(&header, RpcCode::Ok);
+                    encode_frame(&mut out, &reply, "", &[], 1 << 20).unwrap();
+                    writer.write_all(&out).unwrap();
+                    answered += 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn over_real_sockets_replies_out_of_order_and_a_dropped_connection_lose_nothing() {
+        let (addr, logs) = fake_node(40);
+        let mut options = options(4, 0.0, false);
+        options.duration = Duration::from_secs(1);
+        let targets = Targets {
+            nodes: vec![(1, addr)],
+            ..targets(1, Duration::from_secs(10))
+        };
+        let report = super::super::run(&options, &targets, &|_| {});
+        assert!(report.errors.is_empty(), "{:?}", report.error_samples);
+        assert!(report.writes > 40, "{} writes", report.writes);
+        let logs = logs.lock();
+        assert!(logs.len() >= 2, "the engine reconnected: {logs:?}");
+        let lost = &logs[0].unanswered;
+        assert!(!lost.is_empty(), "the first connection dropped a request");
+        // Every write left unanswered by the dropped connection was sent
+        // again, with the same client_id and seq, on a later connection.
+        let resent: HashSet<(u64, u64)> = logs[1..]
+            .iter()
+            .flat_map(|log| log.requests.iter().copied())
+            .collect();
+        for session in lost {
+            assert!(resent.contains(session), "{session:?} was not retried");
+        }
+    }
+
     #[test]
     fn busy_is_retried_with_the_same_seq_after_a_back_off() {
         let options = options(1, 0.0, false);
@@ -1438,7 +1547,7 @@ mod tests {
         let reply = frame(first[0].call_id, &busy.write_to_bytes().unwrap());
         engine.on_reply(&shared, 0, &reply, now).unwrap();
         assert!(sent(&mut engine, 0).is_empty(), "it waits before retrying");
-        let later = engine.next_wake(&shared);
+        let later = engine.next_wake(&shared, now);
         assert!(later > now && later <= now + Duration::from_millis(20));
         engine.on_tick(&shared, later);
         let retry = sent(&mut engine, 0);
