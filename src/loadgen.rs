@@ -157,11 +157,11 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// The first error message of each kind, to say what went wrong.
     pub error_samples: BTreeMap<String, String>,
-    /// Requests answered BUSY by the LockQueue and retried by the clerks.
+    /// Requests answered BUSY by the LockQueue and retried by the clients.
     pub busy: u64,
     /// Open loop: requests scheduled inside the measured window.
     pub scheduled: Option<u64>,
-    /// Open loop: scheduled requests never sent because every clerk was
+    /// Open loop: scheduled requests never sent because every client was
     /// still busy when the run ended (the backlog of an overloaded cluster).
     pub unsent: u64,
     /// Keys written by the preload, its failed writes and its seconds.
