@@ -30,6 +30,7 @@ use crate::check::{self, Operation, Verdict};
 use crate::clerk::{ClerkError, ClerkOptions};
 use crate::config::ClusterConfig;
 use crate::raft::SplitMix64;
+use crate::rpc::Credentials;
 
 /// The longest run `run` accepts (warmup plus measured time): one timeline
 /// slot is kept per second.
@@ -57,6 +58,9 @@ pub const MAX_CLIENTS_PER_CONNECTION: usize = 256;
 pub struct Targets {
     /// Node ids and addresses; never empty.
     pub nodes: Vec<(u64, SocketAddr)>,
+    /// Presented in the handshake of every connection (a clerk's: the
+    /// cluster id, node id 0).
+    pub credentials: Credentials,
     pub client_token: Option<String>,
     pub max_frame_bytes: usize,
     /// Deadline of one operation, retries included: past it the operation
@@ -76,6 +80,7 @@ impl Targets {
                 .iter()
                 .map(|node| (node.id, node.addr()))
                 .collect(),
+            credentials: Credentials::clerk(&config.cluster_id),
             client_token: config.client_token.clone(),
             max_frame_bytes: config.max_frame_bytes,
             op_timeout,

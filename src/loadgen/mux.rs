@@ -11,8 +11,8 @@
 //! [`Engine`] is the pure part: clients, call tables and output buffers,
 //! driven by events ([`Engine::on_reply`], [`Engine::on_link_down`],
 //! [`Engine::on_tick`]) and testable without sockets. [`Io`] owns the
-//! non-blocking sockets and a connector thread, so a slow `connect` never
-//! stalls the loop. A connection that breaks, or that stays silent for an
+//! non-blocking sockets and a connector thread, which connects and runs the
+//! handshake, so a slow `connect` never stalls the loop. A connection that breaks, or that stays silent for an
 //! attempt timeout while calls wait on it, fails every call on it: their
 //! clients retry elsewhere with the same seq, as a clerk would.
 
@@ -39,6 +39,7 @@ use crate::raft::SplitMix64;
 use crate::rpc::frame::{
     decode_frame, finish_frame, FrameHeader, FrameKind, RpcCode, HEADER_BYTES, LENGTH_PREFIX_BYTES,
 };
+use crate::rpc::handshake::{self, Credentials, HandshakeError};
 use crate::rpc::services::kv_store;
 
 /// A connection with this many calls unanswered (its clients' live calls
@@ -125,6 +126,20 @@ enum Link {
     Up,
     /// The last connect failed: calls fail at once, with this error.
     Down(String),
+    /// The node refused our handshake (another cluster): as for a clerk,
+    /// retrying cannot help, so operations sent here are rejected.
+    Refused(String),
+}
+
+/// What follows the failure of a connection.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Broken {
+    /// It is opened again at once: calls queue on it meanwhile.
+    Reopening,
+    /// Opening it failed: calls on it fail at once until the next try.
+    Down,
+    /// The node refused the handshake.
+    Refused,
 }
 
 /// The engine's side of a connection.
@@ -393,22 +408,22 @@ impl Engine {
         self.conns[conn].link = Link::Connecting;
     }
 
-    /// The connection broke, or could not be opened (`down`: attempts on it
-    /// fail at once until it is tried again). Every call on it fails; each
-    /// of their clients retries as the clerk's rules say.
+    /// The connection broke, or could not be opened. Every call on it
+    /// fails; each of their clients retries as the clerk's rules say (or,
+    /// when the node refused us, ends with the operation rejected).
     pub(super) fn on_link_down(
         &mut self,
         shared: &Shared,
         conn: usize,
         error: &str,
-        down: bool,
+        broken: Broken,
         now: Instant,
     ) {
         let state = &mut self.conns[conn];
-        state.link = if down {
-            Link::Down(error.to_string())
-        } else {
-            Link::Connecting
+        state.link = match broken {
+            Broken::Reopening => Link::Connecting,
+            Broken::Down => Link::Down(error.to_string()),
+            Broken::Refused => Link::Refused(error.to_string()),
         };
         state.out.clear();
         let calls: Vec<(u64, usize)> = state.calls.drain().collect();
@@ -418,7 +433,12 @@ impl Engine {
                 .as_ref()
                 .and_then(|op| op.call)
                 .is_some_and(|call| call.conn == conn && call.call_id == call_id);
-            if current {
+            if !current {
+                continue;
+            }
+            if broken == Broken::Refused {
+                self.refused(shared, client, error, now);
+            } else {
                 self.fail_attempt(shared, client, error, now);
             }
         }
@@ -548,9 +568,16 @@ impl Engine {
     fn send(&mut self, shared: &Shared, client: usize, now: Instant) {
         let node = self.clients[client].route.current();
         let conn = node * self.conns_per_node + client % self.conns_per_node;
-        if let Link::Down(error) = &self.conns[conn].link {
-            let error = format!("not connected: {error}");
-            return self.fail_attempt(shared, client, &error, now);
+        match &self.conns[conn].link {
+            Link::Down(error) => {
+                let error = format!("not connected: {error}");
+                return self.fail_attempt(shared, client, &error, now);
+            }
+            Link::Refused(error) => {
+                let error = error.clone();
+                return self.refused(shared, client, &error, now);
+            }
+            Link::Connecting | Link::Up => {}
         }
         let call_id = self.next_call_id;
         self.next_call_id += 1;
@@ -723,9 +750,17 @@ impl Engine {
         }
     }
 
+    /// The client's node refused our handshake: as a clerk does, the
+    /// operation ends rejected, and so does the client's part in the phase.
+    fn refused(&mut self, shared: &Shared, client: usize, error: &str, now: Instant) {
+        let node = self.node_ids[self.clients[client].route.current()];
+        self.stop(shared, client, format!("node {node}: {error}"), now);
+    }
+
     /// Ends the client's operation as rejected, and the client's part in
-    /// this phase: a request that cannot be encoded or framed never can,
-    /// and retrying it at once would never end.
+    /// this phase: a request that cannot be encoded or framed never can (nor
+    /// one to a node that refused us), and retrying it at once would never
+    /// end.
     fn stop(&mut self, shared: &Shared, client: usize, error: String, now: Instant) {
         self.end_op(shared, client, Err(ClerkError::Rejected(error)), now);
     }
@@ -876,7 +911,7 @@ pub(super) struct Io {
     /// Connect requests: (connection, address). Bounded by the number of
     /// connections, since each has at most one request out.
     connect_tx: Option<crossbeam_channel::Sender<(usize, SocketAddr)>>,
-    connected_rx: crossbeam_channel::Receiver<(usize, io::Result<TcpStream>)>,
+    connected_rx: crossbeam_channel::Receiver<(usize, Result<TcpStream, ConnectError>)>,
     /// Readable when the connector has delivered a result.
     wake: UnixStream,
     connector: Option<JoinHandle<()>>,
@@ -894,9 +929,10 @@ impl Io {
         let (wake, wake_tx) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         let timeout = Duration::from_millis(targets.attempt_timeout_ms.max(1));
+        let credentials = targets.credentials.clone();
         let connector = std::thread::Builder::new()
             .name("loadgen-connect".to_string())
-            .spawn(move || connector(connect_rx, connected_tx, wake_tx, timeout))?;
+            .spawn(move || connector(connect_rx, connected_tx, wake_tx, &credentials, timeout))?;
         Ok(Io {
             addrs,
             max_frame_bytes: targets.max_frame_bytes,
@@ -943,12 +979,19 @@ impl Io {
                     };
                     engine.on_link_up(conn, now);
                 }
-                Err(e) => {
+                Err(failure) => {
                     self.sockets[conn] = Socket::Closed {
                         retry_at: now + RECONNECT_DELAY,
                     };
-                    let error = format!("connecting to {}: {e}", self.addrs[conn]);
-                    engine.on_link_down(shared, conn, &error, true, now);
+                    let addr = self.addrs[conn];
+                    let (error, broken) = if failure.refused {
+                        let error = format!("peer {addr} refused us: {}", failure.message);
+                        (error, Broken::Refused)
+                    } else {
+                        let error = format!("connecting to {addr}: {}", failure.message);
+                        (error, Broken::Down)
+                    };
+                    engine.on_link_down(shared, conn, &error, broken, now);
                 }
             }
         }
@@ -963,7 +1006,7 @@ impl Io {
         let now = Instant::now();
         let error = format!("connection to {} broke: {error}", self.addrs[conn]);
         self.sockets[conn] = Socket::Closed { retry_at: now };
-        engine.on_link_down(shared, conn, &error, false, now);
+        engine.on_link_down(shared, conn, &error, Broken::Reopening, now);
     }
 
     /// Writes what every open connection has to send, as far as the socket
@@ -1129,20 +1172,50 @@ impl Drop for Io {
     }
 }
 
-/// The connector thread: opens connections on request, non-blocking with
-/// no delay, and wakes the event loop with each result.
+/// Why a connection could not be opened.
+struct ConnectError {
+    message: String,
+    /// The node refused our handshake (retrying cannot help).
+    refused: bool,
+}
+
+/// Connects to `addr` and runs the handshake (each within `timeout`); the
+/// stream comes back non-blocking, with no delay.
+fn open(
+    addr: SocketAddr,
+    credentials: &Credentials,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let failed = |message: String| ConnectError {
+        message,
+        refused: false,
+    };
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| failed(e.to_string()))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| failed(e.to_string()))?;
+    let timeout_ms = timeout.as_millis() as u64;
+    handshake::connect(&stream, credentials, timeout_ms).map_err(|e| ConnectError {
+        refused: matches!(e, HandshakeError::Refused { .. }),
+        message: e.to_string(),
+    })?;
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(stream)
+}
+
+/// The connector thread: opens connections on request and wakes the event
+/// loop with each result.
 fn connector(
     requests: crossbeam_channel::Receiver<(usize, SocketAddr)>,
-    results: crossbeam_channel::Sender<(usize, io::Result<TcpStream>)>,
+    results: crossbeam_channel::Sender<(usize, Result<TcpStream, ConnectError>)>,
     mut wake: UnixStream,
+    credentials: &Credentials,
     timeout: Duration,
 ) {
     for (conn, addr) in requests {
-        let result = TcpStream::connect_timeout(&addr, timeout).and_then(|stream| {
-            stream.set_nodelay(true)?;
-            stream.set_nonblocking(true)?;
-            Ok(stream)
-        });
+        let result = open(addr, credentials, timeout);
         if results.send((conn, result)).is_err() {
             return;
         }
@@ -1267,6 +1340,7 @@ mod tests {
             nodes: (1..=nodes)
                 .map(|id| (id, SocketAddr::from(([127, 0, 0, 1], 1))))
                 .collect(),
+            credentials: Credentials::default(),
             client_token: None,
             max_frame_bytes: 1 << 20,
             op_timeout,
@@ -1391,7 +1465,7 @@ mod tests {
         let on_node_1 = sent(&mut engine, 0);
         assert_eq!(on_node_1.len(), 3);
         assert!(on_node_1.iter().all(|s| s.seq == 1));
-        engine.on_link_down(&shared, 0, "reset by peer", false, now);
+        engine.on_link_down(&shared, 0, "reset by peer", Broken::Reopening, now);
         let on_node_2 = sent(&mut engine, 1);
         let before: HashSet<(u64, u64)> = on_node_1.iter().map(|s| (s.client_id, s.seq)).collect();
         let after: HashSet<(u64, u64)> = on_node_2.iter().map(|s| (s.client_id, s.seq)).collect();
@@ -1420,7 +1494,7 @@ mod tests {
         let first = sent(&mut engine, 0);
         assert_eq!(first.len(), 1);
         let past_deadline = now + Duration::from_millis(10);
-        engine.on_link_down(&shared, 0, "reset by peer", true, past_deadline);
+        engine.on_link_down(&shared, 0, "reset by peer", Broken::Down, past_deadline);
         assert_eq!(engine.tally.errors.get("timeout"), Some(&1));
         let sample = &engine.tally.error_samples["timeout"];
         assert!(sample.contains("reset by peer"), "{sample}");
@@ -1441,11 +1515,15 @@ mod tests {
         unanswered: Vec<(u64, u64)>,
     }
 
-    /// A KV node on 127.0.0.1 that answers every put OK, two at a time in
-    /// reverse order (or whatever is pending after a 20 ms lull). On its
-    /// first connection it stops after `break_after` replies and closes the
-    /// connection with a request unanswered.
-    fn fake_node(break_after: usize) -> (SocketAddr, Arc<Mutex<Vec<ConnLog>>>) {
+    /// A KV node on 127.0.0.1 of cluster `cluster_id` that answers every
+    /// put OK, two at a time in reverse order (or whatever is pending after
+    /// a 20 ms lull). On its first connection it stops after `break_after`
+    /// replies and closes the connection with a request unanswered.
+    fn fake_node(break_after: usize, cluster_id: &str) -> (SocketAddr, Arc<Mutex<Vec<ConnLog>>>) {
+        let auth = handshake::ServerAuth {
+            credentials: Credentials::clerk(cluster_id),
+            ..Default::default()
+        };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let logs = Arc::new(Mutex::new(Vec::<ConnLog>::new()));
@@ -1455,13 +1533,22 @@ mod tests {
                 let Ok(stream) = stream else { return };
                 let logs = Arc::clone(&server_logs);
                 let limit = if index == 0 { break_after } else { usize::MAX };
-                std::thread::spawn(move || serve_fake(stream, &logs, limit));
+                let auth = auth.clone();
+                std::thread::spawn(move || serve_fake(stream, &auth, &logs, limit));
             }
         });
         (addr, logs)
     }
 
-    fn serve_fake(stream: TcpStream, logs: &Mutex<Vec<ConnLog>>, limit: usize) {
+    fn serve_fake(
+        stream: TcpStream,
+        auth: &handshake::ServerAuth,
+        logs: &Mutex<Vec<ConnLog>>,
+        limit: usize,
+    ) {
+        if handshake::accept(&stream, auth).is_err() {
+            return;
+        }
         let me = {
             let mut logs = logs.lock();
             logs.push(ConnLog::default());
@@ -1505,7 +1592,7 @@ mod tests {
 
     #[test]
     fn over_real_sockets_replies_out_of_order_and_a_dropped_connection_lose_nothing() {
-        let (addr, logs) = fake_node(40);
+        let (addr, logs) = fake_node(40, crate::config::DEFAULT_CLUSTER_ID);
         let mut options = options(4, 0.0, false);
         options.duration = Duration::from_secs(1);
         let targets = Targets {
@@ -1528,6 +1615,32 @@ mod tests {
         for session in lost {
             assert!(resent.contains(session), "{session:?} was not retried");
         }
+    }
+
+    #[test]
+    fn a_node_of_another_cluster_rejects_every_client_at_once() {
+        let (addr, logs) = fake_node(usize::MAX, "another-cluster");
+        let mut options = options(3, 0.0, false);
+        options.duration = Duration::from_secs(2);
+        let targets = Targets {
+            nodes: vec![(1, addr)],
+            ..targets(1, Duration::from_secs(30))
+        };
+        let started = Instant::now();
+        let report = super::super::run(&options, &targets, &|_| {});
+        // Each client ends with its one operation rejected, long before its
+        // 30 s deadline (the run itself lasts its 2 s, for the progress).
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert_eq!(report.ops, 0);
+        assert_eq!(
+            report.errors.get("rejected"),
+            Some(&3),
+            "{:?}",
+            report.errors
+        );
+        let sample = &report.error_samples["rejected"];
+        assert!(sample.contains("refused us"), "{sample}");
+        assert!(logs.lock().is_empty(), "no request passed the handshake");
     }
 
     #[test]
