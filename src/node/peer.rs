@@ -1,6 +1,6 @@
 //! Peer senders: one thread per peer streams the core's requests on one
 //! pipelined connection without waiting for replies (AppendEntries
-//! pipelining), and one thread per peer turns the replies into events. A
+//! pipelining); the connection's reader thread turns the replies into events. A
 //! broken connection loses what was in flight — Raft retries — and is
 //! re-established, at most once per `RECONNECT_BACKOFF_MS`.
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use super::wire::{self, WireReply, WireRequest};
 use super::{Event, LinkFilter, NodeOptions};
@@ -19,13 +19,13 @@ use crate::proto::kvstore as pb;
 use crate::raft::{Message, NodeId};
 use crate::rpc::handshake::RepeatFilter;
 use crate::rpc::services::raft as ids;
-use crate::rpc::{decode_message, PipelinedConfig, PipelinedConnection, PipelinedReply, RpcError};
+use crate::rpc::{
+    decode_message, PipelinedConfig, PipelinedConnection, PipelinedReply, ReplySink, RpcError,
+};
 
 /// Messages waiting for one peer's sender; beyond this they are dropped
 /// (the peer is slow or down, and Raft will send again).
 const PEER_QUEUE_CAPACITY: usize = 4096;
-/// Replies waiting for the reply thread.
-const REPLY_QUEUE_CAPACITY: usize = 4096;
 /// After a failed connect, messages to that peer are dropped for this long.
 const RECONNECT_BACKOFF_MS: u64 = 100;
 /// After the peer refused our handshake (another cluster, a wrong secret):
@@ -54,7 +54,6 @@ impl PeerSenders {
         let mut queues = HashMap::new();
         for &(peer, addr) in options.peers.iter().filter(|(id, _)| *id != options.id) {
             let (tx, rx) = bounded(PEER_QUEUE_CAPACITY);
-            let (reply_tx, reply_rx) = bounded(REPLY_QUEUE_CAPACITY);
             let link = Link {
                 me: options.id,
                 peer,
@@ -69,22 +68,16 @@ impl PeerSenders {
                 filter: options.link_filter.clone(),
                 stopping: Arc::clone(stopping),
             };
-            let replies = ReplyReader {
+            let replies = PeerReplies {
                 me: options.id,
                 peer,
                 events: events.clone(),
                 filter: options.link_filter.clone(),
-                stopping: Arc::clone(stopping),
             };
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("peer-{peer}"))
-                    .spawn(move || link.run(rx, reply_tx))?,
-            );
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("peer-{peer}-replies"))
-                    .spawn(move || replies.run(reply_rx))?,
+                    .spawn(move || link.run(rx, replies))?,
             );
             queues.insert(peer, tx);
         }
@@ -115,7 +108,7 @@ struct Link {
 }
 
 impl Link {
-    fn run(self, messages: Receiver<Message>, replies: Sender<PipelinedReply>) {
+    fn run(self, messages: Receiver<Message>, replies: PeerReplies) {
         let mut connection: Option<PipelinedConnection> = None;
         let mut retry_at = Instant::now();
         let mut next_call: u64 = 1;
@@ -208,52 +201,57 @@ fn encode(request: &WireRequest, buffer: &mut Vec<u8>) -> (u32, protobuf::Result
     }
 }
 
-struct ReplyReader {
+/// Turns one peer's replies into events for the event loop, on the
+/// connection's reader thread (no thread of its own, no extra hop). It never
+/// blocks: when the event queue is full the reply is dropped, and Raft sends
+/// again when it matters.
+#[derive(Clone)]
+struct PeerReplies {
     me: NodeId,
     peer: NodeId,
     events: Sender<Event>,
     filter: Option<LinkFilter>,
-    stopping: Arc<AtomicBool>,
 }
 
-impl ReplyReader {
-    fn run(self, replies: Receiver<PipelinedReply>) {
-        while !self.stopping.load(Ordering::SeqCst) {
-            let (call_id, result) = match replies.recv_timeout(Duration::from_millis(STOP_POLL_MS))
-            {
-                Ok(reply) => reply,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            if self
-                .filter
-                .as_ref()
-                .is_some_and(|allow| !allow(self.peer, self.me))
-            {
-                continue;
-            }
-            let bytes = match result {
-                Ok(bytes) => bytes,
-                // A lost call: Raft sends again when it matters.
-                Err(_) => continue,
-            };
-            let method = (call_id & ((1 << METHOD_BITS) - 1)) as u32;
-            match decode_reply(method, &bytes) {
-                Ok(reply) => {
-                    let message = wire::reply_from_wire(self.me, self.peer, reply);
-                    if let Err(what) = wire::check_numbers(&message) {
-                        log::warn!(
-                            "node {}: bad reply from peer {}: {what}",
-                            self.me,
-                            self.peer
-                        );
-                        continue;
-                    }
-                    if self.events.try_send(Event::Step(message)).is_err() {
-                        log::debug!("node {}: event queue full, dropping a reply", self.me);
-                    }
+impl ReplySink for PeerReplies {
+    fn deliver(&mut self, (call_id, result): PipelinedReply, _closing: &AtomicBool) -> bool {
+        if self
+            .filter
+            .as_ref()
+            .is_some_and(|allow| !allow(self.peer, self.me))
+        {
+            return true;
+        }
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            // A lost call: Raft sends again when it matters.
+            Err(_) => return true,
+        };
+        let method = (call_id & ((1 << METHOD_BITS) - 1)) as u32;
+        match decode_reply(method, &bytes) {
+            Ok(reply) => {
+                let message = wire::reply_from_wire(self.me, self.peer, reply);
+                if let Err(what) = wire::check_numbers(&message) {
+                    log::warn!(
+                        "node {}: bad reply from peer {}: {what}",
+                        self.me,
+                        self.peer
+                    );
+                    return true;
                 }
-                Err(e) => log::warn!("node {}: bad reply from peer {}: {e}", self.me, self.peer),
+                match self.events.try_send(Event::Step(message)) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) => {
+                        log::debug!("node {}: event queue full, dropping a reply", self.me);
+                        true
+                    }
+                    // The event loop is gone: the node is stopping.
+                    Err(TrySendError::Disconnected(_)) => false,
+                }
+            }
+            Err(e) => {
+                log::warn!("node {}: bad reply from peer {}: {e}", self.me, self.peer);
+                true
             }
         }
     }

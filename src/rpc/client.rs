@@ -506,6 +506,38 @@ fn reply_result(peer: SocketAddr, frame: &Frame<'_>) -> Result<Vec<u8>, RpcError
 /// One reply of a pipelined call: its call id and outcome.
 pub type PipelinedReply = (u64, Result<Vec<u8>, RpcError>);
 
+/// Where a [`PipelinedConnection`]'s reader thread puts each reply. A
+/// channel (the reader waits while it is full) or a callback that handles
+/// the reply on the reader thread itself, which saves a thread hop per reply
+/// (the Raft peers turn replies into events this way).
+pub trait ReplySink: Send + 'static {
+    /// Takes one reply. Returns false when it cannot be delivered (nobody
+    /// receives any more, or `closing` was set while waiting); the reader
+    /// then stops.
+    fn deliver(&mut self, reply: PipelinedReply, closing: &AtomicBool) -> bool;
+}
+
+impl ReplySink for crossbeam_channel::Sender<PipelinedReply> {
+    fn deliver(&mut self, mut reply: PipelinedReply, closing: &AtomicBool) -> bool {
+        loop {
+            match self.send_timeout(reply, Duration::from_millis(DELIVERY_POLL_MS)) {
+                Ok(()) => return true,
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(unsent)) => {
+                    if closing.load(Ordering::SeqCst) {
+                        debug!(
+                            "rpc pipeline: dropping the reply to call {}: closing",
+                            unsent.0
+                        );
+                        return false;
+                    }
+                    reply = unsent;
+                }
+            }
+        }
+    }
+}
+
 /// Limits of a [`PipelinedConnection`].
 #[derive(Debug, Clone)]
 pub struct PipelinedConfig {
@@ -569,12 +601,12 @@ struct CallTable {
 
 impl PipelinedConnection {
     /// Connects to `peer` and starts the reader thread that delivers replies
-    /// into `replies`. A bounded `replies` channel that fills up stalls the
+    /// into `replies`. A sink that blocks (a full bounded channel) stalls the
     /// reader (and so, through TCP, the server): drain it promptly.
     pub fn connect(
         peer: SocketAddr,
         config: PipelinedConfig,
-        replies: crossbeam_channel::Sender<PipelinedReply>,
+        replies: impl ReplySink,
     ) -> Result<PipelinedConnection, RpcError> {
         let stream =
             TcpStream::connect_timeout(&peer, Duration::from_millis(config.connect_timeout_ms))
@@ -728,32 +760,6 @@ impl Drop for PipelinedConnection {
 }
 
 impl PipelineShared {
-    /// Puts one reply into the channel, waiting while it is full unless the
-    /// connection is being closed. Returns false when the reply cannot be
-    /// delivered (nobody receives, or closing).
-    fn deliver(
-        &self,
-        replies: &crossbeam_channel::Sender<PipelinedReply>,
-        mut reply: PipelinedReply,
-    ) -> bool {
-        loop {
-            match replies.send_timeout(reply, Duration::from_millis(DELIVERY_POLL_MS)) {
-                Ok(()) => return true,
-                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
-                Err(crossbeam_channel::SendTimeoutError::Timeout(unsent)) => {
-                    if self.closing.load(Ordering::SeqCst) {
-                        debug!(
-                            "rpc pipeline to {}: dropping the reply to call {}: closing",
-                            self.peer, unsent.0
-                        );
-                        return false;
-                    }
-                    reply = unsent;
-                }
-            }
-        }
-    }
-
     /// Records the first failure; later ones add nothing.
     fn fail(&self, error: RpcError) {
         let mut calls = self.calls.lock();
@@ -763,11 +769,7 @@ impl PipelineShared {
     }
 }
 
-fn pipeline_reader(
-    shared: Arc<PipelineShared>,
-    stream: TcpStream,
-    replies: crossbeam_channel::Sender<PipelinedReply>,
-) {
+fn pipeline_reader(shared: Arc<PipelineShared>, stream: TcpStream, mut replies: impl ReplySink) {
     let peer = shared.peer;
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
     let mut buf = Vec::new();
@@ -788,7 +790,7 @@ fn pipeline_reader(
                 "{peer} replied to call {call_id}, which is not in flight"
             ));
         }
-        if !shared.deliver(&replies, (call_id, reply_result(peer, &frame))) {
+        if !replies.deliver((call_id, reply_result(peer, &frame)), &shared.closing) {
             break RpcError::Closed { peer };
         }
         if buf.capacity() > RETAINED_BUFFER_BYTES {
@@ -807,7 +809,7 @@ fn pipeline_reader(
     );
     let _ = reader.get_ref().shutdown(Shutdown::Both);
     for call_id in orphans {
-        if !shared.deliver(&replies, (call_id, Err(failure.clone()))) {
+        if !replies.deliver((call_id, Err(failure.clone())), &shared.closing) {
             break;
         }
     }

@@ -20,7 +20,7 @@ pub mod services;
 
 pub use client::{
     call_unary, decode_message, ClientConfig, PipelinedConfig, PipelinedConnection, PipelinedReply,
-    RpcChannel, RpcClient, RpcError,
+    ReplySink, RpcChannel, RpcClient, RpcError,
 };
 pub use frame::RpcCode;
 pub use handshake::{Access, Credentials, ServerAuth};
