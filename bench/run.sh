@@ -20,7 +20,7 @@ KEYS="${KEYS:-10000}"
 # Overload: open loop at OVERLOAD_FACTOR x the put_c64 peak, sent by this
 # many clerks (more than the cluster can serve at once, so requests queue).
 OVERLOAD_FACTOR="${OVERLOAD_FACTOR:-4}"
-OVERLOAD_CLIENTS="${OVERLOAD_CLIENTS:-512}"
+OVERLOAD_CLIENTS="${OVERLOAD_CLIENTS:-4096}"
 # Time limits: a start (it may build), a stop, and a run beyond its length.
 START_TIMEOUT_S=300
 STOP_TIMEOUT_S=60

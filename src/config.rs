@@ -99,7 +99,9 @@ pub struct ClusterConfig {
     pub heartbeat_interval_ms: u64,
     /// Take a snapshot once the log holds this many bytes. Default 4 MiB.
     pub snapshot_threshold_bytes: u64,
-    /// Slots of the bounded proposal channel (the LockQueue). Default 4096.
+    /// Slots of the LockQueue: client requests inside the node at once, each
+    /// holding its slot from admission until it is answered (also the
+    /// capacity of the channel to the event loop). Default 1024.
     pub proposal_queue_capacity: usize,
     /// How long a request waits for a slot before the answer is BUSY. Default 100.
     pub proposal_queue_wait_ms: u64,
@@ -347,7 +349,7 @@ impl ClusterConfig {
             election_timeout_max_ms: 600,
             heartbeat_interval_ms: 50,
             snapshot_threshold_bytes: 4 << 20,
-            proposal_queue_capacity: 4096,
+            proposal_queue_capacity: 1024,
             proposal_queue_wait_ms: 100,
             max_frame_bytes: 16 << 20,
             max_connections: 1024,

@@ -95,6 +95,12 @@ impl Applier {
     /// connection gets one write for all of its answers.
     fn handle_batch(&mut self, first: ApplyTask) -> Result<(), String> {
         let _replies = ReplyBatch::begin();
+        let result = self.handle_queued(first);
+        self.waiters.notify_room();
+        result
+    }
+
+    fn handle_queued(&mut self, first: ApplyTask) -> Result<(), String> {
         self.handle(first)?;
         for _ in 1..MAX_TASKS_PER_BATCH {
             match self.tasks.try_recv() {

@@ -130,7 +130,7 @@ impl KvServer {
         };
         let node_options = node_options(config, start.id, start.link_filter);
         let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
-        let waiters = Arc::new(Waiters::default());
+        let waiters = Arc::new(Waiters::new(config.proposal_queue_capacity.max(1)));
         let service = KvService::new(
             node.handle().clone(),
             Arc::clone(&waiters),

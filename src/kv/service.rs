@@ -1,9 +1,10 @@
 //! The KVStore RPC handlers. A write becomes a command in the log and a read
-//! becomes a ReadIndex barrier; either is registered as a waiter and put into
-//! the LockQueue (the bounded channel to the event loop). When the queue
-//! stays full for `queue_wait`, the request is answered BUSY: the clerk backs
-//! off and retries, and nothing queues without bound. The handler returns at
-//! once; the apply thread answers later through the waiter.
+//! becomes a ReadIndex barrier; either takes a slot of the LockQueue (it is
+//! registered as a waiter, and holds the slot until it is answered) and is
+//! put into the bounded channel to the event loop. When no slot frees up
+//! within `queue_wait`, the request is answered BUSY: the clerk backs off and
+//! retries, and nothing queues without bound. The handler returns at once;
+//! the apply thread answers later through the waiter.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -123,27 +124,30 @@ impl KvService {
         Ok(())
     }
 
-    /// Registers `waiter` and queues the request `make(token)` for it.
+    /// Takes a LockQueue slot for `waiter` (waiting up to `queue_wait` for
+    /// one) and queues the request `make(token)` for it; answers BUSY when no
+    /// slot frees up in time.
     fn submit(&self, waiter: Waiter, make: impl FnOnce(u64) -> ClientRequest) {
+        const BUSY: &str = "the node holds as many requests as its LockQueue has slots \
+                            (proposal_queue_capacity); back off and retry";
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + self.options.request_timeout;
-        self.waiters.insert(token, waiter, deadline);
-        let refusal = match self
-            .node
-            .requests()
-            .send_timeout(make(token), self.options.queue_wait)
-        {
+        let wait = self.options.queue_wait;
+        if let Err(waiter) = self.waiters.insert(token, waiter, deadline, wait) {
+            return waiter.fail(ErrorCode::BUSY, 0, BUSY);
+        }
+        // The channel has as many places as there are slots, so this wait is
+        // short: only while the event loop is between two drains.
+        let refusal = match self.node.requests().send_timeout(make(token), wait) {
             Ok(()) => return,
-            Err(SendTimeoutError::Timeout(_)) => (
-                ErrorCode::BUSY,
-                "the proposal queue is full; back off and retry",
-            ),
+            Err(SendTimeoutError::Timeout(_)) => (ErrorCode::BUSY, BUSY),
             Err(SendTimeoutError::Disconnected(_)) => {
                 (ErrorCode::SHUTTING_DOWN, "the node is shutting down")
             }
         };
         // The applier may have expired it meanwhile; then it has answered.
         if let Some(waiter) = self.waiters.take(token) {
+            self.waiters.notify_room();
             waiter.fail(refusal.0, 0, refusal.1);
         }
     }

@@ -4,9 +4,9 @@
 //! registration. Every waiter has a deadline; none waits forever.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::state_machine::CommandReply;
 use crate::proto::kvstore::{
@@ -138,22 +138,62 @@ struct Pending {
 }
 
 /// The waiters by token, shared by the service (which adds) and the applier
-/// (which completes). Bounded by the number of connections times their
-/// in-flight calls, and by every waiter's deadline.
-#[derive(Default)]
+/// (which completes): the LockQueue's slots. A request holds its slot from
+/// the moment the service admits it until it is answered, so at most
+/// `capacity` client requests are inside the node at once, whatever the
+/// number of connections; a request that finds no free slot within the
+/// service's wait is answered BUSY. Every waiter also has a deadline; none
+/// waits forever.
 pub struct Waiters {
     pending: Mutex<HashMap<u64, Pending>>,
+    /// Signalled when slots free up.
+    room: Condvar,
+    capacity: usize,
 }
 
 impl Waiters {
-    pub fn insert(&self, token: u64, waiter: Waiter, deadline: Instant) {
-        self.pending
-            .lock()
-            .insert(token, Pending { waiter, deadline });
+    pub fn new(capacity: usize) -> Waiters {
+        assert!(capacity > 0, "a LockQueue needs at least one slot");
+        Waiters {
+            pending: Mutex::new(HashMap::new()),
+            room: Condvar::new(),
+            capacity,
+        }
     }
 
+    /// Registers `waiter` once a slot is free, waiting up to `wait` for one.
+    /// Gives the waiter back when every slot stayed taken.
+    pub fn insert(
+        &self,
+        token: u64,
+        waiter: Waiter,
+        deadline: Instant,
+        wait: Duration,
+    ) -> Result<(), Waiter> {
+        let give_up = Instant::now() + wait;
+        let mut pending = self.pending.lock();
+        while pending.len() >= self.capacity {
+            if self.room.wait_until(&mut pending, give_up).timed_out()
+                && pending.len() >= self.capacity
+            {
+                return Err(waiter);
+            }
+        }
+        pending.insert(token, Pending { waiter, deadline });
+        Ok(())
+    }
+
+    /// Removes the waiter of `token`. Its slot is free at once, but a
+    /// request waiting for a slot hears of it only at the next
+    /// [`Waiters::notify_room`]: the apply thread frees slots by the hundred
+    /// per batch, and one wake-up per batch costs far less than one per slot.
     pub fn take(&self, token: u64) -> Option<Waiter> {
         self.pending.lock().remove(&token).map(|p| p.waiter)
+    }
+
+    /// Wakes every request waiting for a slot, to look again.
+    pub fn notify_room(&self) {
+        self.room.notify_all();
     }
 
     pub fn len(&self) -> usize {
@@ -172,18 +212,66 @@ impl Waiters {
             .filter(|(_, p)| p.deadline <= now)
             .map(|(&t, _)| t)
             .collect();
-        expired
+        let taken: Vec<(u64, Waiter)> = expired
             .into_iter()
             .filter_map(|t| pending.remove(&t).map(|p| (t, p.waiter)))
-            .collect()
+            .collect();
+        if !taken.is_empty() {
+            self.room.notify_all();
+        }
+        taken
     }
 
     /// Removes and returns every waiter.
     pub fn take_all(&self) -> Vec<(u64, Waiter)> {
-        self.pending
+        let taken = self
+            .pending
             .lock()
             .drain()
             .map(|(t, p)| (t, p.waiter))
-            .collect()
+            .collect();
+        self.room.notify_all();
+        taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn put_waiter() -> Waiter {
+        Waiter::Put(Responder::local().0)
+    }
+
+    /// A full LockQueue refuses after the wait, and a freed slot is taken by
+    /// the next request; a request blocked on a full queue gets in once a
+    /// slot is freed and announced.
+    #[test]
+    fn slots_bound_the_requests_in_the_node() {
+        let waiters = Arc::new(Waiters::new(2));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let no_wait = Duration::ZERO;
+        assert!(waiters.insert(1, put_waiter(), deadline, no_wait).is_ok());
+        assert!(waiters.insert(2, put_waiter(), deadline, no_wait).is_ok());
+        let short = Duration::from_millis(20);
+        assert!(waiters.insert(3, put_waiter(), deadline, short).is_err());
+        assert_eq!(waiters.len(), 2);
+        let blocked = {
+            let waiters = Arc::clone(&waiters);
+            std::thread::spawn(move || {
+                let long = Duration::from_secs(30);
+                waiters.insert(4, put_waiter(), deadline, long).is_ok()
+            })
+        };
+        assert!(waiters.take(1).is_some());
+        waiters.notify_room();
+        assert!(
+            blocked.join().unwrap(),
+            "the blocked request never got the freed slot"
+        );
+        assert_eq!(waiters.len(), 2);
+        assert!(waiters.take(4).is_some());
+        assert_eq!(waiters.take_all().len(), 1);
     }
 }
