@@ -11,11 +11,18 @@ use super::proxy::PER_MILLION;
 use super::schedule::{Fault, Target};
 use crate::clerk::Clerk;
 
+/// How long a paused node that was cut off stays cut off after SIGCONT:
+/// longer than the two election timeouts a deposed leader may take to
+/// notice (by check-quorum) that it no longer leads.
+pub const STALE_LEADER_MS: u64 = 700;
+
 /// What must be undone to end a fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Undo {
     Restart(u64),
     Resume(u64),
+    /// SIGCONT, and heal the network `STALE_LEADER_MS` later.
+    ResumeCutOff(u64),
     Network,
     DiskStall(u64),
 }
@@ -36,10 +43,19 @@ pub fn apply(
             cluster.kill(id);
             (format!("kill -9 node {id}{named}"), Undo::Restart(id))
         }
-        Fault::Pause { target } => {
+        Fault::Pause { target, cut_off } => {
             let (id, named) = resolve(target);
             cluster.set_paused(id, true)?;
-            (format!("SIGSTOP node {id}{named}"), Undo::Resume(id))
+            if *cut_off {
+                cluster.partition(&[id], &others(id));
+                let done = format!(
+                    "SIGSTOP node {id}{named} and cut it off; SIGCONT while still cut off, \
+                     reconnected {STALE_LEADER_MS} ms later"
+                );
+                (done, Undo::ResumeCutOff(id))
+            } else {
+                (format!("SIGSTOP node {id}{named}"), Undo::Resume(id))
+            }
         }
         Fault::Isolate { target } => {
             let (id, named) = resolve(target);
@@ -98,6 +114,12 @@ pub fn undo(cluster: &mut Cluster, undo: &Undo) -> Result<(), String> {
     match undo {
         Undo::Restart(id) => cluster.start_node(*id),
         Undo::Resume(id) => cluster.set_paused(*id, false),
+        Undo::ResumeCutOff(id) => {
+            cluster.set_paused(*id, false)?;
+            std::thread::sleep(std::time::Duration::from_millis(STALE_LEADER_MS));
+            cluster.heal_network();
+            Ok(())
+        }
         Undo::Network => {
             cluster.heal_network();
             Ok(())

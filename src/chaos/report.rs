@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::runner::{Outcome, RunReport};
-use super::verdict::HistoryVerdict;
+use super::verdict::{is_read_only, HistoryVerdict};
 use crate::check::{write_history_jsonl, Operation, Verdict};
 
 /// The most witness operations printed; the rest are in the witness file.
@@ -40,8 +40,9 @@ pub fn run_text(report: &RunReport) -> String {
     let counts = &report.counts;
     let _ = writeln!(
         text,
-        "ops: {} ok, {} failed, {} unknown (timed out); {} frames dropped by the proxies",
-        counts.ok, counts.failed, counts.unknown, report.frames_dropped
+        "ops: {} ok, {} failed, {} unknown (timed out); {} direct reads unanswered; \
+         {} frames dropped by the proxies",
+        counts.ok, counts.failed, counts.unknown, counts.direct_unanswered, report.frames_dropped
     );
     match &report.recovery {
         Ok(after) => {
@@ -135,30 +136,38 @@ pub fn witness_path(history: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The witness's reads (the operations that show the violation) and the
-/// latest writes before the last of them, at most `MAX_PRINTED_OPS` lines.
+/// The witness's reads (what no order of the writes explains), then the
+/// writes called last before the last of those reads; at most
+/// `MAX_PRINTED_OPS` lines, the rest being in the witness file.
 fn witness_text(witness: &[Operation]) -> String {
-    let last_read_us = witness
-        .iter()
-        .filter(|op| matches!(op.input, crate::check::KvInput::Get { .. }))
-        .map(|op| op.call_us)
-        .max()
-        .unwrap_or(u64::MAX);
-    let relevant: Vec<&Operation> = witness
-        .iter()
+    let (reads, writes): (Vec<&Operation>, Vec<&Operation>) =
+        witness.iter().partition(|op| is_read_only(op));
+    let last_read_us = reads.iter().map(|op| op.call_us).max().unwrap_or(u64::MAX);
+    let earlier_writes: Vec<&Operation> = writes
+        .into_iter()
         .filter(|op| op.call_us <= last_read_us)
         .collect();
-    let shown = &relevant[relevant.len().saturating_sub(MAX_PRINTED_OPS)..];
+    let shown_reads = &reads[reads.len().saturating_sub(MAX_PRINTED_OPS / 2)..];
+    let room = MAX_PRINTED_OPS - shown_reads.len();
+    let shown_writes = &earlier_writes[earlier_writes.len().saturating_sub(room)..];
     let mut text = String::new();
-    if shown.len() < witness.len() {
-        let _ = writeln!(
-            text,
-            "  the last {} operations called up to the last read (all in the witness file):",
-            shown.len()
-        );
+    let _ = writeln!(
+        text,
+        "  reads in the witness ({}, the last {} shown):",
+        reads.len(),
+        shown_reads.len()
+    );
+    for op in shown_reads {
+        let _ = writeln!(text, "    {}", op_line(op));
     }
-    for op in shown {
-        let _ = writeln!(text, "  {}", op_line(op));
+    let _ = writeln!(
+        text,
+        "  writes called before the last of them ({}, the last {} shown):",
+        earlier_writes.len(),
+        shown_writes.len()
+    );
+    for op in shown_writes {
+        let _ = writeln!(text, "    {}", op_line(op));
     }
     text
 }

@@ -15,7 +15,8 @@ use crate::raft::SplitMix64;
 pub enum FaultKind {
     /// kill -9 a node, restart it on the same data directory at the end.
     Kill,
-    /// SIGSTOP the leader for longer than an election timeout, then SIGCONT.
+    /// SIGSTOP the leader for longer than an election timeout, then SIGCONT
+    /// (sometimes while it is still cut off: the stale-leader case).
     Pause,
     /// Cut every link of one node.
     Isolate,
@@ -121,8 +122,13 @@ pub enum Fault {
     Kill {
         target: Target,
     },
+    /// `cut_off`: the node is also cut from its peers, and stays cut off
+    /// for a moment after SIGCONT, so that it wakes up still believing it
+    /// leads while a new leader has taken over (a long GC pause followed by
+    /// a slow network): the case a leader lease must survive.
     Pause {
         target: Target,
+        cut_off: bool,
     },
     Isolate {
         target: Target,
@@ -157,7 +163,17 @@ impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Fault::Kill { target } => write!(f, "kill -9 {target}, then restart it"),
-            Fault::Pause { target } => write!(f, "SIGSTOP {target}, then SIGCONT"),
+            Fault::Pause {
+                target,
+                cut_off: false,
+            } => write!(f, "SIGSTOP {target}, then SIGCONT"),
+            Fault::Pause {
+                target,
+                cut_off: true,
+            } => write!(
+                f,
+                "SIGSTOP {target} and cut it off; SIGCONT while still cut off"
+            ),
             Fault::Isolate { target } => write!(f, "isolate {target}"),
             Fault::Split { minority, majority } => {
                 write!(f, "split {minority:?} | {majority:?}")
@@ -286,6 +302,7 @@ fn draw_fault(rng: &mut SplitMix64, kind: FaultKind, nodes: u64) -> Fault {
         },
         FaultKind::Pause => Fault::Pause {
             target: draw_target(rng, nodes, 1, 1),
+            cut_off: rng.chance(1, 2),
         },
         FaultKind::Isolate => Fault::Isolate {
             target: draw_target(rng, nodes, 1, 2),

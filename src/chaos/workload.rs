@@ -8,6 +8,13 @@
 //! carrying a unique element `x <client> <j> y`, so every acknowledged append
 //! must appear exactly once in the final value; "register keys" (`r0`, ...)
 //! see puts, compare-and-swaps and gets.
+//!
+//! A share of the gets go straight to one node picked at random, with a
+//! short deadline, as from a client whose idea of the leader is stale: a
+//! deposed leader that still answers reads is then caught reading stale
+//! data. Such a read that gets no answer in time (the node is not the
+//! leader) is counted but left out of the history: a read of unknown
+//! outcome tells the checker nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -28,6 +35,10 @@ const ATTEMPT_TIMEOUT_MS: u64 = 300;
 const THINK_MS_MAX: u64 = 40;
 /// The most operations one client records (about 25 per second for hours).
 const MAX_OPS_PER_CLIENT: usize = 100_000;
+/// One get in this many goes straight to a random node.
+const DIRECT_READ_ONE_IN: u64 = 3;
+/// A direct read's deadline: a node that leads answers at once.
+const DIRECT_READ_TIMEOUT_MS: u64 = 200;
 
 /// The keys of a run with `keys` keys: the append keys, then the registers.
 pub fn key_names(keys: usize) -> (Vec<String>, Vec<String>) {
@@ -52,6 +63,9 @@ pub struct OpCounts {
     pub failed: u64,
     /// Timed out: may or may not have taken effect.
     pub unknown: u64,
+    /// Gets sent straight to one node that gave no answer in time (it was
+    /// not the leader); not in the history.
+    pub direct_unanswered: u64,
 }
 
 /// One clerk's options for the chaos clients.
@@ -93,6 +107,7 @@ pub fn run_clients(
                 let mut worker = Client {
                     number: client,
                     clerk: Clerk::new(config, clerk_options(client, OPERATION_TIMEOUT_MS)),
+                    direct: direct_clerks(config, client),
                     rng: SplitMix64::new(seed ^ client.wrapping_mul(0xA24B_AED4_963E_E407)),
                     append_keys: &append_keys,
                     register_keys: &register_keys,
@@ -121,6 +136,7 @@ pub fn run_clients(
         counts.ok += c.ok;
         counts.failed += c.failed;
         counts.unknown += c.unknown;
+        counts.direct_unanswered += c.direct_unanswered;
     }
     (recorded, counts)
 }
@@ -128,6 +144,8 @@ pub fn run_clients(
 struct Client<'a> {
     number: u64,
     clerk: Clerk,
+    /// One clerk per node, each knowing only that node.
+    direct: Vec<Clerk>,
     rng: SplitMix64,
     append_keys: &'a [String],
     register_keys: &'a [String],
@@ -145,7 +163,19 @@ impl Client<'_> {
     fn run(&mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::SeqCst) && self.ops.len() < MAX_OPS_PER_CLIENT {
             let input = self.next_input();
-            let op = record(&mut self.clerk, input, self.number, self.epoch);
+            let direct =
+                matches!(input, KvInput::Get { .. }) && self.rng.chance(1, DIRECT_READ_ONE_IN);
+            let op = if direct {
+                let node = self.rng.range(0, self.direct.len() as u64) as usize;
+                let op = record(&mut self.direct[node], input, self.number, self.epoch);
+                if op.output.is_none() {
+                    self.counts.direct_unanswered += 1;
+                    continue;
+                }
+                op
+            } else {
+                record(&mut self.clerk, input, self.number, self.epoch)
+            };
             self.count(&op);
             if op.output.is_none() && op.return_us.is_some() {
                 // Refused for good, so not applied: not part of the history.
@@ -207,6 +237,25 @@ impl Client<'_> {
             }
         }
     }
+}
+
+/// A clerk per node of `config`, each with a cluster of that node alone.
+fn direct_clerks(config: &ClusterConfig, client: u64) -> Vec<Clerk> {
+    config
+        .raft_nodes
+        .iter()
+        .map(|node| {
+            let alone = ClusterConfig {
+                raft_nodes: vec![node.clone()],
+                ..config.clone()
+            };
+            let options = ClerkOptions {
+                attempt_timeout_ms: DIRECT_READ_TIMEOUT_MS,
+                ..clerk_options(client, DIRECT_READ_TIMEOUT_MS)
+            };
+            Clerk::new(&alone, options)
+        })
+        .collect()
 }
 
 fn pick(rng: &mut SplitMix64, keys: &[String]) -> String {
