@@ -25,7 +25,7 @@ use crate::proto::kvstore::{
 };
 use crate::raft::SplitMix64;
 use crate::rpc::services::KvStoreStub;
-use crate::rpc::{ClientConfig, RpcChannel, RpcClient, RpcError};
+use crate::rpc::{ClientConfig, Credentials, RpcChannel, RpcClient, RpcError};
 
 /// The transport to one node, as [`Clerk::with_channels`] takes it.
 pub type NodeChannel = Box<dyn RpcChannel + Send + Sync>;
@@ -46,6 +46,7 @@ pub struct ClerkOptions {
     /// call in flight is not interrupted.
     pub attempt_timeout_ms: u64,
     /// Presented to the nodes when the cluster requires a client token.
+    /// When `None`, [`Clerk::new`] takes the cluster file's `client_token`.
     pub client_token: Option<String>,
     /// Identifies this clerk's session on the servers. Default: a random
     /// non-zero id. Two clerks must never share one while both run.
@@ -108,6 +109,9 @@ pub struct NodeStatusView {
     pub addr: Option<SocketAddr>,
     /// The node's status, or why it could not be had.
     pub status: Result<StatusReply, String>,
+    /// The node refused this clerk (no or a wrong client token, another
+    /// cluster's id): asking again cannot help.
+    pub rejected: bool,
 }
 
 struct Node {
@@ -135,19 +139,29 @@ pub struct Clerk {
 }
 
 impl Clerk {
-    /// A clerk for every node of `config`. Connections open on first use.
-    pub fn new(config: &ClusterConfig, options: ClerkOptions) -> Clerk {
+    /// A clerk for every node of `config`, presenting its cluster id and
+    /// (unless `options` names another) its client token. Connections open
+    /// on first use.
+    pub fn new(config: &ClusterConfig, mut options: ClerkOptions) -> Clerk {
+        if options.client_token.is_none() {
+            options.client_token = config.client_token.clone();
+        }
         let rpc_config = ClientConfig {
             connect_timeout_ms: options.attempt_timeout_ms,
             call_timeout_ms: options.attempt_timeout_ms,
             max_frame_bytes: config.max_frame_bytes,
         };
+        // A clerk presents the cluster id, so a clerk of another cluster is
+        // refused at once; it needs no secret (its token is in each request).
+        let credentials = Credentials::clerk(&config.cluster_id);
         let nodes = config
             .raft_nodes
             .iter()
             .map(|node| {
-                let channel: NodeChannel =
-                    Box::new(RpcClient::new(node.addr(), rpc_config.clone()));
+                let channel: NodeChannel = Box::new(
+                    RpcClient::new(node.addr(), rpc_config.clone())
+                        .with_credentials(credentials.clone()),
+                );
                 Node {
                     id: node.id,
                     addr: Some(node.addr()),
@@ -291,10 +305,17 @@ impl Clerk {
                 .iter()
                 .map(|node| {
                     let request = &request;
-                    scope.spawn(move || NodeStatusView {
-                        id: node.id,
-                        addr: node.addr,
-                        status: node_status(node, request),
+                    scope.spawn(move || {
+                        let (status, rejected) = match node_status(node, request) {
+                            Ok(status) => (Ok(status), false),
+                            Err((error, rejected)) => (Err(error), rejected),
+                        };
+                        NodeStatusView {
+                            id: node.id,
+                            addr: node.addr,
+                            status,
+                            rejected,
+                        }
                     })
                 })
                 .collect();
@@ -306,6 +327,7 @@ impl Clerk {
                         id: node.id,
                         addr: node.addr,
                         status: Err("the status call panicked".to_string()),
+                        rejected: false,
                     })
                 })
                 .collect()
@@ -343,6 +365,11 @@ impl Clerk {
         loop {
             let node = &self.nodes[self.leader];
             let wait = match attempt(&node.stub) {
+                // Refused at the handshake: this clerk's cluster file names
+                // another cluster; no node of it will answer otherwise.
+                Err(error @ RpcError::Refused { .. }) => {
+                    return Err(ClerkError::Rejected(format!("node {}: {error}", node.id)));
+                }
                 Err(error) => {
                     last_error = format!("node {}: {error}", node.id);
                     self.rotate();
@@ -430,13 +457,17 @@ impl Clerk {
     }
 }
 
-fn node_status(node: &Node, request: &StatusRequest) -> Result<StatusReply, String> {
-    let reply = node.stub.status(request).map_err(|e| e.to_string())?;
+/// A node's status, or why not and whether the node rejected the clerk.
+fn node_status(node: &Node, request: &StatusRequest) -> Result<StatusReply, (String, bool)> {
+    let reply = node.stub.status(request).map_err(|e| {
+        let rejected = matches!(e, RpcError::Refused { .. });
+        (e.to_string(), rejected)
+    })?;
     let (code, _, message) = reply_status(reply.reply_header());
-    if code == ErrorCode::OK {
-        Ok(reply)
-    } else {
-        Err(format!("{code:?}: {message}"))
+    match code {
+        ErrorCode::OK => Ok(reply),
+        ErrorCode::UNAUTHENTICATED => Err((format!("{code:?}: {message}"), true)),
+        _ => Err((format!("{code:?}: {message}"), false)),
     }
 }
 

@@ -8,6 +8,13 @@
 //! keys; every key missing from the file takes the default documented on the
 //! field of [`ClusterConfig`]. Unknown keys are errors (a misspelt key would
 //! otherwise be silently ignored).
+//!
+//! Three keys say who may talk to whom (see `rpc::handshake`): `cluster_id`
+//! names the cluster, and a node or clerk whose file names another is
+//! refused; `secret`, when set, must be proven by every node that connects
+//! to another (clerks do not need it); `client_token`, when set, must be
+//! carried by every clerk request, and the clerk, CLI and loadgen read it
+//! from this same file.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,6 +32,13 @@ pub const MAX_NODES: usize = 64;
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// The longest `cluster_id`, `secret` or `client_token`.
 pub const MAX_SECRET_BYTES: usize = 256;
+/// The cluster id of a file that names none. A fixed name rather than one
+/// derived from the node list: existing files keep working, every node and
+/// clerk of such a cluster agrees on it however the list is written or
+/// edited (a derived id would split the cluster during a rolling config
+/// change), and clients built without a config (tests, tools) can present
+/// it. Name the cluster in the file to tell clusters apart.
+pub const DEFAULT_CLUSTER_ID: &str = "default";
 
 /// A configuration problem: one line naming the file and the key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,11 +117,15 @@ pub struct ClusterConfig {
     pub max_sessions: usize,
     /// How long a node works on one client request. Default 2000.
     pub request_timeout_ms: u64,
-    /// Names the cluster, for the connection handshake. Optional.
-    pub cluster_id: Option<String>,
-    /// Shared by the nodes, to authenticate each other. Optional.
+    /// Names the cluster: the connection handshake refuses a node or clerk
+    /// whose file names another. Printable text. Default
+    /// [`DEFAULT_CLUSTER_ID`].
+    pub cluster_id: String,
+    /// Shared by the nodes: a node must prove it (HMAC challenge-response,
+    /// never sent) before its Raft messages are accepted. Optional.
     pub secret: Option<String>,
-    /// Presented by clerks. Optional.
+    /// When set, every clerk request must carry it (else UNAUTHENTICATED).
+    /// Optional.
     pub client_token: Option<String>,
 }
 
@@ -299,7 +317,7 @@ impl ClusterConfig {
             request_timeout_ms: raw
                 .request_timeout_ms
                 .unwrap_or(defaults.request_timeout_ms),
-            cluster_id: validate_text("cluster_id", raw.cluster_id)?,
+            cluster_id: validate_cluster_id(raw.cluster_id)?,
             secret: validate_text("secret", raw.secret)?,
             client_token: validate_text("client_token", raw.client_token)?,
         };
@@ -326,7 +344,7 @@ impl ClusterConfig {
             session_ttl_ms: 3_600_000,
             max_sessions: 10_000,
             request_timeout_ms: 2_000,
-            cluster_id: None,
+            cluster_id: DEFAULT_CLUSTER_ID.to_string(),
             secret: None,
             client_token: None,
         }
@@ -564,6 +582,20 @@ fn validate_nodes(raw: &[RawNode]) -> Result<Vec<NodeConfig>, String> {
     Ok(nodes)
 }
 
+/// The cluster id appears in log lines and refusal messages, so it must be
+/// printable.
+fn validate_cluster_id(value: Option<String>) -> Result<String, String> {
+    let Some(id) = validate_text("cluster_id", value)? else {
+        return Ok(DEFAULT_CLUSTER_ID.to_string());
+    };
+    if id.chars().any(char::is_control) {
+        return Err(format!(
+            "cluster_id: {id:?} holds a control character; use printable text"
+        ));
+    }
+    Ok(id)
+}
+
 fn validate_text(key: &str, value: Option<String>) -> Result<Option<String>, String> {
     match &value {
         Some(text) if text.is_empty() => Err(format!(
@@ -614,7 +646,9 @@ mod tests {
         assert_eq!(config.tick_ms, 10);
         assert_eq!(config.election_timeout_ticks(), (30, 60));
         assert_eq!(config.heartbeat_interval_ticks(), 5);
-        assert_eq!(config.cluster_id, None);
+        assert_eq!(config.cluster_id, "default");
+        assert_eq!(config.secret, None);
+        assert_eq!(config.client_token, None);
     }
 
     #[test]
@@ -622,6 +656,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/cluster.json");
         let config = ClusterConfig::load(path).unwrap();
         assert_eq!(config.raft_nodes.len(), 3);
+        assert_eq!(config.cluster_id, "local");
     }
 
     #[test]
@@ -636,6 +671,54 @@ mod tests {
         assert_eq!(config.snapshot_threshold_bytes, 1000);
         assert_eq!(config.max_sessions, 7);
         assert_eq!(config.client_token.as_deref(), Some("t"));
+        assert_eq!(config.cluster_id, "test");
+        assert_eq!(config.secret.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn bad_access_keys_name_the_key() {
+        let long = "x".repeat(MAX_SECRET_BYTES + 1);
+        let cases = [
+            (
+                r#", "cluster_id": """#.to_string(),
+                "cluster_id: must not be empty (leave the key out instead)".to_string(),
+            ),
+            (
+                r#", "cluster_id": "a\nb""#.to_string(),
+                r#"cluster_id: "a\nb" holds a control character; use printable text"#.to_string(),
+            ),
+            (
+                r#", "cluster_id": 7"#.to_string(),
+                "cluster_id: 7 is not a string".to_string(),
+            ),
+            (
+                format!(r#", "secret": "{long}""#),
+                "secret: 257 bytes is longer than 256".to_string(),
+            ),
+            (
+                r#", "secret": true"#.to_string(),
+                "secret: true is not a string".to_string(),
+            ),
+            (
+                r#", "client_token": """#.to_string(),
+                "client_token: must not be empty (leave the key out instead)".to_string(),
+            ),
+            (
+                r#", "client_token": ["t"]"#.to_string(),
+                r#"client_token: ["t"] is not a string"#.to_string(),
+            ),
+            (
+                r#", "secret_file": "s""#.to_string(),
+                r#"unknown key "secret_file""#.to_string(),
+            ),
+        ];
+        for (extra, expected) in cases {
+            let error = error_with(&extra);
+            assert!(
+                error.starts_with(&format!("{FILE}: {expected}")),
+                "{extra}: {error}"
+            );
+        }
     }
 
     #[test]

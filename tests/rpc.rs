@@ -14,8 +14,8 @@ use kvstore_raft::rpc::services::{
     kv_store, raft, KvStoreService, KvStoreStub, RaftService, RaftStub,
 };
 use kvstore_raft::rpc::{
-    decode_message, ClientConfig, PipelinedConfig, PipelinedConnection, Responder, Router,
-    RpcChannel, RpcClient, RpcCode, RpcError, RpcServer, ServerConfig,
+    decode_message, ClientConfig, PipelinedConfig, PipelinedConnection, ReplyBatch, Responder,
+    Router, RpcChannel, RpcClient, RpcCode, RpcError, RpcServer, ServerConfig,
 };
 use protobuf::Message;
 
@@ -385,6 +385,54 @@ fn pipelined_replies_come_back_out_of_order_by_call_id() {
             .read_context,
         5
     );
+}
+
+/// Replies sent inside a `ReplyBatch` wait for the batch to end and then all
+/// arrive; a reply from another thread outside any batch goes out at once
+/// (carrying the deferred ones with it).
+#[test]
+fn a_reply_batch_defers_writes_until_it_ends() {
+    let harness = start(ServerConfig::default());
+    let (replies_tx, replies) = crossbeam_channel::bounded(16);
+    let pipeline =
+        PipelinedConnection::connect(harness.server.local_addr(), pipelined_config(8), replies_tx)
+            .unwrap();
+    for call_id in 1..=4u64 {
+        let key = format!("defer-{call_id}");
+        let request = get_bytes(key.as_bytes());
+        pipeline
+            .send(kv_store::SERVICE_ID, kv_store::GET, call_id, &request)
+            .unwrap();
+    }
+    let mut held: Vec<_> = (0..4)
+        .map(|_| {
+            harness
+                .deferred
+                .recv_timeout(WAIT)
+                .expect("a deferred call")
+        })
+        .collect();
+    let last = held.pop().unwrap();
+    let batch = ReplyBatch::begin();
+    for (key, responder) in held {
+        responder.send(echo_get(&key));
+    }
+    // Nothing may arrive while the batch is open (a slow machine can only
+    // make this pass, never fail falsely).
+    assert!(replies.recv_timeout(Duration::from_millis(200)).is_err());
+    drop(batch);
+    let mut ids: Vec<u64> = (0..3)
+        .map(|_| replies.recv_timeout(WAIT).expect("a batched reply").0)
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3]);
+    // Outside a batch a reply is written at once.
+    let (key, responder) = last;
+    responder.send(echo_get(&key));
+    let (call_id, reply) = replies.recv_timeout(WAIT).expect("an immediate reply");
+    assert_eq!(call_id, 4);
+    let reply: GetReply = decode_message(&reply.unwrap()).unwrap();
+    assert_eq!(reply.value, b"defer-4".to_vec());
 }
 
 #[test]

@@ -9,11 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kvstore_raft::raft::{Entry, HardState, RestoredState, Snapshot, SnapshotMeta, SplitMix64};
-use kvstore_raft::storage::{DiskStorage, StorageError, StorageOptions};
+use kvstore_raft::storage::{DiskStorage, FaultFile, StorageError, StorageOptions};
 use tempfile::TempDir;
 
 fn options(segment_bytes: u64) -> StorageOptions {
-    StorageOptions { segment_bytes }
+    StorageOptions {
+        segment_bytes,
+        fault_file: None,
+    }
 }
 
 fn open(dir: &Path, segment_bytes: u64) -> (DiskStorage, RestoredState) {
@@ -598,4 +601,35 @@ fn random_operations_match_a_model() {
             assert_eq!(storage.last_index(), model.last_index(), "{context}");
         }
     }
+}
+
+/// The testing hook's `fail` behaves as a real failed fsync: the sync fails,
+/// the storage refuses all further work, and what was synced before is still
+/// there on the next open.
+#[test]
+fn injected_fsync_failure_stops_the_storage() {
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    let fault_path = dir.path().join("fault");
+    let faulty = StorageOptions {
+        fault_file: Some(FaultFile::new(&fault_path)),
+        ..options(1 << 20)
+    };
+    let (mut storage, _) = DiskStorage::open(&data, faulty).unwrap();
+    append_sync(&mut storage, Some(hard_state(1, 1, 0)), &run(1, 3, 1));
+    fs::write(&fault_path, "fail").unwrap();
+    storage.append(None, &run(4, 5, 1)).unwrap();
+    let error = storage.sync().unwrap_err();
+    assert!(
+        error.to_string().contains("injected fsync failure"),
+        "{error}"
+    );
+    fs::write(&fault_path, "").unwrap();
+    let later = storage.sync().unwrap_err();
+    assert!(matches!(later, StorageError::Stopped { .. }), "{later}");
+    assert!(storage.append(None, &run(4, 5, 1)).is_err());
+    drop(storage);
+    let (storage, restored) = open(&data, 1 << 20);
+    assert!(storage.last_index() >= 3);
+    assert_eq!(restored.hard_state, hard_state(1, 1, 0));
 }

@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use kvstore_raft::check::KvInput;
 use kvstore_raft::clerk::{CasResult, Clerk, ClerkError, ClerkOptions, NodeStatusView};
 use kvstore_raft::config::ClusterConfig;
-use serde::Deserialize;
 use serde_json::Value;
 
 const USAGE: &str = "\
@@ -52,29 +52,9 @@ enum Exit {
 }
 
 /// One key-value operation, from the command line or a shell line.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-enum Op {
-    Get {
-        key: String,
-    },
-    Put {
-        key: String,
-        value: String,
-    },
-    Append {
-        key: String,
-        value: String,
-    },
-    Delete {
-        key: String,
-    },
-    Cas {
-        key: String,
-        expected: String,
-        value: String,
-    },
-}
+/// One operation of the shell: the same shape as a history's input, so a
+/// `shell --json` line is exactly the checker's JSON for that operation.
+type Op = KvInput;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Action {
@@ -349,7 +329,14 @@ fn status_line(view: &NodeStatusView) -> String {
             s.log_bytes,
             s.snapshot_index
         ),
-        Err(error) => format!("{:<3} {:<21} {:<14} {error}", view.id, addr, "unreachable"),
+        Err(error) => {
+            let role = if view.rejected {
+                "refused"
+            } else {
+                "unreachable"
+            };
+            format!("{:<3} {:<21} {:<14} {error}", view.id, addr, role)
+        }
     }
 }
 
@@ -405,8 +392,14 @@ fn run_status(clerk: &Clerk, json: bool) -> Exit {
             println!("{}", status_line(view));
         }
     }
+    let refusal = views
+        .iter()
+        .find_map(|view| view.status.as_ref().err().filter(|_| view.rejected));
     if views.iter().any(|view| view.status.is_ok()) {
         Exit::Ok
+    } else if let Some(error) = refusal {
+        eprintln!("clerk: request rejected: {error}");
+        Exit::Usage
     } else {
         eprintln!("clerk: no node answered: the cluster is unreachable");
         Exit::Failed

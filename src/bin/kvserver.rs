@@ -1,4 +1,5 @@
-//! `kvserver --config FILE --id N [--data-dir DIR] [--log-level LEVEL]`: runs
+//! `kvserver --config FILE --id N [--data-dir DIR] [--log-level LEVEL]
+//! [--fault-file PATH]`: runs
 //! one node of the cluster in the foreground until SIGTERM or SIGINT, and
 //! exits non-zero with one line on stderr when it cannot start or when its
 //! storage fails: 2 for a usage or configuration mistake (bad arguments, a
@@ -12,13 +13,14 @@ use std::time::Duration;
 use kvstore_raft::config::ClusterConfig;
 use kvstore_raft::kv::server::{KvServer, StartError, StartOptions};
 
-const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace]";
+const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]";
 
 struct Args {
     config: PathBuf,
     id: u64,
     data_dir: Option<PathBuf>,
     log_level: log::LevelFilter,
+    fault_file: Option<PathBuf>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
@@ -31,6 +33,12 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         "log-level",
         "error, warn, info (default), debug or trace",
         "LEVEL",
+    );
+    opts.optopt(
+        "",
+        "fault-file",
+        "testing only: before each fsync, `stall` in this file makes it wait, `fail` makes it fail",
+        "PATH",
     );
     opts.optflag("h", "help", "print this help");
     let matches = opts.parse(argv).map_err(|e| e.to_string())?;
@@ -63,6 +71,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         id,
         data_dir: matches.opt_str("data-dir").map(PathBuf::from),
         log_level,
+        fault_file: matches.opt_str("fault-file").map(PathBuf::from),
     }))
 }
 
@@ -123,6 +132,7 @@ fn main() -> ExitCode {
         id: args.id,
         data_dir: args.data_dir,
         link_filter: None,
+        fault_file: args.fault_file,
     };
     let server = match KvServer::start(&config, start) {
         Ok(server) => server,

@@ -31,7 +31,7 @@ pub const MAX_HISTORY_OPS: usize = 10_000_000;
 
 /// What a clerk asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KvInput {
     Get {
         key: String,

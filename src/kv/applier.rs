@@ -15,9 +15,13 @@ use super::waiters::{Waiter, Waiters};
 use crate::node::{ApplyTask, NodeHandle};
 use crate::proto::kvstore::ErrorCode;
 use crate::raft::{Entry, ProposeError, Snapshot};
+use crate::rpc::ReplyBatch;
 
 /// How often expired waiters are answered with TIMEOUT.
 const EXPIRY_SWEEP_MS: u64 = 20;
+/// Tasks handled under one [`ReplyBatch`]: bounds how long a reply waits for
+/// the batch's single write.
+const MAX_TASKS_PER_BATCH: usize = 64;
 /// A snapshot request the event loop has not acted on is repeated after this.
 const SNAPSHOT_RETRY_MS: u64 = 1000;
 
@@ -65,7 +69,7 @@ impl Applier {
                 .recv_timeout(Duration::from_millis(EXPIRY_SWEEP_MS))
             {
                 Ok(task) => {
-                    if let Err(error) = self.handle(task) {
+                    if let Err(error) = self.handle_batch(task) {
                         self.node.stop_with_error(error);
                         break;
                     }
@@ -84,6 +88,21 @@ impl Applier {
         for (_, waiter) in self.waiters.take_all() {
             waiter.fail(ErrorCode::SHUTTING_DOWN, 0, "the node is shutting down");
         }
+    }
+
+    /// Handles `first` and whatever tasks are already queued behind it (at
+    /// most [`MAX_TASKS_PER_BATCH`]), with their replies coalesced: every
+    /// connection gets one write for all of its answers.
+    fn handle_batch(&mut self, first: ApplyTask) -> Result<(), String> {
+        let _replies = ReplyBatch::begin();
+        self.handle(first)?;
+        for _ in 1..MAX_TASKS_PER_BATCH {
+            match self.tasks.try_recv() {
+                Ok(task) => self.handle(task)?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
 
     fn handle(&mut self, task: ApplyTask) -> Result<(), String> {

@@ -16,8 +16,9 @@ use super::waiters::Waiters;
 use crate::config::ClusterConfig;
 use crate::node::{LinkFilter, Node, NodeHandle, NodeOptions};
 use crate::raft::NodeId;
-use crate::rpc::{Router, RpcServer, ServerConfig};
-use crate::storage::{DiskStorage, StorageOptions};
+use crate::rpc::services::raft as raft_ids;
+use crate::rpc::{Credentials, Router, RpcServer, ServerAuth, ServerConfig};
+use crate::storage::{DiskStorage, FaultFile, StorageOptions};
 
 /// Why a server could not start. Display gives one line naming the cause.
 #[derive(Debug)]
@@ -65,6 +66,9 @@ pub struct StartOptions {
     /// Overrides `<data_dir>/node<id>` from the config.
     pub data_dir: Option<PathBuf>,
     pub link_filter: Option<LinkFilter>,
+    /// The testing hook that stalls or fails this node's fsyncs on request
+    /// (`kvserver --fault-file`); `None` in production.
+    pub fault_file: Option<PathBuf>,
 }
 
 pub struct KvServer {
@@ -93,8 +97,8 @@ impl KvServer {
         let data_dir = start
             .data_dir
             .unwrap_or_else(|| config.node_data_dir(start.id));
-        let (storage, restored) =
-            DiskStorage::open(&data_dir, StorageOptions::default()).map_err(StartError::Storage)?;
+        let (storage, restored) = DiskStorage::open(&data_dir, storage_options(&start.fault_file))
+            .map_err(StartError::Storage)?;
         let kv_options = KvOptions {
             session_ttl_ms: config.session_ttl_ms,
             max_sessions: config.max_sessions,
@@ -113,6 +117,13 @@ impl KvServer {
         let listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
+            auth: ServerAuth {
+                credentials: node_credentials(config, start.id),
+                members: config.node_ids(),
+                // Only members that proved the secret may speak Raft.
+                peer_services: vec![raft_ids::SERVICE_ID],
+                ..ServerAuth::default()
+            },
             ..ServerConfig::default()
         };
         let node_options = node_options(config, start.id, start.link_filter);
@@ -192,6 +203,15 @@ impl Drop for KvServer {
     }
 }
 
+/// What node `id` presents to its peers and checks on its own connections.
+pub fn node_credentials(config: &ClusterConfig, id: NodeId) -> Credentials {
+    Credentials {
+        cluster_id: config.cluster_id.clone(),
+        node_id: id,
+        secret: config.secret.clone(),
+    }
+}
+
 /// The node's tuning, from the cluster config.
 pub fn node_options(
     config: &ClusterConfig,
@@ -213,6 +233,14 @@ pub fn node_options(
         max_batch_requests: 1024,
         max_frame_bytes: config.max_frame_bytes,
         peer_connect_timeout_ms: config.heartbeat_interval_ms.max(100),
+        credentials: node_credentials(config, id),
         link_filter,
+    }
+}
+
+fn storage_options(fault_file: &Option<PathBuf>) -> StorageOptions {
+    StorageOptions {
+        fault_file: fault_file.as_deref().map(FaultFile::new),
+        ..StorageOptions::default()
     }
 }

@@ -16,6 +16,7 @@ use super::waiters::{Waiter, Waiters};
 use crate::node::{ClientRequest, NodeHandle};
 use crate::proto::kvstore::*;
 use crate::raft::Role;
+use crate::rpc::handshake::constant_time_eq;
 use crate::rpc::services::KvStoreService;
 use crate::rpc::Responder;
 
@@ -51,6 +52,29 @@ impl KvService {
         }
     }
 
+    /// Checks the client token, when the cluster requires one. The
+    /// comparison takes the same time however much of a wrong token is
+    /// right, so timing does not help guess it.
+    fn authenticate(&self, header: Option<&RequestHeader>) -> Result<(), Refusal> {
+        let Some(expected) = &self.options.client_token else {
+            return Ok(());
+        };
+        let presented = header.map_or("", |h| h.token.as_str());
+        if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            return Ok(());
+        }
+        let what = if presented.is_empty() {
+            "no client token"
+        } else {
+            "a wrong client token"
+        };
+        Err((
+            ErrorCode::UNAUTHENTICATED,
+            0,
+            format!("unauthenticated: the request carries {what} (client_token)"),
+        ))
+    }
+
     /// Checks what every request must satisfy before it costs the cluster
     /// anything: the token, the sizes, and that this node leads.
     fn admit(
@@ -59,15 +83,7 @@ impl KvService {
         key: &[u8],
         value: &[u8],
     ) -> Result<(), Refusal> {
-        if let Some(expected) = &self.options.client_token {
-            if header.map(|h| &h.token) != Some(expected) {
-                return Err((
-                    ErrorCode::UNAUTHENTICATED,
-                    0,
-                    "missing or wrong client token".into(),
-                ));
-            }
-        }
+        self.authenticate(header)?;
         if key.len() > self.options.max_key_bytes {
             let message = format!(
                 "key of {} bytes exceeds {}",
@@ -201,15 +217,15 @@ impl KvStoreService for KvService {
 
     fn status(&self, request: StatusRequest, responder: Responder<StatusReply>) {
         let mut reply = StatusReply::default();
-        if let Some(expected) = &self.options.client_token {
-            if request.header.as_ref().map(|h| &h.token) != Some(expected) {
-                reply.header = protobuf::MessageField::some(ReplyHeader {
-                    error: ErrorCode::UNAUTHENTICATED.into(),
-                    message: "missing or wrong client token".into(),
-                    ..Default::default()
-                });
-                return responder.send(reply);
-            }
+        // Status needs the token too: it tells who leads and how far the log
+        // is, which is for the cluster's users only.
+        if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
+            reply.header = protobuf::MessageField::some(ReplyHeader {
+                error: error.into(),
+                message,
+                ..Default::default()
+            });
+            return responder.send(reply);
         }
         let status = self.node.status();
         reply.id = status.id;

@@ -59,6 +59,8 @@ pub struct NodeOptions {
     pub max_frame_bytes: usize,
     /// Connection timeouts of the peer links.
     pub peer_connect_timeout_ms: u64,
+    /// Presented in the handshake of every peer link.
+    pub credentials: crate::rpc::Credentials,
     pub link_filter: Option<LinkFilter>,
 }
 

@@ -17,6 +17,7 @@ use super::wire::{self, WireReply, WireRequest};
 use super::{Event, LinkFilter, NodeOptions};
 use crate::proto::kvstore as pb;
 use crate::raft::{Message, NodeId};
+use crate::rpc::handshake::RepeatFilter;
 use crate::rpc::services::raft as ids;
 use crate::rpc::{decode_message, PipelinedConfig, PipelinedConnection, PipelinedReply, RpcError};
 
@@ -27,6 +28,11 @@ const PEER_QUEUE_CAPACITY: usize = 4096;
 const REPLY_QUEUE_CAPACITY: usize = 4096;
 /// After a failed connect, messages to that peer are dropped for this long.
 const RECONNECT_BACKOFF_MS: u64 = 100;
+/// After the peer refused our handshake (another cluster, a wrong secret):
+/// longer, since only a config change can help. The refusal is logged once
+/// per `REFUSAL_LOG_INTERVAL_MS`.
+const REFUSED_BACKOFF_MS: u64 = 1_000;
+const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
 /// How often blocked threads look at the stop flag.
 const STOP_POLL_MS: u64 = 100;
 /// The low bits of a call id name the method, so a reply decodes without a
@@ -57,6 +63,7 @@ impl PeerSenders {
                     connect_timeout_ms: options.peer_connect_timeout_ms,
                     max_frame_bytes: options.max_frame_bytes,
                     max_outstanding: options.max_inflight_appends.max(16) * 4,
+                    credentials: options.credentials.clone(),
                     ..PipelinedConfig::default()
                 },
                 filter: options.link_filter.clone(),
@@ -113,6 +120,7 @@ impl Link {
         let mut retry_at = Instant::now();
         let mut next_call: u64 = 1;
         let mut buffer = Vec::new();
+        let mut refusals = RepeatFilter::new(Duration::from_millis(REFUSAL_LOG_INTERVAL_MS));
         while !self.stopping.load(Ordering::SeqCst) {
             let message = match messages.recv_timeout(Duration::from_millis(STOP_POLL_MS)) {
                 Ok(message) => message,
@@ -137,8 +145,8 @@ impl Link {
                 {
                     Ok(c) => connection = Some(c),
                     Err(e) => {
-                        log::debug!("node {}: cannot reach peer {}: {e}", self.me, self.peer);
-                        retry_at = Instant::now() + Duration::from_millis(RECONNECT_BACKOFF_MS);
+                        let backoff_ms = self.connect_failed(&e, &mut refusals);
+                        retry_at = Instant::now() + Duration::from_millis(backoff_ms);
                         continue;
                     }
                 }
@@ -165,6 +173,26 @@ impl Link {
         }
         if let Some(connection) = connection {
             connection.close();
+        }
+    }
+}
+
+impl Link {
+    /// Logs a failed connect and says how long to wait before the next. A
+    /// refusal (or a peer that cannot prove the secret) is a configuration
+    /// error worth a warning; anything else is a peer that is down.
+    fn connect_failed(&self, error: &RpcError, refusals: &mut RepeatFilter) -> u64 {
+        match error {
+            RpcError::Refused { .. } | RpcError::Handshake { .. } => {
+                if refusals.admit(&error.to_string()) {
+                    log::warn!("node {}: link to node {}: {error}", self.me, self.peer);
+                }
+                REFUSED_BACKOFF_MS
+            }
+            _ => {
+                log::debug!("node {}: cannot reach peer {}: {error}", self.me, self.peer);
+                RECONNECT_BACKOFF_MS
+            }
         }
     }
 }

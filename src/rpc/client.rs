@@ -4,6 +4,8 @@
 //! failure), and [`PipelinedConnection`] (many calls in flight on one
 //! connection, replies delivered by call id to a channel), which the Raft
 //! peer senders use to stream AppendEntries without waiting for each reply.
+//! Both open every connection with the [`handshake`](super::handshake),
+//! presenting their [`Credentials`].
 
 use std::collections::HashSet;
 use std::fmt;
@@ -21,6 +23,7 @@ use protobuf::Message;
 use super::frame::{
     finish_frame, read_frame, start_frame, Frame, FrameError, FrameHeader, FrameKind, RpcCode,
 };
+use super::handshake::{self, Credentials, HandshakeError};
 use super::server::RETAINED_BUFFER_BYTES;
 
 /// Read buffer of a client connection.
@@ -60,6 +63,12 @@ pub enum RpcError {
     Closed { peer: SocketAddr },
     /// A pipelined connection already has `max_outstanding` calls in flight.
     Overloaded { max_outstanding: usize },
+    /// The server refused our handshake (wrong cluster, secret, member);
+    /// `reason` is worded from our side. Retrying cannot help.
+    Refused { peer: SocketAddr, reason: String },
+    /// The handshake broke down: the server does not speak it, or could not
+    /// prove that it holds the cluster secret.
+    Handshake { peer: SocketAddr, message: String },
 }
 
 impl fmt::Display for RpcError {
@@ -92,6 +101,10 @@ impl fmt::Display for RpcError {
                 f,
                 "rpc connection already has {max_outstanding} calls in flight (max_outstanding)"
             ),
+            RpcError::Refused { peer, reason } => write!(f, "peer {peer} refused us: {reason}"),
+            RpcError::Handshake { peer, message } => {
+                write!(f, "handshake with {peer} failed: {message}")
+            }
         }
     }
 }
@@ -111,6 +124,17 @@ impl RpcError {
             peer,
             during,
             error: Arc::new(error),
+        }
+    }
+
+    /// Maps a failed handshake with `peer`.
+    fn from_handshake(peer: SocketAddr, error: HandshakeError) -> RpcError {
+        match error {
+            HandshakeError::Refused { reason, .. } => RpcError::Refused { peer, reason },
+            HandshakeError::Protocol(message) => RpcError::Handshake { peer, message },
+            HandshakeError::Timeout { timeout_ms } => RpcError::Timeout { peer, timeout_ms },
+            HandshakeError::Closed => RpcError::Closed { peer },
+            HandshakeError::Io(e) => RpcError::io(peer, "handshaking", e),
         }
     }
 
@@ -234,6 +258,8 @@ impl Default for ClientConfig {
 pub struct RpcClient {
     peer: SocketAddr,
     config: ClientConfig,
+    /// Presented in the handshake of every connection.
+    credentials: Credentials,
     state: Mutex<ClientState>,
 }
 
@@ -274,11 +300,13 @@ impl ClientConnection {
 }
 
 impl RpcClient {
-    /// A client for `peer` that connects on its first call.
+    /// A client for `peer` that connects on its first call, as a clerk of
+    /// the default cluster (see [`RpcClient::with_credentials`]).
     pub fn new(peer: SocketAddr, config: ClientConfig) -> RpcClient {
         RpcClient {
             peer,
             config,
+            credentials: Credentials::default(),
             state: Mutex::new(ClientState {
                 connection: None,
                 next_call_id: 1,
@@ -291,9 +319,25 @@ impl RpcClient {
     /// reported at once.
     pub fn connect(peer: SocketAddr, config: ClientConfig) -> Result<RpcClient, RpcError> {
         let client = RpcClient::new(peer, config);
-        let connection = open_connection(peer, &client.config)?;
-        client.state.lock().connection = Some(connection);
+        client.reconnect()?;
         Ok(client)
+    }
+
+    /// Presents `credentials` in the handshake of every later connection;
+    /// the current one, if any, is closed.
+    pub fn with_credentials(self, credentials: Credentials) -> RpcClient {
+        self.disconnect();
+        RpcClient {
+            credentials,
+            ..self
+        }
+    }
+
+    /// Opens a new connection now, replacing the current one.
+    pub fn reconnect(&self) -> Result<(), RpcError> {
+        let connection = open_connection(self.peer, &self.config, &self.credentials)?;
+        self.state.lock().connection = Some(connection);
+        Ok(())
     }
 
     /// The server this client calls.
@@ -314,20 +358,20 @@ impl RpcClient {
     }
 }
 
-fn open_connection(peer: SocketAddr, config: &ClientConfig) -> Result<ClientConnection, RpcError> {
-    let connect = || -> io::Result<ClientConnection> {
+/// Connects and runs the handshake, each within `connect_timeout_ms`.
+fn open_connection(
+    peer: SocketAddr,
+    config: &ClientConfig,
+    credentials: &Credentials,
+) -> Result<ClientConnection, RpcError> {
+    let connect = || -> io::Result<TcpStream> {
         let stream =
             TcpStream::connect_timeout(&peer, Duration::from_millis(config.connect_timeout_ms))?;
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(Duration::from_millis(config.call_timeout_ms)))?;
-        let reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone()?);
-        Ok(ClientConnection {
-            writer: stream,
-            reader,
-            last_used: Instant::now(),
-        })
+        Ok(stream)
     };
-    connect().map_err(|e| {
+    let stream = connect().map_err(|e| {
         if super::frame::is_timeout(&e) {
             RpcError::Timeout {
                 peer,
@@ -336,6 +380,16 @@ fn open_connection(peer: SocketAddr, config: &ClientConfig) -> Result<ClientConn
         } else {
             RpcError::io(peer, "connecting", e)
         }
+    })?;
+    handshake::connect(&stream, credentials, config.connect_timeout_ms)
+        .map_err(|e| RpcError::from_handshake(peer, e))?;
+    let reader = stream
+        .try_clone()
+        .map_err(|e| RpcError::io(peer, "connecting", e))?;
+    Ok(ClientConnection {
+        writer: stream,
+        reader: BufReader::with_capacity(READ_BUFFER_BYTES, reader),
+        last_used: Instant::now(),
     })
 }
 
@@ -368,7 +422,7 @@ impl RpcChannel for RpcClient {
             state.connection = None;
         }
         if state.connection.is_none() {
-            state.connection = Some(open_connection(self.peer, &self.config)?);
+            state.connection = Some(open_connection(self.peer, &self.config, &self.credentials)?);
         }
         let connection = state.connection.as_mut().expect("connected just above");
         let result = exchange(self.peer, &self.config, connection, &mut state.buf, call_id);
@@ -463,6 +517,10 @@ pub struct PipelinedConfig {
     pub max_frame_bytes: usize,
     /// Calls sent and not yet answered; `send` fails beyond this.
     pub max_outstanding: usize,
+    /// Presented in the handshake.
+    pub credentials: Credentials,
+    /// The handshake must be done within this long after connecting.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for PipelinedConfig {
@@ -473,6 +531,8 @@ impl Default for PipelinedConfig {
             reply_timeout_ms: 5_000,
             max_frame_bytes: 16 * 1024 * 1024,
             max_outstanding: 256,
+            credentials: Credentials::default(),
+            handshake_timeout_ms: 1_000,
         }
     }
 }
@@ -527,6 +587,12 @@ impl PipelinedConnection {
             Ok(reader)
         };
         let reader_stream = setup().map_err(|e| RpcError::io(peer, "connecting", e))?;
+        handshake::connect(&stream, &config.credentials, config.handshake_timeout_ms)
+            .map_err(|e| RpcError::from_handshake(peer, e))?;
+        // The handshake changed the read timeout; the reader's is restored.
+        reader_stream
+            .set_read_timeout(Some(Duration::from_millis(config.reply_timeout_ms)))
+            .map_err(|e| RpcError::io(peer, "connecting", e))?;
         let shared = Arc::new(PipelineShared {
             peer,
             config,

@@ -7,11 +7,14 @@
 //! the generated stubs over an [`RpcChannel`]: [`RpcClient`] makes one
 //! blocking call at a time with timeouts and reconnects after a failure, and
 //! [`PipelinedConnection`] streams Raft requests to a peer without waiting,
-//! delivering replies by call id to a channel. Every frame, queue and wait is
+//! delivering replies by call id to a channel. Every connection opens with
+//! a [`handshake`] (cluster id, node id, a proof of the cluster secret)
+//! that decides which services it may call. Every frame, queue and wait is
 //! bounded, and bad input from the network closes that connection only.
 
 pub mod client;
 pub mod frame;
+pub mod handshake;
 pub mod server;
 pub mod services;
 
@@ -20,5 +23,6 @@ pub use client::{
     RpcChannel, RpcClient, RpcError,
 };
 pub use frame::RpcCode;
-pub use server::{decode_and_call, RawResponder, Responder, RpcServer, ServerConfig};
+pub use handshake::{Access, Credentials, ServerAuth};
+pub use server::{decode_and_call, RawResponder, ReplyBatch, Responder, RpcServer, ServerConfig};
 pub use services::Router;

@@ -6,7 +6,9 @@
 //! the connection's mutex-protected writer, in whatever order the
 //! [`Responder`]s complete, matched to their calls by call id. A malformed or
 //! oversized frame, or a connection idle past `idle_timeout_ms`, closes that
-//! connection only.
+//! connection only. Before its first call a connection must pass the
+//! [`handshake`](super::handshake); a call to a service its handshake does
+//! not allow (Raft, from a clerk) closes it.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, Write};
@@ -25,6 +27,7 @@ use super::frame::{
     self, encode_frame, finish_frame, read_frame, start_frame, FrameError, FrameHeader, FrameKind,
     RpcCode, MIN_MAX_FRAME_BYTES,
 };
+use super::handshake::{self, Access, HandshakeError, RepeatFilter, ServerAuth};
 use super::services::{describe_method, Router};
 
 /// Read buffer of a connection: large enough that small pipelined frames
@@ -36,6 +39,8 @@ pub(crate) const RETAINED_BUFFER_BYTES: usize = 1024 * 1024;
 /// How often a reader blocked on a full in-flight window re-checks for
 /// shutdown; a freed slot wakes it at once.
 const SLOT_WAIT_POLL_MS: u64 = 100;
+/// The same refusal (same address and reason) is logged at most this often.
+const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
 
 /// Limits of an [`RpcServer`].
 #[derive(Debug, Clone)]
@@ -52,6 +57,9 @@ pub struct ServerConfig {
     /// Calls of one connection dispatched but not yet answered. At the bound
     /// the connection stops reading, which pushes back on the client.
     pub max_in_flight_per_connection: usize,
+    /// Who may connect and call what. The default lets clerks of the
+    /// default cluster call every service.
+    pub auth: ServerAuth,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +70,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 60_000,
             write_timeout_ms: 5_000,
             max_in_flight_per_connection: 1024,
+            auth: ServerAuth::default(),
         }
     }
 }
@@ -84,6 +93,9 @@ impl ServerConfig {
         }
         if self.max_in_flight_per_connection == 0 {
             return invalid("rpc server: max_in_flight_per_connection must be at least 1".into());
+        }
+        if self.auth.timeout_ms == 0 {
+            return invalid("rpc server: auth.timeout_ms must be > 0".into());
         }
         Ok(())
     }
@@ -112,6 +124,8 @@ struct ServerShared {
     /// `active_connections`, so every accepted connection finds a thread.
     workers: Mutex<Vec<JoinHandle<()>>>,
     next_connection_id: AtomicU64,
+    /// Keeps a refused node that retries from flooding the log.
+    refusal_log: Mutex<RepeatFilter>,
 }
 
 impl RpcServer {
@@ -135,6 +149,9 @@ impl RpcServer {
             open: Mutex::new(HashMap::new()),
             workers: Mutex::new(Vec::new()),
             next_connection_id: AtomicU64::new(1),
+            refusal_log: Mutex::new(RepeatFilter::new(Duration::from_millis(
+                REFUSAL_LOG_INTERVAL_MS,
+            ))),
         });
         let acceptor_shared = Arc::clone(&shared);
         let acceptor = std::thread::Builder::new()
@@ -319,7 +336,6 @@ fn serve_connection(
 ) -> io::Result<()> {
     let config = &shared.config;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_millis(config.idle_timeout_ms)))?;
     stream.set_write_timeout(Some(Duration::from_millis(config.write_timeout_ms)))?;
     let connection_id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
     {
@@ -331,14 +347,25 @@ fn serve_connection(
         }
         open.insert(connection_id, stream.try_clone()?);
     }
-    debug!("rpc server {}: connection from {peer}", shared.local_addr);
+    let Some(access) = shake_hands(shared, &stream, peer) else {
+        shared.open.lock().remove(&connection_id);
+        return Ok(());
+    };
+    stream.set_read_timeout(Some(Duration::from_millis(config.idle_timeout_ms)))?;
+    debug!(
+        "rpc server {}: connection from {peer} ({access:?})",
+        shared.local_addr
+    );
     let connection = Arc::new(Connection {
         peer,
+        access,
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight: config.max_in_flight_per_connection,
         outbox: Mutex::new(Outbox {
+            frame: Vec::new(),
+            pending: Vec::new(),
+            in_batch: false,
             stream: stream.try_clone()?,
-            buf: Vec::new(),
             broken: false,
         }),
         in_flight: Mutex::new(0),
@@ -348,6 +375,40 @@ fn serve_connection(
     connection.close();
     shared.open.lock().remove(&connection_id);
     result
+}
+
+/// Runs the server side of the handshake within the configured timeout (and
+/// never longer than `idle_timeout_ms`); logs why a connection is turned
+/// away and returns `None` then.
+fn shake_hands(shared: &ServerShared, stream: &TcpStream, peer: SocketAddr) -> Option<Access> {
+    let config = &shared.config;
+    let auth = ServerAuth {
+        timeout_ms: config.auth.timeout_ms.min(config.idle_timeout_ms),
+        ..config.auth.clone()
+    };
+    let local = shared.local_addr;
+    let error = match handshake::accept(stream, &auth) {
+        Ok(access) => return Some(access),
+        Err(error) => error,
+    };
+    if shared.stopping.load(Ordering::SeqCst) {
+        return None;
+    }
+    match error {
+        HandshakeError::Refused { node_id, reason } => {
+            let key = format!("{} {node_id} {reason}", peer.ip());
+            if shared.refusal_log.lock().admit(&key) {
+                warn!("rpc server {local}: refused {peer} (node {node_id}): {reason}");
+            }
+        }
+        // A port probe, or a client that gave up: nothing to report.
+        HandshakeError::Closed => debug!("rpc server {local}: {peer} left during the handshake"),
+        error @ HandshakeError::Timeout { .. } => {
+            info!("rpc server {local}: closing connection from {peer}: {error}")
+        }
+        error => warn!("rpc server {local}: closing connection from {peer}: {error}"),
+    }
+    None
 }
 
 fn read_requests(
@@ -389,6 +450,18 @@ fn read_requests(
             );
             return Ok(());
         }
+        if !shared
+            .config
+            .auth
+            .allows(connection.access, frame.header.service_id)
+        {
+            warn!(
+                "rpc server {local}: closing connection from {peer}: it called {} but its \
+                 handshake did not prove it is a member node",
+                method_label(&frame.header)
+            );
+            return Ok(());
+        }
         if !connection.acquire_slot(&shared.stopping) {
             return Ok(());
         }
@@ -411,6 +484,8 @@ fn read_requests(
 /// One open connection as seen by its responders.
 struct Connection {
     peer: SocketAddr,
+    /// What the handshake allowed.
+    access: Access,
     max_frame_bytes: usize,
     max_in_flight: usize,
     /// Replies are written whole under this lock, so frames never interleave.
@@ -423,9 +498,16 @@ struct Connection {
 
 struct Outbox {
     stream: TcpStream,
-    /// Reused for every reply: a frame is encoded here and written with one
-    /// `write_all`.
-    buf: Vec<u8>,
+    /// Reused for every reply: a frame is encoded here, then moved to
+    /// `pending`.
+    frame: Vec<u8>,
+    /// Whole frames not yet written. Empty except inside a [`ReplyBatch`]
+    /// of some thread, which writes them all with one `write_all` when it
+    /// ends (or sooner, when a reply from outside any batch comes first).
+    pending: Vec<u8>,
+    /// True while this connection is on some thread's batch list, so that
+    /// it is listed (and flushed) once per batch however many replies it gets.
+    in_batch: bool,
     /// Set after a failed write; later replies are dropped.
     broken: bool,
 }
@@ -462,7 +544,7 @@ impl Connection {
     /// too large becomes a `ReplyFailed` error frame, so the caller always
     /// hears back while the connection lives.
     fn reply(
-        &self,
+        self: &Arc<Self>,
         request: &FrameHeader,
         encode_body: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
     ) {
@@ -471,9 +553,9 @@ impl Connection {
             return;
         }
         let header = FrameHeader::response_to(request, RpcCode::Ok);
-        start_frame(&mut outbox.buf);
-        let failure = match encode_body(&mut outbox.buf) {
-            Ok(()) => match finish_frame(&mut outbox.buf, &header, self.max_frame_bytes) {
+        start_frame(&mut outbox.frame);
+        let failure = match encode_body(&mut outbox.frame) {
+            Ok(()) => match finish_frame(&mut outbox.frame, &header, self.max_frame_bytes) {
                 Ok(()) => None,
                 Err(e) => Some(format!("reply not sent: {e} (max_frame_bytes)")),
             },
@@ -486,28 +568,59 @@ impl Connection {
                 method_label(request)
             );
             let header = FrameHeader::response_to(request, RpcCode::ReplyFailed);
-            encode_error_frame(&mut outbox.buf, &header, &text, self.max_frame_bytes);
+            encode_error_frame(&mut outbox.frame, &header, &text, self.max_frame_bytes);
         }
-        self.write_locked(&mut outbox, request);
+        self.queue_locked(&mut outbox, request);
     }
 
-    fn reply_error(&self, request: &FrameHeader, code: RpcCode, text: &str) {
+    fn reply_error(self: &Arc<Self>, request: &FrameHeader, code: RpcCode, text: &str) {
         let mut outbox = self.outbox.lock();
         if outbox.broken {
             return;
         }
         let header = FrameHeader::response_to(request, code);
-        encode_error_frame(&mut outbox.buf, &header, text, self.max_frame_bytes);
-        self.write_locked(&mut outbox, request);
+        encode_error_frame(&mut outbox.frame, &header, text, self.max_frame_bytes);
+        self.queue_locked(&mut outbox, request);
     }
 
-    fn write_locked(&self, outbox: &mut Outbox, request: &FrameHeader) {
+    /// Moves the encoded frame to `pending`, then writes at once unless this
+    /// thread is inside a [`ReplyBatch`], which writes when it ends.
+    fn queue_locked(self: &Arc<Self>, outbox: &mut Outbox, request: &FrameHeader) {
+        let Outbox { frame, pending, .. } = outbox;
+        pending.extend_from_slice(frame);
+        if frame.capacity() > RETAINED_BUFFER_BYTES {
+            *frame = Vec::new();
+        }
+        if !ReplyBatch::is_open() {
+            return self.write_locked(outbox, request.call_id);
+        }
+        // Listed once per batch; a connection already listed by another
+        // thread's batch is flushed when that batch ends.
+        if !outbox.in_batch {
+            outbox.in_batch = true;
+            ReplyBatch::defer(self);
+        }
+    }
+
+    /// Writes every pending frame; called when a batch ends.
+    fn flush(&self) {
+        let mut outbox = self.outbox.lock();
+        outbox.in_batch = false;
+        if !outbox.broken && !outbox.pending.is_empty() {
+            self.write_locked(&mut outbox, 0);
+        }
+    }
+
+    /// Writes `pending` whole. `call_id` names the reply that triggered the
+    /// write (0 for a batch) in the log line of a failure.
+    fn write_locked(&self, outbox: &mut Outbox, call_id: u64) {
         let Outbox {
             stream,
-            buf,
+            pending,
             broken,
+            ..
         } = outbox;
-        if let Err(e) = stream.write_all(buf) {
+        if let Err(e) = stream.write_all(pending) {
             *broken = true;
             // Unblocks the reader so the connection closes as a whole.
             let _ = stream.shutdown(Shutdown::Both);
@@ -517,14 +630,13 @@ impl Connection {
                 e.to_string()
             };
             info!(
-                "rpc reply to {} for {} (call id {}) failed, closing the connection: {what}",
+                "rpc reply to {} (call id {call_id}) failed, closing the connection: {what}",
                 self.peer,
-                method_label(request),
-                request.call_id
             );
         }
-        if buf.capacity() > RETAINED_BUFFER_BYTES {
-            *buf = Vec::new();
+        pending.clear();
+        if pending.capacity() > RETAINED_BUFFER_BYTES {
+            *pending = Vec::new();
         }
     }
 
@@ -547,6 +659,64 @@ fn method_label(header: &FrameHeader) -> String {
     match describe_method(header.service_id, header.method_id) {
         Some((service, method)) => format!("{service}/{method}"),
         None => format!("service {} method {}", header.service_id, header.method_id),
+    }
+}
+
+thread_local! {
+    /// The connections with replies deferred by this thread's open
+    /// [`ReplyBatch`]; `None` outside a batch.
+    static BATCH: std::cell::RefCell<Option<Vec<Arc<Connection>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Coalesces the replies one thread sends while it lives: each connection's
+/// replies are written with one `write_all` when the batch ends, instead of
+/// one system call (and one wake-up of the client) per reply. The apply
+/// thread opens one around each group of tasks it handles, so a commit of
+/// many entries answers a pipelining client in a single write.
+///
+/// Invariant: a reply deferred by a batch is written when the batch ends, or
+/// earlier by any immediate reply on the same connection; it is never lost
+/// while the connection lives. Batches do not nest.
+pub struct ReplyBatch {
+    /// A batch belongs to the thread that opened it.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl ReplyBatch {
+    pub fn begin() -> ReplyBatch {
+        BATCH.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            assert!(batch.is_none(), "ReplyBatch::begin inside a batch");
+            *batch = Some(Vec::new());
+        });
+        ReplyBatch {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    fn is_open() -> bool {
+        BATCH.with(|batch| batch.borrow().is_some())
+    }
+
+    /// Lists `connection` for the flush at the end of this thread's batch.
+    fn defer(connection: &Arc<Connection>) {
+        BATCH.with(|batch| {
+            if let Some(list) = batch.borrow_mut().as_mut() {
+                list.push(Arc::clone(connection));
+            }
+        });
+    }
+}
+
+impl Drop for ReplyBatch {
+    fn drop(&mut self) {
+        let connections = BATCH
+            .with(|batch| batch.borrow_mut().take())
+            .unwrap_or_default();
+        for connection in connections {
+            connection.flush();
+        }
     }
 }
 

@@ -18,7 +18,14 @@
 //! any other damage — a bad checksum before intact records, a missing
 //! segment, a hole in the entry indexes, an unreadable snapshot — stops the
 //! open with an error naming the file and offset, and then nothing on disk
-//! has been modified. Opening never silently drops an entry that was synced.
+//! has been modified. Opening never drops an entry that was synced, with
+//! one exception it cannot tell apart: damage inside the very last record
+//! (no intact record after it) looks exactly like a torn write, because
+//! where the last fsync ended is not recorded, so it is cut off like one,
+//! with a warning naming the file and the bytes dropped; bit rot in that
+//! one record thus costs this node an acknowledged record. Conversely,
+//! zeroes or garbage inside the unsynced tail with an intact record after
+//! them (out-of-order writeback) are reported as corruption.
 //!
 //! Any failed write or fsync stops the storage for good (see
 //! [`StorageError::Stopped`]): after a failed fsync the kernel may already
@@ -26,6 +33,7 @@
 //! data that is gone.
 
 mod error;
+mod fault;
 mod lock;
 mod record;
 mod replay;
@@ -34,6 +42,7 @@ mod snapshot;
 mod terms;
 
 pub use self::error::StorageError;
+pub use self::fault::{DiskFault, FaultFile};
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -55,12 +64,16 @@ pub struct StorageOptions {
     /// segments let `save_snapshot` free space sooner; larger ones mean fewer
     /// files and directory fsyncs. 0 starts a new segment for every batch.
     pub segment_bytes: u64,
+    /// A testing hook that stalls or fails fsyncs on request (see
+    /// [`FaultFile`]); `None` in production.
+    pub fault_file: Option<FaultFile>,
 }
 
 impl Default for StorageOptions {
     fn default() -> Self {
         StorageOptions {
             segment_bytes: 64 << 20,
+            fault_file: None,
         }
     }
 }
@@ -288,8 +301,8 @@ impl DiskStorage {
         if self.active_unsynced {
             let path = &self.segments.back().expect("an active segment").path;
             let result = self
-                .active
-                .sync_data()
+                .injected_fault()
+                .and_then(|()| self.active.sync_data())
                 .map_err(StorageError::io("fdatasync", path));
             self.stop_on_error(result)?;
             self.active_unsynced = false;
@@ -329,7 +342,10 @@ impl DiskStorage {
             }
         }
         self.sync()?;
-        let result = write_snapshot(&self.dir, &self.dir_file, snapshot);
+        let result = self
+            .injected_fault()
+            .map_err(StorageError::io("fsync", &self.dir))
+            .and_then(|()| write_snapshot(&self.dir, &self.dir_file, snapshot));
         let (path, size_bytes) = self.stop_on_error(result)?;
         let previous = self.snapshot.replace(SnapshotFile {
             meta,
@@ -359,11 +375,7 @@ impl DiskStorage {
                 fs::remove_file(&previous.path).map_err(StorageError::io("delete", &previous.path));
             self.stop_on_error(result)?;
         }
-        let result = self
-            .dir_file
-            .sync_all()
-            .map_err(StorageError::io("fsync directory", &self.dir));
-        self.stop_on_error(result)
+        self.sync_dir()
     }
 
     /// The index of the first entry after the snapshot (1 without a snapshot).
@@ -396,6 +408,24 @@ impl DiskStorage {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// What the testing hook asks of the next fsync (nothing without one).
+    fn injected_fault(&self) -> std::io::Result<()> {
+        match &self.options.fault_file {
+            Some(faults) => faults.before_fsync(),
+            None => Ok(()),
+        }
+    }
+
+    /// Fsyncs the directory, so that file creations, renames and deletions
+    /// are durable; a failure stops the storage.
+    fn sync_dir(&mut self) -> Result<(), StorageError> {
+        let result = self
+            .dir_file
+            .sync_all()
+            .map_err(StorageError::io("fsync directory", &self.dir));
+        self.stop_on_error(result)
     }
 
     fn check_running(&self) -> Result<(), StorageError> {
@@ -555,11 +585,7 @@ impl DiskStorage {
             let result = fs::remove_file(path).map_err(StorageError::io("delete", path));
             self.stop_on_error(result)?;
         }
-        let result = self
-            .dir_file
-            .sync_all()
-            .map_err(StorageError::io("fsync directory", &self.dir));
-        self.stop_on_error(result)
+        self.sync_dir()
     }
 }
 

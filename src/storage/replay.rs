@@ -39,10 +39,11 @@ pub(crate) struct Replayed {
     pub hard_state: HardState,
     /// Contiguous, starting right after the snapshot.
     pub entries: Vec<Entry>,
-    /// True when the stored entries conflicted with the snapshot and were
-    /// dropped without a reset record in the WAL (a crash between writing the
-    /// snapshot file and logging the reset): the caller must log one now, or
-    /// entries appended later would be dropped again at the next open.
+    /// True when the stored entries conflicted with the snapshot, or ended
+    /// before it, and were dropped without a reset record in the WAL (a crash
+    /// between writing the snapshot file and logging the reset): the caller
+    /// must log one now, or entries appended later would be dropped again, or
+    /// follow the dropped ones with a gap, at the next open.
     pub needs_reset: bool,
 }
 
@@ -159,8 +160,11 @@ impl Replay {
         let snapshot_index = match self.snapshot {
             None => 0,
             Some(meta) => {
-                if let Some(term) = self.term_at(meta.index) {
-                    if term != meta.term {
+                // Where the WAL says the next entry follows: its last entry,
+                // or the latest reset if none follows it.
+                let log_end = self.entries.last().map(|e| e.index).or(self.reset_base);
+                match self.term_at(meta.index) {
+                    Some(term) if term != meta.term => {
                         log::info!(
                             "{}: stored entries conflict with the snapshot at index {} \
                              (term {} there, snapshot term {}); dropping them",
@@ -172,6 +176,25 @@ impl Replay {
                         self.entries.clear();
                         needs_reset = true;
                     }
+                    None if log_end.is_some_and(|end| end < meta.index) => {
+                        // The log ends before the snapshot (one from the
+                        // leader, and a crash before its reset record was
+                        // logged). Every stored entry is covered, but the WAL
+                        // must say so: entries appended after the snapshot
+                        // would otherwise follow these (or an older reset)
+                        // with a gap, and the next open would refuse the log
+                        // as corrupt.
+                        log::info!(
+                            "{}: the log ends at index {}, before the snapshot at index {}; \
+                             logging the reset that a crash prevented",
+                            dir.display(),
+                            log_end.unwrap_or(0),
+                            meta.index
+                        );
+                        self.entries.clear();
+                        needs_reset = true;
+                    }
+                    _ => {}
                 }
                 meta.index
             }

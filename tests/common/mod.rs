@@ -85,6 +85,7 @@ impl TestCluster {
             id,
             data_dir: None,
             link_filter: Some(filter),
+            fault_file: None,
         };
         // The port may linger for a moment after a stop: retry briefly.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -203,6 +204,7 @@ fn options_clone(options: &StartOptions) -> StartOptions {
         id: options.id,
         data_dir: options.data_dir.clone(),
         link_filter: options.link_filter.clone(),
+        fault_file: options.fault_file.clone(),
     }
 }
 

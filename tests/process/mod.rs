@@ -15,7 +15,7 @@ use std::net::TcpListener;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Mutex;
 use std::thread::sleep;
@@ -191,12 +191,24 @@ pub struct Cluster {
     /// Index `id - 1`; `None` while the node is down.
     nodes: Vec<Option<Child>>,
     paused: Vec<bool>,
+    /// True when every node runs with `--fault-file` (see `fault_file`).
+    fault_files: bool,
 }
 
 impl Cluster {
     /// Starts `size` nodes with the test timings plus `extra_json` (more
     /// config keys, each followed by a comma, or "").
     pub fn start(name: &str, size: usize, extra_json: &str) -> Cluster {
+        Cluster::start_with(name, size, extra_json, false)
+    }
+
+    /// Like `start`, with every node run with `--fault-file`, so a test can
+    /// stall or fail its fsyncs by writing to `fault_file(id)`.
+    pub fn start_with_fault_files(name: &str, size: usize, extra_json: &str) -> Cluster {
+        Cluster::start_with(name, size, extra_json, true)
+    }
+
+    fn start_with(name: &str, size: usize, extra_json: &str, fault_files: bool) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix(&format!("proc-{name}-"))
             .tempdir()
@@ -221,6 +233,7 @@ impl Cluster {
             ports,
             nodes: (0..size).map(|_| None).collect(),
             paused: vec![false; size],
+            fault_files,
         };
         for id in cluster.ids() {
             cluster.start_node(id);
@@ -240,6 +253,17 @@ impl Cluster {
         self.dir.path().join(format!("node{id}.log"))
     }
 
+    /// Node `id`'s whole stderr, over all its runs.
+    pub fn log(&self, id: u64) -> String {
+        fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+
+    /// Node `id`'s fault file (used by `start_with_fault_files` clusters): it
+    /// does not exist until a test writes `stall` or `fail` into it.
+    pub fn fault_file(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node{id}.fault"))
+    }
+
     /// Starts node `id` (again) on its data directory; its stderr is
     /// appended to `node<id>.log`, so one file holds every run.
     pub fn start_node(&mut self, id: u64) {
@@ -257,7 +281,11 @@ impl Cluster {
             .arg("--id")
             .arg(id.to_string())
             .arg("--data-dir")
-            .arg(self.data_dir(id))
+            .arg(self.data_dir(id));
+        if self.fault_files {
+            command.arg("--fault-file").arg(self.fault_file(id));
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -291,6 +319,28 @@ impl Cluster {
         let pid = self.nodes[index].as_ref().expect("node is running").id();
         signal(pid, libc::SIGCONT);
         self.paused[index] = false;
+    }
+
+    /// Waits for node `id` to exit by itself and reaps it; fails the test
+    /// after `deadline`.
+    pub fn wait_exit(&mut self, id: u64, deadline: Duration) -> ExitStatus {
+        let index = (id - 1) as usize;
+        let start = Instant::now();
+        loop {
+            let child = self.nodes[index].as_mut().expect("node is running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.nodes[index] = None;
+                return status;
+            }
+            if start.elapsed() > deadline {
+                panic!(
+                    "{}: node {id} still runs after {deadline:?}\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            sleep(POLL_INTERVAL);
+        }
     }
 
     pub fn is_running(&self, id: u64) -> bool {
