@@ -1,6 +1,6 @@
 //! `chaos`: runs a cluster of real `kvserver` processes under a seeded
 //! schedule of faults (kill -9, SIGSTOP, partitions, one-way loss, delay,
-//! drop, disk stalls) with concurrent clerks, then checks the history; or,
+//! drop, fsync stalls) with concurrent clerks, then checks the history; or,
 //! with `--check-history FILE`, checks a history written by an earlier run.
 //! See the `chaos` module and the README's "Chaos testing" section.
 //!
@@ -58,7 +58,7 @@ fn options() -> getopts::Options {
     );
     let kinds: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
     let faults_help = format!(
-        "comma-separated faults from {} or all (default: all but stall)",
+        "comma-separated faults from {} or all (default all)",
         kinds.join(",")
     );
     opts.optopt("", "faults", &faults_help, "LIST");

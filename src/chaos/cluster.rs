@@ -7,7 +7,9 @@
 //! nodes.
 //!
 //! Nodes are killed with SIGKILL and hung with SIGSTOP/SIGCONT (kill(2) via
-//! libc), and restarted on their data directory. Each child asks the kernel
+//! libc), and restarted on their data directory. Each node watches its own
+//! fault file (`kvserver --fault-file`), which stalls its fsyncs while it
+//! says `stall`. Each child asks the kernel
 //! to kill it when the thread that started it ends, so an aborted run leaves
 //! no server behind; the runner therefore starts every node from one thread.
 
@@ -167,6 +169,8 @@ impl Cluster {
             .arg(id.to_string())
             .arg("--data-dir")
             .arg(self.data_dir(id))
+            .arg("--fault-file")
+            .arg(self.fault_file(id))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -64,12 +64,9 @@ impl ChaosOptions {
     }
 }
 
-/// The fault kinds used when none are named.
+/// The fault kinds used when none are named: all of them.
 pub fn default_faults() -> Vec<FaultKind> {
-    FaultKind::ALL
-        .into_iter()
-        .filter(|kind| *kind != FaultKind::DiskStall)
-        .collect()
+    FaultKind::ALL.to_vec()
 }
 
 /// The default recovery budget, in maximal election timeouts: an election
