@@ -123,6 +123,12 @@ pub fn verdict_text(verdict: &HistoryVerdict, history: &Path) -> String {
     for (key, violation) in &verdict.append_violations {
         let _ = writeln!(text, "appends: VIOLATION on key {key:?}: {violation}");
     }
+    if !verdict.append_witness.is_empty() {
+        text.push_str("  the appends named, and the final read:\n");
+        for op in &verdict.append_witness {
+            let _ = writeln!(text, "    {}", op_line(op));
+        }
+    }
     for key in &verdict.unread_keys {
         let _ = writeln!(text, "appends: key {key:?} has no final read to check");
     }

@@ -20,6 +20,9 @@ pub struct HistoryVerdict {
     pub witness: Option<Vec<Operation>>,
     /// Append keys whose final value breaks the append rule.
     pub append_violations: Vec<(String, AppendViolation)>,
+    /// The append operations of the elements those violations name, and
+    /// the final read they were checked against.
+    pub append_witness: Vec<Operation>,
     /// Append keys with acknowledged appends but no final read to check.
     pub unread_keys: Vec<String>,
     /// Acknowledged appends checked against final values.
@@ -51,10 +54,15 @@ pub fn check_history(history: &[Operation], timeout: Duration) -> HistoryVerdict
         _ => None,
     };
     let (append_violations, unread_keys, appends_checked) = check_final_appends(history);
+    let append_witness = append_violations
+        .iter()
+        .flat_map(|(key, violation)| violation_ops(history, key, violation))
+        .collect();
     HistoryVerdict {
         linearizability,
         witness,
         append_violations,
+        append_witness,
         unread_keys,
         appends_checked,
     }
@@ -118,6 +126,34 @@ fn check_final_appends(
 
 /// The longest the narrowing spends on one candidate history.
 const MAX_CANDIDATE_CHECK: Duration = Duration::from_secs(2);
+
+/// The appends of the elements `violation` names, and the last read of
+/// `key` (the final value).
+fn violation_ops(history: &[Operation], key: &str, violation: &AppendViolation) -> Vec<Operation> {
+    let elements: Vec<&str> = match violation {
+        AppendViolation::Missing { element, .. } | AppendViolation::Duplicated { element, .. } => {
+            vec![element]
+        }
+        AppendViolation::OutOfOrder {
+            element, earlier, ..
+        } => vec![earlier, element],
+    };
+    let mut ops: Vec<Operation> = history
+        .iter()
+        .filter(|op| match &op.input {
+            KvInput::Append { key: k, value } => k == key && elements.contains(&value.as_str()),
+            _ => false,
+        })
+        .cloned()
+        .collect();
+    let final_read = history
+        .iter()
+        .filter(|op| matches!(&op.input, KvInput::Get { key: k } if k == key))
+        .filter(|op| op.output.is_some())
+        .max_by_key(|op| op.call_us);
+    ops.extend(final_read.cloned());
+    ops
+}
 
 /// Whether an operation cannot change the key: a known get, or a known
 /// compare-and-swap that did not swap.
@@ -252,6 +288,9 @@ mod tests {
         ];
         let verdict = check_history(&lost, Duration::from_secs(10));
         assert_eq!(verdict.append_violations.len(), 1);
+        // The lost append and the final read it is missing from.
+        let named: Vec<u64> = verdict.append_witness.iter().map(|op| op.call_us).collect();
+        assert_eq!(named, vec![20, 100]);
         assert!(verdict.violated());
         let fine = vec![append(1, "x 1 1 y", 0, 10), get(Some("x 1 1 y"), 100, 110)];
         let verdict = check_history(&fine, Duration::from_secs(10));
