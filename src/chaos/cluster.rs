@@ -189,6 +189,8 @@ impl Cluster {
     pub fn kill(&mut self, id: u64) {
         let index = (id - 1) as usize;
         if let NodeState::Running { child, .. } = &mut self.nodes[index] {
+            // Both fail only for a child that has already exited and been
+            // reaped: then it is as dead as wanted.
             let _ = child.kill();
             let _ = child.wait();
         }

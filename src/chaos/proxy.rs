@@ -104,6 +104,8 @@ struct Connection {
 impl Connection {
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        // A shutdown fails only on a socket that is already closed, which is
+        // the state wanted; the same holds for the shutdowns below.
         for socket in &self.sockets {
             let _ = socket.shutdown(Shutdown::Both);
         }
@@ -230,7 +232,9 @@ impl Drop for LinkProxy {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.close_all();
         if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
+            if acceptor.join().is_err() {
+                log::warn!("proxy {}: the accept thread panicked", self.addr);
+            }
         }
     }
 }

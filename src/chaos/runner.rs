@@ -170,8 +170,9 @@ pub fn run(options: &ChaosOptions) -> Result<RunReport, String> {
     };
     let play = nemesis.play(&episodes, timing.duration_ms);
     stop.store(true, Ordering::SeqCst);
-    nemesis.heal_all();
-    play.map_err(|e| format!("the nemesis failed: {e}; logs in {}", work_dir.display()))?;
+    let healed = nemesis.heal_all();
+    play.and(healed)
+        .map_err(|e| format!("the nemesis failed: {e}; logs in {}", work_dir.display()))?;
     let (faults, mut crashed) = (nemesis.faults, nemesis.crashed);
     let mut extra_ops = Vec::new();
     let recovery = probe_recovery(&config, options, epoch, &mut extra_ops);
@@ -378,18 +379,24 @@ impl Nemesis<'_> {
     }
 
     /// Ends every fault: the network heals, stopped nodes continue, killed
-    /// nodes restart, disks run again.
-    fn heal_all(&mut self) {
+    /// nodes restart, disks run again. Goes on past a failure, and returns
+    /// the first one.
+    fn heal_all(&mut self) -> Result<(), String> {
         self.cluster.heal_network();
+        let mut first_error = Ok(());
         for id in 1..=self.cluster.size() {
-            let _ = nemesis::undo(self.cluster, &Undo::DiskStall(id));
+            let mut results = vec![nemesis::undo(self.cluster, &Undo::DiskStall(id))];
             if self.cluster.is_running(id) {
-                let _ = self.cluster.set_paused(id, false);
+                results.push(self.cluster.set_paused(id, false));
             } else if self.crashed.is_none() {
-                if let Err(e) = self.cluster.start_node(id) {
-                    progress(self.options, format!("cannot restart node {id}: {e}"));
+                results.push(self.cluster.start_node(id));
+            }
+            for result in results {
+                if let (Err(e), Ok(())) = (result, &first_error) {
+                    first_error = Err(format!("healing node {id}: {e}"));
                 }
             }
         }
+        first_error
     }
 }
