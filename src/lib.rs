@@ -4,6 +4,7 @@ pub mod proto {
     //! Messages generated from proto/kvstore.proto.
     include!(concat!(env!("OUT_DIR"), "/proto/mod.rs"));
 }
+pub mod chaos;
 pub mod check;
 pub mod clerk;
 pub mod config;
