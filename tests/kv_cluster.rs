@@ -576,3 +576,42 @@ fn leader_crash_during_writes_loses_nothing_acknowledged() {
     cluster.wait_leader(Duration::from_secs(5));
     workload::check_all(&all, &mut cluster.clerk(10_000), CHECK_TIMEOUT);
 }
+
+/// K8: 15 clerks on 7 servers, random keys (50% append, 5% put, 45% get),
+/// lossy clerk transport, a random partition and a restart in every round;
+/// the history must be linearizable and every acknowledged append present
+/// once. Election timeouts are doubled so 7 servers fit a busy 2-core
+/// machine (TEST-PLAN allows up to T = 1 s).
+fn k8_linearizable_stress(extra: &str, seed: u64) {
+    let cluster = TestCluster::start(7, extra);
+    cluster.wait_leader(Duration::from_secs(10));
+    let mut rng = SplitMix64::new(seed);
+    let workload = Workload {
+        max_ops_per_client: 200,
+        ..appends_and_gets(15, 10, 1_000, seed)
+    };
+    generic_test(&cluster, &workload, 3, true, |cluster, _round| {
+        let group: Vec<NodeId> = (1..=7).filter(|_| rng.chance(1, 2)).collect();
+        cluster.partition(&group);
+        std::thread::sleep(Duration::from_millis(400));
+        cluster.heal();
+        cluster.restart_node(rng.range(1, 8) as NodeId);
+        cluster.wait_leader(Duration::from_secs(10));
+    });
+}
+
+#[test]
+fn k8_linearizable_stress_seven_servers() {
+    k8_linearizable_stress(
+        r#""election_timeout_min_ms":600,"election_timeout_max_ms":1200"#,
+        8,
+    );
+}
+
+#[test]
+fn k8_linearizable_stress_seven_servers_with_snapshots() {
+    k8_linearizable_stress(
+        r#""election_timeout_min_ms":600,"election_timeout_max_ms":1200,"snapshot_threshold_bytes":2000"#,
+        88,
+    );
+}

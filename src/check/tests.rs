@@ -349,3 +349,35 @@ fn a_corrupted_random_history_fails_at_the_corruption() {
         "the report stops at the bad read"
     );
 }
+
+/// Twenty concurrent appends read back in one order: without the prefix-chain
+/// pruning the search tries the orders of the appends one by one (20! of
+/// them); with it the verdict comes at once. Then the same appends with a
+/// read that contradicts real time: the pruning must not hide it.
+#[test]
+fn many_concurrent_appends_are_decided_quickly_both_ways() {
+    let count = 20u64;
+    let element = |i: u64| format!("x {i} y");
+    let mut history: Vec<Operation> = (0..count)
+        .map(|i| done(i, append("k", &element(i)), i, 1_000 + i, KvOutput::Append))
+        .collect();
+    // The appends took effect in reverse order of their calls.
+    let all: String = (0..count).rev().map(element).collect();
+    history.push(done(99, get("k"), 2_000, 2_010, read(&all)));
+    // Within the checker's deadline, or the verdict is Timeout.
+    assert_eq!(
+        check(&history, Duration::from_secs(5)),
+        Verdict::Linearizable
+    );
+
+    // A read that finished before append 0 began may not contain it.
+    let mut bad = history.clone();
+    for op in bad.iter_mut().filter(|op| op.client_id == 0) {
+        (op.call_us, op.return_us) = (3_000, Some(3_010));
+    }
+    bad.push(done(98, get("k"), 2_500, 2_600, read(&all)));
+    assert!(matches!(
+        check(&bad, Duration::from_secs(5)),
+        Verdict::NotLinearizable { .. }
+    ));
+}

@@ -172,12 +172,14 @@ fn run_client(
 pub fn check_all(recorded: &Recorded, final_clerk: &mut Clerk, timeout: Duration) {
     match check::check(&recorded.history, timeout) {
         Verdict::Linearizable => {}
-        Verdict::NotLinearizable { key, ops } => {
-            panic!("history not linearizable on key {key:?}; smallest failing prefix: {ops:#?}")
-        }
+        Verdict::NotLinearizable { key, ops } => panic!(
+            "history not linearizable on key {key:?} (whole history: {}); smallest failing prefix: {ops:#?}",
+            save_history(&recorded.history)
+        ),
         Verdict::Timeout => panic!(
-            "linearizability check timed out ({} ops)",
-            recorded.history.len()
+            "linearizability check timed out ({} ops; history: {})",
+            recorded.history.len(),
+            save_history(&recorded.history)
         ),
     }
     for (key, acked) in &recorded.acked_appends {
@@ -189,6 +191,20 @@ pub fn check_all(recorded: &Recorded, final_clerk: &mut Clerk, timeout: Duration
         if let Err(violation) = check::check_appends(&value, acked) {
             panic!("key {key:?}: {violation}\nfinal value: {value:?}");
         }
+    }
+}
+
+/// Writes a failing history where `chaos --check-history` can check it
+/// again, and says where (or why not).
+fn save_history(history: &[Operation]) -> String {
+    static SAVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SAVED.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("kv-history-{}-{n}.jsonl", std::process::id()));
+    let written = std::fs::File::create(&path)
+        .and_then(|file| check::write_history_jsonl(std::io::BufWriter::new(file), history));
+    match written {
+        Ok(()) => path.display().to_string(),
+        Err(e) => format!("not saved: {e}"),
     }
 }
 
