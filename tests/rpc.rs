@@ -303,6 +303,29 @@ fn get_bytes(key: &[u8]) -> Vec<u8> {
     get_request(key).write_to_bytes().unwrap()
 }
 
+/// Sends a Get of key `defer-<call id>` for each call id: the test service
+/// hands each one's responder to the test instead of answering.
+fn send_deferred_gets(pipeline: &PipelinedConnection, call_ids: std::ops::RangeInclusive<u64>) {
+    for call_id in call_ids {
+        let request = get_bytes(format!("defer-{call_id}").as_bytes());
+        pipeline
+            .send(kv_store::SERVICE_ID, kv_store::GET, call_id, &request)
+            .unwrap();
+    }
+}
+
+/// The next `count` deferred calls the service received: key and responder.
+fn take_deferred(harness: &Harness, count: usize) -> Vec<(Vec<u8>, Responder<GetReply>)> {
+    (0..count)
+        .map(|_| {
+            harness
+                .deferred
+                .recv_timeout(WAIT)
+                .expect("a deferred call")
+        })
+        .collect()
+}
+
 #[test]
 fn pipelined_replies_come_back_out_of_order_by_call_id() {
     let harness = start(ServerConfig::default());
@@ -310,30 +333,13 @@ fn pipelined_replies_come_back_out_of_order_by_call_id() {
     let pipeline =
         PipelinedConnection::connect(harness.server.local_addr(), pipelined_config(4), replies_tx)
             .unwrap();
-    for call_id in 1..=4u64 {
-        let key = format!("defer-{call_id}");
-        pipeline
-            .send(
-                kv_store::SERVICE_ID,
-                kv_store::GET,
-                call_id,
-                &get_bytes(key.as_bytes()),
-            )
-            .unwrap();
-    }
+    send_deferred_gets(&pipeline, 1..=4);
     // The window is full: a fifth call is refused, not queued.
     assert!(matches!(
         pipeline.send(kv_store::SERVICE_ID, kv_store::GET, 5, &get_bytes(b"x")),
         Err(RpcError::Overloaded { max_outstanding: 4 })
     ));
-    let mut held: Vec<_> = (0..4)
-        .map(|_| {
-            harness
-                .deferred
-                .recv_timeout(WAIT)
-                .expect("a deferred call")
-        })
-        .collect();
+    let mut held = take_deferred(&harness, 4);
     // Answer in reverse order, from another thread.
     let answerer = std::thread::spawn(move || {
         while let Some((key, responder)) = held.pop() {
@@ -397,21 +403,8 @@ fn a_reply_batch_defers_writes_until_it_ends() {
     let pipeline =
         PipelinedConnection::connect(harness.server.local_addr(), pipelined_config(8), replies_tx)
             .unwrap();
-    for call_id in 1..=4u64 {
-        let key = format!("defer-{call_id}");
-        let request = get_bytes(key.as_bytes());
-        pipeline
-            .send(kv_store::SERVICE_ID, kv_store::GET, call_id, &request)
-            .unwrap();
-    }
-    let mut held: Vec<_> = (0..4)
-        .map(|_| {
-            harness
-                .deferred
-                .recv_timeout(WAIT)
-                .expect("a deferred call")
-        })
-        .collect();
+    send_deferred_gets(&pipeline, 1..=4);
+    let mut held = take_deferred(&harness, 4);
     let last = held.pop().unwrap();
     let batch = ReplyBatch::begin();
     for (key, responder) in held {
