@@ -3,6 +3,7 @@
 //! of the commands that log entries carry.
 
 pub mod applier;
+pub mod engine;
 pub mod server;
 pub mod service;
 pub mod state_machine;
