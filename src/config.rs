@@ -99,6 +99,9 @@ pub struct ClusterConfig {
     pub heartbeat_interval_ms: u64,
     /// Take a snapshot once the log holds this many bytes. Default 4 MiB.
     pub snapshot_threshold_bytes: u64,
+    /// The storage engine's block cache. Default 64 MiB. With the engine's fixed memtable
+    /// budget this bounds the memory the applied state takes, whatever its size.
+    pub engine_cache_bytes: u64,
     /// Slots of the LockQueue: client requests inside the node at once, each
     /// holding its slot from admission until it is answered (also the
     /// capacity of the channel to the event loop). Default 1024.
@@ -150,6 +153,7 @@ struct RawConfig {
     election_timeout_max_ms: Option<u64>,
     heartbeat_interval_ms: Option<u64>,
     snapshot_threshold_bytes: Option<u64>,
+    engine_cache_bytes: Option<u64>,
     proposal_queue_capacity: Option<u64>,
     proposal_queue_wait_ms: Option<u64>,
     max_frame_bytes: Option<u64>,
@@ -183,6 +187,7 @@ const TOP_LEVEL_KEYS: &[(&str, Kind)] = &[
     ("election_timeout_max_ms", Kind::Unsigned),
     ("heartbeat_interval_ms", Kind::Unsigned),
     ("snapshot_threshold_bytes", Kind::Unsigned),
+    ("engine_cache_bytes", Kind::Unsigned),
     ("proposal_queue_capacity", Kind::Unsigned),
     ("proposal_queue_wait_ms", Kind::Unsigned),
     ("max_frame_bytes", Kind::Unsigned),
@@ -313,6 +318,9 @@ impl ClusterConfig {
             snapshot_threshold_bytes: raw
                 .snapshot_threshold_bytes
                 .unwrap_or(defaults.snapshot_threshold_bytes),
+            engine_cache_bytes: raw
+                .engine_cache_bytes
+                .unwrap_or(defaults.engine_cache_bytes),
             proposal_queue_capacity: size(
                 raw.proposal_queue_capacity,
                 defaults.proposal_queue_capacity,
@@ -349,6 +357,7 @@ impl ClusterConfig {
             election_timeout_max_ms: 600,
             heartbeat_interval_ms: 50,
             snapshot_threshold_bytes: 4 << 20,
+            engine_cache_bytes: 64 << 20,
             proposal_queue_capacity: 1024,
             proposal_queue_wait_ms: 100,
             max_frame_bytes: 16 << 20,
@@ -367,7 +376,7 @@ impl ClusterConfig {
     }
 
     fn validate_tuning(&self) -> Result<(), String> {
-        let ranges: [(&str, u64, u64, u64); 15] = [
+        let ranges: [(&str, u64, u64, u64); 16] = [
             ("tick_ms", self.tick_ms, 1, 1_000),
             (
                 "election_timeout_min_ms",
@@ -391,6 +400,12 @@ impl ClusterConfig {
                 "snapshot_threshold_bytes",
                 self.snapshot_threshold_bytes,
                 1,
+                1 << 40,
+            ),
+            (
+                "engine_cache_bytes",
+                self.engine_cache_bytes,
+                1 << 20,
                 1 << 40,
             ),
             (

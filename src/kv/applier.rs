@@ -3,6 +3,15 @@
 //! requests waiting on them (writes when their entry applies, reads when
 //! their ReadIndex has been applied), and takes a snapshot when the log
 //! outgrows its threshold.
+//!
+//! With the storage engine (a server), each apply task's entries are written
+//! in one atomic engine batch (data, sessions, applied index) without fsync:
+//! the WAL holds them. "Taking a snapshot" is then a durable checkpoint of the
+//! engine (work bounded by the log written since the last one, not by the
+//! data set), after which the event loop may drop the log up to the applied
+//! index; no bytes of the data set are copied. When a follower needs the
+//! state itself, a `snapshot-build` thread encodes a consistent view of the
+//! engine, off the Raft threads.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use super::engine::{self, Engine};
 use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
 use super::waiters::{Waiter, Waiters};
 use crate::node::{ApplyTask, NodeHandle};
@@ -37,6 +47,11 @@ pub struct Applier {
     /// Reads whose barrier passed, by the index they wait for.
     reads: BTreeMap<u64, Vec<u64>>,
     snapshot_requested: Option<(u64, Instant)>,
+    /// The engine's block cache, for an engine rebuilt from a leader's snapshot.
+    engine_cache_bytes: u64,
+    /// When the last snapshot build for a follower started (one at a time, at most one per
+    /// `SNAPSHOT_RETRY_MS`).
+    snapshot_build: Option<(std::thread::JoinHandle<()>, Instant)>,
 }
 
 impl Applier {
@@ -46,6 +61,7 @@ impl Applier {
         waiters: Arc<Waiters>,
         machine: KvStateMachine,
         snapshot_threshold_bytes: u64,
+        engine_cache_bytes: u64,
     ) -> Applier {
         let options = *machine.options();
         Applier {
@@ -58,6 +74,8 @@ impl Applier {
             proposed: BTreeMap::new(),
             reads: BTreeMap::new(),
             snapshot_requested: None,
+            engine_cache_bytes,
+            snapshot_build: None,
         }
     }
 
@@ -123,15 +141,20 @@ impl Applier {
             }
             ApplyTask::Committed(entries) => {
                 for entry in entries {
-                    self.apply(entry);
+                    self.apply(entry)?;
                 }
-                self.serve_reads();
-                self.maybe_snapshot();
+                // One atomic batch for the task: data, sessions and applied index.
+                self.machine
+                    .commit_batch(false)
+                    .map_err(|e| e.to_string())?;
+                self.serve_reads()?;
+                self.maybe_snapshot()?;
             }
             ApplyTask::Restore(snapshot) => self.restore(snapshot)?,
+            ApplyTask::SnapshotWanted => self.build_snapshot(),
             ApplyTask::ReadReady { token, index } => {
                 self.reads.entry(index).or_default().push(token);
-                self.serve_reads();
+                self.serve_reads()?;
             }
             ApplyTask::SteppedDown { hint, .. } => {
                 // Requests this node accepted as leader may or may not
@@ -147,8 +170,11 @@ impl Applier {
         Ok(())
     }
 
-    fn apply(&mut self, entry: Entry) {
-        let outcome = self.machine.apply(entry.index, &entry.data);
+    fn apply(&mut self, entry: Entry) -> Result<(), String> {
+        let outcome = self
+            .machine
+            .apply_checked(entry.index, &entry.data)
+            .map_err(|e| format!("applying entry {}: {e}", entry.index))?;
         // Anything proposed below this index can no longer be applied.
         while let Some((&index, _)) = self.proposed.first_key_value() {
             if index >= entry.index {
@@ -162,19 +188,20 @@ impl Applier {
             );
         }
         let Some((term, token)) = self.proposed.remove(&entry.index) else {
-            return;
+            return Ok(());
         };
         let Some(waiter) = self.waiters.take(token) else {
-            return;
+            return Ok(());
         };
         if term != entry.term {
             // Another leader's entry took this index: ours was dropped.
             let hint = self.node.status().leader;
-            return waiter.fail(
+            waiter.fail(
                 ErrorCode::NOT_LEADER,
                 hint,
                 "the request was lost in a leader change",
             );
+            return Ok(());
         }
         match outcome {
             ApplyOutcome::Applied { reply, .. } | ApplyOutcome::Duplicate { reply, .. } => {
@@ -192,6 +219,7 @@ impl Applier {
                 waiter.fail(ErrorCode::TIMEOUT, 0, "the outcome is unknown; retry")
             }
         }
+        Ok(())
     }
 
     fn fail(&self, token: u64, error: ErrorCode, message: &str) {
@@ -201,7 +229,7 @@ impl Applier {
     }
 
     /// Answers every read whose index the state machine has reached.
-    fn serve_reads(&mut self) {
+    fn serve_reads(&mut self) -> Result<(), String> {
         let applied = self.machine.applied_index();
         while let Some(entry) = self.reads.first_entry() {
             if *entry.key() > applied {
@@ -213,7 +241,8 @@ impl Applier {
                         let Waiter::Get { ref key, .. } = waiter else {
                             unreachable!()
                         };
-                        let value = self.machine.get(key).map(<[u8]>::to_vec);
+                        // A value the engine cannot vouch for is never served.
+                        let value = self.machine.get(key).map_err(|e| e.to_string())?;
                         waiter.answer_get(value.as_deref());
                     }
                     Some(other) => other.fail(ErrorCode::INVALID_ARGUMENT, 0, "not a read"),
@@ -221,15 +250,31 @@ impl Applier {
                 }
             }
         }
+        Ok(())
     }
 
     fn restore(&mut self, snapshot: Snapshot) -> Result<(), String> {
-        self.machine = KvStateMachine::restore(&snapshot.data, self.options).map_err(|e| {
+        let failed = |e: &dyn std::fmt::Display| {
             format!(
                 "the snapshot at index {} from the leader does not load: {e}",
                 snapshot.meta.index
             )
-        })?;
+        };
+        match self.machine.engine().map(|e| e.path().to_path_buf()) {
+            None => {
+                self.machine = KvStateMachine::restore(&snapshot.data, self.options)
+                    .map_err(|e| failed(&e))?;
+            }
+            Some(live) => {
+                // The event loop saved the snapshot file before this task, so a crash at any
+                // step below restarts from either engine and that file.
+                let placeholder = KvStateMachine::new(self.options);
+                drop(std::mem::replace(&mut self.machine, placeholder));
+                self.machine =
+                    rebuild_engine(&live, &snapshot.data, self.options, self.engine_cache_bytes)
+                        .map_err(|e| failed(&e))?;
+            }
+        }
         let covered: Vec<u64> = self
             .proposed
             .range(..=snapshot.meta.index)
@@ -239,31 +284,98 @@ impl Applier {
             let (_, token) = self.proposed.remove(&index).expect("present");
             self.fail(token, ErrorCode::TIMEOUT, "the outcome is unknown; retry");
         }
-        self.serve_reads();
-        Ok(())
+        self.serve_reads()
     }
 
     /// Once the log holds more than the threshold, the state machine is
     /// snapshotted at its applied index and handed to the event loop, which
     /// stores it and trims the log.
-    fn maybe_snapshot(&mut self) {
+    ///
+    /// With the engine, the snapshot is the engine itself: a durable checkpoint
+    /// (fsync of what was written since the last one) and an empty snapshot
+    /// body; the data set is not copied.
+    fn maybe_snapshot(&mut self) -> Result<(), String> {
         let status = self.node.status();
         if status.log_bytes < self.snapshot_threshold_bytes {
-            return;
+            return Ok(());
         }
         let applied = self.machine.applied_index();
         if let Some((index, at)) = self.snapshot_requested {
             let done = status.snapshot_index >= index;
             if !done && at.elapsed() < Duration::from_millis(SNAPSHOT_RETRY_MS) {
-                return;
+                return Ok(());
             }
         }
         if applied <= status.snapshot_index {
-            return;
+            return Ok(());
         }
-        self.node.compacted(applied, self.machine.snapshot());
+        let data = if self.machine.engine().is_some() {
+            // Durable before the log is compacted past `applied`.
+            self.machine.commit_batch(true).map_err(|e| e.to_string())?;
+            Vec::new()
+        } else {
+            self.machine.snapshot()
+        };
+        self.node.compacted(applied, data);
         self.snapshot_requested = Some((applied, Instant::now()));
+        Ok(())
     }
+
+    /// A follower needs the state itself: encode a consistent view of the engine on a
+    /// thread of its own and hand it to the event loop. One build at a time.
+    fn build_snapshot(&mut self) {
+        let Some(engine) = self.machine.engine().cloned() else {
+            return;
+        };
+        if let Some((handle, started)) = &self.snapshot_build {
+            if !handle.is_finished() || started.elapsed() < Duration::from_millis(SNAPSHOT_RETRY_MS)
+            {
+                return;
+            }
+        }
+        let node = self.node.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("snapshot-build-{}", node.id()))
+            .spawn(move || match encode_view(&engine) {
+                Ok((index, data)) => node.compacted(index, data),
+                Err(error) => node.stop_with_error(error),
+            });
+        match spawned {
+            Ok(handle) => self.snapshot_build = Some((handle, Instant::now())),
+            Err(e) => log::warn!("cannot start a snapshot build thread: {e}"),
+        }
+    }
+}
+
+/// The applied index and the snapshot encoding of a consistent view of `engine`, made
+/// durable first: the event loop may compact the log up to that index.
+fn encode_view(engine: &Engine) -> Result<(u64, Vec<u8>), String> {
+    let view = engine.view();
+    engine.checkpoint().map_err(|e| e.to_string())?;
+    let meta = view.meta().map_err(|e| e.to_string())?;
+    let data = KvStateMachine::snapshot_of_view(&view).map_err(|e| e.to_string())?;
+    Ok((meta.applied_index, data))
+}
+
+/// Builds a fresh engine beside `live` from snapshot bytes, checkpoints it, swaps it in
+/// (rename and directory fsync) and opens it. No engine may be open at `live`.
+pub fn rebuild_engine(
+    live: &std::path::Path,
+    data: &[u8],
+    options: KvOptions,
+    cache_bytes: u64,
+) -> Result<KvStateMachine, String> {
+    let incoming = engine::incoming_dir(live);
+    let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", incoming.display());
+    if incoming.exists() {
+        std::fs::remove_dir_all(&incoming).map_err(|e| io("removing", e))?;
+    }
+    let fresh = Engine::open(&incoming, cache_bytes).map_err(|e| e.to_string())?;
+    let machine = KvStateMachine::restore_into(data, options, fresh).map_err(|e| e.to_string())?;
+    drop(machine);
+    engine::swap_in(live, &incoming).map_err(|e| io("swapping in", e))?;
+    let engine = Engine::open(live, cache_bytes).map_err(|e| e.to_string())?;
+    KvStateMachine::open(engine, options).map_err(|e| e.to_string())
 }
 
 fn refuse(waiter: Waiter, error: ProposeError) {

@@ -193,7 +193,11 @@ impl Engine {
         what: impl Fn() -> String,
     ) -> Result<Vec<u8>, EngineError> {
         if row.len() < CHECKSUM_BYTES {
-            return Err(self.error(format!("{}: row of {} bytes is too short", what(), row.len())));
+            return Err(self.error(format!(
+                "{}: row of {} bytes is too short",
+                what(),
+                row.len()
+            )));
         }
         let (stored, value) = row.split_at(CHECKSUM_BYTES);
         let stored = u32::from_le_bytes(stored.try_into().expect("4 bytes"));
@@ -312,7 +316,10 @@ impl EngineView {
                 .try_into()
                 .map_err(|_| engine.error(format!("a session id of {} bytes", id.len())))?;
             let id = u64::from_be_bytes(id_bytes);
-            out.push((id, engine.unseal(&id_bytes, &row, || format!("session of client {id}"))?));
+            out.push((
+                id,
+                engine.unseal(&id_bytes, &row, || format!("session of client {id}"))?,
+            ));
         }
         Ok(out)
     }
@@ -343,4 +350,62 @@ impl EngineView {
         }
         Ok(visited)
     }
+}
+
+// ------------------------------------------------------------- replacing the engine
+
+/// Where a replacement engine is built before it is swapped in.
+pub fn incoming_dir(live: &Path) -> PathBuf {
+    live.with_extension("incoming")
+}
+
+/// Where the live engine is moved during a swap.
+fn old_dir(live: &Path) -> PathBuf {
+    live.with_extension("old")
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+/// Swaps the complete, checkpointed engine in `incoming` for the one in `live`: rename live
+/// to `.old`, rename incoming to live, fsync the directory, remove `.old`. Neither engine may
+/// be open. A crash at any step leaves either the old engine or the new one at `live` after
+/// [`recover_dirs`] (the node's snapshot file, saved before the swap starts, then brings a
+/// stale old engine up to date).
+pub fn swap_in(live: &Path, incoming: &Path) -> std::io::Result<()> {
+    let old = old_dir(live);
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    if live.exists() {
+        std::fs::rename(live, &old)?;
+    }
+    std::fs::rename(incoming, live)?;
+    sync_dir(parent(live))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// Puts the engine directories back in order after a crash: a swap cut between its two
+/// renames gets its old engine back (the caller then rebuilds it from the snapshot file if it
+/// is behind); a half-built incoming engine and a leftover old one are removed.
+pub fn recover_dirs(live: &Path) -> std::io::Result<()> {
+    let old = old_dir(live);
+    if !live.exists() && old.exists() {
+        std::fs::rename(&old, live)?;
+        sync_dir(parent(live))?;
+    }
+    for leftover in [old, incoming_dir(live)] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(&leftover)?;
+        }
+    }
+    Ok(())
 }

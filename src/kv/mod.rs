@@ -7,4 +7,5 @@ pub mod engine;
 pub mod server;
 pub mod service;
 pub mod state_machine;
+pub mod store;
 pub mod waiters;

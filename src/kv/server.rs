@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::applier::Applier;
+use super::applier::{rebuild_engine, Applier};
+use super::engine::{self, Engine, ENGINE_DIR_NAME};
 use super::service::{KvService, ServiceOptions};
 use super::state_machine::{KvOptions, KvStateMachine};
 use super::waiters::Waiters;
@@ -104,16 +105,12 @@ impl KvServer {
             max_sessions: config.max_sessions,
             ..KvOptions::default()
         };
-        let machine = match &restored.snapshot {
-            Some(snapshot) => KvStateMachine::restore(&snapshot.data, kv_options).map_err(|e| {
-                StartError::Snapshot(format!(
-                    "{}: the snapshot at index {} does not load: {e}",
-                    data_dir.display(),
-                    snapshot.meta.index
-                ))
-            })?,
-            None => KvStateMachine::new(kv_options),
-        };
+        let machine = open_machine(
+            &data_dir,
+            restored.snapshot.as_ref(),
+            kv_options,
+            config.engine_cache_bytes,
+        )?;
         let listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
@@ -159,6 +156,7 @@ impl KvServer {
             waiters,
             machine,
             config.snapshot_threshold_bytes,
+            config.engine_cache_bytes,
         );
         let applier = std::thread::Builder::new()
             .name(format!("apply-{}", start.id))
@@ -216,6 +214,48 @@ pub fn node_credentials(config: &ClusterConfig, id: NodeId) -> Credentials {
 }
 
 /// The node's tuning, from the cluster config.
+/// Opens the node's storage engine (`<data dir>/engine`) and the state machine in it, reading
+/// only its metadata and sessions: the node then replays the WAL after the engine's applied
+/// index (entries at or below it are skipped). When the log's snapshot is ahead of the engine
+/// — a crash while a snapshot from the leader was being swapped in, or a data directory of a
+/// build without the engine — the engine is rebuilt from that snapshot file's bytes.
+fn open_machine(
+    data_dir: &std::path::Path,
+    snapshot: Option<&crate::raft::Snapshot>,
+    options: KvOptions,
+    cache_bytes: u64,
+) -> Result<KvStateMachine, StartError> {
+    let live = data_dir.join(ENGINE_DIR_NAME);
+    engine::recover_dirs(&live)
+        .map_err(|e| StartError::Snapshot(format!("engine {}: {e}", live.display())))?;
+    let engine =
+        Engine::open(&live, cache_bytes).map_err(|e| StartError::Snapshot(e.to_string()))?;
+    let machine =
+        KvStateMachine::open(engine, options).map_err(|e| StartError::Snapshot(e.to_string()))?;
+    let Some(snapshot) = snapshot else {
+        return Ok(machine);
+    };
+    if snapshot.meta.index <= machine.applied_index() {
+        return Ok(machine);
+    }
+    let behind = format!(
+        "{}: the engine's applied index {} is behind the log's snapshot at index {}",
+        data_dir.display(),
+        machine.applied_index(),
+        snapshot.meta.index
+    );
+    if snapshot.data.is_empty() {
+        // The log was compacted only after a durable checkpoint at or past its index.
+        return Err(StartError::Snapshot(format!(
+            "{behind}, and that snapshot holds no data: the engine lost durable writes"
+        )));
+    }
+    log::warn!("{behind}: rebuilding the engine from the snapshot file");
+    drop(machine);
+    rebuild_engine(&live, &snapshot.data, options, cache_bytes)
+        .map_err(|e| StartError::Snapshot(format!("{behind}; rebuilding it failed: {e}")))
+}
+
 pub fn node_options(
     config: &ClusterConfig,
     id: NodeId,

@@ -297,6 +297,9 @@ impl EventLoop {
             }
             self.core.advance();
         }
+        if self.core.take_snapshot_data_wanted() {
+            self.send_apply(ApplyTask::SnapshotWanted);
+        }
         Ok(())
     }
 
@@ -318,25 +321,33 @@ impl EventLoop {
         }
     }
 
-    /// Saves the application's snapshot at `index` durably, then lets the
-    /// core drop the log entries it covers.
+    /// Records the compaction point durably, then lets the core drop the log
+    /// entries it covers. The application's state at `index` is already
+    /// durable in its engine, so the snapshot file holds only the index and
+    /// term (no bytes of the data set are written here, on the event loop);
+    /// `data`, when given, is kept in memory for followers that need it.
     fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), FatalError> {
         let status = self.core.status();
-        if index <= status.snapshot_index || index > status.applied {
+        if index < status.snapshot_index || index > status.applied {
+            return Ok(());
+        }
+        if index == status.snapshot_index {
+            // The bytes of a snapshot taken without them.
+            self.core.compact(index, data);
             return Ok(());
         }
         let term = match self.core.term_at(index) {
             Some(term) => term,
             None => return Ok(()),
         };
-        let snapshot = Snapshot {
-            meta: SnapshotMeta { index, term },
-            data: Arc::new(data),
-        };
+        let meta = SnapshotMeta { index, term };
         self.storage
-            .save_snapshot(&snapshot)
+            .save_snapshot(&Snapshot {
+                meta,
+                data: Arc::new(Vec::new()),
+            })
             .map_err(|e| e.to_string())?;
-        self.core.compact(index, snapshot.data);
+        self.core.compact(index, data);
         Ok(())
     }
 }

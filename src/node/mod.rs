@@ -118,6 +118,10 @@ pub enum ApplyTask {
     Committed(Vec<Entry>),
     /// Replace the state machine with this snapshot (received from the leader).
     Restore(Snapshot),
+    /// A follower needs a snapshot, and the last one was taken without its bytes (the state
+    /// lives in the application's engine): encode the state and hand it over with
+    /// [`NodeHandle::compacted`].
+    SnapshotWanted,
     /// The read `token` may be answered once `index` is applied.
     ReadReady { token: u64, index: u64 },
     /// This node is no longer the leader of `term`: requests still waiting
@@ -187,8 +191,11 @@ impl NodeHandle {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Hands the application's snapshot at `index` (which it has applied)
-    /// to the event loop, which stores it durably and then trims the log.
+    /// Hands the application's snapshot at `index` (which it has applied and
+    /// made durable) to the event loop, which records the index durably and
+    /// then trims the log. `data` may be empty (the state stays in the
+    /// application's engine); bytes given later at the same index are what
+    /// followers that need a snapshot are sent.
     pub fn compacted(&self, index: u64, data: Vec<u8>) {
         // A full channel only delays compaction; the next snapshot retries.
         let _ = self.events.try_send(Event::Compact { index, data });

@@ -183,6 +183,8 @@ pub struct RaftCore {
     /// and load into the application.
     pending_snapshot: Option<Snapshot>,
     incoming_snapshot: Option<IncomingSnapshot>,
+    /// A follower needs the snapshot's bytes, which the application has not given yet.
+    snapshot_data_wanted: bool,
 
     /// Reads in the order they arrived; the leader releases them in order.
     pending_reads: VecDeque<PendingRead>,
@@ -241,6 +243,7 @@ impl RaftCore {
             snapshot: restored.snapshot,
             pending_snapshot: None,
             incoming_snapshot: None,
+            snapshot_data_wanted: false,
             pending_reads: VecDeque::new(),
             read_round: 0,
             read_states: Vec::new(),
@@ -696,6 +699,13 @@ impl RaftCore {
             // Entries are compacted only under a snapshot, so this cannot happen.
             None => unreachable!("log compacted without a snapshot"),
         };
+        if snapshot.data.is_empty() {
+            // The application compacted without copying its state (it lives in its storage
+            // engine): ask it for the bytes, and try again once they are here (the next
+            // heartbeat retries).
+            self.snapshot_data_wanted = true;
+            return;
+        }
         let send = SnapshotSend {
             meta: snapshot.meta,
             data: snapshot.data,
@@ -1256,6 +1266,10 @@ impl RaftCore {
     /// has applied): entries up to there are dropped from memory, and the
     /// snapshot is what lagging followers will be sent. The driver stores
     /// the snapshot durably itself before calling this.
+    ///
+    /// `data` may be empty: the application keeps its state durable itself and
+    /// copies it only when a follower needs it ([`Self::take_snapshot_data_wanted`]);
+    /// a later call at the same index fills the bytes in.
     pub fn compact(&mut self, index: u64, data: impl Into<Arc<Vec<u8>>>) {
         self.assert_not_in_ready();
         assert!(
@@ -1263,6 +1277,13 @@ impl RaftCore {
             "snapshot at {index} beyond applied {}",
             self.log.applied
         );
+        let data = data.into();
+        if index == self.log.snapshot_meta().index && !data.is_empty() {
+            if let Some(snapshot) = self.snapshot.as_mut().filter(|s| s.data.is_empty()) {
+                snapshot.data = data;
+            }
+            return;
+        }
         if index <= self.log.snapshot_meta().index {
             return;
         }
@@ -1270,8 +1291,15 @@ impl RaftCore {
         self.log.compact(index);
         self.snapshot = Some(Snapshot {
             meta: SnapshotMeta { index, term },
-            data: data.into(),
+            data,
         });
+    }
+
+    /// True once since a follower needed a snapshot whose bytes the application has not
+    /// given (it compacted with an empty snapshot): the driver asks the application to
+    /// encode its state and hand it over with [`Self::compact`].
+    pub fn take_snapshot_data_wanted(&mut self) -> bool {
+        std::mem::take(&mut self.snapshot_data_wanted)
     }
 
     pub fn has_ready(&self) -> bool {
