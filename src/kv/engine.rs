@@ -249,6 +249,17 @@ impl Engine {
             .map_err(|e| self.error(e))
     }
 
+    /// Writes the memtables out to table files and waits (the engine does it by itself as
+    /// they fill; tests use it to put data where a damaged block can be found).
+    pub fn flush(&self) -> Result<(), EngineError> {
+        for keyspace in [&self.data, &self.sessions, &self.meta] {
+            keyspace
+                .rotate_memtable_and_wait()
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
     /// A consistent read-only view of the last commit; later commits do not change it.
     pub fn view(&self) -> EngineView {
         EngineView {

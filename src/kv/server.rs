@@ -219,7 +219,7 @@ pub fn node_credentials(config: &ClusterConfig, id: NodeId) -> Credentials {
 /// index (entries at or below it are skipped). When the log's snapshot is ahead of the engine
 /// — a crash while a snapshot from the leader was being swapped in, or a data directory of a
 /// build without the engine — the engine is rebuilt from that snapshot file's bytes.
-fn open_machine(
+pub fn open_machine(
     data_dir: &std::path::Path,
     snapshot: Option<&crate::raft::Snapshot>,
     options: KvOptions,

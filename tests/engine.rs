@@ -1,0 +1,383 @@
+//! The storage engine under the state machine (issue 11), crash point by crash point: a crash
+//! between the engine's batch and the WAL, before and after a durable checkpoint, at every
+//! step of building and swapping in a snapshot from the leader; and damaged bytes in the
+//! engine's files or in a received snapshot. After each crash the state is opened the way a
+//! restarting node opens it (`open_machine`), the WAL's entries are replayed, and the state
+//! must equal a replica's that applied the same entries without crashing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kvstore_raft::kv::engine::{self, Engine, ENGINE_DIR_NAME};
+use kvstore_raft::kv::server::open_machine;
+use kvstore_raft::kv::state_machine::{
+    encode_command, make_command, KvOp, KvOptions, KvStateMachine,
+};
+use kvstore_raft::raft::{Snapshot, SnapshotMeta, SplitMix64};
+
+const CACHE_BYTES: u64 = 8 << 20;
+
+fn options() -> KvOptions {
+    KvOptions::default()
+}
+
+/// A deterministic stream of log entries: puts, appends, deletes and cas over 300 keys from
+/// a few clients, with retries of the same (client, seq).
+fn entries(count: usize) -> Vec<Vec<u8>> {
+    let mut rng = SplitMix64::new(11);
+    let mut seqs = [0u64; 5];
+    (0..count)
+        .map(|i| {
+            let client = (rng.next_u64() % 5) as usize;
+            if rng.next_u64() % 8 != 0 || seqs[client] == 0 {
+                seqs[client] += 1;
+            }
+            let key = format!("key-{}", rng.next_u64() % 300).into_bytes();
+            let value =
+                format!("v{i}-{}", "x".repeat((rng.next_u64() % 200) as usize)).into_bytes();
+            let op = match rng.next_u64() % 5 {
+                0 | 1 => KvOp::Put { key, value },
+                2 => KvOp::Append { key, value },
+                3 => KvOp::Delete { key },
+                _ => KvOp::Cas {
+                    key,
+                    expected: Vec::new(),
+                    value,
+                },
+            };
+            encode_command(&make_command(
+                client as u64 + 1,
+                seqs[client],
+                1_000 + i as u64,
+                op,
+            ))
+        })
+        .collect()
+}
+
+/// A replica that applied `entries[..upto]` in memory, never crashing.
+fn replica(entries: &[Vec<u8>], upto: usize) -> KvStateMachine {
+    let mut machine = KvStateMachine::new(options());
+    for (i, data) in entries[..upto].iter().enumerate() {
+        machine.apply(i as u64 + 1, data);
+    }
+    machine
+}
+
+/// Applies `entries[from..to]` (indexes from + 1 ..= to) in apply tasks of `task` entries,
+/// one engine batch per task, as the apply thread does.
+fn apply_range(
+    machine: &mut KvStateMachine,
+    entries: &[Vec<u8>],
+    from: usize,
+    to: usize,
+    task: usize,
+) {
+    for start in (from..to).step_by(task) {
+        for i in start..(start + task).min(to) {
+            machine.apply_checked(i as u64 + 1, &entries[i]).unwrap();
+        }
+        machine.commit_batch(false).unwrap();
+    }
+}
+
+/// Opens the node's state as a restart does, then replays the WAL, which holds every entry
+/// up to `wal_last` (entries at or below the engine's applied index are skipped).
+fn restart(
+    dir: &Path,
+    snapshot: Option<&Snapshot>,
+    entries: &[Vec<u8>],
+    wal_last: usize,
+) -> KvStateMachine {
+    let mut machine = open_machine(dir, snapshot, options(), CACHE_BYTES).unwrap();
+    let applied = machine.applied_index() as usize;
+    let first = snapshot.map_or(0, |s| s.meta.index as usize);
+    for i in first..wal_last {
+        machine.apply_checked(i as u64 + 1, &entries[i]).unwrap();
+    }
+    machine.commit_batch(false).unwrap();
+    assert!(applied <= wal_last, "the engine is ahead of the WAL");
+    machine
+}
+
+fn open(dir: &Path) -> KvStateMachine {
+    open_machine(dir, None, options(), CACHE_BYTES).unwrap()
+}
+
+fn live(dir: &Path) -> PathBuf {
+    dir.join(ENGINE_DIR_NAME)
+}
+
+#[test]
+fn a_crash_between_the_wal_and_the_engine_batch_is_replayed_from_the_wal() {
+    let entries = entries(600);
+    let dir = tempfile::tempdir().unwrap();
+    let mut machine = open(dir.path());
+    apply_range(&mut machine, &entries, 0, 200, 50);
+    // Entries 201..=260 are in the WAL and applied in memory, but their batch is never
+    // written: the process dies first.
+    for i in 200..260 {
+        machine.apply_checked(i as u64 + 1, &entries[i]).unwrap();
+    }
+    drop(machine);
+    let reopened = open(dir.path());
+    assert_eq!(
+        reopened.applied_index(),
+        200,
+        "the applied index matches the last batch"
+    );
+    assert!(
+        reopened == replica(&entries, 200),
+        "the engine holds exactly the state at 200"
+    );
+    drop(reopened);
+    let restarted = restart(dir.path(), None, &entries, 400);
+    assert_eq!(restarted.applied_index(), 400);
+    assert!(restarted == replica(&entries, 400));
+}
+
+#[test]
+fn a_checkpoint_then_a_crash_then_compaction_keeps_the_state_whole() {
+    let entries = entries(900);
+    let dir = tempfile::tempdir().unwrap();
+    let mut machine = open(dir.path());
+    apply_range(&mut machine, &entries, 0, 300, 64);
+    // The durable checkpoint the apply thread takes before the log is compacted at 300.
+    machine.commit_batch(true).unwrap();
+    apply_range(&mut machine, &entries, 300, 450, 64);
+    drop(machine);
+    // The WAL was compacted to 300 (a snapshot file with the index and no data) and holds
+    // entries after it up to 700.
+    let compacted = Snapshot {
+        meta: SnapshotMeta {
+            index: 300,
+            term: 1,
+        },
+        data: Arc::new(Vec::new()),
+    };
+    let restarted = restart(dir.path(), Some(&compacted), &entries, 700);
+    assert!(restarted == replica(&entries, 700));
+}
+
+#[test]
+fn an_engine_behind_a_compacted_log_without_data_refuses_to_start() {
+    let entries = entries(200);
+    let dir = tempfile::tempdir().unwrap();
+    let mut machine = open(dir.path());
+    apply_range(&mut machine, &entries, 0, 100, 50);
+    drop(machine);
+    // A log compacted at 150 although the engine holds 100: durable writes were lost.
+    let compacted = Snapshot {
+        meta: SnapshotMeta {
+            index: 150,
+            term: 1,
+        },
+        data: Arc::new(Vec::new()),
+    };
+    let error = open_machine(dir.path(), Some(&compacted), options(), CACHE_BYTES).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("applied index 100 is behind the log's snapshot at index 150"),
+        "{message}"
+    );
+}
+
+/// The steps of installing a leader's snapshot, each a place to crash.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// The snapshot file is saved; the incoming engine is half built.
+    IncomingHalfBuilt,
+    /// The incoming engine is complete and checkpointed, not yet swapped.
+    IncomingComplete,
+    /// The live engine was renamed to `.old`; the incoming one not yet renamed.
+    LiveMovedAside,
+    /// The incoming engine is live; `.old` not yet removed.
+    SwappedOldLeft,
+    /// Done.
+    Swapped,
+}
+
+#[test]
+fn a_crash_at_every_step_of_installing_a_snapshot_leaves_the_old_or_the_new_state() {
+    let entries = entries(1_200);
+    let leader = replica(&entries, 1_000);
+    let bytes = leader.snapshot();
+    let snapshot = Snapshot {
+        meta: SnapshotMeta {
+            index: 1_000,
+            term: 2,
+        },
+        data: Arc::new(bytes.clone()),
+    };
+    for step in [
+        Step::IncomingHalfBuilt,
+        Step::IncomingComplete,
+        Step::LiveMovedAside,
+        Step::SwappedOldLeft,
+        Step::Swapped,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = open(dir.path());
+        apply_range(&mut machine, &entries, 0, 400, 100);
+        machine.commit_batch(true).unwrap();
+        drop(machine);
+        let live = live(dir.path());
+        let incoming = engine::incoming_dir(&live);
+        let old = live.with_extension("old");
+        match step {
+            Step::IncomingHalfBuilt => {
+                let half = Engine::open(&incoming, CACHE_BYTES).unwrap();
+                let mut partial = KvStateMachine::open(half, options()).unwrap();
+                apply_range(&mut partial, &entries, 0, 50, 50);
+            }
+            _ => {
+                let fresh = Engine::open(&incoming, CACHE_BYTES).unwrap();
+                drop(KvStateMachine::restore_into(&bytes, options(), fresh).unwrap());
+            }
+        }
+        if matches!(
+            step,
+            Step::LiveMovedAside | Step::SwappedOldLeft | Step::Swapped
+        ) {
+            std::fs::rename(&live, &old).unwrap();
+        }
+        if matches!(step, Step::SwappedOldLeft | Step::Swapped) {
+            std::fs::rename(&incoming, &live).unwrap();
+        }
+        if matches!(step, Step::Swapped) {
+            std::fs::remove_dir_all(&old).unwrap();
+        }
+        // Restart with the snapshot file the event loop saved before the install began:
+        // the node ends at the leader's state, then replays the log after it.
+        let restarted = restart(dir.path(), Some(&snapshot), &entries, 1_200);
+        assert!(
+            restarted == replica(&entries, 1_200),
+            "crash at {step:?}: the state is not the replica's"
+        );
+        assert!(
+            !incoming.exists() && !old.exists(),
+            "crash at {step:?}: leftovers"
+        );
+    }
+}
+
+#[test]
+fn a_crash_before_the_snapshot_file_is_saved_keeps_the_old_state() {
+    let entries = entries(500);
+    let dir = tempfile::tempdir().unwrap();
+    let mut machine = open(dir.path());
+    apply_range(&mut machine, &entries, 0, 300, 100);
+    machine.commit_batch(true).unwrap();
+    drop(machine);
+    // A half-received install left an incoming engine; no snapshot file names it.
+    let incoming = engine::incoming_dir(&live(dir.path()));
+    let half = Engine::open(&incoming, CACHE_BYTES).unwrap();
+    let mut partial = KvStateMachine::open(half, options()).unwrap();
+    apply_range(&mut partial, &entries, 0, 20, 20);
+    drop(partial);
+    let restarted = restart(dir.path(), None, &entries, 300);
+    assert!(restarted == replica(&entries, 300));
+    assert!(!incoming.exists(), "the half-built engine is discarded");
+}
+
+/// The largest file under `dir` whose path contains `part`.
+fn largest_file(dir: &Path, part: &str) -> Option<PathBuf> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().contains(part) {
+                let len = std::fs::metadata(&path).unwrap().len();
+                if best.as_ref().is_none_or(|(l, _)| len > *l) {
+                    best = Some((len, path));
+                }
+            }
+        }
+    }
+    best.map(|(_, path)| path)
+}
+
+#[test]
+fn a_flipped_byte_in_the_engine_files_is_an_error_naming_them_never_a_wrong_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut machine = open(dir.path());
+    let mut rng = SplitMix64::new(5);
+    let keys = 2_000u64;
+    for i in 0..keys {
+        let value: Vec<u8> = (0..256).map(|_| rng.next_u64() as u8).collect();
+        let op = KvOp::Put {
+            key: format!("key{i:06}").into_bytes(),
+            value,
+        };
+        let data = encode_command(&make_command(0, 0, 0, op));
+        machine.apply_checked(i + 1, &data).unwrap();
+    }
+    machine.commit_batch(true).unwrap();
+    machine.engine().unwrap().flush().unwrap();
+    let expected: Vec<Option<Vec<u8>>> = (0..keys)
+        .map(|i| machine.get(format!("key{i:06}").as_bytes()).unwrap())
+        .collect();
+    drop(machine);
+    let table = largest_file(&live(dir.path()), "tables").expect("a table file");
+    let mut bytes = std::fs::read(&table).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&table, &bytes).unwrap();
+    let machine = match open_machine(dir.path(), None, options(), CACHE_BYTES) {
+        Ok(machine) => machine,
+        Err(error) => {
+            // Detected at open: fine, as long as the message names the engine.
+            let message = error.to_string();
+            assert!(message.contains(ENGINE_DIR_NAME), "{message}");
+            return;
+        }
+    };
+    let mut errors = 0;
+    for i in 0..keys {
+        match machine.get(format!("key{i:06}").as_bytes()) {
+            Ok(value) => assert_eq!(value, expected[i as usize], "key{i:06} read back wrong"),
+            Err(error) => {
+                let message = error.to_string();
+                assert!(
+                    message.contains(&live(dir.path()).display().to_string()),
+                    "the error names the engine: {message}"
+                );
+                errors += 1;
+            }
+        }
+    }
+    assert!(
+        errors > 0,
+        "the damaged block of {} was never detected",
+        table.display()
+    );
+}
+
+#[test]
+fn a_flipped_byte_in_a_received_snapshot_is_refused_before_the_swap() {
+    let entries = entries(300);
+    let leader = replica(&entries, 300);
+    let mut bytes = leader.snapshot();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    let dir = tempfile::tempdir().unwrap();
+    let mut machine = open(dir.path());
+    apply_range(&mut machine, &entries, 0, 100, 100);
+    machine.commit_batch(true).unwrap();
+    drop(machine);
+    let snapshot = Snapshot {
+        meta: SnapshotMeta {
+            index: 300,
+            term: 1,
+        },
+        data: Arc::new(bytes),
+    };
+    let error = open_machine(dir.path(), Some(&snapshot), options(), CACHE_BYTES).unwrap_err();
+    assert!(error.to_string().contains("checksum mismatch"), "{error}");
+    // The live engine was not touched: it still opens at its own state.
+    let reopened = open(dir.path());
+    assert!(reopened == replica(&entries, 100));
+}
