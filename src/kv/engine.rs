@@ -172,18 +172,7 @@ impl Engine {
 
     /// Every stored session, checksums verified (bounded by `max_sessions`).
     pub fn sessions(&self) -> Result<Vec<(u64, Vec<u8>)>, EngineError> {
-        let mut out = Vec::new();
-        for guard in self.sessions.iter() {
-            let (id, row) = guard.into_inner().map_err(|e| self.error(e))?;
-            let id_bytes: [u8; 8] = id
-                .as_ref()
-                .try_into()
-                .map_err(|_| self.error(format!("a session id of {} bytes", id.len())))?;
-            let id = u64::from_be_bytes(id_bytes);
-            let session = self.unseal(&id_bytes, &row, || format!("session of client {id}"))?;
-            out.push((id, session));
-        }
-        Ok(out)
+        self.view().sessions()
     }
 
     fn unseal(

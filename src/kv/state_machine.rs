@@ -697,30 +697,21 @@ impl KvStateMachine {
     /// Holds the whole data set in memory: for tests and small states only; a server streams
     /// its snapshots from a view of the engine.
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.push(SNAPSHOT_VERSION);
-        put_varint(&mut out, self.applied_index);
-        put_varint(&mut out, self.clock_ms);
-        let mut count = 0u64;
-        let mut entries = Vec::new();
-        self.store
-            .for_each_committed(|key, value| {
-                count += 1;
-                put_bytes(&mut entries, key);
-                put_bytes(&mut entries, value);
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|(&client_id, session)| {
+                let mut encoded = Vec::new();
+                put_session(&mut encoded, session);
+                (client_id, encoded)
             })
-            .expect("the store reads back");
-        put_varint(&mut out, count);
-        out.extend_from_slice(&entries);
-        put_varint(&mut out, self.sessions.len() as u64);
-        for (client_id, session) in &self.sessions {
-            put_varint(&mut out, *client_id);
-            put_session(&mut out, session);
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+            .collect();
+        let meta = EngineMeta {
+            applied_index: self.applied_index,
+            clock_ms: self.clock_ms,
+        };
+        encode_snapshot(meta, sessions, |each| self.store.for_each_committed(each))
+            .expect("the store reads back")
     }
 
     /// The [`snapshot`](Self::snapshot) encoding of a consistent view of an engine, read in
@@ -730,30 +721,7 @@ impl KvStateMachine {
         let storage = |e: super::engine::EngineError| KvError::Storage(e.to_string());
         let meta = view.meta().map_err(storage)?;
         let sessions = view.sessions().map_err(storage)?;
-        let mut out = Vec::new();
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.push(SNAPSHOT_VERSION);
-        put_varint(&mut out, meta.applied_index);
-        put_varint(&mut out, meta.clock_ms);
-        let mut count = 0u64;
-        let mut entries = Vec::new();
-        super::store::scan_view(view, &mut |key, value| {
-            count += 1;
-            put_bytes(&mut entries, key);
-            put_bytes(&mut entries, value);
-        })
-        .map_err(storage)?;
-        put_varint(&mut out, count);
-        out.extend_from_slice(&entries);
-        drop(entries);
-        put_varint(&mut out, sessions.len() as u64);
-        for (client_id, session) in sessions {
-            put_varint(&mut out, client_id);
-            out.extend_from_slice(&session);
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        Ok(out)
+        encode_snapshot(meta, sessions, |each| super::store::scan_view(view, each)).map_err(storage)
     }
 
     /// Rebuilds a state machine from `snapshot()` bytes. Every byte is
@@ -869,6 +837,38 @@ impl KvStateMachine {
         }
         self.commit_batch(false)
     }
+}
+
+/// The snapshot encoding (see [`KvStateMachine::snapshot`]) of `meta`, the keys `scan`
+/// visits in order, and `sessions` (id, `put_session` bytes) in id order.
+fn encode_snapshot<E>(
+    meta: EngineMeta,
+    sessions: Vec<(u64, Vec<u8>)>,
+    scan: impl FnOnce(&mut dyn FnMut(&[u8], &[u8])) -> Result<(), E>,
+) -> Result<Vec<u8>, E> {
+    let mut out = Vec::new();
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.push(SNAPSHOT_VERSION);
+    put_varint(&mut out, meta.applied_index);
+    put_varint(&mut out, meta.clock_ms);
+    let mut count = 0u64;
+    let mut entries = Vec::new();
+    scan(&mut |key, value| {
+        count += 1;
+        put_bytes(&mut entries, key);
+        put_bytes(&mut entries, value);
+    })?;
+    put_varint(&mut out, count);
+    out.extend_from_slice(&entries);
+    drop(entries);
+    put_varint(&mut out, sessions.len() as u64);
+    for (client_id, session) in sessions {
+        put_varint(&mut out, client_id);
+        out.extend_from_slice(&session);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
 }
 
 /// A session without its client id: `last_seq last_active_ms reply`.
