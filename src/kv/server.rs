@@ -232,6 +232,13 @@ pub fn open_machine(
         Engine::open(&live, cache_bytes).map_err(|e| StartError::Snapshot(e.to_string()))?;
     let machine =
         KvStateMachine::open(engine, options).map_err(|e| StartError::Snapshot(e.to_string()))?;
+    log::info!(
+        "engine {}: applied index {}, {} sessions; the WAL is replayed after the log's snapshot at {}",
+        live.display(),
+        machine.applied_index(),
+        machine.session_count(),
+        snapshot.map_or(0, |s| s.meta.index)
+    );
     let Some(snapshot) = snapshot else {
         return Ok(machine);
     };
