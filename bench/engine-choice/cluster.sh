@@ -3,7 +3,7 @@
 # 256 bytes, 64 clients writing for 15 s, RSS of the three kvservers, then the time a
 # SIGKILLed follower takes to serve again (caught up with the leader) after its restart.
 #
-#   bench/engine-choice/cluster.sh K [OUT_DIR]
+#   [SKIP_RESTART=1] bench/engine-choice/cluster.sh K [OUT_DIR]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 K="${1:?usage: cluster.sh KEYS [OUT_DIR]}"
@@ -35,6 +35,7 @@ for id in 1 2 3; do
     pid=$(cat "logs/$NAME/node$id.pid")
     echo "node $id RSS $(awk '/VmRSS/{print int($2/1024)}' /proc/$pid/status) MiB, data $(du -sm "$WORK/data/node$id" | cut -f1) MiB"
 done
+[[ "${SKIP_RESTART:-0}" == 1 ]] && exit 0
 # Restart time: kill a follower with SIGKILL, restart it, wait until its applied index
 # reaches the leader's commit.
 status() { target/release/clerk --config "$CONFIG" status 2>/dev/null; }
