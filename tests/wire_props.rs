@@ -44,8 +44,8 @@ const NODE_MAX_FRAME_BYTES: usize = 256 * 1024;
 /// The nodes' `max_append_bytes`; a client value may have half of it.
 const NODE_MAX_APPEND_BYTES: usize = 64 * 1024;
 const NODE_MAX_VALUE_BYTES: usize = NODE_MAX_APPEND_BYTES / 2;
-/// The server's key limit (kv/server.rs `MAX_KEY_BYTES`).
-const NODE_MAX_KEY_BYTES: usize = 64 * 1024;
+/// The server's key limit (kv/server.rs `MAX_KEY_BYTES`: the engine's, 65,535 bytes).
+const NODE_MAX_KEY_BYTES: usize = kvstore_raft::kv::engine::MAX_KEY_BYTES;
 /// How long one call may go unanswered before the test calls the node hung.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -45,6 +45,20 @@ const CLOCK_MS: &[u8] = b"clock_ms";
 /// The directory of the engine inside a node's data directory.
 pub const ENGINE_DIR_NAME: &str = "engine";
 
+/// The longest key the engine stores (fjall refuses longer ones, by a panic): the service
+/// refuses longer keys, and the state machine skips a command that carries one.
+pub const MAX_KEY_BYTES: usize = u16::MAX as usize - DATA_KEY_PREFIX.len();
+
+/// In front of every stored data key: fjall refuses an empty key, the map allows it.
+const DATA_KEY_PREFIX: &[u8] = b"k";
+
+fn data_key(key: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(DATA_KEY_PREFIX.len() + key.len());
+    stored.extend_from_slice(DATA_KEY_PREFIX);
+    stored.extend_from_slice(key);
+    stored
+}
+
 /// Bytes of the checksum in front of every stored row.
 const CHECKSUM_BYTES: usize = 4;
 
@@ -163,7 +177,10 @@ impl Engine {
 
     /// The value of `key`, its checksum verified.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        let row = self.data.get(key).map_err(|e| self.error(e))?;
+        if key.len() > MAX_KEY_BYTES {
+            return Ok(None);
+        }
+        let row = self.data.get(data_key(key)).map_err(|e| self.error(e))?;
         match row {
             None => Ok(None),
             Some(row) => self.unseal(key, &row, || key_name(key)).map(Some),
@@ -207,8 +224,8 @@ impl Engine {
         let mut write = self.db.batch().durability(None);
         for (key, value) in &batch.data {
             match value {
-                Some(value) => write.insert(&self.data, key.as_slice(), seal(key, value)),
-                None => write.remove(&self.data, key.as_slice()),
+                Some(value) => write.insert(&self.data, data_key(key), seal(key, value)),
+                None => write.remove(&self.data, data_key(key)),
             }
         }
         for (id, session) in &batch.sessions {
@@ -294,10 +311,13 @@ impl EngineView {
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Ok(None);
+        }
         let engine = &self.engine;
         match self
             .snapshot
-            .get(&engine.data, key)
+            .get(&engine.data, data_key(key))
             .map_err(|e| engine.error(e))?
         {
             None => Ok(None),
@@ -335,7 +355,7 @@ impl EngineView {
     ) -> Result<usize, EngineError> {
         let engine = &self.engine;
         let lower = match after {
-            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
+            Some(after) => std::ops::Bound::Excluded(data_key(after)),
             None => std::ops::Bound::Unbounded,
         };
         let range = self
@@ -343,9 +363,12 @@ impl EngineView {
             .range::<Vec<u8>, _>(&engine.data, (lower, std::ops::Bound::Unbounded));
         let mut visited = 0;
         for guard in range.take(limit) {
-            let (key, row) = guard.into_inner().map_err(|e| engine.error(e))?;
-            let value = engine.unseal(&key, &row, || key_name(&key))?;
-            each(&key, &value);
+            let (stored, row) = guard.into_inner().map_err(|e| engine.error(e))?;
+            let key = stored.strip_prefix(DATA_KEY_PREFIX).ok_or_else(|| {
+                engine.error(format!("a stored {} without its prefix", key_name(&stored)))
+            })?;
+            let value = engine.unseal(key, &row, || key_name(key))?;
+            each(key, &value);
             visited += 1;
         }
         Ok(visited)

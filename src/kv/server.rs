@@ -79,7 +79,7 @@ pub struct KvServer {
 }
 
 /// The most bytes a key may have.
-const MAX_KEY_BYTES: usize = 64 * 1024;
+const MAX_KEY_BYTES: usize = super::engine::MAX_KEY_BYTES;
 
 impl KvServer {
     pub fn start(config: &ClusterConfig, start: StartOptions) -> Result<KvServer, StartError> {

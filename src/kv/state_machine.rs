@@ -522,6 +522,14 @@ impl KvStateMachine {
             Ok(op) => op,
             Err(e) => return self.invalid(index, Some(request), e),
         };
+        if command.key.len() > super::engine::MAX_KEY_BYTES {
+            let error = KvError::Command(format!(
+                "a key of {} bytes (at most {})",
+                command.key.len(),
+                super::engine::MAX_KEY_BYTES
+            ));
+            return self.invalid(index, Some(request), error);
+        }
         self.advance_clock(command.stamp_ms);
         self.apply_op(command.client_id, command.seq, op)
     }
