@@ -88,7 +88,7 @@ fn write_image(dir: &Path, image: &Image) {
 fn options(segment_bytes: u64) -> StorageOptions {
     StorageOptions {
         segment_bytes,
-        fault_file: None,
+        ..StorageOptions::default()
     }
 }
 
