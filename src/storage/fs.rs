@@ -116,10 +116,7 @@ impl FileSystem for RealFs {
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WriteFile>> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)?;
+        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
         Ok(Box::new(file))
     }
 

@@ -281,13 +281,33 @@ impl DiskStorage {
             self.roll_segment()?;
         }
         self.buffer.clear();
+        let previous = self.hard_state;
         if let Some(next) = hard_state {
             self.hard_state = next;
         }
-        if hard_state.is_some() || self.active_size_bytes() == 0 {
-            record::encode_hard_state(&mut self.buffer, &self.hard_state);
+        let segment_empty = self.active_size_bytes() == 0;
+        if entries.is_empty() {
+            if hard_state.is_some() || segment_empty {
+                record::encode_hard_state(&mut self.buffer, &self.hard_state);
+            }
+        } else {
+            // The commit index goes after the entries it may cover, as etcd
+            // does: a crash can tear the write anywhere, and a commit that
+            // reached the disk ahead of the entries it covers would make a
+            // restarted node apply the entries this batch was overwriting.
+            // Term and vote go first (replay refuses entries above the term).
+            let head = HardState {
+                commit: previous.commit.min(self.hard_state.commit),
+                ..self.hard_state
+            };
+            if head != previous || segment_empty {
+                record::encode_hard_state(&mut self.buffer, &head);
+            }
+            record::encode_entries(&mut self.buffer, entries);
+            if self.hard_state != head {
+                record::encode_hard_state(&mut self.buffer, &self.hard_state);
+            }
         }
-        record::encode_entries(&mut self.buffer, entries);
         self.write_buffer()?;
         if let Some(first) = entries.first() {
             self.terms.truncate_from(first.index);

@@ -47,6 +47,9 @@ pub enum PowerLoss {
     /// last kept one possibly cut at any byte; unsynced directory changes
     /// are still lost.
     TornPrefix { seed: u64 },
+    /// Per file, exactly the first `bytes` unsynced bytes (all if fewer):
+    /// lets a test walk every tear position of one write.
+    KeepUnsyncedBytes { bytes: u64 },
 }
 
 /// A shared in-memory disk; clones see the same disk.
@@ -74,6 +77,8 @@ struct State {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
+    /// Mutating calls that succeeded (what `crash_after_ops` counts).
+    pub mutating_ops: u64,
     /// File fsyncs completed (`sync_data` and `sync_all`).
     pub file_syncs: u64,
     pub dir_syncs: u64,
@@ -127,6 +132,7 @@ impl State {
             }
             *left -= 1;
         }
+        self.counters.mutating_ops += 1;
         Ok(())
     }
 
@@ -191,8 +197,8 @@ impl SimFs {
     pub fn power_loss(&self, mode: PowerLoss) {
         let mut state = self.state.lock();
         let mut rng = match mode {
-            PowerLoss::Strict => None,
             PowerLoss::TornPrefix { seed } => Some(SplitMix64::new(seed)),
+            _ => None,
         };
         for dir in state.dirs.values_mut() {
             dir.entries = dir.durable.clone();
@@ -218,6 +224,9 @@ impl SimFs {
                 if let Some(&end) = inode.unsynced_ends.get(kept) {
                     keep += rng.range(0, (end - keep) as u64 + 1) as usize;
                 }
+            }
+            if let PowerLoss::KeepUnsyncedBytes { bytes } = mode {
+                keep = (keep + bytes as usize).min(inode.data.len());
             }
             inode.data.truncate(keep);
             inode.durable_len = keep;
@@ -402,10 +411,15 @@ impl FileSystem for SimFs {
         let (from_dir, from_name) = split(from)?;
         let (to_dir, to_name) = split(to)?;
         if from_dir != to_dir {
-            return Err(io::Error::other("simulated disk: rename across directories"));
+            return Err(io::Error::other(
+                "simulated disk: rename across directories",
+            ));
         }
         let dir = state.dir_mut(&from_dir)?;
-        let id = dir.entries.remove(&from_name).ok_or_else(|| not_found(from))?;
+        let id = dir
+            .entries
+            .remove(&from_name)
+            .ok_or_else(|| not_found(from))?;
         dir.entries.insert(to_name, id);
         Ok(())
     }
