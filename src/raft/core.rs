@@ -995,7 +995,7 @@ impl RaftCore {
             last_log_index,
         };
         if !entries_follow(prev_log_index, prev_log_term, self.term, entries) {
-            return self.respond(from, reject(0, 0));
+            return self.respond(from, reject(last_log_index, 0));
         }
         // Entries at or below our commit are already ours (Leader
         // Completeness): skip them, and match from the commit index on.
@@ -1020,7 +1020,7 @@ impl RaftCore {
             return self.respond(from, reject(hint_index, hint_term));
         }
         if !self.log.append_after(prev_index, entries) {
-            return self.respond(from, reject(0, 0));
+            return self.respond(from, reject(last_log_index, 0));
         }
         let last_new_index = prev_index + entries.len() as u64;
         self.log.commit_to(leader_commit.min(last_new_index));
@@ -1051,6 +1051,14 @@ impl RaftCore {
             };
             core.respond(from, body);
         };
+        // A leader's snapshot holds only entries of its term or earlier: one
+        // claiming a later term is malformed, and installing it would leave
+        // the log's last term above the node's (every later append refused,
+        // and the restored state rejected at the next start).
+        if meta.term > self.term {
+            self.incoming_snapshot = None;
+            return respond(self, 0, false);
+        }
         // A snapshot we already cover would roll state back: ignore it,
         // and tell the leader we hold everything it carries.
         if meta.index <= self.log.commit {
@@ -1206,16 +1214,17 @@ impl RaftCore {
     ) {
         // The follower's hint is the last index where its term is at most
         // the term we sent; where our log has a term at most the hint's at
-        // or below it, the logs may match. A reject without a hint (a
-        // malformed message on our side) falls back to the follower's length.
+        // or below it, the logs may match. A hint of (0, 0) means no entry
+        // of the follower can match but the empty prefix: probe from index
+        // 1 at once (as etcd does), not one index per round trip. A reject
+        // without a hint (a malformed message on our side) carries the
+        // follower's length as its index.
         let probe = if conflict_term > 0 {
             self.log
                 .find_conflict_by_term(conflict_index, conflict_term)
                 .0
-        } else if conflict_index > 0 {
-            conflict_index
         } else {
-            last_log_index
+            conflict_index.min(last_log_index)
         };
         let retry_at = rejected.min(probe + 1);
         let progress = self.progress.get_mut(&from).expect("peer progress");
