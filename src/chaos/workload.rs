@@ -269,7 +269,7 @@ fn pick(rng: &mut SplitMix64, keys: &[String]) -> String {
 pub fn record(clerk: &mut Clerk, input: KvInput, client: u64, epoch: Instant) -> Operation {
     let call_us = epoch.elapsed().as_micros() as u64;
     let result = execute(clerk, &input);
-    let return_us = epoch.elapsed().as_micros() as u64;
+    let return_us = crate::check::return_stamp_us(epoch);
     let (output, return_us) = match result {
         Ok(output) => (Some(output), Some(return_us)),
         Err(ClerkError::Timeout { .. }) => (None, None),

@@ -789,9 +789,12 @@ impl Engine {
         let op = state.op.take().expect("finished clients ran an operation");
         self.active -= 1;
         if let Some((input, call_us)) = op.record {
+            // The logical client is sequential: its next call must be
+            // stamped after this return (several clients share a
+            // connection, but each has one operation in flight).
             let return_us = result
                 .is_ok()
-                .then(|| shared.history_origin.elapsed().as_micros() as u64);
+                .then(|| crate::check::return_stamp_us(shared.history_origin));
             let output = result.as_ref().ok().cloned().flatten();
             let operation = Operation {
                 client_id: state.client_id,

@@ -569,7 +569,7 @@ impl Shell {
                 )
             }
         };
-        let return_us = self.now_us();
+        let return_us = kvstore_raft::check::return_stamp_us(self.epoch);
         let output = parse_answer(&input, &line);
         Operation {
             client_id: self.client,
