@@ -129,6 +129,7 @@ fn main() -> ExitCode {
     };
     let signals = block_stop_signals();
     let start = StartOptions {
+        fs: None,
         id: args.id,
         data_dir: args.data_dir,
         link_filter: None,

@@ -18,7 +18,7 @@ use crate::node::{LinkFilter, Node, NodeHandle, NodeOptions};
 use crate::raft::NodeId;
 use crate::rpc::services::raft as raft_ids;
 use crate::rpc::{Credentials, Router, RpcServer, ServerAuth, ServerConfig};
-use crate::storage::{DiskStorage, FaultFile, StorageOptions};
+use crate::storage::{DiskStorage, FaultFile, FileSystem, StorageOptions};
 
 /// Why a server could not start. Display gives one line naming the cause.
 #[derive(Debug)]
@@ -69,6 +69,9 @@ pub struct StartOptions {
     /// The testing hook that stalls or fails this node's fsyncs on request
     /// (`kvserver --fault-file`); `None` in production.
     pub fault_file: Option<PathBuf>,
+    /// The file system under the storage; `None` is the real one (tests
+    /// put nodes on a simulated disk that forgets at a power loss).
+    pub fs: Option<Arc<dyn FileSystem>>,
 }
 
 pub struct KvServer {
@@ -96,9 +99,10 @@ impl KvServer {
         drop(std::net::TcpListener::bind(addr).map_err(|error| StartError::Bind { addr, error })?);
         let data_dir = start
             .data_dir
+            .clone()
             .unwrap_or_else(|| config.node_data_dir(start.id));
-        let (storage, restored) = DiskStorage::open(&data_dir, storage_options(&start.fault_file))
-            .map_err(StartError::Storage)?;
+        let (storage, restored) =
+            DiskStorage::open(&data_dir, storage_options(&start)).map_err(StartError::Storage)?;
         let kv_options = KvOptions {
             session_ttl_ms: config.session_ttl_ms,
             max_sessions: config.max_sessions,
@@ -241,9 +245,11 @@ pub fn node_options(
     }
 }
 
-fn storage_options(fault_file: &Option<PathBuf>) -> StorageOptions {
+fn storage_options(start: &StartOptions) -> StorageOptions {
+    let defaults = StorageOptions::default();
     StorageOptions {
-        fault_file: fault_file.as_deref().map(FaultFile::new),
-        ..StorageOptions::default()
+        fault_file: start.fault_file.as_deref().map(FaultFile::new),
+        fs: start.fs.clone().unwrap_or(defaults.fs.clone()),
+        ..defaults
     }
 }
