@@ -27,6 +27,14 @@
 //! zeroes or garbage inside the unsynced tail with an intact record after
 //! them (out-of-order writeback) are reported as corruption.
 //!
+//! Within one batch, term and vote are logged before the entries and the
+//! commit index after them (as etcd does): a write torn anywhere then never
+//! leaves a commit index over the entries the batch was replacing.
+//!
+//! Every file-system call goes through [`FileSystem`] (`fs.rs`): the real
+//! file system in production, a simulated disk that forgets what no fsync
+//! covered ([`SimFs`]) in tests.
+//!
 //! Any failed write or fsync stops the storage for good (see
 //! [`StorageError::Stopped`]): after a failed fsync the kernel may already
 //! have discarded the dirty pages, so retrying could report success for
