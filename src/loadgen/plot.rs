@@ -1,0 +1,219 @@
+//! `loadgen --plot`: the run's timeline as an SVG picture, drawn with the
+//! `plotters` crate (its SVG backend, no fonts needed). Three panels share
+//! the time axis: throughput per second (seconds with BUSY answers or errors
+//! marked on the line), p50/p99/p99.9 latency per second on a log scale (so
+//! a 1 s stall and a 1 ms median are both readable), and the BUSY answers
+//! and errors per second.
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::SecondStats;
+
+const WIDTH_PX: u32 = 1000;
+const HEIGHT_PX: u32 = 900;
+const TITLE_PX: u32 = 40;
+const THROUGHPUT_PX: u32 = 320;
+const LATENCY_PX: u32 = 340;
+const FONT: &str = "sans-serif";
+/// The count axis goes at least this high, so its ticks are whole numbers.
+const EVENTS_AXIS_MIN: u64 = 10;
+
+const OPS_COLOR: RGBColor = RGBColor(31, 119, 180);
+const P50_COLOR: RGBColor = RGBColor(44, 160, 44);
+const P99_COLOR: RGBColor = RGBColor(255, 127, 14);
+const P999_COLOR: RGBColor = RGBColor(214, 39, 40);
+const BUSY_COLOR: RGBColor = RGBColor(148, 103, 189);
+const ERROR_COLOR: RGBColor = RGBColor(0, 0, 0);
+
+/// The SVG document, or why it could not be drawn.
+pub(super) fn timeline_svg(title: &str, seconds: &[SecondStats]) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH_PX, HEIGHT_PX)).into_drawing_area();
+        draw(&root, title, seconds).map_err(|e| format!("plotting failed: {e}"))?;
+        root.present()
+            .map_err(|e| format!("plotting failed: {e}"))?;
+    }
+    Ok(svg)
+}
+
+type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondStats]) -> DrawResult {
+    root.fill(&WHITE)?;
+    let (top, rest) = root.split_vertically(TITLE_PX);
+    top.draw_text(title, &(FONT, 18).into_text_style(&top), (12, 12))?;
+    let (throughput, rest) = rest.split_vertically(THROUGHPUT_PX);
+    let (latency, events) = rest.split_vertically(LATENCY_PX);
+    // Second k covers [k-1, k) of the measured run: its point sits in the middle.
+    let last = seconds.last().map_or(1, |s| s.second.max(1)) as f64;
+    let first = seconds.first().map_or(1, |s| s.second.min(1)) as f64 - 1.0;
+    let x_range = first..last;
+    let mid = |s: &SecondStats| s.second as f64 - 0.5;
+    let x_desc = "time since the start of the measured run (s)";
+
+    // Throughput, with the seconds that saw BUSY or errors marked.
+    let max_ops = seconds.iter().map(|s| s.ops).max().unwrap_or(0).max(1) as f64;
+    let mut chart = ChartBuilder::on(&throughput)
+        .caption("throughput", (FONT, 16))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_range.clone(), 0.0..max_ops * 1.15)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .x_label_formatter(&format_s)
+        .y_desc("successful operations per second")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    let ops_line = seconds.iter().map(|s| (mid(s), s.ops as f64));
+    chart
+        .draw_series(LineSeries::new(ops_line, OPS_COLOR.stroke_width(2)))?
+        .label("ops/s")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], OPS_COLOR.stroke_width(2)));
+    let total_busy: u64 = seconds.iter().map(|s| s.busy).sum();
+    let total_errors: u64 = seconds.iter().map(|s| s.errors).sum();
+    let busy_marks = seconds
+        .iter()
+        .filter(|s| s.busy > 0)
+        .map(|s| TriangleMarker::new((mid(s), s.ops as f64), 6, BUSY_COLOR.filled()));
+    chart
+        .draw_series(busy_marks)?
+        .label(format!("second with BUSY answers ({total_busy} in all)"))
+        .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, BUSY_COLOR.filled()));
+    let error_marks = seconds
+        .iter()
+        .filter(|s| s.errors > 0)
+        .map(|s| Cross::new((mid(s), s.ops as f64), 7, ERROR_COLOR.stroke_width(2)));
+    chart
+        .draw_series(error_marks)?
+        .label(format!("second with errors ({total_errors} in all)"))
+        .legend(|(x, y)| Cross::new((x + 10, y), 6, ERROR_COLOR.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+
+    // Latency percentiles per second, log scale; seconds without a
+    // measured success have no latency and are left out.
+    let latencies = |pick: fn(&SecondStats) -> f64| {
+        seconds
+            .iter()
+            .filter(move |s| s.ops > 0 && pick(s) > 0.0)
+            .map(move |s| (mid(s), pick(s)))
+    };
+    let log_latencies =
+        |pick: fn(&SecondStats) -> f64| latencies(pick).map(|(x, ms)| (x, ms.log10()));
+    let all = latencies(|s| s.p50_ms).chain(latencies(|s| s.p999_ms.max(s.p99_ms)));
+    let (low, high) = all.fold((f64::MAX, 0.0f64), |(lo, hi), (_, v)| {
+        (lo.min(v), hi.max(v))
+    });
+    let (low, high) = if high > 0.0 {
+        (low / 2.0, high * 2.0)
+    } else {
+        (0.01, 10.0)
+    };
+    let mut chart = ChartBuilder::on(&latency)
+        .caption("latency per second (log scale)", (FONT, 16))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        // log10 of the latency on a linear axis, labelled in ms: ticks fall
+        // on whole and half decades (1, 3.2, 10, 32, ... ms).
+        .build_cartesian_2d(x_range.clone(), low.log10()..high.log10())?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .x_label_formatter(&format_s)
+        .y_desc("latency (ms)")
+        .y_label_formatter(&|v| format_ms(10f64.powf(*v)))
+        .y_labels(10)
+        .draw()?;
+    let series: [(&str, RGBColor, fn(&SecondStats) -> f64); 3] = [
+        ("p50", P50_COLOR, |s| s.p50_ms),
+        ("p99", P99_COLOR, |s| s.p99_ms),
+        ("p99.9", P999_COLOR, |s| s.p999_ms),
+    ];
+    for (name, color, pick) in series {
+        chart
+            .draw_series(LineSeries::new(log_latencies(pick), color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+
+    // BUSY answers (retried) and failed operations per second.
+    let max_events = seconds
+        .iter()
+        .map(|s| s.busy.max(s.errors))
+        .max()
+        .unwrap_or(0)
+        .max(EVENTS_AXIS_MIN) as f64;
+    let mut chart = ChartBuilder::on(&events)
+        .caption("BUSY answers and errors per second", (FONT, 16))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_range, 0.0..max_events * 1.15)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .x_label_formatter(&format_s)
+        .y_desc("count per second")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .y_labels(5)
+        .draw()?;
+    let counts: [(&str, RGBColor, fn(&SecondStats) -> u64); 2] = [
+        ("BUSY (retried)", BUSY_COLOR, |s| s.busy),
+        ("errors", ERROR_COLOR, |s| s.errors),
+    ];
+    for (name, color, pick) in counts {
+        let line = seconds.iter().map(move |s| (mid(s), pick(s) as f64));
+        chart
+            .draw_series(LineSeries::new(line, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// A time tick label: whole seconds unless the run is that short.
+fn format_s(s: &f64) -> String {
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s:.1}")
+    }
+}
+
+/// A latency tick label: enough digits to tell 0.05 from 0.5 ms.
+fn format_ms(ms: f64) -> String {
+    if ms >= 10.0 {
+        format!("{ms:.0}")
+    } else if ms >= 1.0 {
+        format!("{ms:.1}")
+    } else if ms >= 0.1 {
+        format!("{ms:.2}")
+    } else {
+        format!("{ms:.3}")
+    }
+}
