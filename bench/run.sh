@@ -13,6 +13,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# write_config, node_pids, rss_kib and the RSS sampler.
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 DEFAULT_SCENARIOS="put_c1,put_c16,put_c64,put_c256,get_lin_c64,mixed_r50_c64,overload"
 # --scenarios scale: issue 11's targets, the 10 000-key figures beside 1 M and 10 M keys.
 SCALE_SCENARIOS="put_c64,mixed_r50_c64,put_c64_k1m,mixed_r50_c64_k1m,put_c64_k10m,mixed_r50_c64_k10m"
@@ -130,104 +133,6 @@ FS_TYPE="$(df -T "$WORK" | awk 'NR == 2 { print $2 }')"
     echo "loadavg_before: $(cat /proc/loadavg)"
 } >"$OUT/machine.txt"
 
-# Writes a cluster file for 3 nodes on free loopback ports (below the
-# ephemeral range; bound without SO_REUSEADDR, so TIME_WAIT ports are
-# skipped) with its data dir next to it.
-write_config() {
-    python3 - "$1" "$2" <<'PY'
-import json, random, socket, sys
-path, data_dir = sys.argv[1], sys.argv[2]
-try:
-    low_ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-except (OSError, ValueError, IndexError):
-    low_ephemeral = 32768
-rng = random.SystemRandom()
-ports = []
-for _ in range(1000):
-    port = rng.randrange(15000, min(low_ephemeral, 32768))
-    if port in ports or 23780 <= port < 23820:  # etcd-bench's ports
-        continue
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", port))
-        ports.append(port)
-    except OSError:
-        pass
-    finally:
-        s.close()
-    if len(ports) == 3:
-        break
-else:
-    sys.exit("found no 3 free loopback ports")
-nodes = [{"id": i + 1, "ip": "127.0.0.1", "port": p} for i, p in enumerate(ports)]
-json.dump({"raft_nodes": nodes, "data_dir": data_dir}, open(path, "w"))
-PY
-}
-
-# The RSS (KiB) of each node of the current cluster, as a JSON list, read
-# from the pid files bin/start_nodes.sh keeps.
-rss_kib() {
-    local name pid_file pid list=()
-    name="$(basename "$CUR_CONFIG" .json)"
-    for pid_file in "$ROOT/logs/$name"/node*.pid; do
-        pid="$(cat "$pid_file" 2>/dev/null || true)"
-        list+=("$( (ps -o rss= -p "$pid" 2>/dev/null || echo 0) | tr -d ' ')")
-    done
-    (IFS=,; echo "[${list[*]}]")
-}
-
-# The pids of the current cluster's nodes, from bin/start_nodes.sh's pid files.
-node_pids() {
-    local name pid_file
-    name="$(basename "$CUR_CONFIG" .json)"
-    for pid_file in "$ROOT/logs/$name"/node*.pid; do
-        cat "$pid_file" 2>/dev/null || true
-    done
-}
-
-# Samples each node's RSS (KiB, from /proc/PID/status) every RSS_SAMPLE_S
-# into FILE, one line per sample ("MS_SINCE_START KIB KIB KIB"), until
-# killed; a node that is gone reads 0. Started in the background by rss_start.
-rss_sample_loop() { # FILE PID...
-    local file="$1" pid key value _ line start="${EPOCHREALTIME/./}"
-    shift
-    while true; do
-        line="$(( (${EPOCHREALTIME/./} - start) / 1000 ))"
-        for pid in "$@"; do
-            value=0
-            if [[ -r "/proc/$pid/status" ]]; then
-                while read -r key value _; do
-                    [[ "$key" == VmRSS: ]] && break
-                    value=0
-                done <"/proc/$pid/status" || true
-            fi
-            line+=" ${value:-0}"
-        done
-        echo "$line" >>"$file"
-        sleep "$RSS_SAMPLE_S"
-    done
-}
-RSS_PID=""
-rss_start() { # FILE
-    # shellcheck disable=SC2046
-    rss_sample_loop "$1" $(node_pids) </dev/null >/dev/null 2>&1 &
-    RSS_PID=$!
-}
-rss_stop() {
-    [[ -n "$RSS_PID" ]] || return 0
-    kill "$RSS_PID" 2>/dev/null || true
-    wait "$RSS_PID" 2>/dev/null || true
-    RSS_PID=""
-}
-# The largest RSS of each node in a sample file, as a JSON list.
-rss_max() { # FILE
-    python3 - "$1" <<'PY'
-import sys
-rows = [[int(v) for v in l.split()[1:]] for l in open(sys.argv[1]) if l.strip()]
-print([max(col) for col in zip(*rows)] if rows else [])
-PY
-}
-
 start_cluster() { # TAG
     local dir="$WORK/$1"
     mkdir -p "$dir"
@@ -250,7 +155,8 @@ loadgen_error() {
 preload() {
     local tag="$1" keys="$2" status=0
     say "  preloading $keys keys ($PRELOAD_CLIENTS writes in flight; progress: $OUT/logs/$tag.preload.err)"
-    rss_start "$OUT/logs/$tag.preload.rss"
+    # shellcheck disable=SC2046
+    rss_start "$OUT/logs/$tag.preload.rss" $(node_pids)
     timeout --foreground -k 10 "$((PRELOAD_TIMEOUT_S + RUN_SLACK_S))" "$LOADGEN" --config "$CUR_CONFIG" \
         --clients 64 --value-size "$VALUE_SIZE" --keys "$keys" --preload-only \
         --preload-clients "$PRELOAD_CLIENTS" --preload-timeout "$PRELOAD_TIMEOUT_S" --json \
@@ -279,7 +185,8 @@ run_loadgen() {
     [[ "$WARMUP" == 0 ]] || warm=(--warmup "$WARMUP")
     # --foreground: loadgen stays in our process group, so Ctrl-C reaches it.
     local status=0
-    rss_start "$OUT/logs/$tag.rss"
+    # shellcheck disable=SC2046
+    rss_start "$OUT/logs/$tag.rss" $(node_pids)
     timeout --foreground -k 10 "$limit" "$LOADGEN" --config "$CUR_CONFIG" --duration "$DURATION" \
         --value-size "$VALUE_SIZE" --keys "$keys" "${warm[@]}" --json --plot "$OUT/$tag.svg" "$@" \
         >"$OUT/logs/$tag.out" 2>"$OUT/logs/$tag.err" || status=$?
