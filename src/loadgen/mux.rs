@@ -1613,7 +1613,7 @@ mod tests {
             nodes: vec![(1, addr)],
             ..targets(1, Duration::from_secs(10))
         };
-        let report = super::super::run(&options, &targets, &|_| {});
+        let report = super::super::run(&options, &targets, &|_| {}, &|_| {});
         assert!(report.errors.is_empty(), "{:?}", report.error_samples);
         assert!(report.writes > 40, "{} writes", report.writes);
         let logs = logs.lock();
@@ -1641,7 +1641,7 @@ mod tests {
             ..targets(1, Duration::from_secs(30))
         };
         let started = Instant::now();
-        let report = super::super::run(&options, &targets, &|_| {});
+        let report = super::super::run(&options, &targets, &|_| {}, &|_| {});
         // Each client ends with its one operation rejected, long before its
         // 30 s deadline (the run itself lasts its 2 s, for the progress).
         assert!(started.elapsed() < Duration::from_secs(20));

@@ -16,6 +16,8 @@ const TITLE_PX: u32 = 40;
 const THROUGHPUT_PX: u32 = 320;
 const LATENCY_PX: u32 = 340;
 const FONT: &str = "sans-serif";
+/// Ticks on the time axis of a long run.
+const MAX_X_LABELS: usize = 11;
 /// The count axis goes at least this high, so its ticks are whole numbers.
 const EVENTS_AXIS_MIN: u64 = 10;
 
@@ -52,6 +54,8 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
     let x_range = first..last;
     let mid = |s: &SecondStats| s.second as f64 - 0.5;
     let x_desc = "time since the start of the measured run (s)";
+    // At most a tick a second: a short run gets whole seconds.
+    let x_labels = ((last - first) as usize + 1).min(MAX_X_LABELS);
 
     // Throughput, with the seconds that saw BUSY or errors marked.
     let max_ops = seconds.iter().map(|s| s.ops).max().unwrap_or(0).max(1) as f64;
@@ -65,6 +69,7 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
         .configure_mesh()
         .x_desc(x_desc)
         .x_label_formatter(&format_s)
+        .x_labels(x_labels)
         .y_desc("successful operations per second")
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
@@ -129,6 +134,7 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
         .configure_mesh()
         .x_desc(x_desc)
         .x_label_formatter(&format_s)
+        .x_labels(x_labels)
         .y_desc("latency (ms)")
         .y_label_formatter(&|v| format_ms(10f64.powf(*v)))
         .y_labels(10)
@@ -170,6 +176,7 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
         .configure_mesh()
         .x_desc(x_desc)
         .x_label_formatter(&format_s)
+        .x_labels(x_labels)
         .y_desc("count per second")
         .y_label_formatter(&|v| format!("{v:.0}"))
         .y_labels(5)
@@ -198,7 +205,7 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
 
 /// A time tick label: whole seconds unless the run is that short.
 fn format_s(s: &f64) -> String {
-    if s.fract() == 0.0 {
+    if (s - s.round()).abs() < 1e-6 {
         format!("{s:.0}")
     } else {
         format!("{s:.1}")
@@ -215,5 +222,62 @@ fn format_ms(ms: f64) -> String {
         format!("{ms:.2}")
     } else {
         format!("{ms:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn second(second: i64, ops: u64, busy: u64, errors: u64) -> SecondStats {
+        SecondStats {
+            second,
+            ops,
+            p50_ms: 1.0,
+            p99_ms: 5.0,
+            p999_ms: 40.0,
+            busy,
+            errors,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn busy_and_error_seconds_are_marked_and_counted_in_the_legend() {
+        let seconds = [
+            second(1, 1000, 0, 0),
+            second(2, 900, 7, 0),
+            second(3, 0, 0, 2),
+            second(4, 950, 3, 1),
+        ];
+        let svg = timeline_svg("a title", &seconds).unwrap();
+        assert!(svg.contains("a title"));
+        assert!(
+            svg.contains("second with BUSY answers (10 in all)"),
+            "{svg}"
+        );
+        assert!(svg.contains("second with errors (3 in all)"), "{svg}");
+        // A filled triangle per second with BUSY (2), plus one in the legend.
+        let busy_marks = svg
+            .lines()
+            .filter(|l| l.starts_with("<polygon") && l.contains("fill=\"#9467BD\""))
+            .count();
+        assert_eq!(busy_marks, 3, "{svg}");
+        // A cross (two strokes) per second with errors (2), plus the legend's.
+        let error_strokes = svg
+            .lines()
+            .filter(|l| {
+                l.contains("<line")
+                    && l.contains("stroke=\"#000000\"")
+                    && l.contains("stroke-width=\"2\"")
+            })
+            .count();
+        assert_eq!(error_strokes, 6, "{svg}");
+    }
+
+    #[test]
+    fn an_empty_timeline_still_draws() {
+        let svg = timeline_svg("nothing ran", &[]).unwrap();
+        assert!(svg.contains("latency (ms)"));
     }
 }
