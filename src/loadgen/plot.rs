@@ -40,6 +40,9 @@ pub(super) fn timeline_svg(title: &str, seconds: &[SecondStats]) -> Result<Strin
     Ok(svg)
 }
 
+/// A line of a chart: its legend, its colour, and its value in a second.
+type Series<T> = (&'static str, RGBColor, fn(&SecondStats) -> T);
+
 type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
 
 fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondStats]) -> DrawResult {
@@ -139,7 +142,7 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
         .y_label_formatter(&|v| format_ms(10f64.powf(*v)))
         .y_labels(10)
         .draw()?;
-    let series: [(&str, RGBColor, fn(&SecondStats) -> f64); 3] = [
+    let series: [Series<f64>; 3] = [
         ("p50", P50_COLOR, |s| s.p50_ms),
         ("p99", P99_COLOR, |s| s.p99_ms),
         ("p99.9", P999_COLOR, |s| s.p999_ms),
@@ -181,7 +184,7 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
         .y_label_formatter(&|v| format!("{v:.0}"))
         .y_labels(5)
         .draw()?;
-    let counts: [(&str, RGBColor, fn(&SecondStats) -> u64); 2] = [
+    let counts: [Series<u64>; 2] = [
         ("BUSY (retried)", BUSY_COLOR, |s| s.busy),
         ("errors", ERROR_COLOR, |s| s.errors),
     ];
