@@ -1,9 +1,32 @@
 # Shell functions shared by bench/run.sh and bench/scale.sh (sourced, not
-# run): a cluster file on free loopback ports, the nodes' pids, and a
-# sampler of their resident memory. They read ROOT (the project root),
+# run): the build, a cluster file on free loopback ports, stopping a
+# cluster, the nodes' pids, and a sampler of their resident memory. They
+# read ROOT (the project root), OUT (the results folder, with logs/ in it),
 # CUR_CONFIG (the current cluster file; bin/start_nodes.sh keeps its pid
-# files under $ROOT/logs/<its name>/) and RSS_SAMPLE_S (seconds between
-# samples).
+# files under $ROOT/logs/<its name>/), STOP_TIMEOUT_S, RSS_SAMPLE_S
+# (seconds between samples), and call the script's say and fail.
+
+# Builds the release binaries and sets TARGET_DIR (where they are).
+build_release() {
+    say "building release binaries"
+    (cd "$ROOT" && cargo build --release --bins --quiet) >"$OUT/logs/build.log" 2>&1 \
+        || fail "cargo build failed (log: $OUT/logs/build.log)"
+    TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps \
+        | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+}
+
+# Stops the current cluster with bin/stop_nodes.sh and moves the nodes' logs
+# (which bin/start_nodes.sh keeps under the project's logs/) to $OUT/logs.
+stop_nodes_keep_logs() {
+    local name
+    name="$(basename "$CUR_CONFIG" .json)"
+    (cd "$ROOT" && timeout -k 5 "$STOP_TIMEOUT_S" bin/stop_nodes.sh --config "$CUR_CONFIG") \
+        >>"$OUT/logs/stop.log" 2>&1 || say "warning: bin/stop_nodes.sh failed (see $OUT/logs/stop.log)"
+    if [[ -d "$ROOT/logs/$name" ]]; then
+        rm -rf "$OUT/logs/$name"
+        mv "$ROOT/logs/$name" "$OUT/logs/$name" || true
+    fi
+}
 
 # Writes a cluster file for 3 nodes on free loopback ports (below the
 # ephemeral range; bound without SO_REUSEADDR, so TIME_WAIT ports are

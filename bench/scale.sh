@@ -96,14 +96,7 @@ CUR_CONFIG=""
 LOAD_PID=""
 stop_cluster() {
     [[ -n "$CUR_CONFIG" ]] || return 0
-    local name
-    name="$(basename "$CUR_CONFIG" .json)"
-    (cd "$ROOT" && timeout -k 5 "$STOP_TIMEOUT_S" bin/stop_nodes.sh --config "$CUR_CONFIG") \
-        >>"$OUT/logs/stop.log" 2>&1 || say "warning: bin/stop_nodes.sh failed (see $OUT/logs/stop.log)"
-    if [[ -d "$ROOT/logs/$name" ]]; then
-        rm -rf "$OUT/logs/$name"
-        mv "$ROOT/logs/$name" "$OUT/logs/$name" || true
-    fi
+    stop_nodes_keep_logs
     CUR_CONFIG=""
 }
 on_exit() {
@@ -121,11 +114,7 @@ on_exit() {
 trap on_exit EXIT
 trap 'say "interrupted"; exit 130' INT TERM
 
-say "building release binaries"
-(cd "$ROOT" && cargo build --release --bins --quiet) >"$OUT/logs/build.log" 2>&1 \
-    || fail "cargo build failed (log: $OUT/logs/build.log)"
-TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+build_release
 LOADGEN="$TARGET_DIR/release/loadgen"
 CLERK="$TARGET_DIR/release/clerk"
 KVSERVER="$TARGET_DIR/release/kvserver"

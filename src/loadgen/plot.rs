@@ -5,6 +5,7 @@
 //! a 1 s stall and a 1 ms median are both readable), and the BUSY answers
 //! and errors per second.
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -44,8 +45,66 @@ pub(super) fn timeline_svg(title: &str, seconds: &[SecondStats]) -> Result<Strin
 type Series<T> = (&'static str, RGBColor, fn(&SecondStats) -> T);
 
 type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+type Area<'b> = DrawingArea<SVGBackend<'b>, Shift>;
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondStats]) -> DrawResult {
+/// The seconds of the run: what every panel's x axis shows.
+struct TimeAxis {
+    range: std::ops::Range<f64>,
+    labels: usize,
+}
+
+/// One panel: caption, axes with their descriptions and tick labels.
+fn panel<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    time: &TimeAxis,
+    y_range: std::ops::Range<f64>,
+    y_desc: &str,
+    y_format: &dyn Fn(&f64) -> String,
+) -> Result<Chart<'a, 'b>, DrawingAreaErrorKind<std::io::Error>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FONT, 16))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(time.range.clone(), y_range)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the start of the measured run (s)")
+        .x_label_formatter(&format_s)
+        .x_labels(time.labels)
+        .y_desc(y_desc)
+        .y_label_formatter(y_format)
+        .y_labels(10)
+        .draw()?;
+    Ok(chart)
+}
+
+/// A thick line, with its entry in the legend.
+fn line(
+    chart: &mut Chart,
+    points: impl Iterator<Item = (f64, f64)>,
+    name: &str,
+    color: RGBColor,
+) -> DrawResult {
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    Ok(())
+}
+
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+}
+
+fn draw(root: &Area, title: &str, seconds: &[SecondStats]) -> DrawResult {
     root.fill(&WHITE)?;
     let (top, rest) = root.split_vertically(TITLE_PX);
     top.draw_text(title, &(FONT, 18).into_text_style(&top), (12, 12))?;
@@ -54,33 +113,27 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
     // Second k covers [k-1, k) of the measured run: its point sits in the middle.
     let last = seconds.last().map_or(1, |s| s.second.max(1)) as f64;
     let first = seconds.first().map_or(1, |s| s.second.min(1)) as f64 - 1.0;
-    let x_range = first..last;
+    let time = TimeAxis {
+        range: first..last,
+        // At most a tick a second: a short run gets whole seconds.
+        labels: ((last - first) as usize + 1).min(MAX_X_LABELS),
+    };
     let mid = |s: &SecondStats| s.second as f64 - 0.5;
-    let x_desc = "time since the start of the measured run (s)";
-    // At most a tick a second: a short run gets whole seconds.
-    let x_labels = ((last - first) as usize + 1).min(MAX_X_LABELS);
+    let whole = |v: &f64| format!("{v:.0}");
 
     // Throughput, with the seconds that saw BUSY or errors marked.
     let max_ops = seconds.iter().map(|s| s.ops).max().unwrap_or(0).max(1) as f64;
-    let mut chart = ChartBuilder::on(&throughput)
-        .caption("throughput", (FONT, 16))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(x_range.clone(), 0.0..max_ops * 1.15)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .x_label_formatter(&format_s)
-        .x_labels(x_labels)
-        .y_desc("successful operations per second")
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .draw()?;
+    let y_desc = "successful operations per second";
+    let mut chart = panel(
+        &throughput,
+        "throughput",
+        &time,
+        0.0..max_ops * 1.15,
+        y_desc,
+        &whole,
+    )?;
     let ops_line = seconds.iter().map(|s| (mid(s), s.ops as f64));
-    chart
-        .draw_series(LineSeries::new(ops_line, OPS_COLOR.stroke_width(2)))?
-        .label("ops/s")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], OPS_COLOR.stroke_width(2)));
+    line(&mut chart, ops_line, "ops/s", OPS_COLOR)?;
     let total_busy: u64 = seconds.iter().map(|s| s.busy).sum();
     let total_errors: u64 = seconds.iter().map(|s| s.errors).sum();
     let busy_marks = seconds
@@ -99,23 +152,18 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
         .draw_series(error_marks)?
         .label(format!("second with errors ({total_errors} in all)"))
         .legend(|(x, y)| Cross::new((x + 10, y), 6, ERROR_COLOR.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
 
-    // Latency percentiles per second, log scale; seconds without a
-    // measured success have no latency and are left out.
+    // Latency percentiles per second: log10 of the latency on a linear
+    // axis, labelled in ms, so ticks fall on whole and half decades (1, 3.2,
+    // 10, 32, ... ms). Seconds without a measured success have no latency
+    // and are left out.
     let latencies = |pick: fn(&SecondStats) -> f64| {
         seconds
             .iter()
             .filter(move |s| s.ops > 0 && pick(s) > 0.0)
             .map(move |s| (mid(s), pick(s)))
     };
-    let log_latencies =
-        |pick: fn(&SecondStats) -> f64| latencies(pick).map(|(x, ms)| (x, ms.log10()));
     let all = latencies(|s| s.p50_ms).chain(latencies(|s| s.p999_ms.max(s.p99_ms)));
     let (low, high) = all.fold((f64::MAX, 0.0f64), |(lo, hi), (_, v)| {
         (lo.min(v), hi.max(v))
@@ -125,42 +173,20 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
     } else {
         (0.01, 10.0)
     };
-    let mut chart = ChartBuilder::on(&latency)
-        .caption("latency per second (log scale)", (FONT, 16))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        // log10 of the latency on a linear axis, labelled in ms: ticks fall
-        // on whole and half decades (1, 3.2, 10, 32, ... ms).
-        .build_cartesian_2d(x_range.clone(), low.log10()..high.log10())?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .x_label_formatter(&format_s)
-        .x_labels(x_labels)
-        .y_desc("latency (ms)")
-        .y_label_formatter(&|v| format_ms(10f64.powf(*v)))
-        .y_labels(10)
-        .draw()?;
+    let caption = "latency per second (log scale)";
+    let in_ms = |v: &f64| format_ms(10f64.powf(*v));
+    let y_range = low.log10()..high.log10();
+    let mut chart = panel(&latency, caption, &time, y_range, "latency (ms)", &in_ms)?;
     let series: [Series<f64>; 3] = [
         ("p50", P50_COLOR, |s| s.p50_ms),
         ("p99", P99_COLOR, |s| s.p99_ms),
         ("p99.9", P999_COLOR, |s| s.p999_ms),
     ];
     for (name, color, pick) in series {
-        chart
-            .draw_series(LineSeries::new(log_latencies(pick), color.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        let points = latencies(pick).map(|(x, ms)| (x, ms.log10()));
+        line(&mut chart, points, name, color)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
 
     // BUSY answers (retried) and failed operations per second.
     let max_events = seconds
@@ -169,41 +195,18 @@ fn draw(root: &DrawingArea<SVGBackend, Shift>, title: &str, seconds: &[SecondSta
         .max()
         .unwrap_or(0)
         .max(EVENTS_AXIS_MIN) as f64;
-    let mut chart = ChartBuilder::on(&events)
-        .caption("BUSY answers and errors per second", (FONT, 16))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(80)
-        .build_cartesian_2d(x_range, 0.0..max_events * 1.15)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .x_label_formatter(&format_s)
-        .x_labels(x_labels)
-        .y_desc("count per second")
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .y_labels(5)
-        .draw()?;
+    let caption = "BUSY answers and errors per second";
+    let y_range = 0.0..max_events * 1.15;
+    let mut chart = panel(&events, caption, &time, y_range, "count per second", &whole)?;
     let counts: [Series<u64>; 2] = [
         ("BUSY (retried)", BUSY_COLOR, |s| s.busy),
         ("errors", ERROR_COLOR, |s| s.errors),
     ];
     for (name, color, pick) in counts {
-        let line = seconds.iter().map(move |s| (mid(s), pick(s) as f64));
-        chart
-            .draw_series(LineSeries::new(line, color.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        let points = seconds.iter().map(move |s| (mid(s), pick(s) as f64));
+        line(&mut chart, points, name, color)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 /// A time tick label: whole seconds unless the run is that short.
