@@ -1,0 +1,109 @@
+//! Clients that are slow, greedy or unlucky (issue 16): a client that stops
+//! reading its replies does not slow the leader down, and the answers the
+//! clerk gives stay true whatever happened to earlier attempts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::TestCluster;
+use kvstore_raft::proto::kvstore::*;
+use kvstore_raft::rpc::frame::{encode_frame, FrameHeader};
+use kvstore_raft::rpc::services::kv_store;
+use kvstore_raft::rpc::{handshake, Credentials};
+use protobuf::Message;
+
+/// A value near the largest one allowed (half of the 1 MiB `max_append_bytes`).
+const BIG_VALUE_BYTES: usize = 400_000;
+
+/// Opens a clerk connection to `addr` and pipelines `count` Gets of the keys
+/// `big-0..keys` without reading a single reply: megabytes of replies are
+/// due to a client that never takes them.
+fn stalled_reader(cluster_id: &str, addr: std::net::SocketAddr, keys: usize, count: u64) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    handshake::connect(&stream, &Credentials::clerk(cluster_id), 3_000).expect("handshake");
+    let mut frames = Vec::new();
+    let mut frame = Vec::new();
+    for call_id in 1..=count {
+        let request = GetRequest {
+            key: format!("big-{}", call_id as usize % keys).into_bytes(),
+            ..Default::default()
+        };
+        let header = FrameHeader::request(kv_store::SERVICE_ID, kv_store::GET, call_id);
+        let body = request.write_to_bytes().unwrap();
+        encode_frame(&mut frame, &header, "", &body, 1 << 20).unwrap();
+        frames.extend_from_slice(&frame);
+    }
+    (&stream).write_all(&frames).expect("send the reads");
+    stream
+}
+
+/// Issue 16, item 1. Before the fix the apply thread wrote replies itself
+/// with a blocking write: a client that stopped reading held it for up to
+/// `write_timeout_ms` per write, and every other client's writes with it.
+/// Now replies go to a bounded per-connection outbox written without
+/// blocking; a connection whose outbox is not drained within
+/// `write_timeout_ms` (5 s) is closed.
+#[test]
+fn a_client_that_stops_reading_does_not_slow_the_leader() {
+    let cluster = TestCluster::start(3, "");
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let mut clerk = cluster.clerk(10_000);
+    let keys = 8;
+    let value = vec![b'v'; BIG_VALUE_BYTES];
+    for k in 0..keys {
+        clerk.put(format!("big-{k}"), &value).unwrap();
+    }
+    let term = cluster.status(leader).unwrap().term;
+
+    // 200 reads of 400 kB: 80 MB of replies, far beyond any socket buffer.
+    let addr = cluster.config.addr(leader).unwrap();
+    let mut stalled = stalled_reader(&cluster.config.cluster_id, addr, keys, 200);
+    let stalled_at = Instant::now();
+
+    // Meanwhile another client keeps writing; every write must be quick.
+    let mut slowest = Duration::ZERO;
+    let mut writes = 0;
+    while stalled_at.elapsed() < Duration::from_secs(8) {
+        let started = Instant::now();
+        clerk.put("small", format!("{writes}")).unwrap();
+        slowest = slowest.max(started.elapsed());
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        slowest < Duration::from_millis(2_500),
+        "a write took {slowest:?} while a client was not reading its replies \
+         ({writes} writes)"
+    );
+    let status = cluster.status(leader).unwrap();
+    assert_eq!(
+        (status.role, status.term),
+        (kvstore_raft::raft::Role::Leader, term),
+        "the stalled reader caused a leader change"
+    );
+
+    // By now (8 s > write_timeout_ms of 5 s plus slack) the server has given
+    // up on the stalled connection: draining it ends in EOF (or a reset)
+    // long before all 80 MB of replies arrive.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let closed = loop {
+        match stalled.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => received += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(e) => panic!("the stalled connection is still open after {received} bytes: {e}"),
+        }
+    };
+    assert!(closed);
+    assert!(
+        received < 200 * BIG_VALUE_BYTES / 2,
+        "the server sent {received} bytes: it did not close the stalled connection"
+    );
+}
