@@ -117,6 +117,13 @@ impl KvServer {
         let listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
+            // Room for a few of the largest replies, never less than the
+            // default: replies wait here for slow clients, not on the
+            // apply thread.
+            max_outbox_bytes: config
+                .max_frame_bytes
+                .saturating_mul(4)
+                .max(ServerConfig::default().max_outbox_bytes),
             auth: ServerAuth {
                 credentials: node_credentials(config, start.id),
                 members: config.node_ids(),
