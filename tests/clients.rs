@@ -113,3 +113,47 @@ fn a_client_that_stops_reading_does_not_slow_the_leader() {
         "the server sent {received} bytes: it did not close the stalled connection"
     );
 }
+
+/// Issue 16, item 7. A node thread that panics stops the node with one line
+/// naming the thread and the panic, so the cluster fails over; before, a
+/// leader whose apply thread had panicked kept leading in Raft and answered
+/// BUSY for ever. Every node thread (ticker, event loop, peers, apply) is
+/// started through the same `NodeStopper::spawn` this test uses.
+#[test]
+fn a_panicked_node_thread_stops_the_node_and_the_cluster_fails_over() {
+    let cluster = TestCluster::start(3, "");
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let handle = cluster.handle(leader).unwrap();
+    let thread = handle
+        .stopper()
+        .spawn("apply-under-test".into(), || panic!("injected failure"))
+        .unwrap();
+    thread.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handle.fatal_error().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        handle.fatal_error().as_deref(),
+        Some("thread apply-under-test panicked: injected failure")
+    );
+    assert!(handle.is_stopping());
+    // The others elect a new leader and take writes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new_leader = loop {
+        let found = (1..=3).filter(|&id| id != leader).find(|&id| {
+            cluster
+                .status(id)
+                .is_some_and(|s| s.role == kvstore_raft::raft::Role::Leader)
+        });
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no new leader after the panic");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_ne!(new_leader, leader);
+    let mut clerk = cluster.clerk(10_000);
+    clerk.put("after", "panic").unwrap();
+    assert_eq!(clerk.get("after").unwrap().as_deref(), Some(&b"panic"[..]));
+}

@@ -167,9 +167,10 @@ impl KvServer {
             machine,
             config.snapshot_threshold_bytes,
         );
-        let applier = std::thread::Builder::new()
-            .name(format!("apply-{}", start.id))
-            .spawn(move || applier.run())
+        let applier = node
+            .handle()
+            .stopper()
+            .spawn(format!("apply-{}", start.id), move || applier.run())
             .map_err(StartError::Io)?;
         Ok(KvServer {
             node: Some(node),
