@@ -222,6 +222,23 @@ impl Waiters {
         taken
     }
 
+    /// Removes and returns every read (Get) waiter.
+    pub fn take_reads(&self) -> Vec<(u64, Waiter)> {
+        let mut pending = self.pending.lock();
+        let reads: Vec<u64> = pending
+            .iter()
+            .filter(|(_, p)| matches!(p.waiter, Waiter::Get { .. }))
+            .map(|(&t, _)| t)
+            .collect();
+        let taken: Vec<(u64, Waiter)> = reads
+            .into_iter()
+            .filter_map(|t| pending.remove(&t).map(|p| (t, p.waiter)))
+            .collect();
+        drop(pending);
+        self.room.notify_all();
+        taken
+    }
+
     /// Removes and returns every waiter.
     pub fn take_all(&self) -> Vec<(u64, Waiter)> {
         let taken = self
