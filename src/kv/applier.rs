@@ -203,7 +203,7 @@ impl Applier {
                 0,
                 &format!("seq {seq} is older than this client's last request {last_seq}"),
             ),
-            ApplyOutcome::Invalid { reason, .. } => {
+            ApplyOutcome::Invalid { reason, .. } | ApplyOutcome::TooLarge { reason, .. } => {
                 waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &reason)
             }
             ApplyOutcome::Noop | ApplyOutcome::AlreadyApplied => {

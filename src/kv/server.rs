@@ -102,6 +102,7 @@ impl KvServer {
         let kv_options = KvOptions {
             session_ttl_ms: config.session_ttl_ms,
             max_sessions: config.max_sessions,
+            max_value_bytes: config.max_append_bytes / 2,
             ..KvOptions::default()
         };
         let machine = match &restored.snapshot {
