@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use protobuf::MessageField;
 
 use crate::config::ClusterConfig;
+use crate::kv::waiters::NOT_LEADER_NOTHING_PROPOSED;
 use crate::proto::kvstore::{
     AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
     GetReply, GetRequest, PutReply, PutRequest, ReplyHeader, RequestHeader, StatusReply,
@@ -75,6 +76,10 @@ pub enum ClerkError {
     /// A node refused the request for good (`INVALID_ARGUMENT`,
     /// `UNAUTHENTICATED`): retrying it cannot help. Nothing was applied.
     Rejected(String),
+    /// A write was refused for good, but an earlier attempt of it may have
+    /// been applied (its answer was lost, or it timed out): the outcome is
+    /// unknown, as after a `Timeout`.
+    Unknown { reason: String },
 }
 
 impl fmt::Display for ClerkError {
@@ -86,6 +91,7 @@ impl fmt::Display for ClerkError {
                  (last error: {last_error})"
             ),
             ClerkError::Rejected(message) => write!(f, "request rejected: {message}"),
+            ClerkError::Unknown { reason } => write!(f, "the outcome is unknown: {reason}"),
         }
     }
 }
@@ -99,8 +105,13 @@ pub struct CasResult {
     pub swapped: bool,
     /// Whether the key existed before the operation.
     pub found: bool,
-    /// The value before the operation (`None` when the key was missing).
+    /// The value before the operation: `None` when the key was missing, or
+    /// when the value is not known (then `current_unknown` says why).
     pub current: Option<Vec<u8>>,
+    /// Set when the server could not say what the value was: the answer is
+    /// the saved reply of an earlier attempt of this Cas, which keeps the
+    /// old value only when it is small. `swapped` and `found` are exact.
+    pub current_unknown: Option<String>,
 }
 
 /// One node's answer to a status request, for `clerk status`.
@@ -224,7 +235,7 @@ impl Clerk {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        let mut reply = self.call(|stub| stub.get(&request))?;
+        let mut reply = self.call(false, |stub| stub.get(&request))?;
         Ok(reply.found.then(|| std::mem::take(&mut reply.value)))
     }
 
@@ -240,7 +251,7 @@ impl Clerk {
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(|stub| stub.put(&request)).map(drop)
+        self.call(true, |stub| stub.put(&request)).map(drop)
     }
 
     /// Appends `value` to the value of `key` (a missing key counts as "").
@@ -255,7 +266,7 @@ impl Clerk {
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(|stub| stub.append(&request)).map(drop)
+        self.call(true, |stub| stub.append(&request)).map(drop)
     }
 
     /// Removes `key`; answers whether it existed.
@@ -265,7 +276,7 @@ impl Clerk {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(|stub| stub.delete(&request))
+        self.call(true, |stub| stub.delete(&request))
             .map(|reply| reply.existed)
     }
 
@@ -284,11 +295,21 @@ impl Clerk {
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        let mut reply = self.call(|stub| stub.cas(&request))?;
+        let mut reply = self.call(true, |stub| stub.cas(&request))?;
+        let current_unknown = reply.current_not_retained.then(|| {
+            let message = &reply.header.message;
+            if message.is_empty() {
+                "the value before the operation was not retained".to_string()
+            } else {
+                message.clone()
+            }
+        });
+        let known = reply.found && current_unknown.is_none();
         Ok(CasResult {
             swapped: reply.swapped,
             found: reply.found,
-            current: reply.found.then(|| std::mem::take(&mut reply.current)),
+            current: known.then(|| std::mem::take(&mut reply.current)),
+            current_unknown,
         })
     }
 
@@ -348,16 +369,22 @@ impl Clerk {
     /// deadline passes. `attempt` sends the same request bytes each time.
     fn call<Rep: HasReplyHeader>(
         &mut self,
+        write: bool,
         mut attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
     ) -> Result<Rep, ClerkError> {
-        let mut attempts = Attempts::new(Instant::now() + self.options.timeout);
+        let deadline = Instant::now() + self.options.timeout;
+        let mut attempts = if write {
+            Attempts::for_write(deadline)
+        } else {
+            Attempts::new(deadline)
+        };
         loop {
             let node = &self.nodes[self.route.current()];
             let answer = attempt(&node.stub);
             // Refused at the handshake: this clerk's cluster file names
             // another cluster; no node of it will answer otherwise.
             if let Err(error @ RpcError::Refused { .. }) = &answer {
-                return Err(ClerkError::Rejected(format!("node {}: {error}", node.id)));
+                return Err(attempts.refused(format!("node {}: {error}", node.id)));
             }
             let seen = match &answer {
                 Ok(reply) => Ok(reply.reply_header()),
@@ -456,15 +483,53 @@ pub struct Attempts {
     /// nodes without progress (no leader, or hints pointing in a circle)
     /// the client waits before the next round instead of spinning.
     fruitless: usize,
+    /// Whether the operation is a write, which an attempt may apply.
+    write: bool,
+    /// What an earlier attempt of this write that may have been applied
+    /// ended with (no answer, TIMEOUT, a leader change after proposing):
+    /// a later refusal then does not mean that nothing was applied.
+    maybe_applied: Option<String>,
 }
 
 impl Attempts {
-    /// The attempts of an operation that must end by `deadline`.
+    /// The attempts of a read (or any operation without effects) that must
+    /// end by `deadline`.
     pub fn new(deadline: Instant) -> Attempts {
         Attempts {
             deadline,
             backoff_ms: BACKOFF_MIN_MS,
             fruitless: 0,
+            write: false,
+            maybe_applied: None,
+        }
+    }
+
+    /// The attempts of a write that must end by `deadline`.
+    pub fn for_write(deadline: Instant) -> Attempts {
+        Attempts {
+            write: true,
+            ..Attempts::new(deadline)
+        }
+    }
+
+    /// The error for a refusal (`why`): the request was rejected, unless an
+    /// earlier attempt of this write may have been applied; then the
+    /// outcome is unknown.
+    pub fn refused(&self, why: String) -> ClerkError {
+        match &self.maybe_applied {
+            None => ClerkError::Rejected(why),
+            Some(earlier) => ClerkError::Unknown {
+                reason: format!(
+                    "an earlier attempt may have been applied ({earlier}), and then {why}"
+                ),
+            },
+        }
+    }
+
+    /// Notes that the attempt that ended with `what` may have been applied.
+    fn may_have_applied(&mut self, what: &str) {
+        if self.write && self.maybe_applied.is_none() {
+            self.maybe_applied = Some(what.to_string());
         }
     }
 
@@ -484,7 +549,10 @@ impl Attempts {
             Err(error) => {
                 route.rotate(node_ids.len());
                 self.fruitless += 1;
-                (false, false, format!("node {node}: {error}"))
+                let what = format!("node {node}: {error}");
+                // The request may have reached the node and the answer been lost.
+                self.may_have_applied(&what);
+                (false, false, what)
             }
             Ok(header) => {
                 let (code, hint, message) = reply_status(header);
@@ -494,26 +562,37 @@ impl Attempts {
                         return NextStep::Done;
                     }
                     ErrorCode::INVALID_ARGUMENT | ErrorCode::UNAUTHENTICATED => {
-                        return NextStep::Fail(ClerkError::Rejected(format!(
-                            "node {node}: {message}"
-                        )));
+                        return NextStep::Fail(
+                            self.refused(format!("node {node} refused: {message}")),
+                        );
                     }
+                    // Refused before anything was proposed.
                     ErrorCode::BUSY => (true, true, format!("node {node} is busy: {message}")),
                     ErrorCode::NOT_LEADER => {
                         route.follow_hint(node_ids, node, hint);
                         self.fruitless += 1;
-                        (false, false, format!("node {node} is not the leader"))
+                        let what = format!("node {node} is not the leader: {message}");
+                        // A leader that lost its leadership after proposing
+                        // the write cannot tell whether it commits.
+                        if message != NOT_LEADER_NOTHING_PROPOSED {
+                            self.may_have_applied(&what);
+                        }
+                        (false, false, what)
                     }
                     ErrorCode::TIMEOUT => {
                         // The node may still commit it: ask it again with the
                         // same seq; a deposed leader will say so.
                         self.fruitless += 1;
-                        (false, false, format!("node {node} timed out: {message}"))
+                        let what = format!("node {node} timed out: {message}");
+                        self.may_have_applied(&what);
+                        (false, false, what)
                     }
                     _ => {
                         route.rotate(node_ids.len());
                         self.fruitless += 1;
-                        (false, false, format!("node {node}: {code:?} {message}"))
+                        let what = format!("node {node}: {code:?} {message}");
+                        self.may_have_applied(&what);
+                        (false, false, what)
                     }
                 }
             }

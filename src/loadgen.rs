@@ -326,6 +326,7 @@ impl Tally {
         let kind = match error {
             ClerkError::Timeout { .. } => "timeout",
             ClerkError::Rejected(_) => "rejected",
+            ClerkError::Unknown { .. } => "unknown",
         };
         *self.errors.entry(kind).or_default() += 1;
         self.error_samples

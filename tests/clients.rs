@@ -157,3 +157,141 @@ fn a_panicked_node_thread_stops_the_node_and_the_cluster_fails_over() {
     clerk.put("after", "panic").unwrap();
     assert_eq!(clerk.get("after").unwrap().as_deref(), Some(&b"panic"[..]));
 }
+
+/// What [`ScriptedChannel`] does with the next write call.
+enum Action {
+    /// The call reaches the node, and its answer is lost on the way back.
+    LoseReply,
+    /// The node answers with this error code instead (as a node with
+    /// another client token, or another config, would).
+    Refuse(ErrorCode),
+}
+
+/// A channel to one node that follows a script for write calls (reads and
+/// status pass through): a deterministic way to lose one answer.
+struct ScriptedChannel {
+    inner: kvstore_raft::rpc::RpcClient,
+    script: parking_lot::Mutex<std::collections::VecDeque<Action>>,
+}
+
+impl kvstore_raft::rpc::RpcChannel for ScriptedChannel {
+    fn call_method(
+        &self,
+        service_id: u32,
+        method_id: u32,
+        request: &[u8],
+    ) -> Result<Vec<u8>, kvstore_raft::rpc::RpcError> {
+        let is_write = [
+            kv_store::PUT,
+            kv_store::APPEND,
+            kv_store::DELETE,
+            kv_store::CAS,
+        ]
+        .contains(&method_id);
+        let action = if is_write {
+            self.script.lock().pop_front()
+        } else {
+            None
+        };
+        match action {
+            None => self.inner.call_method(service_id, method_id, request),
+            Some(Action::LoseReply) => {
+                let _ = self.inner.call_method(service_id, method_id, request)?;
+                Err(kvstore_raft::rpc::RpcError::Timeout {
+                    peer: self.inner.peer(),
+                    timeout_ms: 0,
+                })
+            }
+            Some(Action::Refuse(code)) => {
+                // Every write reply has the header as field 1.
+                let reply = PutReply {
+                    header: protobuf::MessageField::some(ReplyHeader {
+                        error: code.into(),
+                        message: "refused by the script".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                Ok(reply.write_to_bytes().unwrap())
+            }
+        }
+    }
+}
+
+/// A clerk that talks to the leader only, through a scripted channel.
+fn scripted_clerk(
+    cluster: &TestCluster,
+    leader: u64,
+    script: Vec<Action>,
+) -> kvstore_raft::clerk::Clerk {
+    let channel = ScriptedChannel {
+        inner: kvstore_raft::rpc::RpcClient::new(
+            cluster.config.addr(leader).unwrap(),
+            kvstore_raft::rpc::ClientConfig::default(),
+        ),
+        script: parking_lot::Mutex::new(script.into()),
+    };
+    let options = kvstore_raft::clerk::ClerkOptions {
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    kvstore_raft::clerk::Clerk::with_channels(vec![(leader, Box::new(channel))], options)
+}
+
+/// Issue 16, item 3. The answer to a retried Cas is the saved reply of the
+/// first attempt, which keeps the old value only up to
+/// `max_saved_current_bytes` (1024). Before, the clerk then reported the old
+/// value as "" (`Some("")`); now it says it does not know it, and why.
+#[test]
+fn a_retried_cas_does_not_invent_the_old_value() {
+    let cluster = TestCluster::start(3, "");
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let old = vec![b'o'; 2_000];
+    cluster.clerk(10_000).put("c", &old).unwrap();
+    let mut clerk = scripted_clerk(&cluster, leader, vec![Action::LoseReply]);
+    let result = clerk.cas("c", "something else", "new").unwrap();
+    assert!(!result.swapped && result.found, "{result:?}");
+    assert_eq!(result.current, None, "an old value was invented");
+    let why = result
+        .current_unknown
+        .expect("the clerk says why it has no old value");
+    assert!(why.contains("max_saved_current_bytes"), "{why}");
+    // The first answer, when it arrives, carries the whole old value.
+    let mut clerk = cluster.clerk(10_000);
+    let first = clerk.cas("c", "something else", "new").unwrap();
+    assert_eq!(first.current.as_deref(), Some(&old[..]));
+    assert_eq!(first.current_unknown, None);
+}
+
+/// Issue 16, item 4. A write whose first answer was lost (it was applied)
+/// and whose retry is refused (UNAUTHENTICATED, INVALID_ARGUMENT, as from a
+/// node with another token or config) has an unknown outcome; before, the
+/// clerk said "rejected", meaning nothing was applied, which was false.
+#[test]
+fn a_refusal_after_a_lost_answer_is_an_unknown_outcome() {
+    use kvstore_raft::clerk::ClerkError;
+    let cluster = TestCluster::start(3, "");
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    for (key, code) in [
+        ("u1", ErrorCode::UNAUTHENTICATED),
+        ("u2", ErrorCode::INVALID_ARGUMENT),
+    ] {
+        let script = vec![Action::LoseReply, Action::Refuse(code)];
+        let mut clerk = scripted_clerk(&cluster, leader, script);
+        match clerk.put(key, "applied") {
+            Err(ClerkError::Unknown { reason }) => {
+                assert!(reason.contains("may have been applied"), "{reason}")
+            }
+            other => panic!("{code:?} after a lost answer: {other:?}"),
+        }
+        // It was in fact applied: "rejected" would have been a lie.
+        assert_eq!(clerk.get(key).unwrap().as_deref(), Some(&b"applied"[..]));
+        // Without an earlier attempt, a refusal is a rejection.
+        let mut clerk = scripted_clerk(&cluster, leader, vec![Action::Refuse(code)]);
+        assert!(
+            matches!(clerk.put(key, "not applied"), Err(ClerkError::Rejected(_))),
+            "a first-attempt refusal is a rejection"
+        );
+        assert_eq!(clerk.get(key).unwrap().as_deref(), Some(&b"applied"[..]));
+    }
+}

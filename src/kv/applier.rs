@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
-use super::waiters::{Waiter, Waiters};
+use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ApplyTask, NodeHandle};
 use crate::proto::kvstore::ErrorCode;
 use crate::raft::{Entry, ProposeError, Snapshot};
@@ -287,7 +287,7 @@ impl Applier {
 fn refuse(waiter: Waiter, error: ProposeError) {
     match error {
         ProposeError::NotLeader { hint } => {
-            waiter.fail(ErrorCode::NOT_LEADER, hint, "not the leader")
+            waiter.fail(ErrorCode::NOT_LEADER, hint, NOT_LEADER_NOTHING_PROPOSED)
         }
         ProposeError::Overloaded => waiter.fail(
             ErrorCode::BUSY,

@@ -15,6 +15,16 @@ use crate::proto::kvstore::{
 use crate::raft::NodeId;
 use crate::rpc::Responder;
 
+/// The message of a NOT_LEADER answer given before the request was
+/// proposed: nothing of it can be applied. (Other NOT_LEADER answers come
+/// after a leader change, when the request may still commit.)
+pub const NOT_LEADER_NOTHING_PROPOSED: &str = "not the leader";
+
+/// Why a Cas answer carries no old value.
+pub const CURRENT_NOT_RETAINED: &str = "the value before the operation is not known: this is \
+    the saved answer of an earlier attempt of the same request, and the server keeps an old \
+    value in it only up to max_saved_current_bytes";
+
 /// The responder of one client call, by kind.
 pub enum Waiter {
     Get {
@@ -110,8 +120,9 @@ impl Waiter {
             ) => {
                 // A replayed reply may have dropped a large `current`: the
                 // outcome is exact, the old value is no longer known.
-                let message = if current.is_none() {
-                    "current value not retained"
+                let not_retained = current.is_none();
+                let message = if not_retained {
+                    CURRENT_NOT_RETAINED
                 } else {
                     ""
                 };
@@ -120,6 +131,7 @@ impl Waiter {
                     swapped,
                     found,
                     current: current.unwrap_or_default(),
+                    current_not_retained: not_retained,
                     ..Default::default()
                 })
             }

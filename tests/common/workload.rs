@@ -149,7 +149,7 @@ fn run_client(
         };
         let (output, return_us) = match result {
             Ok(output) => (Some(output), Some(micros(epoch))),
-            Err(ClerkError::Timeout { .. }) => (None, None),
+            Err(ClerkError::Timeout { .. } | ClerkError::Unknown { .. }) => (None, None),
             Err(other) => panic!("client {client}: unexpected error: {other}"),
         };
         ops.push((
