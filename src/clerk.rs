@@ -67,6 +67,19 @@ impl Default for ClerkOptions {
     }
 }
 
+/// How much longer than the servers' `request_timeout_ms` a clerk waits
+/// for an answer, so that the server's own TIMEOUT (or the answer) reaches it.
+const ATTEMPT_MARGIN_MS: u64 = 250;
+
+/// How long one attempt against `config`'s nodes waits for its answer: at
+/// least `wanted_ms`, and longer than the servers wait for the cluster. A
+/// clerk that gave up first would retry while its first attempt still holds
+/// a LockQueue slot and a place in the log: under overload, every retry
+/// would add load, and the server's TIMEOUT would never be heard.
+pub fn attempt_timeout_ms(config: &ClusterConfig, wanted_ms: u64) -> u64 {
+    wanted_ms.max(config.request_timeout_ms.saturating_add(ATTEMPT_MARGIN_MS))
+}
+
 /// Why an operation failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClerkError {
@@ -153,13 +166,15 @@ impl Clerk {
     /// A clerk for every node of `config`, presenting its cluster id and
     /// (unless `options` names another) its client token. Connections open
     /// on first use.
+    /// The attempt limit is raised, when needed, past the cluster's
+    /// `request_timeout_ms` (see [`attempt_timeout_ms`]).
     pub fn new(config: &ClusterConfig, mut options: ClerkOptions) -> Clerk {
         if options.client_token.is_none() {
             options.client_token = config.client_token.clone();
         }
         let rpc_config = ClientConfig {
             connect_timeout_ms: options.attempt_timeout_ms,
-            call_timeout_ms: options.attempt_timeout_ms,
+            call_timeout_ms: attempt_timeout_ms(config, options.attempt_timeout_ms),
             max_frame_bytes: config.max_frame_bytes,
         };
         // A clerk presents the cluster id, so a clerk of another cluster is
@@ -562,9 +577,7 @@ impl Attempts {
                         return NextStep::Done;
                     }
                     ErrorCode::INVALID_ARGUMENT | ErrorCode::UNAUTHENTICATED => {
-                        return NextStep::Fail(
-                            self.refused(format!("node {node} refused: {message}")),
-                        );
+                        return NextStep::Fail(self.refused(format!("node {node}: {message}")));
                     }
                     // Refused before anything was proposed.
                     ErrorCode::BUSY => (true, true, format!("node {node} is busy: {message}")),
@@ -716,6 +729,26 @@ mod tests {
     use parking_lot::Mutex;
     use protobuf::Message;
     use std::sync::Arc;
+
+    /// Issue 16, item 5: a clerk (and loadgen) waits longer for an attempt
+    /// than the servers wait for the cluster, so the server's TIMEOUT
+    /// reaches it and a retry never races its own first attempt. Before,
+    /// the clerk gave up after 1 s while the server held the request for 2.
+    #[test]
+    fn an_attempt_outlasts_the_servers_request_timeout() {
+        let text = r#"{"raft_nodes":[{"id":1,"ip":"127.0.0.1","port":7001}]}"#;
+        let config = ClusterConfig::parse(text, "test.json").unwrap();
+        let attempt = attempt_timeout_ms(&config, ClerkOptions::default().attempt_timeout_ms);
+        assert!(
+            attempt > config.request_timeout_ms,
+            "attempt {attempt} ms <= request_timeout_ms {}",
+            config.request_timeout_ms
+        );
+        let targets = crate::loadgen::Targets::from_config(&config, Duration::from_secs(5));
+        assert!(targets.attempt_timeout_ms > config.request_timeout_ms);
+        // A longer wish is kept.
+        assert_eq!(attempt_timeout_ms(&config, 60_000), 60_000);
+    }
 
     /// What a scripted node saw: (method id, client_id, seq) per call.
     type Log = Arc<Mutex<Vec<(u32, u64, u64)>>>;

@@ -84,7 +84,10 @@ impl Targets {
             client_token: config.client_token.clone(),
             max_frame_bytes: config.max_frame_bytes,
             op_timeout,
-            attempt_timeout_ms: ClerkOptions::default().attempt_timeout_ms,
+            attempt_timeout_ms: crate::clerk::attempt_timeout_ms(
+                config,
+                ClerkOptions::default().attempt_timeout_ms,
+            ),
         }
     }
 }
