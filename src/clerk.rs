@@ -52,7 +52,9 @@ pub struct ClerkOptions {
     /// When `None`, [`Clerk::new`] takes the cluster file's `client_token`.
     pub client_token: Option<String>,
     /// Identifies this clerk's session on the servers. Default: a random
-    /// non-zero id. Two clerks must never share one while both run.
+    /// non-zero id. Two clerks must never share one while both run; a clerk
+    /// restarted with the same id numbers its writes from the wall clock
+    /// (in microseconds), past those of the earlier one.
     pub client_id: Option<u64>,
 }
 
@@ -78,6 +80,16 @@ const ATTEMPT_MARGIN_MS: u64 = 250;
 /// would add load, and the server's TIMEOUT would never be heard.
 pub fn attempt_timeout_ms(config: &ClusterConfig, wanted_ms: u64) -> u64 {
     wanted_ms.max(config.request_timeout_ms.saturating_add(ATTEMPT_MARGIN_MS))
+}
+
+/// The seq before the first write of a clerk with a given id: the wall
+/// clock in microseconds. An earlier clerk with the same id wrote at most one
+/// seq per microsecond it lived (a write takes far longer), so this is past
+/// all of them unless the clock stepped back by more than the time since.
+fn restart_safe_first_seq() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Why an operation failed.
@@ -215,11 +227,20 @@ impl Clerk {
     fn build(nodes: Vec<Node>, options: ClerkOptions) -> Clerk {
         assert!(!nodes.is_empty(), "a clerk needs at least one node");
         let client_id = options.client_id.unwrap_or_else(random_client_id);
+        // A clerk given its id may be a restart of one that used the same id
+        // (the session may still hold its last seq): its seqs start past any
+        // the earlier one can have used, so a new write is never taken for a
+        // duplicate (answered without being applied) or a stale one. A fresh
+        // random id has no past and starts at 1.
+        let last_seq = match options.client_id {
+            Some(_) => restart_safe_first_seq(),
+            None => 0,
+        };
         Clerk {
             node_ids: nodes.iter().map(|node| node.id).collect(),
             nodes,
             client_id,
-            last_seq: 0,
+            last_seq,
             route: Route::default(),
             busy_retries: 0,
             rng: SplitMix64::new(client_id),

@@ -295,3 +295,28 @@ fn a_refusal_after_a_lost_answer_is_an_unknown_outcome() {
         assert_eq!(clerk.get(key).unwrap().as_deref(), Some(&b"applied"[..]));
     }
 }
+
+/// Issue 16, item 8 (in part). A clerk restarted with a fixed client id
+/// used to number its writes from 1 again: the session still held the old
+/// clerk's last seq, so the new writes were answered "stale" or, worse, as
+/// a duplicate (OK, without being applied). Now its seqs start past the old
+/// ones.
+#[test]
+fn a_clerk_restarted_with_a_fixed_id_is_not_answered_from_the_old_session() {
+    let cluster = TestCluster::start(3, "");
+    cluster.wait_leader(Duration::from_secs(10));
+    let options = || kvstore_raft::clerk::ClerkOptions {
+        timeout: Duration::from_secs(10),
+        client_id: Some(4242),
+        ..Default::default()
+    };
+    let mut first = kvstore_raft::clerk::Clerk::new(&cluster.config, options());
+    for k in 0..3 {
+        first.put("r", format!("old-{k}")).unwrap();
+    }
+    drop(first);
+    let mut restarted = kvstore_raft::clerk::Clerk::new(&cluster.config, options());
+    restarted.put("r", "new").unwrap();
+    restarted.append("r", "+1").unwrap();
+    assert_eq!(restarted.get("r").unwrap().as_deref(), Some(&b"new+1"[..]));
+}
