@@ -726,6 +726,7 @@ mod tests {
                 swapped,
                 found: current.is_some(),
                 current: current.map(|c| c.as_bytes().to_vec()),
+                current_unknown: None,
             }))
         };
         let cases = [
