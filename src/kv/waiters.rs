@@ -218,36 +218,30 @@ impl Waiters {
 
     /// Removes and returns every waiter whose deadline has passed.
     pub fn take_expired(&self, now: Instant) -> Vec<(u64, Waiter)> {
+        self.take_where(|p| p.deadline <= now)
+    }
+
+    /// Removes and returns every read (Get) waiter.
+    pub fn take_reads(&self) -> Vec<(u64, Waiter)> {
+        self.take_where(|p| matches!(p.waiter, Waiter::Get { .. }))
+    }
+
+    /// Removes and returns the waiters `which` picks, and announces the
+    /// freed slots.
+    fn take_where(&self, which: impl Fn(&Pending) -> bool) -> Vec<(u64, Waiter)> {
         let mut pending = self.pending.lock();
-        let expired: Vec<u64> = pending
+        let picked: Vec<u64> = pending
             .iter()
-            .filter(|(_, p)| p.deadline <= now)
+            .filter(|(_, p)| which(p))
             .map(|(&t, _)| t)
             .collect();
-        let taken: Vec<(u64, Waiter)> = expired
+        let taken: Vec<(u64, Waiter)> = picked
             .into_iter()
             .filter_map(|t| pending.remove(&t).map(|p| (t, p.waiter)))
             .collect();
         if !taken.is_empty() {
             self.room.notify_all();
         }
-        taken
-    }
-
-    /// Removes and returns every read (Get) waiter.
-    pub fn take_reads(&self) -> Vec<(u64, Waiter)> {
-        let mut pending = self.pending.lock();
-        let reads: Vec<u64> = pending
-            .iter()
-            .filter(|(_, p)| matches!(p.waiter, Waiter::Get { .. }))
-            .map(|(&t, _)| t)
-            .collect();
-        let taken: Vec<(u64, Waiter)> = reads
-            .into_iter()
-            .filter_map(|t| pending.remove(&t).map(|p| (t, p.waiter)))
-            .collect();
-        drop(pending);
-        self.room.notify_all();
         taken
     }
 
