@@ -85,7 +85,10 @@ impl Targets {
             client_token: config.client_token.clone(),
             max_frame_bytes: config.max_frame_bytes,
             op_timeout,
-            attempt_timeout_ms: ClerkOptions::default().attempt_timeout_ms,
+            attempt_timeout_ms: crate::clerk::attempt_timeout_ms(
+                config,
+                ClerkOptions::default().attempt_timeout_ms,
+            ),
         }
     }
 }
@@ -405,6 +408,7 @@ impl Tally {
         let kind = match error {
             ClerkError::Timeout { .. } => "timeout",
             ClerkError::Rejected(_) => "rejected",
+            ClerkError::Unknown { .. } => "unknown",
         };
         *self.errors.entry(kind).or_default() += 1;
         self.error_samples

@@ -266,15 +266,24 @@ fn json_answer(result: &Result<Answer, ClerkError>) -> String {
         Ok(Answer::Done) => object(&[ok]),
         Ok(Answer::Value(value)) => object(&[ok, ("value", text_or_null(value))]),
         Ok(Answer::Deleted { existed }) => object(&[ok, ("existed", (*existed).into())]),
-        Ok(Answer::Cas(cas)) => object(&[
-            ok,
-            ("swapped", cas.swapped.into()),
-            ("value", text_or_null(&cas.current)),
-        ]),
+        Ok(Answer::Cas(cas)) => match &cas.current_unknown {
+            None => object(&[
+                ok,
+                ("swapped", cas.swapped.into()),
+                ("value", text_or_null(&cas.current)),
+            ]),
+            Some(why) => object(&[
+                ok,
+                ("swapped", cas.swapped.into()),
+                ("found", cas.found.into()),
+                ("value_unknown", why.as_str().into()),
+            ]),
+        },
         Err(error) => {
             let kind = match error {
                 ClerkError::Timeout { .. } => "timeout",
                 ClerkError::Rejected(_) => "rejected",
+                ClerkError::Unknown { .. } => "unknown",
             };
             failure(kind, &error.to_string())
         }
@@ -299,9 +308,10 @@ fn shell_answer(result: &Result<Answer, ClerkError>) -> String {
         }
         Ok(Answer::Deleted { existed: true }) => "deleted".to_string(),
         Ok(Answer::Cas(cas)) if cas.swapped => "swapped".to_string(),
-        Ok(Answer::Cas(cas)) => match &cas.current {
-            Some(current) => format!("not swapped (current value: {})", text(current)),
-            None => "not swapped (the key is missing)".to_string(),
+        Ok(Answer::Cas(cas)) => match (&cas.current, &cas.current_unknown) {
+            (_, Some(why)) => format!("not swapped (current value unknown: {why})"),
+            (Some(current), None) => format!("not swapped (current value: {})", text(current)),
+            (None, None) => "not swapped (the key is missing)".to_string(),
         },
         Err(error) => format!("error: {error}"),
     }
@@ -427,7 +437,7 @@ fn run_op(clerk: &mut Clerk, op: &Op) -> io::Result<Exit> {
             eprintln!("not swapped");
             Exit::NoMatch
         }
-        Err(error @ ClerkError::Timeout { .. }) => {
+        Err(error @ (ClerkError::Timeout { .. } | ClerkError::Unknown { .. })) => {
             eprintln!("clerk: {error}");
             Exit::Failed
         }
@@ -716,6 +726,7 @@ mod tests {
                 swapped,
                 found: current.is_some(),
                 current: current.map(|c| c.as_bytes().to_vec()),
+                current_unknown: None,
             }))
         };
         let cases = [

@@ -106,6 +106,7 @@ impl KvServer {
         let kv_options = KvOptions {
             session_ttl_ms: config.session_ttl_ms,
             max_sessions: config.max_sessions,
+            max_value_bytes: config.max_append_bytes / 2,
             ..KvOptions::default()
         };
         let machine = match &restored.snapshot {
@@ -121,6 +122,13 @@ impl KvServer {
         let listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
+            // Room for a few of the largest replies, never less than the
+            // default: replies wait here for slow clients, not on the
+            // apply thread.
+            max_outbox_bytes: config
+                .max_frame_bytes
+                .saturating_mul(4)
+                .max(ServerConfig::default().max_outbox_bytes),
             auth: ServerAuth {
                 credentials: node_credentials(config, start.id),
                 members: config.node_ids(),
@@ -164,9 +172,10 @@ impl KvServer {
             machine,
             config.snapshot_threshold_bytes,
         );
-        let applier = std::thread::Builder::new()
-            .name(format!("apply-{}", start.id))
-            .spawn(move || applier.run())
+        let applier = node
+            .handle()
+            .stopper()
+            .spawn(format!("apply-{}", start.id), move || applier.run())
             .map_err(StartError::Io)?;
         Ok(KvServer {
             node: Some(node),

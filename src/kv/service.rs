@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::SendTimeoutError;
 
 use super::state_machine::{encode_command, make_command, KvOp};
-use super::waiters::{Waiter, Waiters};
+use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ClientRequest, NodeHandle};
 use crate::proto::kvstore::*;
 use crate::raft::Role;
@@ -118,7 +118,7 @@ impl KvService {
             return Err((
                 ErrorCode::NOT_LEADER,
                 status.leader,
-                "not the leader".into(),
+                NOT_LEADER_NOTHING_PROPOSED.into(),
             ));
         }
         Ok(())

@@ -69,6 +69,12 @@ pub struct KvOptions {
     pub max_sessions: usize,
     /// A saved Cas reply keeps `current` only up to this many bytes.
     pub max_saved_current_bytes: usize,
+    /// The most bytes a value may have, however it is produced (Put, Append,
+    /// Cas): a write that would make a longer one is rejected and changes
+    /// nothing. Keeps every value readable (a Get reply fits in a frame)
+    /// and an Append's cost bounded. The server uses half of
+    /// `max_append_bytes`, the same bound its handlers check.
+    pub max_value_bytes: usize,
 }
 
 impl Default for KvOptions {
@@ -77,6 +83,7 @@ impl Default for KvOptions {
             session_ttl_ms: 3_600_000,
             max_sessions: 10_000,
             max_saved_current_bytes: 1024,
+            max_value_bytes: 512 * 1024,
         }
     }
 }
@@ -299,6 +306,13 @@ pub enum ApplyOutcome {
     /// The index is at or below the applied index (a replay after restoring
     /// a snapshot): it is already part of the state.
     AlreadyApplied,
+    /// The command would make a value longer than `max_value_bytes`; it
+    /// changed nothing (the session neither: a retry is judged again).
+    TooLarge {
+        client_id: u64,
+        seq: u64,
+        reason: String,
+    },
 }
 
 // ------------------------------------------------------------ the machine
@@ -443,6 +457,13 @@ impl KvStateMachine {
             return ApplyOutcome::Noop;
         }
         if client_id == NO_CLIENT {
+            if let Some(reason) = self.too_large(&op) {
+                return ApplyOutcome::TooLarge {
+                    client_id,
+                    seq,
+                    reason,
+                };
+            }
             let reply = self.execute(op);
             return ApplyOutcome::Applied {
                 client_id,
@@ -470,6 +491,13 @@ impl KvStateMachine {
                 };
             }
         }
+        if let Some(reason) = self.too_large(&op) {
+            return ApplyOutcome::TooLarge {
+                client_id,
+                seq,
+                reason,
+            };
+        }
         let reply = self.execute(op);
         self.set_session(
             client_id,
@@ -484,6 +512,28 @@ impl KvStateMachine {
         }
     }
 
+    /// Why `op` may not be applied: the value it would leave is over
+    /// `max_value_bytes`. `None` when it fits.
+    fn too_large(&self, op: &KvOp) -> Option<String> {
+        let (key, bytes) = match op {
+            KvOp::Put { key, value } => (key, value.len()),
+            KvOp::Append { key, value } => {
+                let old = self.map.get(key).map_or(0, Vec::len);
+                (key, old.saturating_add(value.len()))
+            }
+            KvOp::Cas { key, value, .. } => (key, value.len()),
+            KvOp::Delete { .. } | KvOp::Noop => return None,
+        };
+        let limit = self.options.max_value_bytes;
+        (bytes > limit).then(|| {
+            format!(
+                "the value of key {:?} would be {bytes} bytes, over the limit of {limit} \
+                 (max_value_bytes, half of max_append_bytes); nothing was changed",
+                String::from_utf8_lossy(&key[..key.len().min(64)])
+            )
+        })
+    }
+
     /// Carries out a write on the map and returns its reply.
     fn execute(&mut self, op: KvOp) -> CommandReply {
         match op {
@@ -493,9 +543,15 @@ impl KvStateMachine {
                 CommandReply::Put
             }
             KvOp::Append { key, value } => {
-                let mut combined = self.get(&key).unwrap_or_default().to_vec();
-                combined.extend_from_slice(&value);
-                self.set_value(key, combined);
+                // In place: the cost is the appended bytes (plus the
+                // vector's amortized growth), not the whole value.
+                match self.map.get_mut(&key) {
+                    Some(existing) => {
+                        existing.extend_from_slice(&value);
+                        self.size_bytes += value.len();
+                    }
+                    None => self.set_value(key, value),
+                }
                 CommandReply::Append
             }
             KvOp::Delete { key } => CommandReply::Delete {
@@ -886,7 +942,42 @@ mod tests {
             session_ttl_ms: 1_000,
             max_sessions: 3,
             max_saved_current_bytes: 8,
+            max_value_bytes: 10,
         }
+    }
+
+    /// Issue 16, item 2: one limit for every way a value is made. Before,
+    /// Append grew a value without bound (until no Get of it fit in a frame).
+    #[test]
+    fn no_write_makes_a_value_over_max_value_bytes() {
+        let mut d = Driver::new();
+        assert_eq!(d.reply(1, 1, put("k", "123456")), CommandReply::Put);
+        assert_eq!(d.reply(1, 2, append("k", "7890")), CommandReply::Append);
+        assert_eq!(d.get("k"), Some("1234567890"));
+        let size = d.machine.approx_size_bytes();
+        for (seq, op) in [
+            (3, append("k", "x")),
+            (4, put("j", "12345678901")),
+            (5, cas("k", "1234567890", "12345678901")),
+        ] {
+            match d.run(1, seq, 0, op) {
+                ApplyOutcome::TooLarge { reason, .. } => {
+                    assert!(
+                        reason.contains("over the limit of 10 (max_value_bytes"),
+                        "{reason}"
+                    )
+                }
+                other => panic!("seq {seq}: expected TooLarge, got {other:?}"),
+            }
+        }
+        assert_eq!(d.get("k"), Some("1234567890"));
+        assert_eq!(d.get("j"), None);
+        assert_eq!(d.machine.approx_size_bytes(), size);
+        // A refused write leaves the session as it was: the next seq works.
+        assert_eq!(d.reply(1, 6, append("j", "1")), CommandReply::Append);
+        // Appending in place keeps the size accounting exact.
+        let restored = KvStateMachine::restore(&d.machine.snapshot(), options()).unwrap();
+        assert_eq!(restored.approx_size_bytes(), d.machine.approx_size_bytes());
     }
 
     fn put(key: &str, value: &str) -> KvOp {

@@ -142,6 +142,13 @@ impl TestCluster {
             .map(|s| s.handle().status())
     }
 
+    /// The handle of running node `id`: its fatal error, its thread spawner.
+    pub fn handle(&self, id: NodeId) -> Option<kvstore_raft::node::NodeHandle> {
+        self.servers.lock()[id as usize - 1]
+            .as_ref()
+            .map(|s| s.handle().clone())
+    }
+
     /// Cuts both directions between `a` and every node of `others`.
     pub fn cut(&self, a: NodeId, others: &[NodeId]) {
         let mut cut = self.cut.lock();

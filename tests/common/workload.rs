@@ -152,7 +152,7 @@ fn run_client(
                 Some(output),
                 Some(kvstore_raft::check::return_stamp_us(epoch)),
             ),
-            Err(ClerkError::Timeout { .. }) => (None, None),
+            Err(ClerkError::Timeout { .. } | ClerkError::Unknown { .. }) => (None, None),
             Err(other) => panic!("client {client}: unexpected error: {other}"),
         };
         ops.push((
