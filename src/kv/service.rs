@@ -153,6 +153,7 @@ impl KvService {
     }
 
     fn write(&self, header: Option<&RequestHeader>, op: KvOp, waiter: Waiter) {
+        crate::metrics::PROPOSALS_RECEIVED.inc();
         let (key, value) = match &op {
             KvOp::Put { key, value } | KvOp::Append { key, value } => (key, value),
             KvOp::Cas { key, value, .. } => (key, value),

@@ -271,6 +271,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
         }
         let active = shared.active_connections.load(Ordering::SeqCst);
         if active >= max_connections {
+            crate::metrics::CONNECTIONS_REFUSED.inc();
             warn!(
                 "rpc server {}: refusing connection from {peer}: all {max_connections} \
                  connection threads are busy (max_connections)",
@@ -484,6 +485,7 @@ fn read_requests(
         let responder = RawResponder {
             connection: Some(Arc::clone(connection)),
             request: frame.header,
+            timer: request_timer(&frame.header),
         };
         shared.router.dispatch(
             frame.header.service_id,
@@ -817,6 +819,19 @@ pub struct RawResponder {
     /// `None` once answered.
     connection: Option<Arc<Connection>>,
     request: FrameHeader,
+    /// A client request's arrival and its latency histogram (`/metrics`).
+    timer: Option<(Instant, &'static crate::metrics::Histogram)>,
+}
+
+/// Starts timing a KVStore call, for its latency histogram.
+fn request_timer(header: &FrameHeader) -> Option<(Instant, &'static crate::metrics::Histogram)> {
+    use crate::rpc::services::kv_store;
+    if header.service_id != kv_store::SERVICE_ID {
+        return None;
+    }
+    let histogram =
+        crate::metrics::client_request_histogram(kv_store::method_name(header.method_id)?)?;
+    Some((Instant::now(), histogram))
 }
 
 impl RawResponder {
@@ -852,6 +867,10 @@ impl RawResponder {
 
 impl Drop for RawResponder {
     fn drop(&mut self) {
+        // Answered or not, the call is over: time it.
+        if let Some((received, histogram)) = self.timer.take() {
+            histogram.observe_duration(received.elapsed());
+        }
         if let Some(connection) = self.connection.take() {
             let text = format!(
                 "the handler of {} dropped its responder without replying",
