@@ -15,12 +15,13 @@
 
 pub mod warnings;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use crate::proto::kvstore::ErrorCode;
@@ -49,6 +50,27 @@ impl Counter {
 impl Default for Counter {
     fn default() -> Self {
         Counter::new()
+    }
+}
+
+/// A value that goes up and down.
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub const fn new() -> Gauge {
+        Gauge(AtomicI64::new(0))
+    }
+
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -238,6 +260,8 @@ pub static SNAPSHOT_INSTALL_DURATION: Histogram = Histogram::new(&DISK_BOUNDS_NS
 pub static LEADER_CHANGES: Counter = Counter::new();
 pub static ELECTIONS_STARTED: Counter = Counter::new();
 pub static CONNECTIONS_REFUSED: Counter = Counter::new();
+/// Connections the RPC server serves now (peers and clerks).
+pub static CONNECTIONS_OPEN: Gauge = Gauge::new();
 
 /// Counts a client request that failed with `code`: a write (proposal) or
 /// a read. Codes other than the three named reasons count as `other`.
@@ -279,7 +303,6 @@ pub fn client_request_histogram(method: &str) -> Option<&'static Histogram> {
 #[derive(Debug, Default)]
 pub struct ProcessCollector;
 
-/// `kvstore_` + name; every family is encoded through here.
 pub fn encode_counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -289,6 +312,17 @@ pub fn encode_counter(
     let counter = ConstCounter::new(value);
     let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
     counter.encode(metric)
+}
+
+pub fn encode_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(value);
+    let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+    gauge.encode(metric)
 }
 
 pub fn encode_labelled_counters(
@@ -482,6 +516,12 @@ impl Collector for ProcessCollector {
         for (name, help, counter) in counters {
             encode_counter(e, name, help, counter.get())?;
         }
+        encode_gauge(
+            e,
+            "kvstore_connections_open",
+            "Connections the RPC port serves now (peers and clerks).",
+            CONNECTIONS_OPEN.get(),
+        )?;
         encode_labelled_counters(
             e,
             "kvstore_slow_events",

@@ -280,8 +280,10 @@ fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
             continue;
         }
         shared.active_connections.fetch_add(1, Ordering::SeqCst);
+        crate::metrics::CONNECTIONS_OPEN.inc();
         if !ensure_worker(&shared, active + 1, &queue_rx) {
             shared.active_connections.fetch_sub(1, Ordering::SeqCst);
+            crate::metrics::CONNECTIONS_OPEN.dec();
             continue;
         }
         if queue_tx.send((stream, peer)).is_err() {
@@ -337,6 +339,7 @@ fn worker_loop(
             );
         }
         shared.active_connections.fetch_sub(1, Ordering::SeqCst);
+        crate::metrics::CONNECTIONS_OPEN.dec();
     }
 }
 
