@@ -285,7 +285,10 @@ impl ClusterConfig {
                 .as_object()
                 .ok_or_else(|| error(format!("{at}: {node} is not an object {{...}}")))?;
             check_keys(node, NODE_KEYS, &format!("{at}.")).map_err(error)?;
-            if let Some(key) = REQUIRED_NODE_KEYS.iter().find(|key| !node.contains_key(**key)) {
+            if let Some(key) = REQUIRED_NODE_KEYS
+                .iter()
+                .find(|key| !node.contains_key(**key))
+            {
                 return Err(error(format!("{at}: missing key \"{key}\"")));
             }
         }
@@ -632,8 +635,12 @@ fn validate_http(node: &RawNode, at: &str) -> Result<Option<SocketAddr>, String>
             .map_err(|_| format!("{at}.http_ip: \"{ip}\" is not an IP address"))?,
         None => IpAddr::from([127, 0, 0, 1]),
     };
-    if port == node.port as u16 && (ip == node.ip.parse::<IpAddr>().unwrap_or(ip) || ip.is_unspecified()) {
-        return Err(format!("{at}.http_port: {port} is also the node's RPC port"));
+    if port == node.port as u16
+        && (ip == node.ip.parse::<IpAddr>().unwrap_or(ip) || ip.is_unspecified())
+    {
+        return Err(format!(
+            "{at}.http_port: {port} is also the node's RPC port"
+        ));
     }
     Ok(Some(SocketAddr::new(ip, port)))
 }
@@ -862,11 +869,17 @@ mod tests {
         let off = parse(r#"{"id": 1, "ip": "127.0.0.1", "port": 5001}"#);
         assert_eq!(off.raft_nodes[0].http, None);
         let on = parse(r#"{"id": 1, "ip": "127.0.0.1", "port": 5001, "http_port": 8001}"#);
-        assert_eq!(on.raft_nodes[0].http, Some("127.0.0.1:8001".parse().unwrap()));
+        assert_eq!(
+            on.raft_nodes[0].http,
+            Some("127.0.0.1:8001".parse().unwrap())
+        );
         let wide = parse(
             r#"{"id": 1, "ip": "127.0.0.1", "port": 5001, "http_port": 8001, "http_ip": "0.0.0.0"}"#,
         );
-        assert_eq!(wide.raft_nodes[0].http, Some("0.0.0.0:8001".parse().unwrap()));
+        assert_eq!(
+            wide.raft_nodes[0].http,
+            Some("0.0.0.0:8001".parse().unwrap())
+        );
         assert_eq!(
             node_error(r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "http_port": 70000}"#),
             "conf/x.json: raft_nodes[0].http_port: 70000 is not a valid port"
@@ -876,7 +889,9 @@ mod tests {
             "conf/x.json: raft_nodes[0].http_ip: set without http_port (the HTTP endpoint is off without a port)"
         );
         assert_eq!(
-            node_error(r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "http_port": 2, "http_ip": "x"}"#),
+            node_error(
+                r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "http_port": 2, "http_ip": "x"}"#
+            ),
             r#"conf/x.json: raft_nodes[0].http_ip: "x" is not an IP address"#
         );
         assert_eq!(

@@ -78,12 +78,12 @@ impl Gauge {
 const MAX_BUCKETS: usize = 32;
 
 /// A histogram of integer observations (nanoseconds, or a count of
-/// entries) over fixed upper bounds, in atomics. `scale` turns the integer
-/// unit into the exposed one (1e-9 for seconds).
+/// entries) over fixed upper bounds, in atomics. The exposed value is the
+/// integer divided by `per_unit` (1e9 for seconds from nanoseconds).
 pub struct Histogram {
     /// Inclusive upper bounds, ascending, in the integer unit.
     bounds: &'static [u64],
-    scale: f64,
+    per_unit: f64,
     /// Observations per bucket (not cumulative); the one after the last
     /// bound counts those above every bound (+Inf).
     buckets: [AtomicU64; MAX_BUCKETS + 1],
@@ -130,11 +130,11 @@ impl HistogramSnapshot {
 }
 
 impl Histogram {
-    pub const fn new(bounds: &'static [u64], scale: f64) -> Histogram {
+    pub const fn new(bounds: &'static [u64], per_unit: f64) -> Histogram {
         assert!(bounds.len() <= MAX_BUCKETS);
         Histogram {
             bounds,
-            scale,
+            per_unit,
             buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS + 1],
             sum: AtomicU64::new(0),
         }
@@ -160,18 +160,18 @@ impl Histogram {
         let mut total = 0;
         for (i, &bound) in self.bounds.iter().enumerate() {
             total += self.buckets[i].load(Ordering::Relaxed);
-            cumulative.push((bound as f64 * self.scale, total));
+            cumulative.push((bound as f64 / self.per_unit, total));
         }
         total += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
         cumulative.push((f64::INFINITY, total));
         HistogramSnapshot {
             cumulative,
-            sum: self.sum.load(Ordering::Relaxed) as f64 * self.scale,
+            sum: self.sum.load(Ordering::Relaxed) as f64 / self.per_unit,
         }
     }
 }
 
-const NS: f64 = 1e-9;
+const NS: f64 = 1e9;
 const US: u64 = 1_000;
 const MS: u64 = 1_000_000;
 const S: u64 = 1_000_000_000;
