@@ -57,8 +57,10 @@ sleep "$KILL_AT_S"
 LEADER="$(curl -s "http://$(http_of 1)/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')"
 echo "dashboard_screenshot: killing the leader, node $LEADER" >&2
 kill -9 "${PIDS[$((LEADER - 1))]}"
-VIEW=$(( LEADER % 3 + 1 ))
+SURVIVOR=$(( LEADER % 3 + 1 ))
 sleep $(( SHOT_AT_S - KILL_AT_S ))
+# The new leader's dashboard: it serves the clients, so it has every chart.
+VIEW="$(curl -s "http://$(http_of "$SURVIVOR")/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"] or '"$SURVIVOR"')')"
 mkdir -p "$(dirname "$OUT")"
 timeout 60 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync \

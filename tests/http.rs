@@ -363,7 +363,7 @@ fn load(config: &ClusterConfig, threads: u64, duration: Duration) -> (u64, u64) 
                 let mut i = 0u64;
                 while start.elapsed() < duration {
                     let key = format!("k{t}-{}", i % 50);
-                    if clerk.put(key.as_bytes(), &[b'v'; 512]).is_ok() {
+                    if clerk.put(key.as_bytes(), [b'v'; 512]).is_ok() {
                         puts.fetch_add(1, Ordering::SeqCst);
                     }
                     if clerk.get(key.as_bytes()).is_ok() {

@@ -74,6 +74,12 @@ impl Gauge {
     }
 }
 
+impl Default for Gauge {
+    fn default() -> Self {
+        Gauge::new()
+    }
+}
+
 /// How many finite buckets a histogram may have.
 const MAX_BUCKETS: usize = 32;
 
