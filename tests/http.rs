@@ -6,11 +6,11 @@
 //! serving.
 
 mod common;
+mod process;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use kvstore_raft::http::{HttpConfig, HttpServer};
 use prometheus_parse::{Scrape, Value as Sample};
 use serde_json::Value;
 
-const KVSERVER: &str = env!("CARGO_BIN_EXE_kvserver");
+use process::KVSERVER;
 
 /// One HTTP exchange: (status, content type, body). Bounded by `timeout`.
 fn http_get(
@@ -115,13 +115,7 @@ impl ProcessCluster {
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(log);
-                // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-                unsafe {
-                    command.pre_exec(|| {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                        Ok(())
-                    });
-                }
+                process::die_with_parent(&mut command);
                 command.spawn().expect("spawn kvserver")
             })
             .collect();

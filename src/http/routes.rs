@@ -25,7 +25,7 @@ use crate::kv::service::status_reply;
 use crate::kv::waiters::Waiters;
 use crate::metrics::{encode_counter, encode_gauge, encode_labelled_counters, Counter};
 use crate::node::NodeHandle;
-use crate::raft::Role;
+use crate::raft::{FollowerStatus, Role};
 
 /// `/health` fails once the state machine is this many entries behind the
 /// commit index: the node answers, but from far behind.
@@ -221,26 +221,24 @@ impl Collector for NodeCollector {
             encode_gauge(e, name, help, gauge(value))?;
         }
         let followers = self.source.node.followers();
-        let mut matches = e.encode_descriptor(
-            "kvstore_follower_match_index",
-            "On the leader: the highest index known in each follower's log.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for f in &followers {
-            let labels = [("follower", f.id.to_string())];
-            ConstGauge::new(gauge(f.match_index)).encode(matches.encode_family(&labels)?)?;
-        }
-        let mut lags = e.encode_descriptor(
-            "kvstore_follower_lag_entries",
-            "On the leader: entries each follower is behind the leader's last index.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for f in &followers {
-            let labels = [("follower", f.id.to_string())];
-            let lag = status.last_index.saturating_sub(f.match_index);
-            ConstGauge::new(gauge(lag)).encode(lags.encode_family(&labels)?)?;
+        let per_follower = [
+            (
+                "kvstore_follower_match_index",
+                "On the leader: the highest index known in each follower's log.",
+                &(|f: &FollowerStatus| f.match_index) as &dyn Fn(&FollowerStatus) -> u64,
+            ),
+            (
+                "kvstore_follower_lag_entries",
+                "On the leader: entries each follower is behind the leader's last index.",
+                &|f: &FollowerStatus| status.last_index.saturating_sub(f.match_index),
+            ),
+        ];
+        for (name, help, value) in per_follower {
+            let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for f in &followers {
+                let labels = [("follower", f.id.to_string())];
+                ConstGauge::new(gauge(value(f))).encode(family.encode_family(&labels)?)?;
+            }
         }
         encode_counter(
             e,
