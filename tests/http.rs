@@ -75,7 +75,7 @@ fn json(addr: SocketAddr, path: &str) -> (u16, Value) {
 
 /// Three `kvserver` processes with an HTTP port each; killed on drop.
 struct ProcessCluster {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     config: ClusterConfig,
     http: Vec<SocketAddr>,
     children: Vec<Child>,
@@ -112,6 +112,8 @@ impl ProcessCluster {
                     .arg(&path)
                     .arg("--id")
                     .arg(id.to_string())
+                    .arg("--fault-file")
+                    .arg(dir.path().join(format!("node{id}.fault")))
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(log);
@@ -121,10 +123,35 @@ impl ProcessCluster {
             .collect();
         let http = config.raft_nodes.iter().map(|n| n.http.unwrap()).collect();
         ProcessCluster {
-            _dir: dir,
+            dir,
             config,
             http,
             children,
+        }
+    }
+
+    /// The file that stalls node `id`'s fsyncs while it says `stall`.
+    fn fault_file(&self, id: u64) -> std::path::PathBuf {
+        self.dir.path().join(format!("node{id}.fault"))
+    }
+
+    fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until node `id`'s log holds every one of `words` on one line.
+    fn wait_log_line(&self, id: u64, words: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log(id);
+            if let Some(line) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} never logged {words:?}:\n{log}"
+            );
+            sleep(Duration::from_millis(100));
         }
     }
 
@@ -483,6 +510,52 @@ fn metrics_of_a_cluster_under_load_parse_and_add_up() {
             );
         }
     }
+}
+
+#[test]
+fn a_stalled_disk_and_a_lagging_follower_are_warned_of_in_the_log() {
+    let cluster = ProcessCluster::start();
+    let leader = cluster.wait_healthy();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    std::fs::write(cluster.fault_file(follower), "stall").unwrap();
+    let stalled_at = Instant::now();
+    // Writes commit through the other follower, while the stalled one falls
+    // behind by more than the 64 KiB snapshot threshold.
+    let options = ClerkOptions {
+        timeout: Duration::from_secs(10),
+        ..ClerkOptions::default()
+    };
+    let mut clerk = Clerk::new(&cluster.config, options);
+    for i in 0..300 {
+        clerk
+            .put(format!("s{i}").as_bytes(), [b'v'; 512])
+            .expect("a put with one follower stalled");
+    }
+    let line = cluster.wait_log_line(
+        leader,
+        &[
+            &format!("follower {follower} is"),
+            "more than the snapshot threshold",
+        ],
+    );
+    assert!(line.contains("WARN"), "{line}");
+    sleep(Duration::from_millis(1_200).saturating_sub(stalled_at.elapsed()));
+    std::fs::write(cluster.fault_file(follower), "").unwrap();
+    let line = cluster.wait_log_line(follower, &["slow fdatasync of the WAL"]);
+    assert!(line.contains("WARN") && line.contains("over 1 s"), "{line}");
+    let slow = |id: u64, kind: &str| {
+        Metrics::scrape(cluster.http[id as usize - 1])
+            .labelled("kvstore_slow_events_total", &format!("kind={kind}"))
+    };
+    assert!(slow(follower, "slow_fsync") >= 1.0);
+    assert!(slow(leader, "follower_lagging") >= 1.0);
+    // Rate-limited: one line per kind per 10 s, however many events.
+    let lines = cluster
+        .log(leader)
+        .lines()
+        .filter(|l| l.contains("more than the snapshot threshold"))
+        .count();
+    assert!(lines <= 3, "{lines} lag warnings: not rate-limited");
 }
 
 // ------------------------------------------------- in-process endpoints
