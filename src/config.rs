@@ -804,7 +804,7 @@ mod tests {
             error_of(r#"{"raft_nodes": [{"id": 1, "ip": "127.0.0.1", "port": 1, "host": "a"}]}"#);
         assert_eq!(
             error,
-            r#"conf/x.json: unknown key "raft_nodes[0].host" (known keys: id, ip, port)"#
+            r#"conf/x.json: unknown key "raft_nodes[0].host" (known keys: id, ip, port, http_port, http_ip)"#
         );
     }
 
