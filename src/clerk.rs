@@ -11,6 +11,10 @@
 //! ([`Route`], [`Attempts`]) do no I/O, so the load generator's multiplexed
 //! clients follow exactly the same ones without a thread each.
 
+mod status;
+
+pub use self::status::json_object;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

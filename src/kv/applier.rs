@@ -122,9 +122,11 @@ impl Applier {
                 }
             }
             ApplyTask::Committed(entries) => {
+                let (started, count) = (Instant::now(), entries.len());
                 for entry in entries {
                     self.apply(entry);
                 }
+                crate::metrics::apply_done(self.node.id(), count, started.elapsed());
                 self.serve_reads();
                 self.maybe_snapshot();
             }

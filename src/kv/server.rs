@@ -75,6 +75,8 @@ pub struct StartOptions {
 }
 
 pub struct KvServer {
+    /// The LockQueue's slots, for monitoring.
+    waiters: Arc<Waiters>,
     node: Option<Node>,
     rpc: Option<RpcServer>,
     applier: Option<JoinHandle<()>>,
@@ -143,6 +145,10 @@ impl KvServer {
         let node_options = node_options(config, start.id, start.link_filter);
         let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
         let waiters = Arc::new(Waiters::new(config.proposal_queue_capacity.max(1)));
+        crate::metrics::warnings::set_thresholds(
+            config.election_timeout_max_ms,
+            config.snapshot_threshold_bytes,
+        );
         let service = KvService::new(
             node.handle().clone(),
             Arc::clone(&waiters),
@@ -168,7 +174,7 @@ impl KvServer {
         let applier = Applier::new(
             node.handle().clone(),
             tasks,
-            waiters,
+            Arc::clone(&waiters),
             machine,
             config.snapshot_threshold_bytes,
         );
@@ -178,6 +184,7 @@ impl KvServer {
             .spawn(format!("apply-{}", start.id), move || applier.run())
             .map_err(StartError::Io)?;
         Ok(KvServer {
+            waiters,
             node: Some(node),
             rpc: Some(rpc),
             applier: Some(applier),
@@ -186,6 +193,11 @@ impl KvServer {
 
     pub fn handle(&self) -> &NodeHandle {
         self.node.as_ref().expect("running").handle()
+    }
+
+    /// The LockQueue: how many of its slots are in use is a gauge of load.
+    pub fn waiters(&self) -> Arc<Waiters> {
+        Arc::clone(&self.waiters)
     }
 
     pub fn local_addr(&self) -> std::net::SocketAddr {

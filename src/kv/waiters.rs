@@ -53,6 +53,7 @@ fn header(
 impl Waiter {
     /// Answers with an error and no result.
     pub fn fail(self, error: ErrorCode, leader_hint: NodeId, message: &str) {
+        crate::metrics::request_failed(!matches!(self, Waiter::Get { .. }), error);
         let header = header(error, leader_hint, message);
         match self {
             Waiter::Get { responder, .. } => responder.send(GetReply {

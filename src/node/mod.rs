@@ -16,6 +16,7 @@
 
 mod event_loop;
 mod peer;
+mod probes;
 mod raft_service;
 pub mod wire;
 
@@ -28,7 +29,9 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
-use crate::raft::{Entry, Message, NodeId, ProposeError, RestoredState, Snapshot, Status};
+use crate::raft::{
+    Entry, FollowerStatus, Message, NodeId, ProposeError, RestoredState, Snapshot, Status,
+};
 use crate::storage::DiskStorage;
 
 pub use self::raft_service::RaftServiceHandler;
@@ -206,6 +209,8 @@ pub struct NodeHandle {
     events: Sender<Event>,
     status: Arc<Mutex<Status>>,
     stopper: NodeStopper,
+    /// The leader's view of its followers, refreshed every ~100 ms.
+    followers: Arc<Mutex<Vec<FollowerStatus>>>,
 }
 
 impl NodeHandle {
@@ -221,6 +226,12 @@ impl NodeHandle {
     /// The core's state as of the end of the last event-loop cycle.
     pub fn status(&self) -> Status {
         self.status.lock().clone()
+    }
+
+    /// The leader's view of its followers (empty unless this node leads),
+    /// as of at most ~100 ms ago. For monitoring.
+    pub fn followers(&self) -> Vec<FollowerStatus> {
+        self.followers.lock().clone()
     }
 
     /// Why the node stopped by itself (a storage failure, a panicked
@@ -278,6 +289,8 @@ impl Node {
         let stopping = Arc::new(AtomicBool::new(false));
         let core = crate::raft::RaftCore::new(options.core_config(), restored);
         let status = Arc::new(Mutex::new(core.status()));
+        let followers = Arc::new(Mutex::new(Vec::new()));
+        let probes = probes::Probes::new(&core.status(), Arc::clone(&followers));
         let fatal = Arc::new(Mutex::new(None));
         let stopper = NodeStopper {
             id: options.id,
@@ -290,6 +303,7 @@ impl Node {
             events: event_tx.clone(),
             status: Arc::clone(&status),
             stopper: stopper.clone(),
+            followers,
         };
         let mut threads = Vec::new();
         let peers = peer::PeerSenders::start(&options, event_tx.clone(), &stopper, &mut threads)?;
@@ -310,6 +324,7 @@ impl Node {
             fatal,
             stopping: Arc::clone(&stopping),
             max_batch_requests: options.max_batch_requests.max(1),
+            probes,
         };
         threads.push(
             stopper.spawn(format!("event-loop-{}", options.id), move || {

@@ -72,6 +72,18 @@ pub struct Status {
     pub log_bytes: u64,
 }
 
+/// The leader's view of one follower, for monitoring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowerStatus {
+    pub id: NodeId,
+    /// The highest index known to be in the follower's log.
+    pub match_index: u64,
+    /// It answered something since the last check-quorum round.
+    pub recent_active: bool,
+    /// `probe`, `replicate` or `snapshot`.
+    pub state: &'static str,
+}
+
 /// What the driver must do now, in the order of the fields.
 #[derive(Debug, Default)]
 pub struct Ready {
@@ -301,6 +313,26 @@ impl RaftCore {
             snapshot_index: self.log.snapshot_meta().index,
             log_bytes: self.log.size_bytes(),
         }
+    }
+
+    /// The leader's view of its followers, by id; empty on other roles.
+    pub fn followers(&self) -> Vec<FollowerStatus> {
+        let mut followers: Vec<FollowerStatus> = self
+            .progress
+            .iter()
+            .map(|(&id, p)| FollowerStatus {
+                id,
+                match_index: p.match_index,
+                recent_active: p.recent_active,
+                state: match p.state {
+                    ProgressState::Probe => "probe",
+                    ProgressState::Replicate => "replicate",
+                    ProgressState::Snapshot => "snapshot",
+                },
+            })
+            .collect();
+        followers.sort_by_key(|f| f.id);
+        followers
     }
 
     fn quorum(&self) -> usize {

@@ -320,6 +320,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
         }
         let active = shared.active_connections.load(Ordering::SeqCst);
         if active >= max_connections {
+            crate::metrics::CONNECTIONS_REFUSED.inc();
             warn!(
                 "rpc server {}: refusing connection from {peer}: all {max_connections} \
                  connection threads are busy (max_connections)",
@@ -328,8 +329,10 @@ fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
             continue;
         }
         shared.active_connections.fetch_add(1, Ordering::SeqCst);
+        crate::metrics::CONNECTIONS_OPEN.inc();
         if !ensure_worker(&shared, active + 1, &queue_rx) {
             shared.active_connections.fetch_sub(1, Ordering::SeqCst);
+            crate::metrics::CONNECTIONS_OPEN.dec();
             continue;
         }
         if queue_tx.send((stream, peer)).is_err() {
@@ -385,6 +388,7 @@ fn worker_loop(
             );
         }
         shared.active_connections.fetch_sub(1, Ordering::SeqCst);
+        crate::metrics::CONNECTIONS_OPEN.dec();
     }
 }
 
@@ -542,6 +546,7 @@ fn read_requests(
         let responder = RawResponder {
             connection: Some(Arc::clone(connection)),
             request: frame.header,
+            timer: request_timer(&frame.header),
         };
         shared.router.dispatch(
             frame.header.service_id,
@@ -1074,6 +1079,19 @@ pub struct RawResponder {
     /// `None` once answered.
     connection: Option<Arc<Connection>>,
     request: FrameHeader,
+    /// A client request's arrival and its latency histogram (`/metrics`).
+    timer: Option<(Instant, &'static crate::metrics::Histogram)>,
+}
+
+/// Starts timing a KVStore call, for its latency histogram.
+fn request_timer(header: &FrameHeader) -> Option<(Instant, &'static crate::metrics::Histogram)> {
+    use crate::rpc::services::kv_store;
+    if header.service_id != kv_store::SERVICE_ID {
+        return None;
+    }
+    let histogram =
+        crate::metrics::client_request_histogram(kv_store::method_name(header.method_id)?)?;
+    Some((Instant::now(), histogram))
 }
 
 impl RawResponder {
@@ -1109,6 +1127,10 @@ impl RawResponder {
 
 impl Drop for RawResponder {
     fn drop(&mut self) {
+        // Answered or not, the call is over: time it.
+        if let Some((received, histogram)) = self.timer.take() {
+            histogram.observe_duration(received.elapsed());
+        }
         if let Some(connection) = self.connection.take() {
             let text = format!(
                 "the handler of {} dropped its responder without replying",

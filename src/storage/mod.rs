@@ -553,6 +553,7 @@ impl DiskStorage {
             .map_err(StorageError::io("write", &active.path));
         self.active_unsynced = true;
         active.size_bytes += self.buffer.len() as u64;
+        crate::metrics::WAL_WRITTEN_BYTES.inc_by(self.buffer.len() as u64);
         if self.buffer.capacity() > RETAINED_BUFFER_BYTES {
             self.buffer = Vec::new();
         }

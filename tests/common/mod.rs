@@ -380,3 +380,12 @@ impl TestCluster {
             .unwrap_or(0)
     }
 }
+
+impl TestCluster {
+    /// What node `id`'s HTTP endpoint reads, while it runs.
+    pub fn http_source(&self, id: NodeId) -> Option<kvstore_raft::http::Source> {
+        self.servers.lock()[id as usize - 1]
+            .as_ref()
+            .map(|server| kvstore_raft::http::Source::of(server, &self.config))
+    }
+}

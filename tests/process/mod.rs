@@ -486,7 +486,7 @@ impl Drop for Cluster {
 /// Asks the kernel to SIGKILL the child when the thread that spawned it
 /// ends, so not even a killed test binary leaves servers behind. Every
 /// spawn here happens on a thread that outlives the child's use.
-fn die_with_parent(command: &mut Command) {
+pub fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
         command.pre_exec(|| {
