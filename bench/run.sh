@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# The standard benchmark of kvstore-raft (issue 4 §3); see bench/README.md.
+# The standard benchmark of kvstore-raft (issue 4 §3) and its scale
+# scenarios (issue 11); see bench/README.md.
 #   bench/run.sh [--duration S] [--warmup S] [--scenarios LIST] [--out DIR]
 # Every scenario runs on a fresh 3-node cluster (bin/start_nodes.sh on a
 # temporary config: free loopback ports, an empty data dir under
-# ${TMPDIR:-/tmp}, fsync on), driven by target/release/loadgen. Prints a
-# markdown table and writes the raw loadgen JSON (plus RSS) to the output
-# dir. The cluster is stopped on exit, on failure and on Ctrl-C.
+# ${TMPDIR:-/tmp}, fsync on), driven by target/release/loadgen. Scenarios
+# that read, and every scenario with a key-count suffix (put_c64_k1m), first
+# write every key once (loadgen --preload-only, timed and logged apart).
+# Each node's RSS is sampled every RSS_SAMPLE_S during the preload and the
+# run. Prints a markdown table and writes the raw loadgen JSON (plus RSS) to
+# the output dir. The cluster is stopped on exit, on failure and on Ctrl-C.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# write_config, node_pids, rss_kib and the RSS sampler.
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 DEFAULT_SCENARIOS="put_c1,put_c16,put_c64,put_c256,get_lin_c64,mixed_r50_c64,overload"
+# --scenarios scale: issue 11's targets, the 10 000-key figures beside 1 M and 10 M keys.
+SCALE_SCENARIOS="put_c64,mixed_r50_c64,put_c64_k1m,mixed_r50_c64_k1m,put_c64_k10m,mixed_r50_c64_k10m"
 DURATION=10
 WARMUP=0
 SCENARIOS="$DEFAULT_SCENARIOS"
@@ -21,6 +30,11 @@ KEYS="${KEYS:-10000}"
 # many clerks (more than the cluster can serve at once, so requests queue).
 OVERLOAD_FACTOR="${OVERLOAD_FACTOR:-4}"
 OVERLOAD_CLIENTS="${OVERLOAD_CLIENTS:-4096}"
+# The preload: writes in flight, and its time limit (loadgen fails past it).
+PRELOAD_CLIENTS="${PRELOAD_CLIENTS:-512}"
+PRELOAD_TIMEOUT_S="${PRELOAD_TIMEOUT_S:-3600}"
+# Seconds between two samples of each node's RSS.
+RSS_SAMPLE_S="${RSS_SAMPLE_S:-0.5}"
 # Time limits: a start (it may build), a stop, and a run beyond its length.
 START_TIMEOUT_S=300
 STOP_TIMEOUT_S=60
@@ -28,7 +42,7 @@ RUN_SLACK_S=120
 
 usage() {
     echo "usage: bench/run.sh [--duration S (default $DURATION)] [--warmup S (default 0)]" \
-        "[--scenarios LIST (default $DEFAULT_SCENARIOS)] [--out DIR]"
+        "[--scenarios LIST (default $DEFAULT_SCENARIOS; 'scale' = $SCALE_SCENARIOS)] [--out DIR]"
 }
 die_usage() { echo "run.sh: $1 ($(usage))" >&2; exit 2; }
 say() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
@@ -51,11 +65,15 @@ while [[ $# -gt 0 ]]; do
 done
 [[ "$DURATION" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die_usage "--duration '$DURATION' is not a number of seconds"
 [[ "$WARMUP" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die_usage "--warmup '$WARMUP' is not a number of seconds"
+SCENARIOS="${SCENARIOS//scale/$SCALE_SCENARIOS}"
 IFS=, read -r -a SCEN_LIST <<<"$SCENARIOS"
 for scen in "${SCEN_LIST[@]}"; do
-    [[ "$scen" =~ ^(put_c[0-9]+|get_lin_c[0-9]+|mixed_r[0-9]+_c[0-9]+|overload)$ ]] \
-        || die_usage "unknown scenario '$scen' (put_c<N>, get_lin_c<N>, mixed_r<P>_c<N>, overload)"
+    [[ "$scen" =~ ^((put_c[0-9]+|get_lin_c[0-9]+|mixed_r[0-9]+_c[0-9]+)(_k[0-9]+[km]?)?|overload)$ ]] \
+        || die_usage "unknown scenario '$scen' (put_c<N>, get_lin_c<N>, mixed_r<P>_c<N>, each with an optional key count _k<K>[k|m], overload)"
 done
+[[ "$PRELOAD_CLIENTS" =~ ^[1-9][0-9]*$ ]] || die_usage "PRELOAD_CLIENTS '$PRELOAD_CLIENTS' is not a positive number"
+[[ "$PRELOAD_TIMEOUT_S" =~ ^[1-9][0-9]*$ ]] || die_usage "PRELOAD_TIMEOUT_S '$PRELOAD_TIMEOUT_S' is not a whole number of seconds"
+[[ "$RSS_SAMPLE_S" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die_usage "RSS_SAMPLE_S '$RSS_SAMPLE_S' is not a number of seconds"
 # The overload rate comes from put_c64's peak: run put_c64 first if it is
 # not listed before overload.
 if [[ ",$SCENARIOS," == *,overload,* ]]; then
@@ -72,21 +90,14 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/kv-bench-work.XXXXXX")"
 CUR_CONFIG=""
 stop_cluster() {
     [[ -n "$CUR_CONFIG" ]] || return 0
-    local name
-    name="$(basename "$CUR_CONFIG" .json)"
-    (cd "$ROOT" && timeout -k 5 "$STOP_TIMEOUT_S" bin/stop_nodes.sh --config "$CUR_CONFIG") \
-        >>"$OUT/logs/stop.log" 2>&1 || say "warning: bin/stop_nodes.sh failed (see $OUT/logs/stop.log)"
-    # The nodes' logs (start_nodes.sh keeps them under the project's logs/).
-    if [[ -d "$ROOT/logs/$name" ]]; then
-        rm -rf "$OUT/logs/$name"
-        mv "$ROOT/logs/$name" "$OUT/logs/$name" || true
-    fi
+    stop_nodes_keep_logs
     rm -rf "$(dirname "$CUR_CONFIG")"
     CUR_CONFIG=""
 }
 on_exit() {
     local status=$?
     trap - EXIT INT TERM
+    rss_stop
     stop_cluster
     rm -rf "$WORK"
     exit "$status"
@@ -94,11 +105,7 @@ on_exit() {
 trap on_exit EXIT
 trap 'say "interrupted"; exit 130' INT TERM
 
-say "building release binaries"
-(cd "$ROOT" && cargo build --release --bins --quiet) >"$OUT/logs/build.log" 2>&1 \
-    || fail "cargo build failed (log: $OUT/logs/build.log)"
-TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+build_release
 LOADGEN="$TARGET_DIR/release/loadgen"
 [[ -x "$LOADGEN" ]] || fail "$LOADGEN is missing after the build"
 
@@ -113,52 +120,6 @@ FS_TYPE="$(df -T "$WORK" | awk 'NR == 2 { print $2 }')"
     echo "parameters: duration ${DURATION}s, warmup ${WARMUP}s, value ${VALUE_SIZE} B, keys $KEYS"
     echo "loadavg_before: $(cat /proc/loadavg)"
 } >"$OUT/machine.txt"
-
-# Writes a cluster file for 3 nodes on free loopback ports (below the
-# ephemeral range; bound without SO_REUSEADDR, so TIME_WAIT ports are
-# skipped) with its data dir next to it.
-write_config() {
-    python3 - "$1" "$2" <<'PY'
-import json, random, socket, sys
-path, data_dir = sys.argv[1], sys.argv[2]
-try:
-    low_ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-except (OSError, ValueError, IndexError):
-    low_ephemeral = 32768
-rng = random.SystemRandom()
-ports = []
-for _ in range(1000):
-    port = rng.randrange(15000, min(low_ephemeral, 32768))
-    if port in ports or 23780 <= port < 23820:  # etcd-bench's ports
-        continue
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", port))
-        ports.append(port)
-    except OSError:
-        pass
-    finally:
-        s.close()
-    if len(ports) == 3:
-        break
-else:
-    sys.exit("found no 3 free loopback ports")
-nodes = [{"id": i + 1, "ip": "127.0.0.1", "port": p} for i, p in enumerate(ports)]
-json.dump({"raft_nodes": nodes, "data_dir": data_dir}, open(path, "w"))
-PY
-}
-
-# The RSS (KiB) of each node of the current cluster, as a JSON list, read
-# from the pid files bin/start_nodes.sh keeps.
-rss_kib() {
-    local name pid_file pid list=()
-    name="$(basename "$CUR_CONFIG" .json)"
-    for pid_file in "$ROOT/logs/$name"/node*.pid; do
-        pid="$(cat "$pid_file" 2>/dev/null || true)"
-        list+=("$( (ps -o rss= -p "$pid" 2>/dev/null || echo 0) | tr -d ' ')")
-    done
-    (IFS=,; echo "[${list[*]}]")
-}
 
 start_cluster() { # TAG
     local dir="$WORK/$1"
@@ -177,11 +138,34 @@ loadgen_error() {
     grep '^loadgen:' "$1" | tail -n 1 | grep . || tail -n 1 "$1"
 }
 
-# run_loadgen TAG ARGS...: the measured run; its JSON plus the scenario and
-# RSS before and after goes to runs.jsonl, and the line itself to stdout.
+# preload TAG KEYS: writes every key once (loadgen --preload-only), with each
+# node's RSS sampled meanwhile; leaves loadgen's JSON in logs/TAG.preload.out.
+preload() {
+    local tag="$1" keys="$2" status=0
+    say "  preloading $keys keys ($PRELOAD_CLIENTS writes in flight; progress: $OUT/logs/$tag.preload.err)"
+    # shellcheck disable=SC2046
+    rss_start "$OUT/logs/$tag.preload.rss" $(node_pids)
+    timeout --foreground -k 10 "$((PRELOAD_TIMEOUT_S + RUN_SLACK_S))" "$LOADGEN" --config "$CUR_CONFIG" \
+        --clients 64 --value-size "$VALUE_SIZE" --keys "$keys" --preload-only \
+        --preload-clients "$PRELOAD_CLIENTS" --preload-timeout "$PRELOAD_TIMEOUT_S" --json \
+        >"$OUT/logs/$tag.preload.out" 2>"$OUT/logs/$tag.preload.err" || status=$?
+    rss_stop
+    case "$status" in
+        0) ;;
+        130) say "interrupted"; exit 130 ;;
+        124|137) fail "loadgen --preload-only ($tag) ran past its time limit (log: $OUT/logs/$tag.preload.err)" ;;
+        *) fail "loadgen --preload-only ($tag) exited with status $status: $(loadgen_error "$OUT/logs/$tag.preload.err") (log: $OUT/logs/$tag.preload.err)" ;;
+    esac
+    say "  $(grep '^\[preload' "$OUT/logs/$tag.preload.err" | tail -n 1 | sed 's/  */ /g')"
+}
+
+# run_loadgen TAG KEYS ARGS...: the measured run (after the preload, if
+# there was one); its JSON plus the scenario, the preload's figures and the
+# nodes' RSS (before, after, and the largest sampled during the run and
+# during the preload) goes to runs.jsonl, and the line itself to stdout.
 run_loadgen() {
-    local tag="$1" rss_before rss_after line
-    shift
+    local tag="$1" keys="$2" rss_before rss_after line
+    shift 2
     rss_before="$(rss_kib)"
     local limit
     limit="$(python3 -c "import math; print(math.ceil($DURATION + $WARMUP + $RUN_SLACK_S))")"
@@ -189,9 +173,12 @@ run_loadgen() {
     [[ "$WARMUP" == 0 ]] || warm=(--warmup "$WARMUP")
     # --foreground: loadgen stays in our process group, so Ctrl-C reaches it.
     local status=0
+    # shellcheck disable=SC2046
+    rss_start "$OUT/logs/$tag.rss" $(node_pids)
     timeout --foreground -k 10 "$limit" "$LOADGEN" --config "$CUR_CONFIG" --duration "$DURATION" \
-        --value-size "$VALUE_SIZE" --keys "$KEYS" "${warm[@]}" --json --plot "$OUT/$tag.svg" "$@" \
+        --value-size "$VALUE_SIZE" --keys "$keys" "${warm[@]}" --json --plot "$OUT/$tag.svg" "$@" \
         >"$OUT/logs/$tag.out" 2>"$OUT/logs/$tag.err" || status=$?
+    rss_stop
     case "$status" in
         0) ;;
         130) say "interrupted"; exit 130 ;;
@@ -199,14 +186,33 @@ run_loadgen() {
         *) fail "loadgen ($tag) exited with status $status: $(loadgen_error "$OUT/logs/$tag.err") (log: $OUT/logs/$tag.err)" ;;
     esac
     rss_after="$(rss_kib)"
-    line="$(python3 - "$OUT/logs/$tag.out" "$tag" "$rss_before" "$rss_after" <<'PY'
-import json, sys
-path, tag, before, after = sys.argv[1:]
-lines = [l for l in open(path).read().splitlines() if l.startswith("{")]
-if not lines:
-    sys.exit(f"loadgen printed no JSON object ({path})")
-result = json.loads(lines[-1])
-result.update(scenario=tag, rss_kib_before=json.loads(before), rss_kib_after=json.loads(after))
+    line="$(python3 - "$OUT/logs" "$tag" "$rss_before" "$rss_after" "$(rss_max "$OUT/logs/$tag.rss")" <<'PY'
+import json, os, sys
+logs, tag, before, after, run_max = sys.argv[1:]
+def last_json(path):
+    lines = [l for l in open(path).read().splitlines() if l.startswith("{")]
+    if not lines:
+        sys.exit(f"loadgen printed no JSON object ({path})")
+    return json.loads(lines[-1])
+result = last_json(f"{logs}/{tag}.out")
+result.update(scenario=tag, rss_kib_before=json.loads(before), rss_kib_after=json.loads(after),
+              rss_kib_max=json.loads(run_max))
+if os.path.exists(f"{logs}/{tag}.preload.out"):
+    pre = last_json(f"{logs}/{tag}.preload.out")
+    result.update(preload_keys=pre["preload_keys"], preload_s=pre["preload_s"],
+                  preload_errors=pre["preload_errors"], preload_clients=pre.get("preload_clients"))
+    rows = [[int(v) for v in l.split()[1:]] for l in open(f"{logs}/{tag}.preload.rss") if l.strip()]
+    result["preload_rss_kib_max"] = [max(c) for c in zip(*rows)] if rows else []
+# The timeline's slowest second against its median: a stall shows here
+# even when the run's average hides it.
+ops = sorted(s["ops"] for s in result["timeline"])
+if ops:
+    n = len(ops)
+    median = ops[n // 2] if n % 2 else (ops[n // 2 - 1] + ops[n // 2]) / 2
+    result["timeline_min_ops"] = ops[0]
+    result["timeline_median_ops"] = median
+    result["seconds_below_half_median"] = [
+        {"second": s["second"], "ops": s["ops"]} for s in result["timeline"] if s["ops"] < median / 2]
 print(json.dumps(result))
 PY
 )" || fail "loadgen ($tag): no result (see $OUT/logs/$tag.out)"
@@ -217,24 +223,41 @@ PY
 # One field of a JSON line.
 field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
+# The key count of a suffix: 100k -> 100000, 1m -> 1000000, 5000 -> 5000.
+suffix_keys() {
+    local n="${1%[km]}"
+    case "$1" in
+        *k) echo $((n * 1000)) ;;
+        *m) echo $((n * 1000000)) ;;
+        *) echo "$n" ;;
+    esac
+}
+
 PEAK_C64=""
 run_scenario() { # SCENARIO
-    local scen="$1" clients ratio=0 preload=() line
-    case "$scen" in
-        put_c*) clients="${scen#put_c}" ;;
-        get_lin_c*) clients="${scen#get_lin_c}"; ratio=1; preload=(--preload) ;;
+    local scen="$1" base="$1" keys="$KEYS" clients ratio=0 preload=0 line
+    [[ "$scen" != overload ]] || { run_overload; return; }
+    # A key-count suffix (put_c64_k1m) sets the keys and preloads them all.
+    if [[ "$scen" =~ ^(.*)_k([0-9]+[km]?)$ ]]; then
+        base="${BASH_REMATCH[1]}"
+        keys="$(suffix_keys "${BASH_REMATCH[2]}")"
+        preload=1
+    fi
+    case "$base" in
+        put_c*) clients="${base#put_c}" ;;
+        get_lin_c*) clients="${base#get_lin_c}"; ratio=1; preload=1 ;;
         mixed_r*)
-            clients="${scen##*_c}"
-            ratio="$(python3 -c "print(int('${scen#mixed_r}'.split('_')[0]) / 100)")"
-            preload=(--preload) ;;
-        overload) run_overload; return ;;
+            clients="${base##*_c}"
+            ratio="$(python3 -c "print(int('${base#mixed_r}'.split('_')[0]) / 100)")"
+            preload=1 ;;
     esac
-    say "$scen: $clients clients, read ratio $ratio, ${DURATION}s"
+    say "$scen: $clients clients, read ratio $ratio, $keys keys, ${DURATION}s"
     start_cluster "$scen"
-    line="$(run_loadgen "$scen" --clients "$clients" --read-ratio "$ratio" "${preload[@]}")"
+    ((preload == 0)) || preload "$scen" "$keys"
+    line="$(run_loadgen "$scen" "$keys" --clients "$clients" --read-ratio "$ratio")"
     stop_cluster
     [[ "$scen" != put_c64 ]] || PEAK_C64="$(field "$line" ops_per_sec)"
-    say "  $(field "$line" ops_per_sec | cut -d. -f1) ops/s, p99 $(field "$line" p99_ms) ms"
+    say "  $(field "$line" ops_per_sec | cut -d. -f1) ops/s, p99 $(field "$line" p99_ms) ms, puts' max $(field "$line" write_latency | python3 -c 'import ast, sys; print(ast.literal_eval(sys.stdin.read())["max_ms"])') ms"
 }
 
 run_overload() {
@@ -243,7 +266,7 @@ run_overload() {
     rate="$(python3 -c "print(round($PEAK_C64 * $OVERLOAD_FACTOR, 1))")"
     say "overload: open loop at $rate ops/s (${OVERLOAD_FACTOR}x put_c64) with $OVERLOAD_CLIENTS clerks, ${DURATION}s"
     start_cluster overload
-    run_loadgen overload --clients "$OVERLOAD_CLIENTS" --read-ratio 0 --rate "$rate" >/dev/null
+    run_loadgen overload "$KEYS" --clients "$OVERLOAD_CLIENTS" --read-ratio 0 --rate "$rate" >/dev/null
     stop_cluster
 }
 
@@ -261,12 +284,31 @@ machine = open(f"{out}/machine.txt").read().splitlines()
 mib = lambda kib: max(kib) / 1024 if kib else 0.0
 print(" ".join(l for l in machine if l.startswith(("date:", "machine:"))))
 print()
-print("| scenario | ops/s | p50 ms | p99 ms | p99.9 ms | errors | busy | max RSS MiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("| scenario | keys | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | puts' max ms "
+      "| slowest second / median ops | seconds < median/2 | errors | busy "
+      "| RSS MiB per node (max sampled in the run) | preload |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+flagged = []
 for r in runs:
     errors = sum(r["errors"].values()) if isinstance(r["errors"], dict) else r["errors"]
-    print(f"| {r['scenario']} | {r['ops_per_sec']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-          f"| {r['p999_ms']:.2f} | {errors} | {r['busy']} | {mib(r['rss_kib_after']):.1f} |")
+    slow = r.get("seconds_below_half_median", [])
+    if slow:
+        flagged.append(f"{r['scenario']}: seconds below half the median ({r['timeline_median_ops']:.0f} ops): "
+                       + ", ".join(f"s{s['second']} {s['ops']}" for s in slow))
+    rss = ", ".join(f"{k / 1024:.0f}" for k in r.get("rss_kib_max") or r["rss_kib_after"])
+    preload = "–"
+    if r.get("preload_s"):
+        preload = (f"{r['preload_keys']} keys in {r['preload_s']:.1f} s "
+                   f"({r['preload_keys'] / r['preload_s']:.0f}/s)")
+    write_max = r["write_latency"]["max_ms"] if r.get("writes") else float("nan")
+    print(f"| {r['scenario']} | {r['keys']} | {r['ops_per_sec']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+          f"| {r['p999_ms']:.2f} | {r['max_ms']:.1f} | {write_max:.1f} "
+          f"| {r.get('timeline_min_ops', 0)} / {r.get('timeline_median_ops', 0):.0f} | {len(slow)} "
+          f"| {errors} | {r['busy']} | {rss} | {preload} |")
+if flagged:
+    print()
+    for line in flagged:
+        print(f"- FLAG {line}")
 for r in runs:
     if r["scenario"] != "overload":
         continue

@@ -11,6 +11,10 @@
 //! ([`Route`], [`Attempts`]) do no I/O, so the load generator's multiplexed
 //! clients follow exactly the same ones without a thread each.
 
+mod status;
+
+pub use self::status::json_object;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use protobuf::MessageField;
 
 use crate::config::ClusterConfig;
+use crate::kv::waiters::NOT_LEADER_NOTHING_PROPOSED;
 use crate::proto::kvstore::{
     AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
     GetReply, GetRequest, PutReply, PutRequest, ReplyHeader, RequestHeader, StatusReply,
@@ -51,7 +56,9 @@ pub struct ClerkOptions {
     /// When `None`, [`Clerk::new`] takes the cluster file's `client_token`.
     pub client_token: Option<String>,
     /// Identifies this clerk's session on the servers. Default: a random
-    /// non-zero id. Two clerks must never share one while both run.
+    /// non-zero id. Two clerks must never share one while both run; a clerk
+    /// restarted with the same id numbers its writes from the wall clock
+    /// (in microseconds), past those of the earlier one.
     pub client_id: Option<u64>,
 }
 
@@ -66,6 +73,29 @@ impl Default for ClerkOptions {
     }
 }
 
+/// How much longer than the servers' `request_timeout_ms` a clerk waits
+/// for an answer, so that the server's own TIMEOUT (or the answer) reaches it.
+const ATTEMPT_MARGIN_MS: u64 = 250;
+
+/// How long one attempt against `config`'s nodes waits for its answer: at
+/// least `wanted_ms`, and longer than the servers wait for the cluster. A
+/// clerk that gave up first would retry while its first attempt still holds
+/// a LockQueue slot and a place in the log: under overload, every retry
+/// would add load, and the server's TIMEOUT would never be heard.
+pub fn attempt_timeout_ms(config: &ClusterConfig, wanted_ms: u64) -> u64 {
+    wanted_ms.max(config.request_timeout_ms.saturating_add(ATTEMPT_MARGIN_MS))
+}
+
+/// The seq before the first write of a clerk with a given id: the wall
+/// clock in microseconds. An earlier clerk with the same id wrote at most one
+/// seq per microsecond it lived (a write takes far longer), so this is past
+/// all of them unless the clock stepped back by more than the time since.
+fn restart_safe_first_seq() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Why an operation failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClerkError {
@@ -75,6 +105,10 @@ pub enum ClerkError {
     /// A node refused the request for good (`INVALID_ARGUMENT`,
     /// `UNAUTHENTICATED`): retrying it cannot help. Nothing was applied.
     Rejected(String),
+    /// A write was refused for good, but an earlier attempt of it may have
+    /// been applied (its answer was lost, or it timed out): the outcome is
+    /// unknown, as after a `Timeout`.
+    Unknown { reason: String },
 }
 
 impl fmt::Display for ClerkError {
@@ -86,6 +120,7 @@ impl fmt::Display for ClerkError {
                  (last error: {last_error})"
             ),
             ClerkError::Rejected(message) => write!(f, "request rejected: {message}"),
+            ClerkError::Unknown { reason } => write!(f, "the outcome is unknown: {reason}"),
         }
     }
 }
@@ -99,8 +134,13 @@ pub struct CasResult {
     pub swapped: bool,
     /// Whether the key existed before the operation.
     pub found: bool,
-    /// The value before the operation (`None` when the key was missing).
+    /// The value before the operation: `None` when the key was missing, or
+    /// when the value is not known (then `current_unknown` says why).
     pub current: Option<Vec<u8>>,
+    /// Set when the server could not say what the value was: the answer is
+    /// the saved reply of an earlier attempt of this Cas, which keeps the
+    /// old value only when it is small. `swapped` and `found` are exact.
+    pub current_unknown: Option<String>,
 }
 
 /// One node's answer to a status request, for `clerk status`.
@@ -142,13 +182,15 @@ impl Clerk {
     /// A clerk for every node of `config`, presenting its cluster id and
     /// (unless `options` names another) its client token. Connections open
     /// on first use.
+    /// The attempt limit is raised, when needed, past the cluster's
+    /// `request_timeout_ms` (see [`attempt_timeout_ms`]).
     pub fn new(config: &ClusterConfig, mut options: ClerkOptions) -> Clerk {
         if options.client_token.is_none() {
             options.client_token = config.client_token.clone();
         }
         let rpc_config = ClientConfig {
             connect_timeout_ms: options.attempt_timeout_ms,
-            call_timeout_ms: options.attempt_timeout_ms,
+            call_timeout_ms: attempt_timeout_ms(config, options.attempt_timeout_ms),
             max_frame_bytes: config.max_frame_bytes,
         };
         // A clerk presents the cluster id, so a clerk of another cluster is
@@ -189,11 +231,20 @@ impl Clerk {
     fn build(nodes: Vec<Node>, options: ClerkOptions) -> Clerk {
         assert!(!nodes.is_empty(), "a clerk needs at least one node");
         let client_id = options.client_id.unwrap_or_else(random_client_id);
+        // A clerk given its id may be a restart of one that used the same id
+        // (the session may still hold its last seq): its seqs start past any
+        // the earlier one can have used, so a new write is never taken for a
+        // duplicate (answered without being applied) or a stale one. A fresh
+        // random id has no past and starts at 1.
+        let last_seq = match options.client_id {
+            Some(_) => restart_safe_first_seq(),
+            None => 0,
+        };
         Clerk {
             node_ids: nodes.iter().map(|node| node.id).collect(),
             nodes,
             client_id,
-            last_seq: 0,
+            last_seq,
             route: Route::default(),
             busy_retries: 0,
             rng: SplitMix64::new(client_id),
@@ -224,7 +275,7 @@ impl Clerk {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        let mut reply = self.call(|stub| stub.get(&request))?;
+        let mut reply = self.call(false, |stub| stub.get(&request))?;
         Ok(reply.found.then(|| std::mem::take(&mut reply.value)))
     }
 
@@ -240,7 +291,7 @@ impl Clerk {
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(|stub| stub.put(&request)).map(drop)
+        self.call(true, |stub| stub.put(&request)).map(drop)
     }
 
     /// Appends `value` to the value of `key` (a missing key counts as "").
@@ -255,7 +306,7 @@ impl Clerk {
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(|stub| stub.append(&request)).map(drop)
+        self.call(true, |stub| stub.append(&request)).map(drop)
     }
 
     /// Removes `key`; answers whether it existed.
@@ -265,7 +316,7 @@ impl Clerk {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(|stub| stub.delete(&request))
+        self.call(true, |stub| stub.delete(&request))
             .map(|reply| reply.existed)
     }
 
@@ -284,11 +335,21 @@ impl Clerk {
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        let mut reply = self.call(|stub| stub.cas(&request))?;
+        let mut reply = self.call(true, |stub| stub.cas(&request))?;
+        let current_unknown = reply.current_not_retained.then(|| {
+            let message = &reply.header.message;
+            if message.is_empty() {
+                "the value before the operation was not retained".to_string()
+            } else {
+                message.clone()
+            }
+        });
+        let known = reply.found && current_unknown.is_none();
         Ok(CasResult {
             swapped: reply.swapped,
             found: reply.found,
-            current: reply.found.then(|| std::mem::take(&mut reply.current)),
+            current: known.then(|| std::mem::take(&mut reply.current)),
+            current_unknown,
         })
     }
 
@@ -348,16 +409,22 @@ impl Clerk {
     /// deadline passes. `attempt` sends the same request bytes each time.
     fn call<Rep: HasReplyHeader>(
         &mut self,
+        write: bool,
         mut attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
     ) -> Result<Rep, ClerkError> {
-        let mut attempts = Attempts::new(Instant::now() + self.options.timeout);
+        let deadline = Instant::now() + self.options.timeout;
+        let mut attempts = if write {
+            Attempts::for_write(deadline)
+        } else {
+            Attempts::new(deadline)
+        };
         loop {
             let node = &self.nodes[self.route.current()];
             let answer = attempt(&node.stub);
             // Refused at the handshake: this clerk's cluster file names
             // another cluster; no node of it will answer otherwise.
             if let Err(error @ RpcError::Refused { .. }) = &answer {
-                return Err(ClerkError::Rejected(format!("node {}: {error}", node.id)));
+                return Err(attempts.refused(format!("node {}: {error}", node.id)));
             }
             let seen = match &answer {
                 Ok(reply) => Ok(reply.reply_header()),
@@ -456,15 +523,53 @@ pub struct Attempts {
     /// nodes without progress (no leader, or hints pointing in a circle)
     /// the client waits before the next round instead of spinning.
     fruitless: usize,
+    /// Whether the operation is a write, which an attempt may apply.
+    write: bool,
+    /// What an earlier attempt of this write that may have been applied
+    /// ended with (no answer, TIMEOUT, a leader change after proposing):
+    /// a later refusal then does not mean that nothing was applied.
+    maybe_applied: Option<String>,
 }
 
 impl Attempts {
-    /// The attempts of an operation that must end by `deadline`.
+    /// The attempts of a read (or any operation without effects) that must
+    /// end by `deadline`.
     pub fn new(deadline: Instant) -> Attempts {
         Attempts {
             deadline,
             backoff_ms: BACKOFF_MIN_MS,
             fruitless: 0,
+            write: false,
+            maybe_applied: None,
+        }
+    }
+
+    /// The attempts of a write that must end by `deadline`.
+    pub fn for_write(deadline: Instant) -> Attempts {
+        Attempts {
+            write: true,
+            ..Attempts::new(deadline)
+        }
+    }
+
+    /// The error for a refusal (`why`): the request was rejected, unless an
+    /// earlier attempt of this write may have been applied; then the
+    /// outcome is unknown.
+    pub fn refused(&self, why: String) -> ClerkError {
+        match &self.maybe_applied {
+            None => ClerkError::Rejected(why),
+            Some(earlier) => ClerkError::Unknown {
+                reason: format!(
+                    "an earlier attempt may have been applied ({earlier}), and then {why}"
+                ),
+            },
+        }
+    }
+
+    /// Notes that the attempt that ended with `what` may have been applied.
+    fn may_have_applied(&mut self, what: &str) {
+        if self.write && self.maybe_applied.is_none() {
+            self.maybe_applied = Some(what.to_string());
         }
     }
 
@@ -484,7 +589,10 @@ impl Attempts {
             Err(error) => {
                 route.rotate(node_ids.len());
                 self.fruitless += 1;
-                (false, false, format!("node {node}: {error}"))
+                let what = format!("node {node}: {error}");
+                // The request may have reached the node and the answer been lost.
+                self.may_have_applied(&what);
+                (false, false, what)
             }
             Ok(header) => {
                 let (code, hint, message) = reply_status(header);
@@ -494,26 +602,35 @@ impl Attempts {
                         return NextStep::Done;
                     }
                     ErrorCode::INVALID_ARGUMENT | ErrorCode::UNAUTHENTICATED => {
-                        return NextStep::Fail(ClerkError::Rejected(format!(
-                            "node {node}: {message}"
-                        )));
+                        return NextStep::Fail(self.refused(format!("node {node}: {message}")));
                     }
+                    // Refused before anything was proposed.
                     ErrorCode::BUSY => (true, true, format!("node {node} is busy: {message}")),
                     ErrorCode::NOT_LEADER => {
                         route.follow_hint(node_ids, node, hint);
                         self.fruitless += 1;
-                        (false, false, format!("node {node} is not the leader"))
+                        let what = format!("node {node} is not the leader: {message}");
+                        // A leader that lost its leadership after proposing
+                        // the write cannot tell whether it commits.
+                        if message != NOT_LEADER_NOTHING_PROPOSED {
+                            self.may_have_applied(&what);
+                        }
+                        (false, false, what)
                     }
                     ErrorCode::TIMEOUT => {
                         // The node may still commit it: ask it again with the
                         // same seq; a deposed leader will say so.
                         self.fruitless += 1;
-                        (false, false, format!("node {node} timed out: {message}"))
+                        let what = format!("node {node} timed out: {message}");
+                        self.may_have_applied(&what);
+                        (false, false, what)
                     }
                     _ => {
                         route.rotate(node_ids.len());
                         self.fruitless += 1;
-                        (false, false, format!("node {node}: {code:?} {message}"))
+                        let what = format!("node {node}: {code:?} {message}");
+                        self.may_have_applied(&what);
+                        (false, false, what)
                     }
                 }
             }
@@ -638,6 +755,26 @@ mod tests {
     use protobuf::Message;
     use std::sync::Arc;
 
+    /// Issue 16, item 5: a clerk (and loadgen) waits longer for an attempt
+    /// than the servers wait for the cluster, so the server's TIMEOUT
+    /// reaches it and a retry never races its own first attempt. Before,
+    /// the clerk gave up after 1 s while the server held the request for 2.
+    #[test]
+    fn an_attempt_outlasts_the_servers_request_timeout() {
+        let text = r#"{"raft_nodes":[{"id":1,"ip":"127.0.0.1","port":7001}]}"#;
+        let config = ClusterConfig::parse(text, "test.json").unwrap();
+        let attempt = attempt_timeout_ms(&config, ClerkOptions::default().attempt_timeout_ms);
+        assert!(
+            attempt > config.request_timeout_ms,
+            "attempt {attempt} ms <= request_timeout_ms {}",
+            config.request_timeout_ms
+        );
+        let targets = crate::loadgen::Targets::from_config(&config, Duration::from_secs(5));
+        assert!(targets.attempt_timeout_ms > config.request_timeout_ms);
+        // A longer wish is kept.
+        assert_eq!(attempt_timeout_ms(&config, 60_000), 60_000);
+    }
+
     /// What a scripted node saw: (method id, client_id, seq) per call.
     type Log = Arc<Mutex<Vec<(u32, u64, u64)>>>;
 
@@ -713,6 +850,17 @@ mod tests {
         (Clerk::with_channels(nodes, options), log)
     }
 
+    /// (method, seq) per call, writes' seqs counted from 1: a clerk with a
+    /// fixed id starts its seqs from the clock.
+    fn relative_seqs(log: &Log) -> Vec<(u32, u64)> {
+        let log = log.lock();
+        let first = log.iter().map(|&(_, _, s)| s).find(|&s| s != 0);
+        let base = first.map_or(0, |s| s - 1);
+        log.iter()
+            .map(|&(m, _, s)| (m, if s == 0 { 0 } else { s - base }))
+            .collect()
+    }
+
     fn client_ids(log: &Log) -> Vec<u64> {
         log.lock()
             .iter()
@@ -731,7 +879,7 @@ mod tests {
         assert_eq!(clerk.leader_hint(), Some(3));
         assert_eq!(clerk.get("k").unwrap(), Some(b"v3".to_vec()));
         // Both attempts of the put carried seq 1; the get went straight to 3.
-        let seqs: Vec<(u32, u64)> = log.lock().iter().map(|&(m, _, s)| (m, s)).collect();
+        let seqs = relative_seqs(&log);
         assert_eq!(
             seqs,
             vec![(kv_store::PUT, 1), (kv_store::PUT, 1), (kv_store::GET, 0)]
@@ -751,7 +899,7 @@ mod tests {
         );
         clerk.put("k", "1").unwrap();
         clerk.put("k", "2").unwrap();
-        let seqs: Vec<u64> = log.lock().iter().map(|&(_, _, s)| s).collect();
+        let seqs: Vec<u64> = relative_seqs(&log).into_iter().map(|(_, s)| s).collect();
         // node1 drop, node2 not leader, node3 shutting down, node1 timeout,
         // node1 OK; then the next put: node 1 OK.
         assert_eq!(seqs, vec![1, 1, 1, 1, 1, 2]);

@@ -73,6 +73,11 @@ pub struct NodeConfig {
     pub id: u64,
     pub ip: IpAddr,
     pub port: u16,
+    /// Where the node serves HTTP (`/metrics`, `/health`, `/status`, the
+    /// dashboard): `http_ip` (default 127.0.0.1: it needs no token, so it
+    /// stays on loopback unless asked) and `http_port`. `None` (no
+    /// `http_port`): off.
+    pub http: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -176,6 +181,8 @@ struct RawNode {
     id: u64,
     ip: String,
     port: u64,
+    http_port: Option<u64>,
+    http_ip: Option<String>,
 }
 
 /// The keys a cluster file may hold, and the JSON type each must have.
@@ -207,7 +214,10 @@ const NODE_KEYS: &[(&str, Kind)] = &[
     ("id", Kind::Unsigned),
     ("ip", Kind::Text),
     ("port", Kind::Unsigned),
+    ("http_port", Kind::Unsigned),
+    ("http_ip", Kind::Text),
 ];
+const REQUIRED_NODE_KEYS: &[&str] = &["id", "ip", "port"];
 const REQUIRED_TOP_LEVEL_KEYS: &[&str] = &["raft_nodes"];
 
 #[derive(Clone, Copy, Debug)]
@@ -280,7 +290,10 @@ impl ClusterConfig {
                 .as_object()
                 .ok_or_else(|| error(format!("{at}: {node} is not an object {{...}}")))?;
             check_keys(node, NODE_KEYS, &format!("{at}.")).map_err(error)?;
-            if let Some((key, _)) = NODE_KEYS.iter().find(|(key, _)| !node.contains_key(*key)) {
+            if let Some(key) = REQUIRED_NODE_KEYS
+                .iter()
+                .find(|key| !node.contains_key(**key))
+            {
                 return Err(error(format!("{at}: missing key \"{key}\"")));
             }
         }
@@ -603,6 +616,7 @@ fn validate_nodes(raw: &[RawNode]) -> Result<Vec<NodeConfig>, String> {
             id: node.id,
             ip,
             port,
+            http: validate_http(node, &at)?,
         };
         if let Some(first) = seen_addrs.insert(config.addr(), i) {
             return Err(format!(
@@ -613,6 +627,37 @@ fn validate_nodes(raw: &[RawNode]) -> Result<Vec<NodeConfig>, String> {
         nodes.push(config);
     }
     Ok(nodes)
+}
+
+/// The node's HTTP address: off without `http_port`; `http_ip` defaults to
+/// loopback.
+fn validate_http(node: &RawNode, at: &str) -> Result<Option<SocketAddr>, String> {
+    let Some(port) = node.http_port else {
+        if node.http_ip.is_some() {
+            return Err(format!(
+                "{at}.http_ip: set without http_port (the HTTP endpoint is off without a port)"
+            ));
+        }
+        return Ok(None);
+    };
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or_else(|| format!("{at}.http_port: {port} is not a valid port"))?;
+    let ip: IpAddr = match &node.http_ip {
+        Some(ip) => ip
+            .parse()
+            .map_err(|_| format!("{at}.http_ip: \"{ip}\" is not an IP address"))?,
+        None => IpAddr::from([127, 0, 0, 1]),
+    };
+    if port == node.port as u16
+        && (ip == node.ip.parse::<IpAddr>().unwrap_or(ip) || ip.is_unspecified())
+    {
+        return Err(format!(
+            "{at}.http_port: {port} is also the node's RPC port"
+        ));
+    }
+    Ok(Some(SocketAddr::new(ip, port)))
 }
 
 /// The cluster id appears in log lines and refusal messages, so it must be
@@ -774,7 +819,7 @@ mod tests {
             error_of(r#"{"raft_nodes": [{"id": 1, "ip": "127.0.0.1", "port": 1, "host": "a"}]}"#);
         assert_eq!(
             error,
-            r#"conf/x.json: unknown key "raft_nodes[0].host" (known keys: id, ip, port)"#
+            r#"conf/x.json: unknown key "raft_nodes[0].host" (known keys: id, ip, port, http_port, http_ip)"#
         );
     }
 
@@ -829,6 +874,45 @@ mod tests {
 
     fn node_error(nodes: &str) -> String {
         error_of(&format!("{{\"raft_nodes\": [{nodes}]}}"))
+    }
+
+    #[test]
+    fn http_endpoint_is_off_without_a_port_and_loopback_by_default() {
+        let parse = |nodes: &str| {
+            ClusterConfig::parse(&format!("{{\"raft_nodes\": [{nodes}]}}"), "x").unwrap()
+        };
+        let off = parse(r#"{"id": 1, "ip": "127.0.0.1", "port": 5001}"#);
+        assert_eq!(off.raft_nodes[0].http, None);
+        let on = parse(r#"{"id": 1, "ip": "127.0.0.1", "port": 5001, "http_port": 8001}"#);
+        assert_eq!(
+            on.raft_nodes[0].http,
+            Some("127.0.0.1:8001".parse().unwrap())
+        );
+        let wide = parse(
+            r#"{"id": 1, "ip": "127.0.0.1", "port": 5001, "http_port": 8001, "http_ip": "0.0.0.0"}"#,
+        );
+        assert_eq!(
+            wide.raft_nodes[0].http,
+            Some("0.0.0.0:8001".parse().unwrap())
+        );
+        assert_eq!(
+            node_error(r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "http_port": 70000}"#),
+            "conf/x.json: raft_nodes[0].http_port: 70000 is not a valid port"
+        );
+        assert_eq!(
+            node_error(r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "http_ip": "127.0.0.1"}"#),
+            "conf/x.json: raft_nodes[0].http_ip: set without http_port (the HTTP endpoint is off without a port)"
+        );
+        assert_eq!(
+            node_error(
+                r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "http_port": 2, "http_ip": "x"}"#
+            ),
+            r#"conf/x.json: raft_nodes[0].http_ip: "x" is not an IP address"#
+        );
+        assert_eq!(
+            node_error(r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "http_port": 1}"#),
+            "conf/x.json: raft_nodes[0].http_port: 1 is also the node's RPC port"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! merged into the shared histograms once a second, for the progress lines.
 
 mod mux;
+mod plot;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -84,7 +85,10 @@ impl Targets {
             client_token: config.client_token.clone(),
             max_frame_bytes: config.max_frame_bytes,
             op_timeout,
-            attempt_timeout_ms: ClerkOptions::default().attempt_timeout_ms,
+            attempt_timeout_ms: crate::clerk::attempt_timeout_ms(
+                config,
+                ClerkOptions::default().attempt_timeout_ms,
+            ),
         }
     }
 }
@@ -111,6 +115,15 @@ pub struct LoadOptions {
     pub rate: Option<f64>,
     /// Write every key once, unmeasured, before the run (so gets find values).
     pub preload: bool,
+    /// Logical clients of the preload (its operations in flight), each its
+    /// own session writing its own stripe of keys; more than `clients`, so
+    /// that a bulk load keeps the cluster's pipeline full.
+    pub preload_clients: usize,
+    /// The preload stops starting writes after this long and counts as
+    /// failed (with the keys it wrote).
+    pub preload_timeout: Duration,
+    /// Only preload: no measured run after it.
+    pub preload_only: bool,
     /// Record the history (on a sample of keys) and check it.
     pub check: bool,
     /// The most operations recorded for `check`; past it the check is
@@ -130,6 +143,7 @@ pub struct SecondStats {
     pub ops: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     /// p99 of every measured operation up to now (progress lines only).
     pub p99_so_far_ms: f64,
     pub busy: u64,
@@ -173,6 +187,12 @@ pub struct Report {
     pub preload_keys: u64,
     pub preload_errors: u64,
     pub preload_s: f64,
+    /// Why the preload did not write every key (then no run followed).
+    pub preload_error: Option<String>,
+    /// The measured gets' and puts' latencies apart (a mix's slowest write
+    /// hides behind its reads in the combined figures).
+    pub read_latency: LatencySummary,
+    pub write_latency: LatencySummary,
     /// CPU seconds (user + system) the generator itself spent on the run.
     pub client_cpu_s: f64,
     /// Connections to each node the clients shared.
@@ -183,6 +203,61 @@ pub struct Report {
     pub check: Option<String>,
     pub checked_ops: usize,
     pub checked_keys: u64,
+}
+
+/// Percentiles of one kind of operation, in ms (all 0 when none ran).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LatencySummary {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl LatencySummary {
+    fn of(histogram: &Histogram<u64>) -> LatencySummary {
+        if histogram.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            p50_ms: ms(histogram.value_at_quantile(0.5)),
+            p99_ms: ms(histogram.value_at_quantile(0.99)),
+            p999_ms: ms(histogram.value_at_quantile(0.999)),
+            max_ms: ms(histogram.max()),
+        }
+    }
+
+    fn to_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "p50_ms": self.p50_ms, "p99_ms": self.p99_ms,
+            "p999_ms": self.p999_ms, "max_ms": self.max_ms,
+        })
+    }
+}
+
+/// Where a preload stands, for its progress line.
+#[derive(Clone, Copy, Debug)]
+pub struct PreloadProgress {
+    pub keys: u64,
+    pub written: u64,
+    pub failed: u64,
+    pub elapsed: Duration,
+    /// Keys written in the last second.
+    pub last_second: u64,
+}
+
+impl PreloadProgress {
+    /// Keys per second since the preload began.
+    pub fn average_per_sec(&self) -> f64 {
+        self.written as f64 / self.elapsed.as_secs_f64().max(1e-3)
+    }
+
+    /// The time left at the average rate so far, once something was written.
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.average_per_sec();
+        (self.written > 0 && rate > 0.0)
+            .then(|| Duration::from_secs_f64(self.keys.saturating_sub(self.written) as f64 / rate))
+    }
 }
 
 /// One second of the timeline, shared by the clients.
@@ -209,6 +284,12 @@ struct Shared<'a> {
     slots: Vec<Slot>,
     /// Every measured success: the run's figures, and "p99 so far".
     measured: Mutex<Histogram<u64>>,
+    measured_reads: Mutex<Histogram<u64>>,
+    measured_writes: Mutex<Histogram<u64>>,
+    /// Keys the preload wrote, and its failed writes (read by its progress
+    /// line while it runs).
+    preload_written: AtomicU64,
+    preload_failed: AtomicU64,
     recorded_ops: AtomicU64,
     history_overflow: AtomicBool,
     /// Time zero of the recorded history: the start of the preload, if
@@ -266,9 +347,10 @@ struct Finished {
 /// and merged into the report at the end.
 #[derive(Default)]
 struct Tally {
-    /// Latencies (µs) of measured successes not yet merged into the shared
-    /// histograms, all finished in timeline slot `pending_slot`.
-    pending: Vec<u64>,
+    /// Latencies (µs) of measured successes, and whether each was a read,
+    /// not yet merged into the shared histograms, all finished in timeline
+    /// slot `pending_slot`.
+    pending: Vec<(u64, bool)>,
     pending_slot: usize,
     reads: u64,
     writes: u64,
@@ -304,7 +386,7 @@ impl Tally {
                 slot.ops.fetch_add(1, Ordering::Relaxed);
                 if measured {
                     let latency_us = op.finished.duration_since(op.scheduled).as_micros() as u64;
-                    self.pending.push(latency_us.max(1));
+                    self.pending.push((latency_us.max(1), op.is_read));
                     if op.is_read {
                         self.reads += 1;
                     } else {
@@ -326,6 +408,7 @@ impl Tally {
         let kind = match error {
             ClerkError::Timeout { .. } => "timeout",
             ClerkError::Rejected(_) => "rejected",
+            ClerkError::Unknown { .. } => "unknown",
         };
         *self.errors.entry(kind).or_default() += 1;
         self.error_samples
@@ -361,13 +444,20 @@ impl Tally {
         {
             let mut slot = shared.slots[self.pending_slot].latency.lock();
             let histogram = slot.get_or_insert_with(new_slot_histogram);
-            for &us in &self.pending {
+            for &(us, _) in &self.pending {
                 histogram.saturating_record(us);
             }
         }
         let mut measured = shared.measured.lock();
-        for &us in &self.pending {
+        let mut reads = shared.measured_reads.lock();
+        let mut writes = shared.measured_writes.lock();
+        for &(us, is_read) in &self.pending {
             measured.saturating_record(us);
+            if is_read {
+                reads.saturating_record(us);
+            } else {
+                writes.saturating_record(us);
+            }
         }
         self.pending.clear();
     }
@@ -389,12 +479,19 @@ fn process_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// Runs the load against `targets` and reports. `progress` is called once
-/// a second with that second's figures.
+/// How often the preload's progress printer checks whether it is over.
+const PRELOAD_POLL: Duration = Duration::from_millis(100);
+
+/// Runs the load against `targets` and reports. With `preload`, every key is
+/// first written once by `preload_clients` clients of their own (their
+/// progress goes to `preload_progress` once a second); when that fails, the
+/// report says why and no measured run follows. `progress` is called once a
+/// second of the measured run with that second's figures.
 pub fn run(
     options: &LoadOptions,
     targets: &Targets,
     progress: &(dyn Fn(&SecondStats) + Sync),
+    preload_progress: &(dyn Fn(&PreloadProgress) + Sync),
 ) -> Report {
     assert!(options.clients > 0, "at least one client");
     assert!(!targets.nodes.is_empty(), "at least one node");
@@ -402,37 +499,44 @@ pub fn run(
         (options.warmup + options.duration).as_secs() <= MAX_RUN_SECS,
         "a run of at most {MAX_RUN_SECS} s"
     );
+    assert!(
+        options.preload_timeout.as_secs() <= MAX_RUN_SECS,
+        "a preload of at most {MAX_RUN_SECS} s"
+    );
     let cpu_before = process_cpu();
     let run_nonce = SplitMix64::new(options.seed ^ clock_seed()).next_u64();
-    let mut engine = mux::Engine::new(options, targets, run_nonce);
-    let mut io = match mux::Io::connect(targets, engine.conn_count()) {
-        Ok(io) => io,
-        Err(error) => {
-            let mut report = Report::default();
-            let sample = format!("cannot start the connector thread: {error}");
-            report.errors.insert("connect".to_string(), 1);
-            report.error_samples.insert("connect".to_string(), sample);
+    let mut report = Report::default();
+    let mut preloaded = None;
+    if options.preload || options.preload_only {
+        let preload = preload(options, targets, run_nonce, preload_progress);
+        report.preload_keys = preload.written;
+        report.preload_errors = preload.failed;
+        report.preload_s = preload.elapsed.as_secs_f64();
+        report.preload_error = preload.error.clone();
+        if report.preload_error.is_some() || options.preload_only {
+            report.client_cpu_s = (process_cpu() - cpu_before).as_secs_f64();
             return report;
         }
+        preloaded = Some(preload);
+    }
+    let mut engine = mux::Engine::new(options, targets, run_nonce);
+    report.conns_per_node = engine.conns_per_node();
+    let mut io = match mux::Io::connect(targets, engine.conn_count()) {
+        Ok(io) => io,
+        Err(error) => return connector_failed(report, &error),
     };
     let mut shared = new_shared(options, Instant::now());
-    let mut report = Report {
-        conns_per_node: engine.conns_per_node(),
-        ..Report::default()
-    };
-    if options.preload {
-        let preload_start = Instant::now();
-        mux::run_phase(&mut engine, &mut io, &shared, mux::Phase::Preload);
-        (report.preload_keys, report.preload_errors) = engine.preload_counts();
-        report.preload_s = preload_start.elapsed().as_secs_f64();
-        // The run's clock restarts; the history (and its time zero) goes on.
-        let recorded = shared.recorded_ops.load(Ordering::Relaxed);
-        let overflow = shared.history_overflow.load(Ordering::Relaxed);
-        let history_origin = shared.history_origin;
-        shared = new_shared(options, Instant::now());
-        shared.recorded_ops.store(recorded, Ordering::Relaxed);
-        shared.history_overflow.store(overflow, Ordering::Relaxed);
-        shared.history_origin = history_origin;
+    let mut preload_history = Vec::new();
+    if let Some(preload) = preloaded {
+        // The run's clock starts now; the history (and its time zero) goes on.
+        shared
+            .recorded_ops
+            .store(preload.recorded_ops, Ordering::Relaxed);
+        shared
+            .history_overflow
+            .store(preload.history_overflow, Ordering::Relaxed);
+        shared.history_origin = preload.history_origin;
+        preload_history = preload.history;
     }
     let phase = match options.rate {
         Some(rate) => mux::Phase::OpenLoop { rate },
@@ -445,7 +549,138 @@ pub fn run(
     });
     drop(io);
     report.client_cpu_s = (process_cpu() - cpu_before).as_secs_f64();
-    summarize(&shared, engine.into_tally(), report)
+    let mut tally = engine.into_tally();
+    preload_history.append(&mut tally.history);
+    tally.history = preload_history;
+    summarize(&shared, tally, report)
+}
+
+/// A report that says the connector thread could not start.
+fn connector_failed(mut report: Report, error: &std::io::Error) -> Report {
+    let sample = format!("cannot start the connector thread: {error}");
+    report.errors.insert("connect".to_string(), 1);
+    report.error_samples.insert("connect".to_string(), sample);
+    report
+}
+
+/// What the preload did, and what the run carries on from it.
+struct Preloaded {
+    written: u64,
+    failed: u64,
+    elapsed: Duration,
+    error: Option<String>,
+    /// With `check`: the preload's recorded writes.
+    history: Vec<Operation>,
+    recorded_ops: u64,
+    history_overflow: bool,
+    history_origin: Instant,
+}
+
+/// Writes every key once with `preload_clients` clients (connections
+/// opened for them alone, so the measured run keeps its own), stopping at
+/// the first write that fails for good or at `preload_timeout`.
+fn preload(
+    options: &LoadOptions,
+    targets: &Targets,
+    run_nonce: u64,
+    progress: &(dyn Fn(&PreloadProgress) + Sync),
+) -> Preloaded {
+    let clients = options.preload_clients.clamp(
+        1,
+        usize::try_from(options.keys).unwrap_or(usize::MAX).max(1),
+    );
+    let preload_options = LoadOptions {
+        clients,
+        // The phase ends (no new key starts) at the time limit.
+        duration: options.preload_timeout,
+        warmup: Duration::ZERO,
+        rate: None,
+        ..options.clone()
+    };
+    let start = Instant::now();
+    let mut engine = mux::Engine::new(&preload_options, targets, run_nonce);
+    let mut io = match mux::Io::connect(targets, engine.conn_count()) {
+        Ok(io) => io,
+        Err(error) => {
+            return Preloaded {
+                written: 0,
+                failed: 0,
+                elapsed: start.elapsed(),
+                error: Some(format!("cannot start the connector thread: {error}")),
+                history: Vec::new(),
+                recorded_ops: 0,
+                history_overflow: false,
+                history_origin: start,
+            }
+        }
+    };
+    let shared = new_shared(&preload_options, start);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let printer = scope.spawn(|| preload_printer(&shared, options.keys, &done, progress));
+        mux::run_phase(&mut engine, &mut io, &shared, mux::Phase::Preload);
+        done.store(true, Ordering::Relaxed);
+        printer.join().expect("preload progress thread");
+    });
+    drop(io);
+    let elapsed = start.elapsed();
+    let written = shared.preload_written.load(Ordering::Relaxed);
+    let failed = shared.preload_failed.load(Ordering::Relaxed);
+    let error = match engine.preload_error() {
+        Some(error) => Some(format!(
+            "{written} of {} keys written in {:.1} s, then {error}",
+            options.keys,
+            elapsed.as_secs_f64()
+        )),
+        None if written < options.keys => Some(format!(
+            "only {written} of {} keys written within the preload time limit of {} s",
+            options.keys,
+            options.preload_timeout.as_secs_f64()
+        )),
+        None => None,
+    };
+    Preloaded {
+        written,
+        failed,
+        elapsed,
+        error,
+        recorded_ops: shared.recorded_ops.load(Ordering::Relaxed),
+        history_overflow: shared.history_overflow.load(Ordering::Relaxed),
+        history_origin: shared.history_origin,
+        history: engine.into_tally().history,
+    }
+}
+
+/// Calls `progress` once a second while the preload runs, and once at its
+/// end.
+fn preload_printer(
+    shared: &Shared,
+    keys: u64,
+    done: &AtomicBool,
+    progress: &(dyn Fn(&PreloadProgress) + Sync),
+) {
+    let mut next = shared.start + Duration::from_secs(1);
+    let mut written_before = 0;
+    loop {
+        let finished = done.load(Ordering::Relaxed);
+        let now = Instant::now();
+        if finished || now >= next {
+            let written = shared.preload_written.load(Ordering::Relaxed);
+            progress(&PreloadProgress {
+                keys,
+                written,
+                failed: shared.preload_failed.load(Ordering::Relaxed),
+                elapsed: now.duration_since(shared.start),
+                last_second: written - written_before,
+            });
+            written_before = written;
+            next += Duration::from_secs(1);
+        }
+        if finished {
+            return;
+        }
+        std::thread::sleep(PRELOAD_POLL.min(next.saturating_duration_since(Instant::now())));
+    }
 }
 
 fn new_shared(options: &LoadOptions, start: Instant) -> Shared<'_> {
@@ -471,6 +706,10 @@ fn new_shared(options: &LoadOptions, start: Instant) -> Shared<'_> {
             })
             .collect(),
         measured: Mutex::new(new_histogram()),
+        measured_reads: Mutex::new(new_histogram()),
+        measured_writes: Mutex::new(new_histogram()),
+        preload_written: AtomicU64::new(0),
+        preload_failed: AtomicU64::new(0),
         recorded_ops: AtomicU64::new(0),
         history_overflow: AtomicBool::new(false),
         history_origin: start,
@@ -500,6 +739,7 @@ fn slot_stats(shared: &Shared, index: usize) -> SecondStats {
     if let Some(histogram) = slot.latency.lock().as_ref() {
         stats.p50_ms = ms(histogram.value_at_quantile(0.5));
         stats.p99_ms = ms(histogram.value_at_quantile(0.99));
+        stats.p999_ms = ms(histogram.value_at_quantile(0.999));
     }
     stats
 }
@@ -557,6 +797,8 @@ fn summarize(shared: &Shared, mut tally: Tally, mut report: Report) -> Report {
     report.p999_ms = ms(latency.value_at_quantile(0.999));
     report.max_ms = ms(latency.max());
     report.mean_ms = latency.mean() / 1000.0;
+    report.read_latency = LatencySummary::of(&shared.measured_reads.lock());
+    report.write_latency = LatencySummary::of(&shared.measured_writes.lock());
     report.seconds = (shared.warmup_slots..shared.slots.len())
         .map(|index| slot_stats(shared, index))
         .collect();
@@ -596,7 +838,7 @@ impl Report {
     /// (`ops_per_sec`, `p50_ms` ... `max_ms`, `errors`, `ops`, `reads`,
     /// `writes`, `elapsed_s`, `client_cpu_s`) plus our own.
     pub fn to_json(&self, options: &LoadOptions) -> serde_json::Value {
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "ops_per_sec": self.ops_per_sec,
             "ops": self.ops,
             "reads": self.reads,
@@ -630,9 +872,16 @@ impl Report {
             "checked_keys": self.checked_keys,
             "timeline": self.seconds.iter().map(|s| serde_json::json!({
                 "second": s.second, "ops": s.ops, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
+                "p999_ms": s.p999_ms,
                 "busy": s.busy, "errors": s.errors,
             })).collect::<Vec<_>>(),
-        })
+        });
+        // Added apart: one json! this large passes the macro recursion limit.
+        json["preload_error"] = serde_json::json!(self.preload_error);
+        json["preload_clients"] = serde_json::json!(options.preload_clients);
+        json["read_latency"] = self.read_latency.to_json();
+        json["write_latency"] = self.write_latency.to_json();
+        json
     }
 
     /// A human-readable summary.
@@ -648,6 +897,18 @@ impl Report {
             "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
             self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms
         );
+        for (kind, count, latency) in [
+            ("gets", self.reads, self.read_latency),
+            ("puts", self.writes, self.write_latency),
+        ] {
+            if count > 0 && count < self.ops {
+                let _ = writeln!(
+                    text,
+                    "  {kind} ms: p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                    latency.p50_ms, latency.p99_ms, latency.p999_ms, latency.max_ms
+                );
+            }
+        }
         let _ = writeln!(text, "busy (pushed back and retried): {}", self.busy);
         if let Some(scheduled) = self.scheduled {
             let _ = writeln!(
@@ -660,12 +921,18 @@ impl Report {
         for (kind, sample) in &self.error_samples {
             let _ = writeln!(text, "  first {kind}: {sample}");
         }
-        if self.preload_keys + self.preload_errors > 0 {
+        if self.preload_keys + self.preload_errors > 0 || self.preload_error.is_some() {
             let _ = writeln!(
                 text,
-                "preload: {} keys in {:.2} s, {} failed",
-                self.preload_keys, self.preload_s, self.preload_errors
+                "preload: {} keys in {:.2} s ({:.0} keys/s), {} failed",
+                self.preload_keys,
+                self.preload_s,
+                self.preload_keys as f64 / self.preload_s.max(1e-9),
+                self.preload_errors
             );
+        }
+        if let Some(error) = &self.preload_error {
+            let _ = writeln!(text, "preload failed: {error}");
         }
         let _ = writeln!(
             text,
@@ -683,130 +950,8 @@ impl Report {
         text
     }
 
-    /// An SVG picture of throughput and p50/p99 latency per second.
-    pub fn to_svg(&self) -> String {
-        plot_svg(&self.seconds)
-    }
-}
-
-/// A two-panel line chart (ops/s above, p50 and p99 latency below) written
-/// as plain SVG: a handful of polylines, axes and labels.
-fn plot_svg(seconds: &[SecondStats]) -> String {
-    const WIDTH: f64 = 800.0;
-    const PANEL_HEIGHT: f64 = 220.0;
-    const LEFT: f64 = 70.0;
-    const TOP: f64 = 30.0;
-    const GAP: f64 = 60.0;
-    let plot_width = WIDTH - LEFT - 20.0;
-    let count = seconds.len().max(1) as f64;
-    let x = |i: usize| LEFT + plot_width * (i as f64 + 0.5) / count;
-    let max_ops = seconds.iter().map(|s| s.ops).max().unwrap_or(0).max(1) as f64;
-    let max_ms = seconds
-        .iter()
-        .map(|s| s.p99_ms.max(s.p50_ms))
-        .fold(0.0, f64::max)
-        .max(0.001);
-    let mut svg = String::new();
-    let height = TOP + 2.0 * PANEL_HEIGHT + GAP + 40.0;
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let panels = [
-        (
-            "throughput (ops/s)",
-            TOP,
-            max_ops,
-            vec![(
-                "ops/s",
-                "#1f77b4",
-                seconds.iter().map(|s| s.ops as f64).collect::<Vec<_>>(),
-            )],
-        ),
-        (
-            "latency (ms)",
-            TOP + PANEL_HEIGHT + GAP,
-            max_ms,
-            vec![
-                ("p50", "#2ca02c", seconds.iter().map(|s| s.p50_ms).collect()),
-                ("p99", "#d62728", seconds.iter().map(|s| s.p99_ms).collect()),
-            ],
-        ),
-    ];
-    for (title, top, max, series) in panels {
-        let bottom = top + PANEL_HEIGHT;
-        let _ = writeln!(
-            svg,
-            r#"<text x="{LEFT}" y="{}" font-weight="bold">{title}</text>"#,
-            top - 8.0
-        );
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{LEFT}" y1="{bottom}" x2="{}" y2="{bottom}" stroke="black"/>"#,
-            LEFT + plot_width
-        );
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{bottom}" stroke="black"/>"#
-        );
-        for tick in 0..=4 {
-            let value = max * tick as f64 / 4.0;
-            let y = bottom - PANEL_HEIGHT * tick as f64 / 4.0;
-            let _ = writeln!(
-                svg,
-                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
-                LEFT - 6.0,
-                y + 4.0,
-                format_tick(value)
-            );
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{LEFT}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/>"##,
-                LEFT + plot_width
-            );
-        }
-        for (k, (name, color, values)) in series.iter().enumerate() {
-            let points: Vec<String> = values
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    format!(
-                        "{:.1},{:.1}",
-                        x(i),
-                        bottom - PANEL_HEIGHT * (v / max).min(1.0)
-                    )
-                })
-                .collect();
-            let _ = writeln!(
-                svg,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-                points.join(" ")
-            );
-            let legend_x = LEFT + plot_width - 80.0;
-            let _ = writeln!(
-                svg,
-                r#"<text x="{legend_x}" y="{}" fill="{color}">{name}</text>"#,
-                top + 14.0 + 14.0 * k as f64
-            );
-        }
-    }
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">second of the run</text>"#,
-        LEFT + plot_width / 2.0,
-        height - 10.0
-    );
-    svg.push_str("</svg>\n");
-    svg
-}
-
-fn format_tick(value: f64) -> String {
-    if value >= 100.0 {
-        format!("{value:.0}")
-    } else if value >= 1.0 {
-        format!("{value:.1}")
-    } else {
-        format!("{value:.3}")
+    /// An SVG picture of the timeline (see [`plot`]) under `title`.
+    pub fn to_svg(&self, title: &str) -> Result<String, String> {
+        plot::timeline_svg(title, &self.seconds)
     }
 }

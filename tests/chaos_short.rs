@@ -3,7 +3,8 @@
 //! proxies, a seeded schedule of kills, pauses, partitions, one-way loss,
 //! delay and drop. Each run must end linearizable, with every acknowledged
 //! append present exactly once, and with the cluster taking a write after
-//! the heal; its history must pass the offline check too. Long runs are the
+//! the heal; its history must pass the offline check too. A slow reader
+//! stalls leader connections meanwhile and must cause no leader change. Long runs are the
 //! `chaos` binary's job (see the README's "Chaos testing").
 
 use std::path::PathBuf;
@@ -38,6 +39,10 @@ fn short_run(seed: u64, nodes: u64, seconds: u64) {
     assert!(run.counts.ok > 100, "seed {seed}: too little work:\n{text}");
     assert!(run.verdict.appends_checked > 0, "seed {seed}:\n{text}");
     assert!(run.recovery.is_ok(), "seed {seed}:\n{text}");
+    // Issue 16: the slow reader stalled leaders, and caused no leader change
+    // (the outcome counts one as a violation too).
+    assert!(!run.stalls.is_empty(), "seed {seed}: no stall:\n{text}");
+    assert_eq!(run.slow_reader_leader_changes, 0, "seed {seed}:\n{text}");
     let again = chaos::check_history_file(&history, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     assert!(

@@ -88,7 +88,7 @@ fn write_image(dir: &Path, image: &Image) {
 fn options(segment_bytes: u64) -> StorageOptions {
     StorageOptions {
         segment_bytes,
-        fault_file: None,
+        ..StorageOptions::default()
     }
 }
 
@@ -542,18 +542,30 @@ fn check_recovery(crash: &Crash, segment_bytes: u64, context: &str) -> &'static 
     let dir = temp.path();
     write_image(dir, &crash.image);
     let (storage, first) = open(dir, segment_bytes, &context);
-    // A write step logs its hard state before its entries, so a torn write
-    // may also leave the new hard state with the old entries.
-    let hard_state_only = State {
-        hard_state: crash.new.hard_state,
+    // A write step logs term and vote before its entries and the commit
+    // after them, so a torn write may also leave the new term and vote with
+    // the old commit, with the old entries or with the new ones; never the
+    // new commit over the old entries (see tests/sim_disk.rs, the torn batch).
+    let head = HardState {
+        commit: crash.old.hard_state.commit.min(crash.new.hard_state.commit),
+        ..crash.new.hard_state
+    };
+    let head_only = State {
+        hard_state: head,
         ..crash.old.clone()
+    };
+    let entries_without_commit = State {
+        hard_state: head,
+        ..crash.new.clone()
     };
     let (is_new, outcome) = if first == crash.new {
         (true, "whole step")
     } else if first == crash.old {
         (false, "acknowledged only")
-    } else if crash.is_write && first == hard_state_only {
-        (false, "hard state only")
+    } else if crash.is_write && first == head_only {
+        (false, "term and vote only")
+    } else if crash.is_write && first == entries_without_commit {
+        (true, "entries without the commit")
     } else {
         panic!(
             "{context}: recovered {}\nbut acknowledged was {}\nand the whole step {}",

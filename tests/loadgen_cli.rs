@@ -1,9 +1,12 @@
 //! The `loadgen` binary against a real 3-node cluster of `kvserver`
 //! processes on loopback: a small closed-loop run with `--json --plot
 //! --check` must print one JSON object with the fields compare.sh reads, a
-//! linearizable verdict and an SVG plot; an open-loop run must send what its
-//! schedule asks for; bad arguments must exit 3 with one line. Every child
-//! process is killed when the test ends, even when it fails.
+//! linearizable verdict and an SVG plot with labelled axes and a legend; an
+//! open-loop run must send what its schedule asks for; `--preload` must write
+//! every key (with a progress line), and fail with one clear line when it
+//! cannot (a time limit, no cluster); bad arguments must exit 3 with one
+//! line. Every child process is killed when the test ends, even when it
+//! fails.
 
 use std::fs::{self, File};
 use std::net::TcpListener;
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use kvstore_raft::clerk::{Clerk, ClerkOptions};
 use kvstore_raft::config::ClusterConfig;
+use kvstore_raft::loadgen::MAX_CLIENTS_PER_CONNECTION;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -161,6 +165,18 @@ fn last_json(run: &Run) -> Value {
     value
 }
 
+/// The text of every `<text>` element of an SVG document.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|element| {
+            let (_, rest) = element.split_once('>')?;
+            let (text, _) = rest.split_once("</text>")?;
+            Some(text.trim().to_string())
+        })
+        .collect()
+}
+
 fn number(json: &Value, field: &str) -> f64 {
     json[field]
         .as_f64()
@@ -238,7 +254,38 @@ fn closed_and_open_loop_runs_report_json_plot_and_check() {
     let svg = fs::read_to_string(&plot).expect("the plot was written");
     assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
     assert!(svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 3, "ops/s, p50 and p99");
+    let texts = svg_texts(&svg);
+    for label in [
+        "successful operations per second",
+        "latency (ms)",
+        "time since the start of the measured run (s)",
+        "count per second",
+        "ops/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "BUSY (retried)",
+        "errors",
+    ] {
+        assert!(
+            texts.iter().any(|t| t == label),
+            "no {label:?} in {texts:?}"
+        );
+    }
+    // The time axis has ticks (0, 1, 2 s), three times (one per panel).
+    for tick in ["0", "1", "2"] {
+        let count = texts.iter().filter(|t| *t == tick).count();
+        assert!(count >= 3, "tick {tick:?} on {count} time axes: {texts:?}");
+    }
+    // One thick line per series, drawn and in its legend: ops/s, p50, p99,
+    // p99.9, BUSY (each once more in the legend).
+    for color in ["#1F77B4", "#2CA02C", "#FF7F0E", "#D62728", "#9467BD"] {
+        let lines = svg
+            .lines()
+            .filter(|l| l.contains("<polyline") && l.contains(&format!("stroke=\"{color}\"")))
+            .count();
+        assert_eq!(lines, 2, "series {color}: {lines} lines");
+    }
 
     // Open loop: 200 requests a second for 2 s are scheduled and sent,
     // whatever the latency; none is left unsent at this modest rate.
@@ -322,4 +369,181 @@ fn bad_arguments_exit_3_with_one_line() {
     assert_eq!(run.status.code(), Some(3), "{}", run.stderr);
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
     assert!(run.stderr.contains("missing.json"), "{}", run.stderr);
+}
+
+#[test]
+fn preload_writes_every_key_reports_progress_and_stops_at_its_time_limit() {
+    let cluster = Cluster::start();
+    let config = cluster.config.to_str().unwrap();
+    const KEYS: u64 = 3000;
+    // More preload clients than fit on one connection: the preload opens
+    // connections of its own.
+    let preload_clients = (2 * MAX_CLIENTS_PER_CONNECTION + 10).to_string();
+    let run = loadgen(
+        cluster.dir.path(),
+        &[
+            "--config",
+            config,
+            "--clients",
+            "4",
+            "--keys",
+            &KEYS.to_string(),
+            "--value-size",
+            "100",
+            "--preload-only",
+            "--preload-clients",
+            &preload_clients,
+            "--json",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(0), "stderr:\n{}", run.stderr);
+    let json = last_json(&run);
+    assert_eq!(number(&json, "preload_keys"), KEYS as f64, "{json}");
+    assert_eq!(number(&json, "preload_errors"), 0.0, "{json}");
+    assert!(json["preload_error"].is_null(), "{json}");
+    assert_eq!(number(&json, "ops"), 0.0, "no measured run: {json}");
+    let progress: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("[preload"))
+        .collect();
+    let last = progress.last().expect("a progress line");
+    assert!(
+        last.contains(&format!("{KEYS} / {KEYS} keys (100.0%)"))
+            && last.contains("keys/s average")
+            && last.contains("ETA"),
+        "{last}"
+    );
+    // Every key is there, with a value of the asked size.
+    let loaded = ClusterConfig::load(&cluster.config).unwrap();
+    let mut clerk = Clerk::new(&loaded, ClerkOptions::default());
+    for key in 0..KEYS {
+        let value = clerk.get(format!("key{key:08}")).expect("get");
+        let value = value.unwrap_or_else(|| panic!("key{key:08} was not preloaded"));
+        assert_eq!(value.len(), 100, "key{key:08}");
+    }
+
+    // --preload then a measured mix: gets' and puts' latencies apart.
+    let run = loadgen(
+        cluster.dir.path(),
+        &[
+            "--config",
+            config,
+            "--clients",
+            "4",
+            "--keys",
+            "500",
+            "--preload",
+            "--duration",
+            "1",
+            "--read-ratio",
+            "0.5",
+            "--json",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(0), "stderr:\n{}", run.stderr);
+    let json = last_json(&run);
+    assert_eq!(number(&json, "preload_keys"), 500.0, "{json}");
+    assert!(number(&json, "ops") > 0.0, "{json}");
+    for kind in ["read_latency", "write_latency"] {
+        let latency = &json[kind];
+        let (p50, p99, max) = (
+            number(latency, "p50_ms"),
+            number(latency, "p99_ms"),
+            number(latency, "max_ms"),
+        );
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{kind}: {json}");
+        assert!(max <= number(&json, "max_ms"), "{kind}: {json}");
+    }
+    let combined_max =
+        number(&json["read_latency"], "max_ms").max(number(&json["write_latency"], "max_ms"));
+    assert_eq!(combined_max, number(&json, "max_ms"), "{json}");
+
+    // A time limit far too short for the keys: the preload stops, says so
+    // in one line, and no measured run follows.
+    let run = loadgen(
+        cluster.dir.path(),
+        &[
+            "--config",
+            config,
+            "--clients",
+            "4",
+            "--keys",
+            "10000000",
+            "--preload",
+            "--preload-timeout",
+            "0.5",
+            "--duration",
+            "30",
+            "--json",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(1), "stderr:\n{}", run.stderr);
+    let json = last_json(&run);
+    let written = number(&json, "preload_keys");
+    assert!(written < 10_000_000.0, "{json}");
+    let reason = run.stderr.lines().last().unwrap();
+    assert_eq!(
+        reason,
+        format!(
+            "loadgen: preload failed: only {written} of 10000000 keys written within the \
+             preload time limit of 0.5 s"
+        ),
+        "stderr:\n{}",
+        run.stderr
+    );
+    assert_eq!(number(&json, "ops"), 0.0, "no measured run: {json}");
+}
+
+#[test]
+fn a_preload_without_a_cluster_fails_at_its_first_lost_write_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: every connect is refused.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("cluster.json");
+    fs::write(
+        &config,
+        format!(r#"{{"raft_nodes": [{{"id": 1, "ip": "127.0.0.1", "port": {port}}}]}}"#),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let run = loadgen(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--clients",
+            "2",
+            "--keys",
+            "100000",
+            "--preload",
+            "--duration",
+            "30",
+            "--timeout",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(run.status.code(), Some(1), "stderr:\n{}", run.stderr);
+    // The first write lost after its 1 s deadline ends the preload: no
+    // other key starts, and the 30 s run never begins.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let reason = run.stderr.lines().last().unwrap();
+    assert!(
+        reason.starts_with("loadgen: preload failed: 0 of 100000 keys written in ")
+            && reason.contains(", then writing key000"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    let json = last_json(&run);
+    assert!(number(&json, "preload_errors") >= 1.0, "{json}");
+    assert_eq!(number(&json, "ops"), 0.0, "{json}");
 }

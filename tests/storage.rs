@@ -15,7 +15,7 @@ use tempfile::TempDir;
 fn options(segment_bytes: u64) -> StorageOptions {
     StorageOptions {
         segment_bytes,
-        fault_file: None,
+        ..StorageOptions::default()
     }
 }
 

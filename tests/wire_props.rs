@@ -227,6 +227,7 @@ fn write_config(dir: &Path, size: usize) -> ClusterConfig {
 
 fn start_node(config: &ClusterConfig, id: u64) -> KvServer {
     let options = StartOptions {
+        fs: None,
         id,
         data_dir: None,
         link_filter: None,

@@ -14,7 +14,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use kvstore_raft::check::KvInput;
-use kvstore_raft::clerk::{CasResult, Clerk, ClerkError, ClerkOptions, NodeStatusView};
+use kvstore_raft::clerk::{
+    json_object as object, CasResult, Clerk, ClerkError, ClerkOptions, NodeStatusView,
+};
 use kvstore_raft::config::ClusterConfig;
 use serde_json::Value;
 
@@ -248,16 +250,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A JSON object with its keys in the given order (serde_json's maps sort
-/// them), so answers read `{"ok":true,...}` as documented.
-fn object(fields: &[(&str, Value)]) -> String {
-    let body: Vec<String> = fields
-        .iter()
-        .map(|(key, value)| format!("{}:{value}", Value::from(*key)))
-        .collect();
-    format!("{{{}}}", body.join(","))
-}
-
 /// The JSON line answering one shell request.
 fn json_answer(result: &Result<Answer, ClerkError>) -> String {
     let ok = ("ok", Value::Bool(true));
@@ -266,15 +258,24 @@ fn json_answer(result: &Result<Answer, ClerkError>) -> String {
         Ok(Answer::Done) => object(&[ok]),
         Ok(Answer::Value(value)) => object(&[ok, ("value", text_or_null(value))]),
         Ok(Answer::Deleted { existed }) => object(&[ok, ("existed", (*existed).into())]),
-        Ok(Answer::Cas(cas)) => object(&[
-            ok,
-            ("swapped", cas.swapped.into()),
-            ("value", text_or_null(&cas.current)),
-        ]),
+        Ok(Answer::Cas(cas)) => match &cas.current_unknown {
+            None => object(&[
+                ok,
+                ("swapped", cas.swapped.into()),
+                ("value", text_or_null(&cas.current)),
+            ]),
+            Some(why) => object(&[
+                ok,
+                ("swapped", cas.swapped.into()),
+                ("found", cas.found.into()),
+                ("value_unknown", why.as_str().into()),
+            ]),
+        },
         Err(error) => {
             let kind = match error {
                 ClerkError::Timeout { .. } => "timeout",
                 ClerkError::Rejected(_) => "rejected",
+                ClerkError::Unknown { .. } => "unknown",
             };
             failure(kind, &error.to_string())
         }
@@ -299,9 +300,10 @@ fn shell_answer(result: &Result<Answer, ClerkError>) -> String {
         }
         Ok(Answer::Deleted { existed: true }) => "deleted".to_string(),
         Ok(Answer::Cas(cas)) if cas.swapped => "swapped".to_string(),
-        Ok(Answer::Cas(cas)) => match &cas.current {
-            Some(current) => format!("not swapped (current value: {})", text(current)),
-            None => "not swapped (the key is missing)".to_string(),
+        Ok(Answer::Cas(cas)) => match (&cas.current, &cas.current_unknown) {
+            (_, Some(why)) => format!("not swapped (current value unknown: {why})"),
+            (Some(current), None) => format!("not swapped (current value: {})", text(current)),
+            (None, None) => "not swapped (the key is missing)".to_string(),
         },
         Err(error) => format!("error: {error}"),
     }
@@ -309,13 +311,8 @@ fn shell_answer(result: &Result<Answer, ClerkError>) -> String {
 
 const STATUS_HEADER: &str = "ID  ADDRESS               ROLE           TERM    LEADER  COMMIT      APPLIED     LOG_BYTES     SNAPSHOT";
 
-fn addr_text(view: &NodeStatusView) -> String {
-    view.addr
-        .map_or_else(|| "-".to_string(), |addr| addr.to_string())
-}
-
 fn status_line(view: &NodeStatusView) -> String {
-    let addr = addr_text(view);
+    let addr = view.addr_text();
     match &view.status {
         Ok(s) => format!(
             "{:<3} {:<21} {:<14} {:<7} {:<7} {:<11} {:<11} {:<13} {}",
@@ -340,51 +337,10 @@ fn status_line(view: &NodeStatusView) -> String {
     }
 }
 
-fn status_json(view: &NodeStatusView) -> String {
-    let (role, numbers, error) = match &view.status {
-        Ok(s) => (
-            Value::from(s.role.as_str()),
-            [
-                s.term,
-                s.leader,
-                s.commit,
-                s.applied,
-                s.last_index,
-                s.snapshot_index,
-                s.log_bytes,
-            ]
-            .map(Value::from),
-            None,
-        ),
-        Err(error) => (
-            Value::from("unreachable"),
-            std::array::from_fn(|_| Value::Null),
-            Some(error),
-        ),
-    };
-    let [term, leader, commit, applied, last_index, snapshot_index, log_bytes] = numbers;
-    let mut fields = vec![
-        ("id", Value::from(view.id)),
-        ("addr", Value::from(addr_text(view))),
-        ("role", role),
-        ("term", term),
-        ("leader", leader),
-        ("commit", commit),
-        ("applied", applied),
-        ("last_index", last_index),
-        ("snapshot_index", snapshot_index),
-        ("log_bytes", log_bytes),
-    ];
-    if let Some(error) = error {
-        fields.push(("error", Value::from(error.as_str())));
-    }
-    object(&fields)
-}
-
 fn run_status(clerk: &Clerk, json: bool) -> Exit {
     let views = clerk.status_all();
     if json {
-        let objects: Vec<String> = views.iter().map(status_json).collect();
+        let objects: Vec<String> = views.iter().map(NodeStatusView::to_json).collect();
         println!("[{}]", objects.join(","));
     } else {
         println!("{STATUS_HEADER}");
@@ -427,7 +383,7 @@ fn run_op(clerk: &mut Clerk, op: &Op) -> io::Result<Exit> {
             eprintln!("not swapped");
             Exit::NoMatch
         }
-        Err(error @ ClerkError::Timeout { .. }) => {
+        Err(error @ (ClerkError::Timeout { .. } | ClerkError::Unknown { .. })) => {
             eprintln!("clerk: {error}");
             Exit::Failed
         }
@@ -716,6 +672,7 @@ mod tests {
                 swapped,
                 found: current.is_some(),
                 current: current.map(|c| c.as_bytes().to_vec()),
+                current_unknown: None,
             }))
         };
         let cases = [

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use kvstore_raft::config::ClusterConfig;
+use kvstore_raft::http::{HttpConfig, HttpServer, Source};
 use kvstore_raft::kv::server::{KvServer, StartError, StartOptions};
 
 const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]";
@@ -129,6 +130,7 @@ fn main() -> ExitCode {
     };
     let signals = block_stop_signals();
     let start = StartOptions {
+        fs: None,
         id: args.id,
         data_dir: args.data_dir,
         link_filter: None,
@@ -148,15 +150,38 @@ fn main() -> ExitCode {
         }
     };
     log::info!("node {} serving on {}", args.id, server.local_addr());
+    // The HTTP endpoint (metrics, health, dashboard), when the file gives
+    // this node an `http_port`.
+    let http_addr = config.node(args.id).and_then(|node| node.http);
+    let http = match http_addr
+        .map(|addr| HttpServer::start(addr, Source::of(&server, &config), HttpConfig::default()))
+    {
+        None => None,
+        Some(Ok(http)) => {
+            log::info!("node {}: http on http://{}/", args.id, http.local_addr());
+            Some(http)
+        }
+        Some(Err(e)) => {
+            eprintln!("kvserver: node {}: {e}", args.id);
+            server.shutdown();
+            return ExitCode::from(1);
+        }
+    };
+    let stop = |server: KvServer, http: Option<HttpServer>| {
+        if let Some(http) = http {
+            http.shutdown();
+        }
+        server.shutdown();
+    };
     loop {
         if let Some(signal) = wait_for_stop_signal(&signals, Duration::from_millis(200)) {
             log::info!("node {}: signal {signal}, shutting down", args.id);
-            server.shutdown();
+            stop(server, http);
             return ExitCode::SUCCESS;
         }
         if let Some(error) = server.handle().fatal_error() {
             eprintln!("kvserver: node {} stopped: {error}", args.id);
-            server.shutdown();
+            stop(server, http);
             return ExitCode::from(1);
         }
     }

@@ -3,22 +3,26 @@
 //! throughput, latency percentiles, errors and backpressure; see `--help`
 //! and the README's performance section. A progress line goes to stderr
 //! each second; the result goes to stdout, as text or (`--json`) as one
-//! JSON object on the last line.
+//! JSON object on the last line. `--preload` first writes every key once
+//! with many operations in flight, with a progress line (keys/s, ETA) each
+//! second.
 //!
-//! Exit status: 0 when the run completed; 1 when no operation succeeded,
-//! the check found the history not linearizable (or could not decide), or
-//! the plot could not be written; 3 for bad arguments or a bad config file
-//! (one line on stderr).
+//! Exit status: 0 when the run completed; 1 when the preload did not write
+//! every key, no operation succeeded, the check found the history not
+//! linearizable (or could not decide), or the plot could not be written; 3
+//! for bad arguments or a bad config file (one line on stderr).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use kvstore_raft::config::ClusterConfig;
-use kvstore_raft::loadgen::{self, LoadOptions, Report, SecondStats, Targets, MAX_RUN_SECS};
+use kvstore_raft::loadgen::{
+    self, LoadOptions, PreloadProgress, Report, SecondStats, Targets, MAX_RUN_SECS,
+};
 
 const USAGE: &str = "usage: loadgen [--config FILE] --clients N --duration SECS [--warmup SECS] \
 [--value-size BYTES] [--keys K] [--read-ratio R] [--rate OPS] [--conns C] [--preload] \
-[--timeout SECS] [--json] [--plot FILE.svg] [--check] [--seed S]";
+[--preload-only] [--preload-clients N] [--preload-timeout SECS] [--timeout SECS] [--json] [--plot FILE.svg] [--check] [--seed S]";
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 3;
 /// Bounds of the numeric options: generous, but they keep a typo from
@@ -31,6 +35,12 @@ const DEFAULT_CONNS: usize = 1;
 const MAX_KEYS: u64 = 1_000_000_000;
 const MAX_RATE: f64 = 10_000_000.0;
 const MAX_TIMEOUT_SECS: f64 = 3600.0;
+/// Preload writes in flight unless `--preload-clients` says otherwise:
+/// enough to keep the leader's batches full (see the README's
+/// performance section for the measurements behind it).
+const DEFAULT_PRELOAD_CLIENTS: usize = 512;
+/// The preload's time limit unless `--preload-timeout` says otherwise.
+const DEFAULT_PRELOAD_TIMEOUT_SECS: f64 = 3600.0;
 /// The most operations `--check` records.
 const MAX_CHECKED_OPS: usize = 200_000;
 
@@ -123,7 +133,22 @@ fn options() -> getopts::Options {
     opts.optflag(
         "",
         "preload",
-        "write every key once before the run (unmeasured)",
+        "write every key once before the run (unmeasured); the run does not \
+         start unless every key was written",
+    );
+    opts.optflag("", "preload-only", "preload, then stop (no measured run)");
+    opts.optopt(
+        "",
+        "preload-clients",
+        "writes in flight during the preload, each its own session \
+         (default 512)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "preload-timeout",
+        "give up the preload after this long (default 3600)",
+        "SECS",
     );
     opts.optopt("", "timeout", "per-operation deadline (default 10)", "SECS");
     opts.optopt(
@@ -136,7 +161,7 @@ fn options() -> getopts::Options {
     opts.optopt(
         "",
         "plot",
-        "write ops/s and p50/p99 latency per second as SVG",
+        "write ops/s, p50/p99/p99.9 latency, BUSY and errors per second as SVG",
         "FILE",
     );
     opts.optflag(
@@ -169,6 +194,9 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         None => None,
     };
     let max_run_secs = MAX_RUN_SECS as f64 / 2.0;
+    let preload_only = matches.opt_present("preload-only");
+    // With --preload-only the measured run never happens: no duration needed.
+    let duration_default = preload_only.then_some(1.0);
     let load = LoadOptions {
         clients: within(
             "clients",
@@ -182,7 +210,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             1,
             MAX_CONNS,
         )?,
-        duration: seconds(&matches, "duration", None, 0.001, max_run_secs)?,
+        duration: seconds(&matches, "duration", duration_default, 0.001, max_run_secs)?,
         warmup: seconds(&matches, "warmup", Some(0.0), 0.0, max_run_secs)?,
         value_size_bytes: within(
             "value-size",
@@ -198,7 +226,21 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             1.0,
         )?,
         rate,
-        preload: matches.opt_present("preload"),
+        preload: matches.opt_present("preload") || preload_only,
+        preload_clients: within(
+            "preload-clients",
+            number(&matches, "preload-clients", Some(DEFAULT_PRELOAD_CLIENTS))?,
+            1,
+            MAX_CLIENTS,
+        )?,
+        preload_timeout: seconds(
+            &matches,
+            "preload-timeout",
+            Some(DEFAULT_PRELOAD_TIMEOUT_SECS),
+            0.001,
+            max_run_secs,
+        )?,
+        preload_only,
         check: matches.opt_present("check"),
         max_checked_ops: MAX_CHECKED_OPS,
         seed: number(&matches, "seed", Some(1))?,
@@ -236,8 +278,48 @@ fn print_progress(s: &SecondStats) {
     );
 }
 
+fn print_preload_progress(p: &PreloadProgress) {
+    let eta = p.eta().map_or_else(
+        || "?".to_string(),
+        |eta| format!("{:.0} s", eta.as_secs_f64()),
+    );
+    eprintln!(
+        "[preload {:>5.0}s] {:>10} / {} keys ({:5.1}%)  {:>7} keys/s now  {:>7.0} keys/s average  \
+         ETA {eta}  failed {}",
+        p.elapsed.as_secs_f64(),
+        p.written,
+        p.keys,
+        100.0 * p.written as f64 / p.keys.max(1) as f64,
+        p.last_second,
+        p.average_per_sec(),
+        p.failed
+    );
+}
+
+/// The plot's title: what ran.
+fn plot_title(load: &LoadOptions) -> String {
+    let mode = match load.rate {
+        Some(rate) => format!("open loop at {rate} ops/s, {} clients", load.clients),
+        None => format!("{} clients", load.clients),
+    };
+    format!(
+        "loadgen: {mode}, {:.0}% gets, {} keys{}, {}-byte values, {} s",
+        load.read_ratio * 100.0,
+        load.keys,
+        if load.preload { " (preloaded)" } else { "" },
+        load.value_size_bytes,
+        load.duration.as_secs_f64()
+    )
+}
+
 /// Why the run counts as failed, if it does.
-fn failure(report: &Report) -> Option<String> {
+fn failure(args: &Args, report: &Report) -> Option<String> {
+    if let Some(error) = &report.preload_error {
+        return Some(format!("preload failed: {error}"));
+    }
+    if args.load.preload_only {
+        return None;
+    }
     if report.ops == 0 {
         let first = report.error_samples.values().next();
         return Some(format!(
@@ -270,10 +352,18 @@ fn main() -> ExitCode {
         }
     };
     let targets = Targets::from_config(&config, args.timeout);
-    let report = loadgen::run(&args.load, &targets, &print_progress);
+    let report = loadgen::run(
+        &args.load,
+        &targets,
+        &print_progress,
+        &print_preload_progress,
+    );
     let mut status = ExitCode::SUCCESS;
-    if let Some(path) = &args.plot {
-        if let Err(e) = std::fs::write(path, report.to_svg()) {
+    if let (Some(path), false) = (&args.plot, args.load.preload_only) {
+        let written = report
+            .to_svg(&plot_title(&args.load))
+            .and_then(|svg| std::fs::write(path, svg).map_err(|e| e.to_string()));
+        if let Err(e) = written {
             eprintln!("loadgen: cannot write the plot to {path}: {e}");
             status = ExitCode::from(EXIT_FAILED);
         }
@@ -283,7 +373,7 @@ fn main() -> ExitCode {
     } else {
         print!("{}", report.to_text());
     }
-    if let Some(reason) = failure(&report) {
+    if let Some(reason) = failure(&args, &report) {
         eprintln!("loadgen: {reason}");
         status = ExitCode::from(EXIT_FAILED);
     }

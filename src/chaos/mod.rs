@@ -11,6 +11,8 @@
 //! - `schedule`: the seeded fault schedule.
 //! - `nemesis`: a scheduled fault turned into actions, and undone.
 //! - `workload`: the recorded clients.
+//! - `slow_reader`: a client that pipelines large reads and stops reading;
+//!   it must cause no leader change.
 //! - `verdict`: the checks of a history, online or offline.
 //! - `runner`: one run from start to verdict.
 //! - `report`: what is printed.
@@ -21,6 +23,7 @@ pub mod proxy;
 pub mod report;
 pub mod runner;
 pub mod schedule;
+pub mod slow_reader;
 pub mod verdict;
 pub mod workload;
 

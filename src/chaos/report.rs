@@ -9,6 +9,9 @@ use super::runner::{Outcome, RunReport};
 use super::verdict::{is_read_only, HistoryVerdict};
 use crate::check::{write_history_jsonl, Operation, Verdict};
 
+/// How the report describes one stall.
+const STALL_LINE: &str = "64 pipelined reads of 300 kB left unread for 3 s";
+
 /// The most witness operations printed; the rest are in the witness file.
 const MAX_PRINTED_OPS: usize = 24;
 
@@ -43,6 +46,14 @@ pub fn run_text(report: &RunReport) -> String {
         "ops: {} ok, {} failed, {} unknown (timed out); {} direct reads unanswered; \
          {} frames dropped by the proxies",
         counts.ok, counts.failed, counts.unknown, counts.direct_unanswered, report.frames_dropped
+    );
+    let kept = report.stalls.iter().filter(|s| s.leader_kept()).count();
+    let _ = writeln!(
+        text,
+        "slow reader: {} stalls of {STALL_LINE}, the leader kept its term through {kept}; \
+         leader changes it caused: {}",
+        report.stalls.len(),
+        report.slow_reader_leader_changes
     );
     match &report.recovery {
         Ok(after) => {

@@ -40,6 +40,8 @@ pub struct ChaosOptions {
     pub recovery_budget: Duration,
     /// Progress lines (faults as they happen) go to stderr.
     pub verbose: bool,
+    /// Runs the slow reader (see `slow_reader`) beside the clients.
+    pub slow_reader: bool,
 }
 
 impl ChaosOptions {
@@ -60,6 +62,7 @@ impl ChaosOptions {
                 RECOVERY_ELECTION_TIMEOUTS * cluster::ELECTION_TIMEOUT_MAX_MS,
             ),
             verbose: false,
+            slow_reader: true,
         }
     }
 }
@@ -104,6 +107,12 @@ pub struct RunReport {
     pub crashed_node: Option<String>,
     pub verdict: HistoryVerdict,
     pub frames_dropped: u64,
+    /// The slow reader's stalled connections.
+    pub stalls: Vec<super::slow_reader::Stall>,
+    /// Stalls after which the stalled leader no longer led its term while
+    /// no fault was injected within a second of the stall: leader changes
+    /// the slow reader caused. Must be none.
+    pub slow_reader_leader_changes: usize,
 }
 
 /// The overall result of a run.
@@ -117,7 +126,11 @@ pub enum Outcome {
 
 impl RunReport {
     pub fn outcome(&self) -> Outcome {
-        if self.verdict.violated() || self.recovery.is_err() || self.crashed_node.is_some() {
+        if self.verdict.violated()
+            || self.recovery.is_err()
+            || self.crashed_node.is_some()
+            || self.slow_reader_leader_changes > 0
+        {
             Outcome::Violation
         } else if self.verdict.passed() {
             Outcome::Passed
@@ -129,6 +142,9 @@ impl RunReport {
 
 /// Runs one chaos run. `Err` is an infrastructure failure (the cluster
 /// could not be started or files written), not a finding about the store.
+/// A leader change within this long of a fault counts as the fault's.
+const FAULT_MARGIN_MS: u64 = 1_000;
+
 pub fn run(options: &ChaosOptions) -> Result<RunReport, String> {
     let (work_dir, temporary) = prepare_work_dir(options)?;
     let mut cluster = Cluster::start(&work_dir, &options.kvserver, options.nodes, options.seed)?;
@@ -160,6 +176,17 @@ pub fn run(options: &ChaosOptions) -> Result<RunReport, String> {
             .map_err(|e| format!("cannot start the clients: {e}"))?
     };
 
+    let slow_reader = options
+        .slow_reader
+        .then(|| {
+            let (config, stop) = (config.clone(), Arc::clone(&stop));
+            thread::Builder::new()
+                .name("chaos-slow-reader".into())
+                .spawn(move || super::slow_reader::run(&config, epoch, &stop))
+                .map_err(|e| format!("cannot start the slow reader: {e}"))
+        })
+        .transpose()?;
+
     let mut nemesis = Nemesis {
         cluster: &mut cluster,
         status: &status_clerk,
@@ -185,6 +212,22 @@ pub fn run(options: &ChaosOptions) -> Result<RunReport, String> {
     let (recorded, counts) = clients
         .join()
         .map_err(|_| "a chaos client panicked".to_string())?;
+    let stalls = match slow_reader {
+        Some(thread) => thread
+            .join()
+            .map_err(|_| "the slow reader panicked".to_string())?,
+        None => Vec::new(),
+    };
+    let slow_reader_leader_changes = stalls
+        .iter()
+        .filter(|stall| !stall.leader_kept())
+        .filter(|stall| {
+            !faults.iter().any(|fault| {
+                fault.start_ms <= stall.end_ms + FAULT_MARGIN_MS
+                    && stall.start_ms <= fault.end_ms + FAULT_MARGIN_MS
+            })
+        })
+        .count();
     final_reads(&config, options, epoch, &mut extra_ops);
     if crashed.is_none() {
         crashed = crashed_node(&mut cluster);
@@ -209,6 +252,8 @@ pub fn run(options: &ChaosOptions) -> Result<RunReport, String> {
         crashed_node: crashed,
         verdict,
         frames_dropped,
+        stalls,
+        slow_reader_leader_changes,
     };
     if temporary && report.outcome() == Outcome::Passed {
         report.work_dir_kept = std::fs::remove_dir_all(&work_dir).is_err();

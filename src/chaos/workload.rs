@@ -269,10 +269,10 @@ fn pick(rng: &mut SplitMix64, keys: &[String]) -> String {
 pub fn record(clerk: &mut Clerk, input: KvInput, client: u64, epoch: Instant) -> Operation {
     let call_us = epoch.elapsed().as_micros() as u64;
     let result = execute(clerk, &input);
-    let return_us = epoch.elapsed().as_micros() as u64;
+    let return_us = crate::check::return_stamp_us(epoch);
     let (output, return_us) = match result {
         Ok(output) => (Some(output), Some(return_us)),
-        Err(ClerkError::Timeout { .. }) => (None, None),
+        Err(ClerkError::Timeout { .. } | ClerkError::Unknown { .. }) => (None, None),
         Err(ClerkError::Rejected(message)) => {
             log::warn!("client {client}: {input:?} rejected: {message}");
             (None, Some(return_us))
@@ -313,8 +313,12 @@ fn execute(clerk: &mut Clerk, input: &KvInput) -> Result<KvOutput, ClerkError> {
             KvOutput::Cas {
                 swapped: result.swapped,
                 found: result.found,
-                // The model reads a missing key as "".
-                current: Some(result.current.map(text).unwrap_or_default()),
+                // The model reads a missing key as ""; an old value the
+                // server did not retain is checked on swapped/found only.
+                current: match result.current_unknown {
+                    Some(_) => None,
+                    None => Some(result.current.map(text).unwrap_or_default()),
+                },
             }
         }
     })

@@ -69,7 +69,7 @@ impl KvInput {
 /// What the clerk was told. A missing key reads as `Get { value: None }`;
 /// for Append and Cas a missing key counts as "".
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KvOutput {
     Get {
         value: Option<String>,
@@ -94,7 +94,10 @@ pub enum KvOutput {
 /// The outcome is known only when both `output` and `return_us` are set;
 /// otherwise the operation counts as pending forever (return time infinity)
 /// with any output. A `return_us` below `call_us` is read as `call_us`.
+// Unknown fields are refused: a misspelled `output` would otherwise turn
+// an operation into one of unknown outcome, silently weakening the check.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Operation {
     pub client_id: u64,
     pub input: KvInput,
@@ -107,6 +110,28 @@ impl Operation {
     fn is_known(&self) -> bool {
         self.output.is_some() && self.return_us.is_some()
     }
+}
+
+/// The return time of an operation, in microseconds since `epoch`, for a
+/// recorder of a sequential client: it waits (under a microsecond) until the
+/// clock has moved past the stamp before handing control back, so that the
+/// client's next call is stamped strictly later. The checker orders calls
+/// before returns at equal times (operations that touch count as
+/// concurrent, the permissive reading needed across clients), so without
+/// this a client's next operation stamped at its previous one's return
+/// microsecond would be free to linearize before it, and read-your-writes
+/// violations would pass.
+pub fn return_stamp_us(epoch: Instant) -> u64 {
+    let stamp_us = micros_since(epoch);
+    while micros_since(epoch) <= stamp_us {
+        std::hint::spin_loop();
+    }
+    stamp_us
+}
+
+/// Microseconds since `epoch`, the clock of recorded histories.
+pub fn micros_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_micros() as u64
 }
 
 /// The checker's answer.

@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::engine::{self, Engine};
 use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
-use super::waiters::{Waiter, Waiters};
+use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ApplyTask, NodeHandle};
 use crate::proto::kvstore::ErrorCode;
 use crate::raft::{Entry, ProposeError, Snapshot};
@@ -140,9 +140,11 @@ impl Applier {
                 }
             }
             ApplyTask::Committed(entries) => {
+                let (started, count) = (Instant::now(), entries.len());
                 for entry in entries {
                     self.apply(entry)?;
                 }
+                crate::metrics::apply_done(self.node.id(), count, started.elapsed());
                 // One atomic batch for the task: data, sessions and applied index.
                 self.machine
                     .commit_batch(false)
@@ -156,18 +158,36 @@ impl Applier {
                 self.reads.entry(index).or_default().push(token);
                 self.serve_reads()?;
             }
-            ApplyTask::SteppedDown { hint, .. } => {
-                // Requests this node accepted as leader may or may not
-                // commit; the clerk retries with the same (client, seq)
-                // at the new leader, whose sessions make that safe.
-                self.proposed.clear();
-                self.reads.clear();
-                for (_, waiter) in self.waiters.take_all() {
-                    waiter.fail(ErrorCode::NOT_LEADER, hint, "leadership changed; retry");
-                }
-            }
+            ApplyTask::SteppedDown { term, hint } => self.stepped_down(term, hint),
         }
         Ok(())
+    }
+
+    /// This node stopped leading `term`. Writes it proposed in `term` or
+    /// before may or may not commit: they are answered NOT_LEADER, and the
+    /// clerk retries with the same (client, seq) at the new leader, whose
+    /// sessions make that safe. Writes proposed in a later term (the notice
+    /// can come after this node was elected again) are left to be answered
+    /// when their entries apply: failing them would say "not applied" of
+    /// writes that do commit. Reads are all failed, as a read is always safe
+    /// to retry and a barrier of the old term will never be served.
+    fn stepped_down(&mut self, term: u64, hint: u64) {
+        let lost: Vec<u64> = self
+            .proposed
+            .iter()
+            .filter(|(_, &(proposed_in, _))| proposed_in <= term)
+            .map(|(&index, _)| index)
+            .collect();
+        for index in lost {
+            let (_, token) = self.proposed.remove(&index).expect("present");
+            if let Some(waiter) = self.waiters.take(token) {
+                waiter.fail(ErrorCode::NOT_LEADER, hint, "leadership changed; retry");
+            }
+        }
+        self.reads.clear();
+        for (_, waiter) in self.waiters.take_reads() {
+            waiter.fail(ErrorCode::NOT_LEADER, hint, "leadership changed; retry");
+        }
     }
 
     fn apply(&mut self, entry: Entry) -> Result<(), String> {
@@ -212,7 +232,7 @@ impl Applier {
                 0,
                 &format!("seq {seq} is older than this client's last request {last_seq}"),
             ),
-            ApplyOutcome::Invalid { reason, .. } => {
+            ApplyOutcome::Invalid { reason, .. } | ApplyOutcome::TooLarge { reason, .. } => {
                 waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &reason)
             }
             ApplyOutcome::Noop | ApplyOutcome::AlreadyApplied => {
@@ -381,12 +401,130 @@ pub fn rebuild_engine(
 fn refuse(waiter: Waiter, error: ProposeError) {
     match error {
         ProposeError::NotLeader { hint } => {
-            waiter.fail(ErrorCode::NOT_LEADER, hint, "not the leader")
+            waiter.fail(ErrorCode::NOT_LEADER, hint, NOT_LEADER_NOTHING_PROPOSED)
         }
         ProposeError::Overloaded => waiter.fail(
             ErrorCode::BUSY,
             0,
             "the leader holds too many uncommitted entries",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::state_machine::{encode_command, make_command, KvOp};
+    use crate::proto::kvstore::{ErrorCode, PutReply};
+    use crate::rpc::Responder;
+
+    /// A node of one, for its handle: the applier asks it only for hints.
+    fn single_node(dir: &std::path::Path) -> crate::node::Node {
+        let (storage, restored) =
+            crate::storage::DiskStorage::open(dir, crate::storage::StorageOptions::default())
+                .unwrap();
+        let options = crate::node::NodeOptions {
+            id: 1,
+            peers: vec![(1, "127.0.0.1:1".parse().unwrap())],
+            tick_ms: 10,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            heartbeat_interval_ms: 30,
+            max_inflight_appends: 4,
+            max_append_bytes: 1 << 20,
+            max_snapshot_chunk_bytes: 1 << 20,
+            max_uncommitted_bytes: 1 << 20,
+            proposal_queue_capacity: 16,
+            max_batch_requests: 16,
+            max_frame_bytes: 16 << 20,
+            peer_connect_timeout_ms: 100,
+            credentials: crate::rpc::Credentials::default(),
+            link_filter: None,
+        };
+        crate::node::Node::start(options, storage, restored)
+            .unwrap()
+            .0
+    }
+
+    fn put_entry(index: u64, term: u64, client_id: u64) -> Entry {
+        let op = KvOp::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        };
+        Entry {
+            index,
+            term,
+            data: encode_command(&make_command(client_id, 1, 0, op)),
+        }
+    }
+
+    /// Issue 16, item 6: a step-down notice of term 5 that arrives after
+    /// this node, leader again in term 7, proposed a write must not fail
+    /// that write (its entry commits); the write of term 5 is failed.
+    #[test]
+    fn a_late_step_down_notice_spares_the_new_terms_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = single_node(dir.path());
+        let (_tx, tasks) = crossbeam_channel::bounded(1);
+        let waiters = Arc::new(Waiters::new(16));
+        let machine = KvStateMachine::new(KvOptions::default());
+        let mut applier = Applier::new(
+            node.handle().clone(),
+            tasks,
+            Arc::clone(&waiters),
+            machine,
+            u64::MAX,
+            8 << 20,
+        );
+        let far = Instant::now() + Duration::from_secs(60);
+        let (old_write, old_reply) = Responder::<PutReply>::local();
+        let (new_write, new_reply) = Responder::<PutReply>::local();
+        waiters
+            .insert(1, Waiter::Put(old_write), far, Duration::ZERO)
+            .ok()
+            .unwrap();
+        waiters
+            .insert(2, Waiter::Put(new_write), far, Duration::ZERO)
+            .ok()
+            .unwrap();
+        applier
+            .handle(ApplyTask::Proposed {
+                token: 1,
+                index: 1,
+                term: 5,
+            })
+            .unwrap();
+        applier
+            .handle(ApplyTask::Proposed {
+                token: 2,
+                index: 2,
+                term: 7,
+            })
+            .unwrap();
+        applier
+            .handle(ApplyTask::SteppedDown { term: 5, hint: 0 })
+            .unwrap();
+        let old = old_reply
+            .try_recv()
+            .expect("the term-5 write is answered")
+            .unwrap();
+        assert_eq!(old.header.error.enum_value(), Ok(ErrorCode::NOT_LEADER));
+        assert!(
+            new_reply.try_recv().is_err(),
+            "the term-7 write was answered early"
+        );
+        let entries = vec![put_entry(1, 7, 8), put_entry(2, 7, 9)];
+        applier.handle(ApplyTask::Committed(entries)).unwrap();
+        let new = new_reply
+            .try_recv()
+            .expect("the term-7 write is answered")
+            .unwrap();
+        assert_eq!(
+            new.header.error.enum_value(),
+            Ok(ErrorCode::OK),
+            "{:?}",
+            new.header
+        );
+        node.shutdown();
     }
 }

@@ -19,7 +19,7 @@ use crate::node::{LinkFilter, Node, NodeHandle, NodeOptions};
 use crate::raft::NodeId;
 use crate::rpc::services::raft as raft_ids;
 use crate::rpc::{Credentials, Router, RpcServer, ServerAuth, ServerConfig};
-use crate::storage::{DiskStorage, FaultFile, StorageOptions};
+use crate::storage::{DiskStorage, FaultFile, FileSystem, StorageOptions};
 
 /// Why a server could not start. Display gives one line naming the cause.
 #[derive(Debug)]
@@ -70,9 +70,14 @@ pub struct StartOptions {
     /// The testing hook that stalls or fails this node's fsyncs on request
     /// (`kvserver --fault-file`); `None` in production.
     pub fault_file: Option<PathBuf>,
+    /// The file system under the storage; `None` is the real one (tests
+    /// put nodes on a simulated disk that forgets at a power loss).
+    pub fs: Option<Arc<dyn FileSystem>>,
 }
 
 pub struct KvServer {
+    /// The LockQueue's slots, for monitoring.
+    waiters: Arc<Waiters>,
     node: Option<Node>,
     rpc: Option<RpcServer>,
     applier: Option<JoinHandle<()>>,
@@ -97,12 +102,14 @@ impl KvServer {
         drop(std::net::TcpListener::bind(addr).map_err(|error| StartError::Bind { addr, error })?);
         let data_dir = start
             .data_dir
+            .clone()
             .unwrap_or_else(|| config.node_data_dir(start.id));
-        let (storage, restored) = DiskStorage::open(&data_dir, storage_options(&start.fault_file))
-            .map_err(StartError::Storage)?;
+        let (storage, restored) =
+            DiskStorage::open(&data_dir, storage_options(&start)).map_err(StartError::Storage)?;
         let kv_options = KvOptions {
             session_ttl_ms: config.session_ttl_ms,
             max_sessions: config.max_sessions,
+            max_value_bytes: config.max_append_bytes / 2,
             ..KvOptions::default()
         };
         let machine = open_machine(
@@ -114,6 +121,13 @@ impl KvServer {
         let listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
+            // Room for a few of the largest replies, never less than the
+            // default: replies wait here for slow clients, not on the
+            // apply thread.
+            max_outbox_bytes: config
+                .max_frame_bytes
+                .saturating_mul(4)
+                .max(ServerConfig::default().max_outbox_bytes),
             auth: ServerAuth {
                 credentials: node_credentials(config, start.id),
                 members: config.node_ids(),
@@ -128,6 +142,10 @@ impl KvServer {
         let node_options = node_options(config, start.id, start.link_filter);
         let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
         let waiters = Arc::new(Waiters::new(config.proposal_queue_capacity.max(1)));
+        crate::metrics::warnings::set_thresholds(
+            config.election_timeout_max_ms,
+            config.snapshot_threshold_bytes,
+        );
         let service = KvService::new(
             node.handle().clone(),
             Arc::clone(&waiters),
@@ -153,16 +171,18 @@ impl KvServer {
         let applier = Applier::new(
             node.handle().clone(),
             tasks,
-            waiters,
+            Arc::clone(&waiters),
             machine,
             config.snapshot_threshold_bytes,
             config.engine_cache_bytes,
         );
-        let applier = std::thread::Builder::new()
-            .name(format!("apply-{}", start.id))
-            .spawn(move || applier.run())
+        let applier = node
+            .handle()
+            .stopper()
+            .spawn(format!("apply-{}", start.id), move || applier.run())
             .map_err(StartError::Io)?;
         Ok(KvServer {
+            waiters,
             node: Some(node),
             rpc: Some(rpc),
             applier: Some(applier),
@@ -171,6 +191,11 @@ impl KvServer {
 
     pub fn handle(&self) -> &NodeHandle {
         self.node.as_ref().expect("running").handle()
+    }
+
+    /// The LockQueue: how many of its slots are in use is a gauge of load.
+    pub fn waiters(&self) -> Arc<Waiters> {
+        Arc::clone(&self.waiters)
     }
 
     pub fn local_addr(&self) -> std::net::SocketAddr {
@@ -288,9 +313,11 @@ pub fn node_options(
     }
 }
 
-fn storage_options(fault_file: &Option<PathBuf>) -> StorageOptions {
+fn storage_options(start: &StartOptions) -> StorageOptions {
+    let defaults = StorageOptions::default();
     StorageOptions {
-        fault_file: fault_file.as_deref().map(FaultFile::new),
-        ..StorageOptions::default()
+        fault_file: start.fault_file.as_deref().map(FaultFile::new),
+        fs: start.fs.clone().unwrap_or(defaults.fs.clone()),
+        ..defaults
     }
 }

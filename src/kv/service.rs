@@ -13,10 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::SendTimeoutError;
 
 use super::state_machine::{encode_command, make_command, KvOp};
-use super::waiters::{Waiter, Waiters};
+use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ClientRequest, NodeHandle};
 use crate::proto::kvstore::*;
-use crate::raft::Role;
+use crate::raft::{Role, Status};
 use crate::rpc::handshake::constant_time_eq;
 use crate::rpc::services::KvStoreService;
 use crate::rpc::Responder;
@@ -118,7 +118,7 @@ impl KvService {
             return Err((
                 ErrorCode::NOT_LEADER,
                 status.leader,
-                "not the leader".into(),
+                NOT_LEADER_NOTHING_PROPOSED.into(),
             ));
         }
         Ok(())
@@ -153,6 +153,7 @@ impl KvService {
     }
 
     fn write(&self, header: Option<&RequestHeader>, op: KvOp, waiter: Waiter) {
+        crate::metrics::PROPOSALS_RECEIVED.inc();
         let (key, value) = match &op {
             KvOp::Put { key, value } | KvOp::Append { key, value } => (key, value),
             KvOp::Cas { key, value, .. } => (key, value),
@@ -255,16 +256,23 @@ impl KvStoreService for KvService {
             });
             return responder.send(reply);
         }
-        let status = self.node.status();
-        reply.id = status.id;
-        reply.role = status.role.as_str().to_string();
-        reply.term = status.term;
-        reply.leader = status.leader;
-        reply.commit = status.commit;
-        reply.applied = status.applied;
-        reply.last_index = status.last_index;
-        reply.snapshot_index = status.snapshot_index;
-        reply.log_bytes = status.log_bytes;
-        responder.send(reply);
+        responder.send(status_reply(&self.node.status()));
+    }
+}
+
+/// The answer to a status request: what `clerk status` shows, and what the
+/// node's HTTP `/status` serves.
+pub fn status_reply(status: &Status) -> StatusReply {
+    StatusReply {
+        id: status.id,
+        role: status.role.as_str().to_string(),
+        term: status.term,
+        leader: status.leader,
+        commit: status.commit,
+        applied: status.applied,
+        last_index: status.last_index,
+        snapshot_index: status.snapshot_index,
+        log_bytes: status.log_bytes,
+        ..Default::default()
     }
 }

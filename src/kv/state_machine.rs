@@ -72,6 +72,12 @@ pub struct KvOptions {
     pub max_sessions: usize,
     /// A saved Cas reply keeps `current` only up to this many bytes.
     pub max_saved_current_bytes: usize,
+    /// The most bytes a value may have, however it is produced (Put, Append,
+    /// Cas): a write that would make a longer one is rejected and changes
+    /// nothing. Keeps every value readable (a Get reply fits in a frame)
+    /// and an Append's cost bounded. The server uses half of
+    /// `max_append_bytes`, the same bound its handlers check.
+    pub max_value_bytes: usize,
 }
 
 impl Default for KvOptions {
@@ -80,6 +86,7 @@ impl Default for KvOptions {
             session_ttl_ms: 3_600_000,
             max_sessions: 10_000,
             max_saved_current_bytes: 1024,
+            max_value_bytes: 512 * 1024,
         }
     }
 }
@@ -295,6 +302,13 @@ pub enum ApplyOutcome {
     /// The index is at or below the applied index (a replay after restoring
     /// a snapshot): it is already part of the state.
     AlreadyApplied,
+    /// The command would make a value longer than `max_value_bytes`; it
+    /// changed nothing (the session neither: a retry is judged again).
+    TooLarge {
+        client_id: u64,
+        seq: u64,
+        reason: String,
+    },
 }
 
 // ------------------------------------------------------------ the machine
@@ -560,6 +574,13 @@ impl KvStateMachine {
             return ApplyOutcome::Noop;
         }
         if client_id == NO_CLIENT {
+            if let Some(reason) = self.too_large(&op) {
+                return ApplyOutcome::TooLarge {
+                    client_id,
+                    seq,
+                    reason,
+                };
+            }
             let reply = self.execute(op);
             return ApplyOutcome::Applied {
                 client_id,
@@ -587,6 +608,13 @@ impl KvStateMachine {
                 };
             }
         }
+        if let Some(reason) = self.too_large(&op) {
+            return ApplyOutcome::TooLarge {
+                client_id,
+                seq,
+                reason,
+            };
+        }
         let reply = self.execute(op);
         self.set_session(
             client_id,
@@ -599,6 +627,28 @@ impl KvStateMachine {
             seq,
             reply,
         }
+    }
+
+    /// Why `op` may not be applied: the value it would leave is over
+    /// `max_value_bytes`. `None` when it fits.
+    fn too_large(&mut self, op: &KvOp) -> Option<String> {
+        let (key, bytes) = match op {
+            KvOp::Put { key, value } => (key, value.len()),
+            KvOp::Append { key, value } => {
+                let old = self.read(key).map_or(0, |v| v.len());
+                (key, old.saturating_add(value.len()))
+            }
+            KvOp::Cas { key, value, .. } => (key, value.len()),
+            KvOp::Delete { .. } | KvOp::Noop => return None,
+        };
+        let limit = self.options.max_value_bytes;
+        (bytes > limit).then(|| {
+            format!(
+                "the value of key {:?} would be {bytes} bytes, over the limit of {limit} \
+                 (max_value_bytes, half of max_append_bytes); nothing was changed",
+                String::from_utf8_lossy(&key[..key.len().min(64)])
+            )
+        })
     }
 
     /// Carries out a write on the map and returns its reply.
@@ -1065,7 +1115,38 @@ mod tests {
             session_ttl_ms: 1_000,
             max_sessions: 3,
             max_saved_current_bytes: 8,
+            max_value_bytes: 10,
         }
+    }
+
+    /// Issue 16, item 2: one limit for every way a value is made. Before,
+    /// Append grew a value without bound (until no Get of it fit in a frame).
+    #[test]
+    fn no_write_makes_a_value_over_max_value_bytes() {
+        let mut d = Driver::new();
+        assert_eq!(d.reply(1, 1, put("k", "123456")), CommandReply::Put);
+        assert_eq!(d.reply(1, 2, append("k", "7890")), CommandReply::Append);
+        assert_eq!(d.get("k").as_deref(), Some("1234567890"));
+        for (seq, op) in [
+            (3, append("k", "x")),
+            (4, put("j", "12345678901")),
+            (5, cas("k", "1234567890", "12345678901")),
+        ] {
+            match d.run(1, seq, 0, op) {
+                ApplyOutcome::TooLarge { reason, .. } => {
+                    assert!(
+                        reason.contains("over the limit of 10 (max_value_bytes"),
+                        "{reason}"
+                    )
+                }
+                other => panic!("seq {seq}: expected TooLarge, got {other:?}"),
+            }
+        }
+        assert_eq!(d.get("k").as_deref(), Some("1234567890"));
+        assert_eq!(d.get("j"), None);
+        // A refused write leaves the session as it was: the next seq works.
+        assert_eq!(d.reply(1, 6, append("j", "1")), CommandReply::Append);
+        assert_eq!(d.get("j").as_deref(), Some("1"));
     }
 
     fn put(key: &str, value: &str) -> KvOp {

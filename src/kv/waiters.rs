@@ -15,6 +15,16 @@ use crate::proto::kvstore::{
 use crate::raft::NodeId;
 use crate::rpc::Responder;
 
+/// The message of a NOT_LEADER answer given before the request was
+/// proposed: nothing of it can be applied. (Other NOT_LEADER answers come
+/// after a leader change, when the request may still commit.)
+pub const NOT_LEADER_NOTHING_PROPOSED: &str = "not the leader";
+
+/// Why a Cas answer carries no old value.
+pub const CURRENT_NOT_RETAINED: &str = "the value before the operation is not known: this is \
+    the saved answer of an earlier attempt of the same request, and the server keeps an old \
+    value in it only up to max_saved_current_bytes";
+
 /// The responder of one client call, by kind.
 pub enum Waiter {
     Get {
@@ -43,6 +53,7 @@ fn header(
 impl Waiter {
     /// Answers with an error and no result.
     pub fn fail(self, error: ErrorCode, leader_hint: NodeId, message: &str) {
+        crate::metrics::request_failed(!matches!(self, Waiter::Get { .. }), error);
         let header = header(error, leader_hint, message);
         match self {
             Waiter::Get { responder, .. } => responder.send(GetReply {
@@ -110,8 +121,9 @@ impl Waiter {
             ) => {
                 // A replayed reply may have dropped a large `current`: the
                 // outcome is exact, the old value is no longer known.
-                let message = if current.is_none() {
-                    "current value not retained"
+                let not_retained = current.is_none();
+                let message = if not_retained {
+                    CURRENT_NOT_RETAINED
                 } else {
                     ""
                 };
@@ -120,6 +132,7 @@ impl Waiter {
                     swapped,
                     found,
                     current: current.unwrap_or_default(),
+                    current_not_retained: not_retained,
                     ..Default::default()
                 })
             }
@@ -206,13 +219,24 @@ impl Waiters {
 
     /// Removes and returns every waiter whose deadline has passed.
     pub fn take_expired(&self, now: Instant) -> Vec<(u64, Waiter)> {
+        self.take_where(|p| p.deadline <= now)
+    }
+
+    /// Removes and returns every read (Get) waiter.
+    pub fn take_reads(&self) -> Vec<(u64, Waiter)> {
+        self.take_where(|p| matches!(p.waiter, Waiter::Get { .. }))
+    }
+
+    /// Removes and returns the waiters `which` picks, and announces the
+    /// freed slots.
+    fn take_where(&self, which: impl Fn(&Pending) -> bool) -> Vec<(u64, Waiter)> {
         let mut pending = self.pending.lock();
-        let expired: Vec<u64> = pending
+        let picked: Vec<u64> = pending
             .iter()
-            .filter(|(_, p)| p.deadline <= now)
+            .filter(|(_, p)| which(p))
             .map(|(&t, _)| t)
             .collect();
-        let taken: Vec<(u64, Waiter)> = expired
+        let taken: Vec<(u64, Waiter)> = picked
             .into_iter()
             .filter_map(|t| pending.remove(&t).map(|p| (t, p.waiter)))
             .collect();

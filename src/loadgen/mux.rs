@@ -23,6 +23,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -68,7 +69,9 @@ const MAX_OUTPUT_BYTES: usize = 64 * 1024 * 1024;
 /// What the clients do in a phase of the run.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum Phase {
-    /// Write keys `i, i + N, ...` once each (client `i` of N), unmeasured.
+    /// Write keys `i, i + N, ...` once each (client `i` of N), unmeasured,
+    /// until every key is written, a write fails, or the phase's end
+    /// (`Shared::end`: the preload's time limit) has come.
     Preload,
     /// Each client starts its next operation as soon as one ends, until
     /// the run's end.
@@ -89,6 +92,8 @@ struct Call {
 
 /// The operation a client is running.
 struct Op {
+    /// Key number (the preload names the key that failed).
+    key: u64,
     is_read: bool,
     /// When the operation was due (closed loop: when it started).
     scheduled: Instant,
@@ -198,8 +203,8 @@ pub(super) struct Engine {
     rng: SplitMix64,
     scratch: Scratch,
     tally: Tally,
-    preload_written: u64,
-    preload_failed: u64,
+    /// The first failed write of the preload: no new key starts after it.
+    preload_error: Option<String>,
 }
 
 impl Engine {
@@ -269,8 +274,7 @@ impl Engine {
                 value_prefix_bytes: 0,
             },
             tally: Tally::default(),
-            preload_written: 0,
-            preload_failed: 0,
+            preload_error: None,
         }
     }
 
@@ -285,9 +289,9 @@ impl Engine {
         self.conns_per_node
     }
 
-    /// Keys written by the preload, and its failed writes.
-    pub(super) fn preload_counts(&self) -> (u64, u64) {
-        (self.preload_written, self.preload_failed)
+    /// The first write of the preload that failed, if one did.
+    pub(super) fn preload_error(&self) -> Option<&str> {
+        self.preload_error.as_deref()
     }
 
     pub(super) fn into_tally(self) -> Tally {
@@ -623,7 +627,7 @@ impl Engine {
         match self.phase {
             Phase::Preload => {
                 let key = self.clients[client].preload_next;
-                if key < self.keys {
+                if key < self.keys && self.preload_error.is_none() && now < shared.end {
                     self.clients[client].preload_next += self.clients.len() as u64;
                     self.start_op(shared, client, key, false, now, now);
                 }
@@ -731,6 +735,7 @@ impl Engine {
         };
         let invoked_us = || shared.history_origin.elapsed().as_micros() as u64;
         state.op = Some(Op {
+            key,
             is_read,
             scheduled,
             attempts: Attempts::new(now + self.op_timeout),
@@ -789,9 +794,12 @@ impl Engine {
         let op = state.op.take().expect("finished clients ran an operation");
         self.active -= 1;
         if let Some((input, call_us)) = op.record {
+            // The logical client is sequential: its next call must be
+            // stamped after this return (several clients share a
+            // connection, but each has one operation in flight).
             let return_us = result
                 .is_ok()
-                .then(|| shared.history_origin.elapsed().as_micros() as u64);
+                .then(|| crate::check::return_stamp_us(shared.history_origin));
             let output = result.as_ref().ok().cloned().flatten();
             let operation = Operation {
                 client_id: state.client_id,
@@ -803,10 +811,16 @@ impl Engine {
             self.tally.record(shared, operation);
         }
         if self.phase == Phase::Preload {
-            if result.is_ok() {
-                self.preload_written += 1;
-            } else {
-                self.preload_failed += 1;
+            match &result {
+                Ok(_) => {
+                    shared.preload_written.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    shared.preload_failed.fetch_add(1, Ordering::Relaxed);
+                    if self.preload_error.is_none() {
+                        self.preload_error = Some(format!("writing key{:08}: {error}", op.key));
+                    }
+                }
             }
         } else {
             self.tally.finish(
@@ -1329,6 +1343,9 @@ mod tests {
             read_ratio,
             rate: None,
             preload: false,
+            preload_clients: 1,
+            preload_timeout: Duration::from_secs(60),
+            preload_only: false,
             check,
             max_checked_ops: 1000,
             seed: 7,
@@ -1599,7 +1616,7 @@ mod tests {
             nodes: vec![(1, addr)],
             ..targets(1, Duration::from_secs(10))
         };
-        let report = super::super::run(&options, &targets, &|_| {});
+        let report = super::super::run(&options, &targets, &|_| {}, &|_| {});
         assert!(report.errors.is_empty(), "{:?}", report.error_samples);
         assert!(report.writes > 40, "{} writes", report.writes);
         let logs = logs.lock();
@@ -1627,7 +1644,7 @@ mod tests {
             ..targets(1, Duration::from_secs(30))
         };
         let started = Instant::now();
-        let report = super::super::run(&options, &targets, &|_| {});
+        let report = super::super::run(&options, &targets, &|_| {}, &|_| {});
         // Each client ends with its one operation rejected, long before its
         // 30 s deadline (the run itself lasts its 2 s, for the progress).
         assert!(started.elapsed() < Duration::from_secs(20));

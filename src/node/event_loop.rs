@@ -10,13 +10,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::peer::PeerSenders;
+use super::probes::Probes;
 use super::{ApplyTask, ClientRequest, Event, FatalError, RaftReply};
+use crate::metrics;
 use crate::raft::{Message, MessageBody, NodeId, RaftCore, Role, Snapshot, SnapshotMeta, Status};
 use crate::storage::DiskStorage;
 
@@ -37,6 +39,7 @@ pub(crate) struct EventLoop {
     pub fatal: Arc<Mutex<Option<FatalError>>>,
     pub stopping: Arc<AtomicBool>,
     pub max_batch_requests: usize,
+    pub probes: Probes,
 }
 
 /// The four Raft RPCs; each incoming one waits in its own FIFO for the
@@ -105,7 +108,9 @@ impl EventLoop {
                 }
             }
             leadership = now;
-            *self.status.lock() = self.core.status();
+            let status = self.core.status();
+            self.probes.cycle_done(&self.core, &status);
+            *self.status.lock() = status;
         }
     }
 
@@ -205,6 +210,7 @@ impl EventLoop {
         let mut batch = Vec::new();
         let mut next = first;
         let mut taken = 0;
+        let mut last_read = None;
         loop {
             let request = match next.take() {
                 Some(request) => request,
@@ -220,12 +226,14 @@ impl EventLoop {
                     tokens.push(token);
                     batch.push(data);
                 }
-                ClientRequest::Read { token } => {
-                    if let Err(error) = self.core.read_index(token) {
-                        self.send_apply(ApplyTask::Refused { token, error });
-                    }
-                }
+                ClientRequest::Read { token } => match self.core.read_index(token) {
+                    Ok(()) => last_read = Some(last_read.unwrap_or(0).max(token)),
+                    Err(error) => self.send_apply(ApplyTask::Refused { token, error }),
+                },
             }
+        }
+        if let Some(token) = last_read {
+            self.probes.reads_submitted(token);
         }
         if batch.is_empty() {
             return;
@@ -261,9 +269,13 @@ impl EventLoop {
                 self.send_message(message, waiting_replies);
             }
             if let Some(snapshot) = &ready.snapshot {
+                let started = Instant::now();
                 self.storage
                     .save_snapshot(snapshot)
                     .map_err(|e| e.to_string())?;
+                metrics::SNAPSHOT_INSTALL_DURATION.observe_duration(started.elapsed());
+                metrics::SNAPSHOTS_RECEIVED.inc();
+                metrics::SNAPSHOT_RECEIVED_BYTES.inc_by(snapshot.data.len() as u64);
             }
             // Term and vote must be durable before any message that
             // depends on them, and entries before they are acknowledged; the
@@ -278,7 +290,9 @@ impl EventLoop {
                 self.storage
                     .append(ready.hard_state, &ready.entries)
                     .map_err(|e| e.to_string())?;
+                let started = Instant::now();
                 self.storage.sync().map_err(|e| e.to_string())?;
+                metrics::fsync_done(self.core.id(), started.elapsed());
             }
             for message in ready.messages {
                 self.send_message(message, waiting_replies);
@@ -287,8 +301,10 @@ impl EventLoop {
                 self.send_apply(ApplyTask::Restore(snapshot));
             }
             if !ready.committed.is_empty() {
+                metrics::PROPOSALS_COMMITTED.inc_by(ready.committed.len() as u64);
                 self.send_apply(ApplyTask::Committed(ready.committed));
             }
+            self.probes.reads_ready(&ready.read_states);
             for read in ready.read_states {
                 self.send_apply(ApplyTask::ReadReady {
                     token: read.context,
@@ -310,7 +326,10 @@ impl EventLoop {
     ) {
         let kind = match response_kind(&message.body) {
             Some(kind) => kind,
-            None => return self.peers.send(message),
+            None => {
+                self.probes.sent(&message);
+                return self.peers.send(message);
+            }
         };
         let reply = waiting_replies
             .get_mut(&(message.to, kind))
@@ -341,12 +360,16 @@ impl EventLoop {
             None => return Ok(()),
         };
         let meta = SnapshotMeta { index, term };
+        let started = Instant::now();
         self.storage
             .save_snapshot(&Snapshot {
                 meta,
                 data: Arc::new(Vec::new()),
             })
             .map_err(|e| e.to_string())?;
+        metrics::SNAPSHOT_SAVE_DURATION.observe_duration(started.elapsed());
+        metrics::SNAPSHOTS_TAKEN.inc();
+        metrics::SNAPSHOT_TAKEN_BYTES.inc_by(data.len() as u64);
         self.core.compact(index, data);
         Ok(())
     }

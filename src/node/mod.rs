@@ -16,6 +16,7 @@
 
 mod event_loop;
 mod peer;
+mod probes;
 mod raft_service;
 pub mod wire;
 
@@ -28,7 +29,9 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
-use crate::raft::{Entry, Message, NodeId, ProposeError, RestoredState, Snapshot, Status};
+use crate::raft::{
+    Entry, FollowerStatus, Message, NodeId, ProposeError, RestoredState, Snapshot, Status,
+};
 use crate::storage::DiskStorage;
 
 pub use self::raft_service::RaftServiceHandler;
@@ -149,6 +152,59 @@ pub(crate) enum Event {
 /// Completes one incoming Raft RPC with the core's response message.
 pub(crate) type RaftReply = Box<dyn FnOnce(Message) + Send>;
 
+/// Stops the node when it can no longer keep its promises: a failed fsync,
+/// a snapshot that does not load, a panic in one of its threads. Each
+/// thread holds one, without holding the node's channels open.
+#[derive(Clone)]
+pub struct NodeStopper {
+    id: NodeId,
+    fatal: Arc<Mutex<Option<FatalError>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl NodeStopper {
+    /// Records why (the first reason wins), says it in one line and stops
+    /// every thread of the node.
+    pub fn stop_with_error(&self, error: FatalError) {
+        log::error!("node {} stops: {error}", self.id);
+        self.fatal.lock().get_or_insert(error);
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts the thread `name` running `body`. If it panics, the node stops
+    /// with one line naming the thread and the panic: a node missing its
+    /// apply thread (or any other) would otherwise keep leading in Raft and
+    /// answer nothing, and the cluster would never fail over.
+    pub fn spawn<F>(&self, name: String, body: F) -> std::io::Result<JoinHandle<()>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let stopper = self.clone();
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                    stopper.stop_with_error(format!(
+                        "thread {name} panicked: {}",
+                        panic_message(panic.as_ref())
+                    ));
+                }
+            })
+    }
+}
+
+/// The text a panic was raised with (`panic!("...")` gives a `&str` or a
+/// `String`).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        text.to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
 /// The application's side of a running node.
 #[derive(Clone)]
 pub struct NodeHandle {
@@ -156,8 +212,9 @@ pub struct NodeHandle {
     requests: Sender<ClientRequest>,
     events: Sender<Event>,
     status: Arc<Mutex<Status>>,
-    fatal: Arc<Mutex<Option<FatalError>>>,
-    stopping: Arc<AtomicBool>,
+    stopper: NodeStopper,
+    /// The leader's view of its followers, refreshed every ~100 ms.
+    followers: Arc<Mutex<Vec<FollowerStatus>>>,
 }
 
 impl NodeHandle {
@@ -175,20 +232,30 @@ impl NodeHandle {
         self.status.lock().clone()
     }
 
-    /// Why the node stopped by itself (a storage failure), if it did.
+    /// The leader's view of its followers (empty unless this node leads),
+    /// as of at most ~100 ms ago. For monitoring.
+    pub fn followers(&self) -> Vec<FollowerStatus> {
+        self.followers.lock().clone()
+    }
+
+    /// Why the node stopped by itself (a storage failure, a panicked
+    /// thread), if it did.
     pub fn fatal_error(&self) -> Option<FatalError> {
-        self.fatal.lock().clone()
+        self.stopper.fatal.lock().clone()
     }
 
     /// Stops the node because it can no longer keep its promises.
     pub fn stop_with_error(&self, error: FatalError) {
-        log::error!("node {} stops: {error}", self.id);
-        self.fatal.lock().get_or_insert(error);
-        self.stopping.store(true, Ordering::SeqCst);
+        self.stopper.stop_with_error(error);
     }
 
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        self.stopper.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Starts a thread of this node: a panic in it stops the node.
+    pub fn stopper(&self) -> &NodeStopper {
+        &self.stopper
     }
 
     /// Hands the application's snapshot at `index` (which it has applied and
@@ -229,25 +296,30 @@ impl Node {
         let stopping = Arc::new(AtomicBool::new(false));
         let core = crate::raft::RaftCore::new(options.core_config(), restored);
         let status = Arc::new(Mutex::new(core.status()));
+        let followers = Arc::new(Mutex::new(Vec::new()));
+        let probes = probes::Probes::new(&core.status(), Arc::clone(&followers));
         let fatal = Arc::new(Mutex::new(None));
+        let stopper = NodeStopper {
+            id: options.id,
+            fatal: Arc::clone(&fatal),
+            stopping: Arc::clone(&stopping),
+        };
         let handle = NodeHandle {
             id: options.id,
             requests: request_tx,
             events: event_tx.clone(),
             status: Arc::clone(&status),
-            fatal: Arc::clone(&fatal),
-            stopping: Arc::clone(&stopping),
+            stopper: stopper.clone(),
+            followers,
         };
         let mut threads = Vec::new();
-        let peers = peer::PeerSenders::start(&options, event_tx.clone(), &stopping, &mut threads)?;
+        let peers = peer::PeerSenders::start(&options, event_tx.clone(), &stopper, &mut threads)?;
         let ticker_stopping = Arc::clone(&stopping);
         let tick = Duration::from_millis(options.tick_ms.max(1));
         let ticker_events = event_tx.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("ticker-{}", options.id))
-                .spawn(move || run_ticker(tick, ticker_events, ticker_stopping))?,
-        );
+        threads.push(stopper.spawn(format!("ticker-{}", options.id), move || {
+            run_ticker(tick, ticker_events, ticker_stopping)
+        })?);
         let event_loop = event_loop::EventLoop {
             core,
             storage,
@@ -259,11 +331,12 @@ impl Node {
             fatal,
             stopping: Arc::clone(&stopping),
             max_batch_requests: options.max_batch_requests.max(1),
+            probes,
         };
         threads.push(
-            std::thread::Builder::new()
-                .name(format!("event-loop-{}", options.id))
-                .spawn(move || event_loop.run())?,
+            stopper.spawn(format!("event-loop-{}", options.id), move || {
+                event_loop.run()
+            })?,
         );
         let raft_service = Arc::new(RaftServiceHandler::new(
             options.id,
@@ -291,7 +364,7 @@ impl Node {
 
     /// Stops every thread of the node and waits for them.
     pub fn shutdown(self) {
-        self.handle.stopping.store(true, Ordering::SeqCst);
+        self.handle.stopper.stopping.store(true, Ordering::SeqCst);
         drop(self.handle);
         for thread in self.threads {
             if thread.join().is_err() {

@@ -48,7 +48,7 @@ impl PeerSenders {
     pub fn start(
         options: &NodeOptions,
         events: Sender<Event>,
-        stopping: &Arc<AtomicBool>,
+        stopper: &super::NodeStopper,
         threads: &mut Vec<JoinHandle<()>>,
     ) -> std::io::Result<PeerSenders> {
         let mut queues = HashMap::new();
@@ -66,7 +66,7 @@ impl PeerSenders {
                     ..PipelinedConfig::default()
                 },
                 filter: options.link_filter.clone(),
-                stopping: Arc::clone(stopping),
+                stopping: Arc::clone(&stopper.stopping),
             };
             let replies = PeerReplies {
                 me: options.id,
@@ -74,11 +74,7 @@ impl PeerSenders {
                 events: events.clone(),
                 filter: options.link_filter.clone(),
             };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("peer-{peer}"))
-                    .spawn(move || link.run(rx, replies))?,
-            );
+            threads.push(stopper.spawn(format!("peer-{peer}"), move || link.run(rx, replies))?);
             queues.insert(peer, tx);
         }
         Ok(PeerSenders { queues })

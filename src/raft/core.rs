@@ -72,6 +72,18 @@ pub struct Status {
     pub log_bytes: u64,
 }
 
+/// The leader's view of one follower, for monitoring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowerStatus {
+    pub id: NodeId,
+    /// The highest index known to be in the follower's log.
+    pub match_index: u64,
+    /// It answered something since the last check-quorum round.
+    pub recent_active: bool,
+    /// `probe`, `replicate` or `snapshot`.
+    pub state: &'static str,
+}
+
 /// What the driver must do now, in the order of the fields.
 #[derive(Debug, Default)]
 pub struct Ready {
@@ -304,6 +316,26 @@ impl RaftCore {
             snapshot_index: self.log.snapshot_meta().index,
             log_bytes: self.log.size_bytes(),
         }
+    }
+
+    /// The leader's view of its followers, by id; empty on other roles.
+    pub fn followers(&self) -> Vec<FollowerStatus> {
+        let mut followers: Vec<FollowerStatus> = self
+            .progress
+            .iter()
+            .map(|(&id, p)| FollowerStatus {
+                id,
+                match_index: p.match_index,
+                recent_active: p.recent_active,
+                state: match p.state {
+                    ProgressState::Probe => "probe",
+                    ProgressState::Replicate => "replicate",
+                    ProgressState::Snapshot => "snapshot",
+                },
+            })
+            .collect();
+        followers.sort_by_key(|f| f.id);
+        followers
     }
 
     fn quorum(&self) -> usize {
@@ -1005,7 +1037,7 @@ impl RaftCore {
             last_log_index,
         };
         if !entries_follow(prev_log_index, prev_log_term, self.term, entries) {
-            return self.respond(from, reject(0, 0));
+            return self.respond(from, reject(last_log_index, 0));
         }
         // Entries at or below our commit are already ours (Leader
         // Completeness): skip them, and match from the commit index on.
@@ -1030,7 +1062,7 @@ impl RaftCore {
             return self.respond(from, reject(hint_index, hint_term));
         }
         if !self.log.append_after(prev_index, entries) {
-            return self.respond(from, reject(0, 0));
+            return self.respond(from, reject(last_log_index, 0));
         }
         let last_new_index = prev_index + entries.len() as u64;
         self.log.commit_to(leader_commit.min(last_new_index));
@@ -1061,6 +1093,14 @@ impl RaftCore {
             };
             core.respond(from, body);
         };
+        // A leader's snapshot holds only entries of its term or earlier: one
+        // claiming a later term is malformed, and installing it would leave
+        // the log's last term above the node's (every later append refused,
+        // and the restored state rejected at the next start).
+        if meta.term > self.term {
+            self.incoming_snapshot = None;
+            return respond(self, 0, false);
+        }
         // A snapshot we already cover would roll state back: ignore it,
         // and tell the leader we hold everything it carries.
         if meta.index <= self.log.commit {
@@ -1216,16 +1256,17 @@ impl RaftCore {
     ) {
         // The follower's hint is the last index where its term is at most
         // the term we sent; where our log has a term at most the hint's at
-        // or below it, the logs may match. A reject without a hint (a
-        // malformed message on our side) falls back to the follower's length.
+        // or below it, the logs may match. A hint of (0, 0) means no entry
+        // of the follower can match but the empty prefix: probe from index
+        // 1 at once (as etcd does), not one index per round trip. A reject
+        // without a hint (a malformed message on our side) carries the
+        // follower's length as its index.
         let probe = if conflict_term > 0 {
             self.log
                 .find_conflict_by_term(conflict_index, conflict_term)
                 .0
-        } else if conflict_index > 0 {
-            conflict_index
         } else {
-            last_log_index
+            conflict_index.min(last_log_index)
         };
         let retry_at = rejected.min(probe + 1);
         let progress = self.progress.get_mut(&from).expect("peer progress");

@@ -17,7 +17,9 @@ mod progress;
 mod rng;
 mod types;
 
-pub use self::core::{Config, ProposeError, RaftCore, Ready, RestoredState, Status};
+pub use self::core::{
+    Config, FollowerStatus, ProposeError, RaftCore, Ready, RestoredState, Status,
+};
 pub use self::rng::SplitMix64;
 pub use self::types::{
     Entry, HardState, Message, MessageBody, NodeId, ReadState, Role, Snapshot, SnapshotMeta,

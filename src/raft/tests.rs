@@ -257,3 +257,138 @@ fn append_entries_with_impossible_terms_are_refused_not_panicked_on() {
     );
     assert_eq!(core.status().commit, 3);
 }
+
+/// Regression: a snapshot whose term is above the message's term used to be
+/// installed; the node then refused every AppendEntries, and panicked at
+/// the next start (the restored log's last term above the restored term)
+/// or on becoming leader. It must be refused like impossible entries are.
+#[test]
+fn a_snapshot_of_a_term_above_the_senders_is_refused() {
+    let restored = RestoredState {
+        hard_state: HardState {
+            term: 2,
+            vote: 0,
+            commit: 0,
+        },
+        ..RestoredState::default()
+    };
+    let mut core = RaftCore::new(Config::new(2, vec![1, 2, 3]), restored);
+    let data = b"state".to_vec();
+    core.step(Message {
+        from: 1,
+        to: 2,
+        term: 2,
+        body: MessageBody::InstallSnapshot {
+            meta: SnapshotMeta { index: 10, term: 5 },
+            offset: 0,
+            total_bytes: data.len() as u64,
+            data,
+            done: true,
+        },
+    });
+    let ready = core.ready();
+    core.advance();
+    assert!(ready.snapshot.is_none(), "the snapshot was installed");
+    assert!(core.snapshot().is_none());
+    let refused = ready.messages.iter().any(|m| {
+        matches!(
+            m.body,
+            MessageBody::InstallSnapshotResponse { success: false, .. }
+        )
+    });
+    assert!(refused, "no refusal in {:?}", ready.messages);
+    // The node still takes a sane append from the same leader.
+    assert_eq!(
+        append_response(
+            &mut core,
+            Message {
+                term: 2,
+                from: 1,
+                to: 2,
+                ..append_from_2((0, 0), &[(1, 2)], 1)
+            }
+        ),
+        (true, 1)
+    );
+}
+
+/// Regression: a follower whose whole log has terms above the one the leader
+/// probes with answers the hint (0, 0); the leader used to fall back to the
+/// follower's last index and back off one index per round trip. It must
+/// probe from index 1 at once: here, one reject per differing term, not
+/// one per entry.
+#[test]
+fn a_reject_hint_of_zero_probes_from_the_first_index() {
+    let log = |term: u64, entries: &[(u64, u64)], vote: NodeId| RestoredState {
+        hard_state: HardState {
+            term,
+            vote,
+            commit: 0,
+        },
+        snapshot: None,
+        entries: entries
+            .iter()
+            .map(|&(index, term)| Entry {
+                index,
+                term,
+                data: Vec::new(),
+            })
+            .collect(),
+    };
+    let old: Vec<(u64, u64)> = (1..=20).map(|i| (i, 2)).collect();
+    let stale: Vec<(u64, u64)> = (1..=30).map(|i| (i, 3)).collect();
+    let restored = vec![log(3, &old, 1), log(3, &stale, 2), log(3, &old, 1)];
+    let voters = vec![1, 2, 3];
+    let mut cluster = Cluster {
+        cores: restored
+            .into_iter()
+            .enumerate()
+            .map(|(k, r)| RaftCore::new(Config::new(k as u64 + 1, voters.clone()), r))
+            .collect(),
+        applied: vec![Vec::new(); 3],
+    };
+    // Only node 1 campaigns: node 3 votes for it, node 2 (more up to date)
+    // does not, so node 1 leads and must overwrite node 2's 30 entries
+    // (before the fix: one reject per index from 21 down to 1).
+    let mut rejects = 0;
+    for _ in 0..200 {
+        cluster.cores[0].tick();
+        for _ in 0..100 {
+            let mut inbox = Vec::new();
+            for core in cluster.cores.iter_mut() {
+                if core.has_ready() {
+                    let ready = core.ready();
+                    inbox.extend(ready.messages_unpersisted);
+                    inbox.extend(ready.messages);
+                    core.advance();
+                }
+            }
+            if inbox.is_empty() {
+                break;
+            }
+            for message in inbox {
+                let is_reject = matches!(
+                    message.body,
+                    MessageBody::AppendEntriesResponse { success: false, .. }
+                );
+                if message.from == 2 && is_reject {
+                    rejects += 1;
+                }
+                cluster.cores[message.to as usize - 1].step(message);
+            }
+        }
+        if cluster.cores[1].term_at(30).is_none() && cluster.cores[1].term_at(21).is_some() {
+            break;
+        }
+    }
+    assert_eq!(cluster.cores[0].role(), Role::Leader);
+    assert_eq!(
+        cluster.cores[1].term_at(1),
+        Some(2),
+        "node 2 was not caught up"
+    );
+    assert!(
+        rejects <= 3,
+        "node 2 rejected {rejects} probes before it matched"
+    );
+}

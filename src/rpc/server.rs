@@ -3,8 +3,15 @@
 //! open; when every thread is busy a new connection is closed at once, so the
 //! bound holds under any load. A connection thread reads request frames in a
 //! loop and dispatches each through the [`Router`]; replies go back through
-//! the connection's mutex-protected writer, in whatever order the
-//! [`Responder`]s complete, matched to their calls by call id. A malformed or
+//! the connection's outbox, in whatever order the [`Responder`]s complete,
+//! matched to their calls by call id. A reply is written without blocking
+//! (`send` with `MSG_DONTWAIT`): whoever answers (often the apply thread)
+//! never waits for a client's socket. What the socket does not take stays in
+//! the connection's bounded outbox, which the server's flusher thread writes
+//! as the socket drains; a connection whose outbox is not drained within
+//! `write_timeout_ms`, or grows past `max_outbox_bytes`, is closed, and one
+//! whose outbox holds over a quarter of that reads no new requests until it
+//! drains. A client that stops reading thus costs only itself. A malformed or
 //! oversized frame, a connection idle past `idle_timeout_ms`, or a frame that
 //! takes longer than `frame_timeout_ms` to arrive once begun (a slow writer
 //! trickling bytes), closes that connection only. Before its first call a
@@ -13,8 +20,9 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -26,7 +34,7 @@ use protobuf::Message;
 
 use super::client::RpcError;
 use super::frame::{
-    self, encode_frame, finish_frame, read_frame, start_frame, FrameError, FrameHeader, FrameKind,
+    encode_frame, finish_frame, read_frame, start_frame, FrameError, FrameHeader, FrameKind,
     RpcCode, MIN_MAX_FRAME_BYTES,
 };
 use super::handshake::{self, Access, HandshakeError, RepeatFilter, ServerAuth};
@@ -43,6 +51,13 @@ pub(crate) const RETAINED_BUFFER_BYTES: usize = 1024 * 1024;
 const SLOT_WAIT_POLL_MS: u64 = 100;
 /// The same refusal (same address and reason) is logged at most this often.
 const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
+/// Inside a [`ReplyBatch`], a connection's unsent replies are written at
+/// once (without blocking) when they pass this, so a batch answering many
+/// large reads does not pile them all up before the first byte goes out.
+const EARLY_WRITE_BYTES: usize = 1024 * 1024;
+/// How long the flusher waits on the sockets it watches before it checks
+/// for new ones and for outboxes past their deadline.
+const FLUSH_POLL_MS: i32 = 10;
 
 /// Limits of an [`RpcServer`].
 #[derive(Debug, Clone)]
@@ -59,8 +74,15 @@ pub struct ServerConfig {
     /// writer sending one byte just inside every `idle_timeout_ms` would hold
     /// a connection thread for ever.
     pub frame_timeout_ms: u64,
-    /// A reply write blocked this long breaks the connection.
+    /// Replies queued on a connection must all be written within this long
+    /// (at most twice this for a reply queued while older ones wait); a
+    /// client that does not read them is disconnected. No thread ever
+    /// blocks on a reply write.
     pub write_timeout_ms: u64,
+    /// The most bytes of replies a connection may hold unsent; past it the
+    /// connection is closed. Past a quarter of it the connection reads no
+    /// new requests until its outbox drains. At least `max_frame_bytes`.
+    pub max_outbox_bytes: usize,
     /// Calls of one connection dispatched but not yet answered. At the bound
     /// the connection stops reading, which pushes back on the client.
     pub max_in_flight_per_connection: usize,
@@ -77,6 +99,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 60_000,
             frame_timeout_ms: 30_000,
             write_timeout_ms: 5_000,
+            max_outbox_bytes: 64 * 1024 * 1024,
             max_in_flight_per_connection: 1024,
             auth: ServerAuth::default(),
         }
@@ -102,6 +125,12 @@ impl ServerConfig {
                     .into(),
             );
         }
+        if self.max_outbox_bytes < self.max_frame_bytes {
+            return invalid(format!(
+                "rpc server: max_outbox_bytes ({}) must be at least max_frame_bytes ({})",
+                self.max_outbox_bytes, self.max_frame_bytes
+            ));
+        }
         if self.max_in_flight_per_connection == 0 {
             return invalid("rpc server: max_in_flight_per_connection must be at least 1".into());
         }
@@ -117,6 +146,7 @@ pub struct RpcServer {
     local_addr: SocketAddr,
     shared: Arc<ServerShared>,
     acceptor: Option<JoinHandle<()>>,
+    flusher: Option<JoinHandle<()>>,
 }
 
 /// State shared by the acceptor, the pool threads and `shutdown`.
@@ -137,6 +167,10 @@ struct ServerShared {
     next_connection_id: AtomicU64,
     /// Keeps a refused node that retries from flooding the log.
     refusal_log: Mutex<RepeatFilter>,
+    /// Connections whose replies the socket did not take at once, for the
+    /// flusher. Each is listed at most once at a time (`Outbox::listed`),
+    /// so `max_connections` places are enough and `send` never blocks.
+    backlog_tx: crossbeam_channel::Sender<Arc<Connection>>,
 }
 
 impl RpcServer {
@@ -151,6 +185,7 @@ impl RpcServer {
         let listener = TcpListener::bind(&addr)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let local_addr = listener.local_addr()?;
+        let (backlog_tx, backlog_rx) = crossbeam_channel::bounded(config.max_connections);
         let shared = Arc::new(ServerShared {
             config,
             router,
@@ -163,7 +198,12 @@ impl RpcServer {
             refusal_log: Mutex::new(RepeatFilter::new(Duration::from_millis(
                 REFUSAL_LOG_INTERVAL_MS,
             ))),
+            backlog_tx,
         });
+        let flusher_shared = Arc::clone(&shared);
+        let flusher = std::thread::Builder::new()
+            .name(format!("rpc-flush-{}", local_addr.port()))
+            .spawn(move || flush_loop(&flusher_shared, &backlog_rx))?;
         let acceptor_shared = Arc::clone(&shared);
         let acceptor = std::thread::Builder::new()
             .name(format!("rpc-accept-{}", local_addr.port()))
@@ -173,6 +213,7 @@ impl RpcServer {
             local_addr,
             shared,
             acceptor: Some(acceptor),
+            flusher: Some(flusher),
         })
     }
 
@@ -215,6 +256,14 @@ impl RpcServer {
             if worker.join().is_err() {
                 error!(
                     "rpc server {}: a connection thread panicked",
+                    self.local_addr
+                );
+            }
+        }
+        if let Some(flusher) = self.flusher.take() {
+            if flusher.join().is_err() {
+                error!(
+                    "rpc server {}: the flusher thread panicked",
                     self.local_addr
                 );
             }
@@ -271,6 +320,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
         }
         let active = shared.active_connections.load(Ordering::SeqCst);
         if active >= max_connections {
+            crate::metrics::CONNECTIONS_REFUSED.inc();
             warn!(
                 "rpc server {}: refusing connection from {peer}: all {max_connections} \
                  connection threads are busy (max_connections)",
@@ -279,8 +329,10 @@ fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
             continue;
         }
         shared.active_connections.fetch_add(1, Ordering::SeqCst);
+        crate::metrics::CONNECTIONS_OPEN.inc();
         if !ensure_worker(&shared, active + 1, &queue_rx) {
             shared.active_connections.fetch_sub(1, Ordering::SeqCst);
+            crate::metrics::CONNECTIONS_OPEN.dec();
             continue;
         }
         if queue_tx.send((stream, peer)).is_err() {
@@ -336,6 +388,7 @@ fn worker_loop(
             );
         }
         shared.active_connections.fetch_sub(1, Ordering::SeqCst);
+        crate::metrics::CONNECTIONS_OPEN.dec();
     }
 }
 
@@ -367,16 +420,25 @@ fn serve_connection(
         "rpc server {}: connection from {peer} ({access:?})",
         shared.local_addr
     );
+    let writer = stream.try_clone()?;
     let connection = Arc::new(Connection {
         peer,
         access,
         max_frame_bytes: config.max_frame_bytes,
         max_in_flight: config.max_in_flight_per_connection,
+        write_timeout: Duration::from_millis(config.write_timeout_ms),
+        max_outbox_bytes: config.max_outbox_bytes,
+        unsent_bytes: AtomicUsize::new(0),
+        fd: writer.as_raw_fd(),
+        backlog_tx: shared.backlog_tx.clone(),
         outbox: Mutex::new(Outbox {
             frame: Vec::new(),
             pending: Vec::new(),
+            sent: 0,
             in_batch: false,
-            stream: stream.try_clone()?,
+            listed: false,
+            overdue_check: None,
+            stream: writer,
             broken: false,
         }),
         in_flight: Mutex::new(0),
@@ -484,6 +546,7 @@ fn read_requests(
         let responder = RawResponder {
             connection: Some(Arc::clone(connection)),
             request: frame.header,
+            timer: request_timer(&frame.header),
         };
         shared.router.dispatch(
             frame.header.service_id,
@@ -578,7 +641,17 @@ struct Connection {
     access: Access,
     max_frame_bytes: usize,
     max_in_flight: usize,
-    /// Replies are written whole under this lock, so frames never interleave.
+    write_timeout: Duration,
+    max_outbox_bytes: usize,
+    /// `pending.len() - sent` of the outbox, readable without its lock: the
+    /// reader stops taking requests while it is over a quarter of
+    /// `max_outbox_bytes`.
+    unsent_bytes: AtomicUsize,
+    /// The outbox's socket, for the flusher's `poll`; valid while the
+    /// connection lives, since the outbox owns the stream.
+    fd: RawFd,
+    backlog_tx: crossbeam_channel::Sender<Arc<Connection>>,
+    /// Replies are queued whole under this lock, so frames never interleave.
     outbox: Mutex<Outbox>,
     /// Calls dispatched and not yet answered.
     /// Invariant: `in_flight <= max_in_flight`.
@@ -591,15 +664,63 @@ struct Outbox {
     /// Reused for every reply: a frame is encoded here, then moved to
     /// `pending`.
     frame: Vec<u8>,
-    /// Whole frames not yet written. Empty except inside a [`ReplyBatch`]
-    /// of some thread, which writes them all with one `write_all` when it
-    /// ends (or sooner, when a reply from outside any batch comes first).
+    /// Whole frames not yet (fully) written; `pending[..sent]` has gone out.
+    /// Empty, except inside a [`ReplyBatch`] of some thread (which writes
+    /// when it ends) or while the socket does not take everything (then the
+    /// flusher writes as it drains).
+    /// Invariant: `pending.len() - sent <= max_outbox_bytes` while not broken.
     pending: Vec<u8>,
+    sent: usize,
     /// True while this connection is on some thread's batch list, so that
     /// it is listed (and flushed) once per batch however many replies it gets.
     in_batch: bool,
+    /// True while the flusher watches this connection.
+    listed: bool,
+    /// While replies wait for the socket: by when the `.1` bytes at the head
+    /// of the unsent ones must be written. Once they are, the bytes then
+    /// unsent get a new deadline, so no reply waits more than twice
+    /// `write_timeout_ms`.
+    overdue_check: Option<(Instant, usize)>,
     /// Set after a failed write; later replies are dropped.
     broken: bool,
+}
+
+impl Outbox {
+    fn unsent(&self) -> usize {
+        self.pending.len() - self.sent
+    }
+}
+
+/// Writes what the socket takes of `bytes` now, without waiting (`send`
+/// with `MSG_DONTWAIT`, which leaves the socket itself blocking for the
+/// connection's reader). `Ok(n)` with `n < bytes.len()` means the socket's
+/// buffer is full.
+fn send_without_blocking(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        let rest = &bytes[written..];
+        // SAFETY: `rest` is valid for `rest.len()` bytes, and `fd` is an
+        // open socket owned by the caller's connection.
+        let n = unsafe {
+            libc::send(
+                fd,
+                rest.as_ptr().cast::<libc::c_void>(),
+                rest.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            written += n as usize;
+            continue;
+        }
+        let error = io::Error::last_os_error();
+        match error.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => break,
+            _ => return Err(error),
+        }
+    }
+    Ok(written)
 }
 
 impl Connection {
@@ -608,10 +729,14 @@ impl Connection {
     }
 
     /// Waits for a free in-flight slot and takes it. Returns false when the
-    /// server stops or the connection breaks first.
+    /// server stops or the connection breaks first. While the client leaves
+    /// many replies unread, no slot is given: its requests wait in its
+    /// socket, which pushes back on it through TCP.
     fn acquire_slot(&self, stopping: &AtomicBool) -> bool {
         let mut in_flight = self.in_flight.lock();
-        while *in_flight >= self.max_in_flight {
+        while *in_flight >= self.max_in_flight
+            || self.unsent_bytes.load(Ordering::Relaxed) > self.max_outbox_bytes / 4
+        {
             if stopping.load(Ordering::SeqCst) || self.outbox.lock().broken {
                 return false;
             }
@@ -681,7 +806,7 @@ impl Connection {
         if frame.capacity() > RETAINED_BUFFER_BYTES {
             *frame = Vec::new();
         }
-        if !ReplyBatch::is_open() {
+        if !ReplyBatch::is_open() || outbox.unsent() > EARLY_WRITE_BYTES {
             return self.write_locked(outbox, request.call_id);
         }
         // Listed once per batch; a connection already listed by another
@@ -693,40 +818,133 @@ impl Connection {
     }
 
     /// Writes every pending frame; called when a batch ends.
-    fn flush(&self) {
+    fn flush(self: &Arc<Self>) {
         let mut outbox = self.outbox.lock();
         outbox.in_batch = false;
-        if !outbox.broken && !outbox.pending.is_empty() {
+        if !outbox.broken && outbox.unsent() > 0 {
             self.write_locked(&mut outbox, 0);
         }
     }
 
-    /// Writes `pending` whole. `call_id` names the reply that triggered the
-    /// write (0 for a batch) in the log line of a failure.
-    fn write_locked(&self, outbox: &mut Outbox, call_id: u64) {
-        let Outbox {
-            stream,
-            pending,
-            broken,
-            ..
-        } = outbox;
-        if let Err(e) = stream.write_all(pending) {
-            *broken = true;
-            // Unblocks the reader so the connection closes as a whole.
-            let _ = stream.shutdown(Shutdown::Both);
-            let what = if frame::is_timeout(&e) {
-                "write timed out (write_timeout_ms)".to_string()
-            } else {
-                e.to_string()
-            };
-            info!(
-                "rpc reply to {} (call id {call_id}) failed, closing the connection: {what}",
-                self.peer,
-            );
+    /// Writes what the socket takes of the unsent replies, without waiting.
+    /// The rest waits for the flusher, unless it is more than the outbox may
+    /// hold: then the connection is closed. `call_id` names the reply that
+    /// triggered the write (0 for a batch) in the log line of a failure.
+    fn write_locked(self: &Arc<Self>, outbox: &mut Outbox, call_id: u64) {
+        if outbox.listed {
+            // The socket was full a moment ago: leave the write to the
+            // flusher, which polls it, rather than try a full socket again.
+            return self.check_outbox_size(outbox, call_id);
         }
-        pending.clear();
-        if pending.capacity() > RETAINED_BUFFER_BYTES {
-            *pending = Vec::new();
+        match self.push_out(outbox) {
+            Ok(true) => {}
+            Ok(false) => {
+                outbox.listed = true;
+                self.backlog_tx
+                    .try_send(Arc::clone(self))
+                    .expect("the flusher's list has a place for every connection");
+                self.check_outbox_size(outbox, call_id);
+            }
+            Err(e) => {
+                let what = e.to_string();
+                self.break_locked(outbox, &format!("reply (call id {call_id}) failed: {what}"));
+            }
+        }
+    }
+
+    fn check_outbox_size(&self, outbox: &mut Outbox, call_id: u64) {
+        if outbox.unsent() > self.max_outbox_bytes {
+            let why = format!(
+                "it leaves {} bytes of replies unread (call id {call_id}), over the limit of {} \
+                 (max_outbox_bytes)",
+                outbox.unsent(),
+                self.max_outbox_bytes
+            );
+            self.break_locked(outbox, &why);
+        }
+    }
+
+    /// Sends what the socket takes now; true when nothing is left unsent.
+    fn push_out(&self, outbox: &mut Outbox) -> io::Result<bool> {
+        let written = send_without_blocking(self.fd, &outbox.pending[outbox.sent..])?;
+        outbox.sent += written;
+        let unsent = outbox.unsent();
+        if unsent == 0 {
+            outbox.pending.clear();
+            outbox.sent = 0;
+            outbox.overdue_check = None;
+            if outbox.pending.capacity() > RETAINED_BUFFER_BYTES {
+                outbox.pending = Vec::new();
+            }
+        } else {
+            if outbox.sent > outbox.pending.len() / 2 {
+                // Keeps the buffer from growing while the head drains.
+                outbox.pending.drain(..outbox.sent);
+                outbox.sent = 0;
+            }
+            let now = Instant::now();
+            outbox.overdue_check = match outbox.overdue_check {
+                Some((at, head)) if head > written => Some((at, head - written)),
+                _ => Some((now + self.write_timeout, unsent)),
+            };
+        }
+        self.unsent_bytes.store(unsent, Ordering::Relaxed);
+        Ok(unsent == 0)
+    }
+
+    /// Marks the connection broken and shuts its socket, which also
+    /// unblocks its reader, so the connection closes as a whole.
+    fn break_locked(&self, outbox: &mut Outbox, why: &str) {
+        outbox.broken = true;
+        let _ = outbox.stream.shutdown(Shutdown::Both);
+        outbox.pending = Vec::new();
+        outbox.sent = 0;
+        self.unsent_bytes.store(0, Ordering::Relaxed);
+        info!("rpc connection from {} closed: {why}", self.peer);
+    }
+
+    /// The flusher's turn on a listed connection whose socket may take more
+    /// (`writable`). Returns whether it stays listed.
+    fn flush_backlog(&self, writable: bool, now: Instant) -> bool {
+        let mut outbox = self.outbox.lock();
+        let keep = if outbox.broken {
+            false
+        } else if writable {
+            match self.push_out(&mut outbox) {
+                Ok(true) => false,
+                Ok(false) => true,
+                Err(e) => {
+                    self.break_locked(&mut outbox, &format!("reply write failed: {e}"));
+                    false
+                }
+            }
+        } else {
+            true
+        };
+        let keep = keep && !self.overdue(&mut outbox, now);
+        if !keep {
+            outbox.listed = false;
+            drop(outbox);
+            // A reader held back by a full outbox may go on.
+            self.slot_freed.notify_one();
+        }
+        keep
+    }
+
+    /// Closes the connection when replies have waited past their deadline.
+    fn overdue(&self, outbox: &mut Outbox, now: Instant) -> bool {
+        match outbox.overdue_check {
+            Some((deadline, _)) if now >= deadline => {
+                let why = format!(
+                    "the client has not read its replies within {} ms (write_timeout_ms); \
+                     {} bytes unsent",
+                    self.write_timeout.as_millis(),
+                    outbox.unsent()
+                );
+                self.break_locked(outbox, &why);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -736,6 +954,50 @@ impl Connection {
         let mut outbox = self.outbox.lock();
         outbox.broken = true;
         let _ = outbox.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// The flusher: writes the replies that sockets did not take at once, as
+/// they drain, and closes connections whose replies wait past
+/// `write_timeout_ms`. It waits in `poll(2)` on the listed sockets only;
+/// with none listed it sleeps on its channel.
+fn flush_loop(shared: &ServerShared, backlog_rx: &crossbeam_channel::Receiver<Arc<Connection>>) {
+    let mut listed: Vec<Arc<Connection>> = Vec::new();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    while !shared.stopping.load(Ordering::SeqCst) {
+        if listed.is_empty() {
+            match backlog_rx.recv_timeout(Duration::from_millis(SLOT_WAIT_POLL_MS)) {
+                Ok(connection) => listed.push(connection),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        listed.extend(backlog_rx.try_iter());
+        fds.clear();
+        fds.extend(listed.iter().map(|c| libc::pollfd {
+            fd: c.fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        }));
+        // SAFETY: `fds` holds `fds.len()` initialized pollfds; every fd is
+        // owned by a connection in `listed`, which keeps it open.
+        let ready =
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, FLUSH_POLL_MS) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                error!("rpc server {}: poll failed: {error}", shared.local_addr);
+                std::thread::sleep(Duration::from_millis(FLUSH_POLL_MS as u64));
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let mut k = 0;
+        listed.retain(|connection| {
+            let writable = fds[k].revents != 0;
+            k += 1;
+            connection.flush_backlog(writable, now)
+        });
     }
 }
 
@@ -817,6 +1079,19 @@ pub struct RawResponder {
     /// `None` once answered.
     connection: Option<Arc<Connection>>,
     request: FrameHeader,
+    /// A client request's arrival and its latency histogram (`/metrics`).
+    timer: Option<(Instant, &'static crate::metrics::Histogram)>,
+}
+
+/// Starts timing a KVStore call, for its latency histogram.
+fn request_timer(header: &FrameHeader) -> Option<(Instant, &'static crate::metrics::Histogram)> {
+    use crate::rpc::services::kv_store;
+    if header.service_id != kv_store::SERVICE_ID {
+        return None;
+    }
+    let histogram =
+        crate::metrics::client_request_histogram(kv_store::method_name(header.method_id)?)?;
+    Some((Instant::now(), histogram))
 }
 
 impl RawResponder {
@@ -852,6 +1127,10 @@ impl RawResponder {
 
 impl Drop for RawResponder {
     fn drop(&mut self) {
+        // Answered or not, the call is over: time it.
+        if let Some((received, histogram)) = self.timer.take() {
+            histogram.observe_duration(received.elapsed());
+        }
         if let Some(connection) = self.connection.take() {
             let text = format!(
                 "the handler of {} dropped its responder without replying",
@@ -985,7 +1264,7 @@ mod tests {
     /// held its connection (and a pool thread) for as long as it liked.
     #[test]
     fn a_slow_writer_is_closed_by_the_frame_timeout() {
-        use std::io::Read as _;
+        use std::io::{Read as _, Write as _};
         let config = ServerConfig {
             idle_timeout_ms: 5_000,
             frame_timeout_ms: 300,
@@ -1012,7 +1291,7 @@ mod tests {
                     closed = true;
                     break;
                 }
-                Err(e) if !frame::is_timeout(&e) => {
+                Err(e) if !crate::rpc::frame::is_timeout(&e) => {
                     closed = true;
                     break;
                 }

@@ -27,6 +27,14 @@
 //! zeroes or garbage inside the unsynced tail with an intact record after
 //! them (out-of-order writeback) are reported as corruption.
 //!
+//! Within one batch, term and vote are logged before the entries and the
+//! commit index after them (as etcd does): a write torn anywhere then never
+//! leaves a commit index over the entries the batch was replacing.
+//!
+//! Every file-system call goes through [`FileSystem`] (`fs.rs`): the real
+//! file system in production, a simulated disk that forgets what no fsync
+//! covered ([`SimFs`]) in tests.
+//!
 //! Any failed write or fsync stops the storage for good (see
 //! [`StorageError::Stopped`]): after a failed fsync the kernel may already
 //! have discarded the dirty pages, so retrying could report success for
@@ -34,20 +42,23 @@
 
 mod error;
 mod fault;
+mod fs;
 mod lock;
 mod record;
 mod replay;
 mod segment;
+mod simfs;
 mod snapshot;
 mod terms;
 
 pub use self::error::StorageError;
 pub use self::fault::{DiskFault, FaultFile};
+pub use self::fs::{DirGuard, FileSystem, RealFs, WriteFile};
+pub use self::simfs::{Counters as SimCounters, PowerLoss, SimFs};
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use self::lock::DirLock;
 use self::replay::{Origin, Replay};
@@ -67,6 +78,8 @@ pub struct StorageOptions {
     /// A testing hook that stalls or fails fsyncs on request (see
     /// [`FaultFile`]); `None` in production.
     pub fault_file: Option<FaultFile>,
+    /// The file system: [`RealFs`] in production, a [`SimFs`] in tests.
+    pub fs: Arc<dyn FileSystem>,
 }
 
 impl Default for StorageOptions {
@@ -74,6 +87,7 @@ impl Default for StorageOptions {
         StorageOptions {
             segment_bytes: 64 << 20,
             fault_file: None,
+            fs: Arc::new(RealFs),
         }
     }
 }
@@ -106,14 +120,13 @@ struct SnapshotFile {
 #[derive(Debug)]
 pub struct DiskStorage {
     dir: PathBuf,
-    /// The directory itself, opened once so it can be fsynced after files
-    /// are created, renamed or deleted.
-    dir_file: File,
+    /// Every file-system call goes through here (a clone of `options.fs`).
+    fs: Arc<dyn FileSystem>,
     options: StorageOptions,
     /// Oldest first; the last one is the active segment that appends go to.
     /// Invariant: never empty, and the sequence numbers are consecutive.
     segments: VecDeque<SegmentInfo>,
-    active: File,
+    active: Box<dyn WriteFile>,
     /// True when `active` has bytes that are not yet fsynced.
     active_unsynced: bool,
     /// True when a segment was created and the directory not yet fsynced.
@@ -126,7 +139,7 @@ pub struct DiskStorage {
     buffer: Vec<u8>,
     /// Set by the first failed write or fsync; every later call fails with it.
     stopped: Option<String>,
-    _lock: DirLock,
+    _lock: Box<dyn DirGuard>,
 }
 
 impl DiskStorage {
@@ -137,16 +150,17 @@ impl DiskStorage {
         dir: &Path,
         options: StorageOptions,
     ) -> Result<(DiskStorage, RestoredState), StorageError> {
-        create_dir(dir)?;
-        let lock = DirLock::acquire(dir)?;
-        let dir_file = File::open(dir).map_err(StorageError::io("open directory", dir))?;
-        let listing = list_dir(dir)?;
+        let fs = Arc::clone(&options.fs);
+        fs.create_dir_all(dir)
+            .map_err(StorageError::io("create directory", dir))?;
+        let lock = fs.lock_dir(dir)?;
+        let listing = list_dir(&*fs, dir)?;
 
         // Phase 1: read and check everything, modifying nothing.
         let snapshot = match listing.snapshots.last() {
             Some(meta) => {
                 let path = dir.join(snapshot::snapshot_file_name(meta));
-                let snapshot = read_snapshot(&path, meta)?;
+                let snapshot = read_snapshot(&*fs, &path, meta)?;
                 let size_bytes = (snapshot::SNAPSHOT_HEADER_BYTES + snapshot.data.len()) as u64;
                 Some((snapshot, path, size_bytes))
             }
@@ -159,7 +173,7 @@ impl DiskStorage {
         let mut torn_tail = None;
         for (position, &seq) in listing.segment_seqs.iter().enumerate() {
             let path = dir.join(segment_file_name(seq));
-            let bytes = fs::read(&path).map_err(StorageError::io("read", &path))?;
+            let bytes = fs.read(&path).map_err(StorageError::io("read", &path))?;
             let is_last = position + 1 == listing.segment_seqs.len();
             let scanned = scan_segment(&path, &bytes, is_last)?;
             let mut max_entry_index = 0;
@@ -201,7 +215,8 @@ impl DiskStorage {
                  dropping bytes {valid_bytes}..{file_bytes}",
                 path.display()
             );
-            truncate_file(&path, valid_bytes)?;
+            fs.truncate_durably(&path, valid_bytes)
+                .map_err(StorageError::io("truncate", &path))?;
         }
         let snapshot_index = snapshot_meta.map_or(0, |m| m.index);
         let mut terms = TermRuns::new(snapshot_index);
@@ -212,11 +227,11 @@ impl DiskStorage {
             void_entries_of(&mut segments);
         }
         let next_seq = listing.segment_seqs.last().map_or(1, |seq| seq + 1);
-        let (active, active_info) = create_segment(dir, next_seq)?;
+        let (active, active_info) = create_segment(&*fs, dir, next_seq)?;
         segments.push_back(active_info);
         let mut storage = DiskStorage {
             dir: dir.to_path_buf(),
-            dir_file,
+            fs,
             options,
             segments,
             active,
@@ -274,13 +289,33 @@ impl DiskStorage {
             self.roll_segment()?;
         }
         self.buffer.clear();
+        let previous = self.hard_state;
         if let Some(next) = hard_state {
             self.hard_state = next;
         }
-        if hard_state.is_some() || self.active_size_bytes() == 0 {
-            record::encode_hard_state(&mut self.buffer, &self.hard_state);
+        let segment_empty = self.active_size_bytes() == 0;
+        if entries.is_empty() {
+            if hard_state.is_some() || segment_empty {
+                record::encode_hard_state(&mut self.buffer, &self.hard_state);
+            }
+        } else {
+            // The commit index goes after the entries it may cover, as etcd
+            // does: a crash can tear the write anywhere, and a commit that
+            // reached the disk ahead of the entries it covers would make a
+            // restarted node apply the entries this batch was overwriting.
+            // Term and vote go first (replay refuses entries above the term).
+            let head = HardState {
+                commit: previous.commit.min(self.hard_state.commit),
+                ..self.hard_state
+            };
+            if head != previous || segment_empty {
+                record::encode_hard_state(&mut self.buffer, &head);
+            }
+            record::encode_entries(&mut self.buffer, entries);
+            if self.hard_state != head {
+                record::encode_hard_state(&mut self.buffer, &self.hard_state);
+            }
         }
-        record::encode_entries(&mut self.buffer, entries);
         self.write_buffer()?;
         if let Some(first) = entries.first() {
             self.terms.truncate_from(first.index);
@@ -309,8 +344,8 @@ impl DiskStorage {
         }
         if self.dir_unsynced {
             let result = self
-                .dir_file
-                .sync_all()
+                .fs
+                .sync_dir(&self.dir)
                 .map_err(StorageError::io("fsync directory", &self.dir));
             self.stop_on_error(result)?;
             self.dir_unsynced = false;
@@ -345,7 +380,7 @@ impl DiskStorage {
         let result = self
             .injected_fault()
             .map_err(StorageError::io("fsync", &self.dir))
-            .and_then(|()| write_snapshot(&self.dir, &self.dir_file, snapshot));
+            .and_then(|()| write_snapshot(&*self.fs, &self.dir, snapshot));
         let (path, size_bytes) = self.stop_on_error(result)?;
         let previous = self.snapshot.replace(SnapshotFile {
             meta,
@@ -371,8 +406,10 @@ impl DiskStorage {
         }
         self.delete_covered_segments(meta.index)?;
         if let Some(previous) = previous {
-            let result =
-                fs::remove_file(&previous.path).map_err(StorageError::io("delete", &previous.path));
+            let result = self
+                .fs
+                .remove_file(&previous.path)
+                .map_err(StorageError::io("delete", &previous.path));
             self.stop_on_error(result)?;
         }
         self.sync_dir()
@@ -422,8 +459,8 @@ impl DiskStorage {
     /// are durable; a failure stops the storage.
     fn sync_dir(&mut self) -> Result<(), StorageError> {
         let result = self
-            .dir_file
-            .sync_all()
+            .fs
+            .sync_dir(&self.dir)
             .map_err(StorageError::io("fsync directory", &self.dir));
         self.stop_on_error(result)
     }
@@ -516,6 +553,7 @@ impl DiskStorage {
             .map_err(StorageError::io("write", &active.path));
         self.active_unsynced = true;
         active.size_bytes += self.buffer.len() as u64;
+        crate::metrics::WAL_WRITTEN_BYTES.inc_by(self.buffer.len() as u64);
         if self.buffer.capacity() > RETAINED_BUFFER_BYTES {
             self.buffer = Vec::new();
         }
@@ -541,7 +579,7 @@ impl DiskStorage {
             self.sync()?;
         }
         let next_seq = self.segments.back().expect("an active segment").seq + 1;
-        let result = create_segment(&self.dir, next_seq);
+        let result = create_segment(&*self.fs, &self.dir, next_seq);
         let (file, info) = self.stop_on_error(result)?;
         self.active = file;
         self.segments.push_back(info);
@@ -556,11 +594,13 @@ impl DiskStorage {
     fn delete_covered_segments(&mut self, index: u64) -> Result<(), StorageError> {
         while self.segments.len() > 1 && self.segments[0].max_entry_index <= index {
             let oldest = self.segments.pop_front().expect("checked non-empty");
-            let result = fs::remove_file(&oldest.path)
+            let result = self
+                .fs
+                .remove_file(&oldest.path)
                 .map_err(StorageError::io("delete", &oldest.path))
                 .and_then(|()| {
-                    self.dir_file
-                        .sync_all()
+                    self.fs
+                        .sync_dir(&self.dir)
                         .map_err(StorageError::io("fsync directory", &self.dir))
                 });
             self.stop_on_error(result)?;
@@ -582,7 +622,10 @@ impl DiskStorage {
         }
         for path in &paths {
             log::info!("removing stale file {}", path.display());
-            let result = fs::remove_file(path).map_err(StorageError::io("delete", path));
+            let result = self
+                .fs
+                .remove_file(path)
+                .map_err(StorageError::io("delete", path));
             self.stop_on_error(result)?;
         }
         self.sync_dir()
@@ -624,15 +667,13 @@ struct Listing {
     temp_files: Vec<String>,
 }
 
-fn list_dir(dir: &Path) -> Result<Listing, StorageError> {
+fn list_dir(fs: &dyn FileSystem, dir: &Path) -> Result<Listing, StorageError> {
     let mut listing = Listing::default();
-    let read_dir = fs::read_dir(dir).map_err(StorageError::io("list directory", dir))?;
-    for item in read_dir {
-        let item = item.map_err(StorageError::io("list directory", dir))?;
-        let file_name = item.file_name();
-        let Some(name) = file_name.to_str() else {
-            continue;
-        };
+    let names = fs
+        .list_dir(dir)
+        .map_err(StorageError::io("list directory", dir))?;
+    for name in &names {
+        let name = name.as_str();
         if let Some(seq) = parse_segment_file_name(name) {
             listing.segment_seqs.push(seq);
         } else if let Some(meta) = parse_snapshot_file_name(name) {
@@ -679,27 +720,15 @@ fn check_segment_sequence(
     Ok(())
 }
 
-/// Creates `dir` if it does not exist, and makes its entry durable.
-fn create_dir(dir: &Path) -> Result<(), StorageError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    fs::create_dir_all(dir).map_err(StorageError::io("create directory", dir))?;
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(StorageError::io("fsync directory", parent))?;
-    }
-    Ok(())
-}
-
 /// Creates the empty segment `seq`. The caller fsyncs the directory.
-fn create_segment(dir: &Path, seq: u64) -> Result<(File, SegmentInfo), StorageError> {
+fn create_segment(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    seq: u64,
+) -> Result<(Box<dyn WriteFile>, SegmentInfo), StorageError> {
     let path = dir.join(segment_file_name(seq));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
+    let file = fs
+        .create_new(&path)
         .map_err(StorageError::io("create", &path))?;
     let info = SegmentInfo {
         seq,
@@ -708,15 +737,4 @@ fn create_segment(dir: &Path, seq: u64) -> Result<(File, SegmentInfo), StorageEr
         max_entry_index: 0,
     };
     Ok((file, info))
-}
-
-/// Cuts the file at `path` to `len_bytes` and makes the cut durable.
-fn truncate_file(path: &Path, len_bytes: u64) -> Result<(), StorageError> {
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(StorageError::io("open", path))?;
-    file.set_len(len_bytes)
-        .map_err(StorageError::io("truncate", path))?;
-    file.sync_all().map_err(StorageError::io("fsync", path))
 }

@@ -10,12 +10,12 @@
 //! fsynced, so a snapshot file either exists whole or not at all; a `.tmp`
 //! left by a crash is ignored and removed at the next open.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::StorageError;
+use super::fs::FileSystem;
 use crate::raft::{Snapshot, SnapshotMeta};
 
 const MAGIC: &[u8; 8] = b"KVSNAP01";
@@ -75,19 +75,16 @@ fn checksum(header: &[u8; SNAPSHOT_HEADER_BYTES], data: &[u8]) -> u32 {
 /// Writes `snapshot` atomically into `dir` and returns its path and size.
 /// When this returns, the file is durable under its final name.
 pub(crate) fn write_snapshot(
+    fs: &dyn FileSystem,
     dir: &Path,
-    dir_file: &File,
     snapshot: &Snapshot,
 ) -> Result<(PathBuf, u64), StorageError> {
     let name = snapshot_file_name(&snapshot.meta);
     let path = dir.join(&name);
     let temp_path = dir.join(format!("{name}{TEMP_SUFFIX}"));
     let header = header(&snapshot.meta, &snapshot.data);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&temp_path)
+    let mut file = fs
+        .create_truncate(&temp_path)
         .map_err(StorageError::io("create", &temp_path))?;
     file.write_all(&header)
         .and_then(|()| file.write_all(&snapshot.data))
@@ -95,21 +92,21 @@ pub(crate) fn write_snapshot(
     file.sync_all()
         .map_err(StorageError::io("fsync", &temp_path))?;
     drop(file);
-    fs::rename(&temp_path, &path).map_err(StorageError::io("rename", &temp_path))?;
-    dir_file
-        .sync_all()
+    fs.rename(&temp_path, &path)
+        .map_err(StorageError::io("rename", &temp_path))?;
+    fs.sync_dir(dir)
         .map_err(StorageError::io("fsync directory", dir))?;
     let size_bytes = (SNAPSHOT_HEADER_BYTES + snapshot.data.len()) as u64;
     Ok((path, size_bytes))
 }
 
 /// Reads and verifies the snapshot file at `path`, whose name said `named`.
-pub(crate) fn read_snapshot(path: &Path, named: &SnapshotMeta) -> Result<Snapshot, StorageError> {
-    let mut file = File::open(path).map_err(StorageError::io("open", path))?;
-    let file_bytes = file
-        .metadata()
-        .map_err(StorageError::io("stat", path))?
-        .len();
+pub(crate) fn read_snapshot(
+    fs: &dyn FileSystem,
+    path: &Path,
+    named: &SnapshotMeta,
+) -> Result<Snapshot, StorageError> {
+    let (mut file, file_bytes) = fs.open_read(path).map_err(StorageError::io("open", path))?;
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
     if file_bytes < SNAPSHOT_HEADER_BYTES as u64 {
         return Err(StorageError::corrupt(

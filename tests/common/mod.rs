@@ -13,6 +13,7 @@ use kvstore_raft::config::ClusterConfig;
 use kvstore_raft::kv::server::{KvServer, StartOptions};
 use kvstore_raft::node::LinkFilter;
 use kvstore_raft::raft::{NodeId, Role, Status};
+use kvstore_raft::storage::FileSystem;
 use parking_lot::Mutex;
 
 pub struct TestCluster {
@@ -22,6 +23,9 @@ pub struct TestCluster {
     servers: Mutex<Vec<Option<KvServer>>>,
     /// Directed links (from, to) that drop every message.
     cut: Arc<Mutex<HashSet<(NodeId, NodeId)>>>,
+    /// Per node (index `id - 1`), the file system its storage runs on;
+    /// empty: the real one.
+    file_systems: Vec<Arc<dyn FileSystem>>,
 }
 
 /// Free loopback ports: bound to port 0, then released for the servers.
@@ -39,6 +43,15 @@ impl TestCluster {
     /// Starts `size` nodes with test timings (election 150-300 ms, heartbeat
     /// 30 ms) and `extra` JSON keys merged into the config.
     pub fn start(size: usize, extra: &str) -> TestCluster {
+        TestCluster::start_on(size, extra, Vec::new())
+    }
+
+    /// As `start`, with node `id`'s storage on `file_systems[id - 1]`.
+    pub fn start_on(
+        size: usize,
+        extra: &str,
+        file_systems: Vec<Arc<dyn FileSystem>>,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports = free_ports(size);
         let nodes: Vec<String> = ports
@@ -67,6 +80,7 @@ impl TestCluster {
             config_path,
             servers: Mutex::new((0..size).map(|_| None).collect()),
             cut: Arc::new(Mutex::new(HashSet::new())),
+            file_systems,
         };
         for id in 1..=size as NodeId {
             cluster.start_node(id);
@@ -86,6 +100,7 @@ impl TestCluster {
             data_dir: None,
             link_filter: Some(filter),
             fault_file: None,
+            fs: self.file_systems.get(id as usize - 1).cloned(),
         };
         // The port may linger for a moment after a stop: retry briefly.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -125,6 +140,13 @@ impl TestCluster {
         self.servers.lock()[id as usize - 1]
             .as_ref()
             .map(|s| s.handle().status())
+    }
+
+    /// The handle of running node `id`: its fatal error, its thread spawner.
+    pub fn handle(&self, id: NodeId) -> Option<kvstore_raft::node::NodeHandle> {
+        self.servers.lock()[id as usize - 1]
+            .as_ref()
+            .map(|s| s.handle().clone())
     }
 
     /// Cuts both directions between `a` and every node of `others`.
@@ -205,6 +227,7 @@ fn options_clone(options: &StartOptions) -> StartOptions {
         data_dir: options.data_dir.clone(),
         link_filter: options.link_filter.clone(),
         fault_file: options.fault_file.clone(),
+        fs: options.fs.clone(),
     }
 }
 
@@ -355,5 +378,14 @@ impl TestCluster {
                     .unwrap_or(0)
             })
             .unwrap_or(0)
+    }
+}
+
+impl TestCluster {
+    /// What node `id`'s HTTP endpoint reads, while it runs.
+    pub fn http_source(&self, id: NodeId) -> Option<kvstore_raft::http::Source> {
+        self.servers.lock()[id as usize - 1]
+            .as_ref()
+            .map(|server| kvstore_raft::http::Source::of(server, &self.config))
     }
 }

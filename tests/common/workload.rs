@@ -148,8 +148,11 @@ fn run_client(
             (KvInput::Get { key }, result, None)
         };
         let (output, return_us) = match result {
-            Ok(output) => (Some(output), Some(micros(epoch))),
-            Err(ClerkError::Timeout { .. }) => (None, None),
+            Ok(output) => (
+                Some(output),
+                Some(kvstore_raft::check::return_stamp_us(epoch)),
+            ),
+            Err(ClerkError::Timeout { .. } | ClerkError::Unknown { .. }) => (None, None),
             Err(other) => panic!("client {client}: unexpected error: {other}"),
         };
         ops.push((

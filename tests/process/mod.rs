@@ -486,7 +486,7 @@ impl Drop for Cluster {
 /// Asks the kernel to SIGKILL the child when the thread that spawned it
 /// ends, so not even a killed test binary leaves servers behind. Every
 /// spawn here happens on a thread that outlives the child's use.
-fn die_with_parent(command: &mut Command) {
+pub fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
         command.pre_exec(|| {
@@ -569,7 +569,7 @@ impl Shell {
                 )
             }
         };
-        let return_us = self.now_us();
+        let return_us = kvstore_raft::check::return_stamp_us(self.epoch);
         let output = parse_answer(&input, &line);
         Operation {
             client_id: self.client,
