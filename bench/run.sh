@@ -138,6 +138,19 @@ loadgen_error() {
     grep '^loadgen:' "$1" | tail -n 1 | grep . || tail -n 1 "$1"
 }
 
+# check_loadgen_status STATUS WHAT LIMIT LOG: stops the script with one line
+# when a loadgen run did not exit 0 (interrupted, over its time limit, or
+# failed, naming loadgen's own error and its log).
+check_loadgen_status() {
+    local status="$1" what="$2" limit="$3" log="$4"
+    case "$status" in
+        0) ;;
+        130) say "interrupted"; exit 130 ;;
+        124|137) fail "$what ran past $limit (log: $log)" ;;
+        *) fail "$what exited with status $status: $(loadgen_error "$log") (log: $log)" ;;
+    esac
+}
+
 # preload TAG KEYS: writes every key once (loadgen --preload-only), with each
 # node's RSS sampled meanwhile; leaves loadgen's JSON in logs/TAG.preload.out.
 preload() {
@@ -150,12 +163,7 @@ preload() {
         --preload-clients "$PRELOAD_CLIENTS" --preload-timeout "$PRELOAD_TIMEOUT_S" --json \
         >"$OUT/logs/$tag.preload.out" 2>"$OUT/logs/$tag.preload.err" || status=$?
     rss_stop
-    case "$status" in
-        0) ;;
-        130) say "interrupted"; exit 130 ;;
-        124|137) fail "loadgen --preload-only ($tag) ran past its time limit (log: $OUT/logs/$tag.preload.err)" ;;
-        *) fail "loadgen --preload-only ($tag) exited with status $status: $(loadgen_error "$OUT/logs/$tag.preload.err") (log: $OUT/logs/$tag.preload.err)" ;;
-    esac
+    check_loadgen_status "$status" "loadgen --preload-only ($tag)" "its time limit" "$OUT/logs/$tag.preload.err"
     say "  $(grep '^\[preload' "$OUT/logs/$tag.preload.err" | tail -n 1 | sed 's/  */ /g')"
 }
 
@@ -179,12 +187,7 @@ run_loadgen() {
         --value-size "$VALUE_SIZE" --keys "$keys" "${warm[@]}" --json --plot "$OUT/$tag.svg" "$@" \
         >"$OUT/logs/$tag.out" 2>"$OUT/logs/$tag.err" || status=$?
     rss_stop
-    case "$status" in
-        0) ;;
-        130) say "interrupted"; exit 130 ;;
-        124|137) fail "loadgen ($tag) ran past ${limit}s (log: $OUT/logs/$tag.err)" ;;
-        *) fail "loadgen ($tag) exited with status $status: $(loadgen_error "$OUT/logs/$tag.err") (log: $OUT/logs/$tag.err)" ;;
-    esac
+    check_loadgen_status "$status" "loadgen ($tag)" "${limit}s" "$OUT/logs/$tag.err"
     rss_after="$(rss_kib)"
     line="$(python3 - "$OUT/logs" "$tag" "$rss_before" "$rss_after" "$(rss_max "$OUT/logs/$tag.rss")" <<'PY'
 import json, os, sys
