@@ -573,22 +573,10 @@ impl KvStateMachine {
         if op == KvOp::Noop {
             return ApplyOutcome::Noop;
         }
-        if client_id == NO_CLIENT {
-            if let Some(reason) = self.too_large(&op) {
-                return ApplyOutcome::TooLarge {
-                    client_id,
-                    seq,
-                    reason,
-                };
-            }
-            let reply = self.execute(op);
-            return ApplyOutcome::Applied {
-                client_id,
-                seq,
-                reply,
-            };
-        }
-        if let Some(session) = self.sessions.get(&client_id) {
+        // A command without a client (NO_CLIENT) has no session: it is
+        // neither deduplicated nor remembered.
+        let has_session = client_id != NO_CLIENT;
+        if let Some(session) = self.sessions.get(&client_id).filter(|_| has_session) {
             let (last_seq, saved) = (session.last_seq, session.reply.clone());
             if seq <= last_seq {
                 // The client is alive: a retry counts as activity.
@@ -616,12 +604,14 @@ impl KvStateMachine {
             };
         }
         let reply = self.execute(op);
-        self.set_session(
-            client_id,
-            seq,
-            reply.to_saved(self.options.max_saved_current_bytes),
-        );
-        self.evict_beyond_max_sessions(client_id);
+        if has_session {
+            self.set_session(
+                client_id,
+                seq,
+                reply.to_saved(self.options.max_saved_current_bytes),
+            );
+            self.evict_beyond_max_sessions(client_id);
+        }
         ApplyOutcome::Applied {
             client_id,
             seq,
