@@ -27,8 +27,8 @@ use crate::config::ClusterConfig;
 use crate::kv::waiters::NOT_LEADER_NOTHING_PROPOSED;
 use crate::proto::kvstore::{
     AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
-    GetReply, GetRequest, PutReply, PutRequest, ReplyHeader, RequestHeader, StatusReply,
-    StatusRequest,
+    ExecReply, ExecRequest, GetReply, GetRequest, OpReply, PutReply, PutRequest, ReadOp,
+    ReplyHeader, RequestHeader, StatusReply, StatusRequest, WriteOp,
 };
 use crate::raft::SplitMix64;
 use crate::rpc::services::KvStoreStub;
@@ -351,6 +351,30 @@ impl Clerk {
             current: known.then(|| std::mem::take(&mut reply.current)),
             current_unknown,
         })
+    }
+
+    /// Runs a batch of Redis-protocol ops (src/kv/redis_ops.rs): `writes`,
+    /// one log entry under one fresh seq (retried as one, so applied once),
+    /// or else `reads`, all at one linearizable read point. One reply per op.
+    pub fn exec(
+        &mut self,
+        writes: Vec<WriteOp>,
+        reads: Vec<ReadOp>,
+    ) -> Result<Vec<OpReply>, ClerkError> {
+        let write = !writes.is_empty();
+        let header = if write {
+            self.next_write_header()
+        } else {
+            self.header(0)
+        };
+        let request = ExecRequest {
+            header,
+            writes,
+            reads,
+            ..Default::default()
+        };
+        let reply = self.call(write, |stub| stub.exec(&request))?;
+        Ok(reply.replies)
     }
 
     /// Asks every node for its status, all at once, each bounded by
@@ -723,6 +747,7 @@ has_reply_header!(
     AppendReply,
     DeleteReply,
     CasReply,
+    ExecReply,
     StatusReply
 );
 

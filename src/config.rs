@@ -78,6 +78,9 @@ pub struct NodeConfig {
     /// stays on loopback unless asked) and `http_port`. `None` (no
     /// `http_port`): off.
     pub http: Option<SocketAddr>,
+    /// Where the node speaks the Redis protocol (src/resp/): the node's `ip`
+    /// and `resp_port`. `None` (no `resp_port`): off.
+    pub resp: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -183,6 +186,7 @@ struct RawNode {
     port: u64,
     http_port: Option<u64>,
     http_ip: Option<String>,
+    resp_port: Option<u64>,
 }
 
 /// The keys a cluster file may hold, and the JSON type each must have.
@@ -216,6 +220,7 @@ const NODE_KEYS: &[(&str, Kind)] = &[
     ("port", Kind::Unsigned),
     ("http_port", Kind::Unsigned),
     ("http_ip", Kind::Text),
+    ("resp_port", Kind::Unsigned),
 ];
 const REQUIRED_NODE_KEYS: &[&str] = &["id", "ip", "port"];
 const REQUIRED_TOP_LEVEL_KEYS: &[&str] = &["raft_nodes"];
@@ -617,6 +622,7 @@ fn validate_nodes(raw: &[RawNode]) -> Result<Vec<NodeConfig>, String> {
             ip,
             port,
             http: validate_http(node, &at)?,
+            resp: validate_resp(node, ip, &at)?,
         };
         if let Some(first) = seen_addrs.insert(config.addr(), i) {
             return Err(format!(
@@ -655,6 +661,24 @@ fn validate_http(node: &RawNode, at: &str) -> Result<Option<SocketAddr>, String>
     {
         return Err(format!(
             "{at}.http_port: {port} is also the node's RPC port"
+        ));
+    }
+    Ok(Some(SocketAddr::new(ip, port)))
+}
+
+/// The node's Redis-protocol address: off without `resp_port`; on the node's
+/// own `ip`, on a port of its own.
+fn validate_resp(node: &RawNode, ip: IpAddr, at: &str) -> Result<Option<SocketAddr>, String> {
+    let Some(port) = node.resp_port else {
+        return Ok(None);
+    };
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or_else(|| format!("{at}.resp_port: {port} is not a valid port"))?;
+    if u64::from(port) == node.port || Some(u64::from(port)) == node.http_port {
+        return Err(format!(
+            "{at}.resp_port: {port} is also the node's RPC or HTTP port"
         ));
     }
     Ok(Some(SocketAddr::new(ip, port)))
@@ -819,7 +843,7 @@ mod tests {
             error_of(r#"{"raft_nodes": [{"id": 1, "ip": "127.0.0.1", "port": 1, "host": "a"}]}"#);
         assert_eq!(
             error,
-            r#"conf/x.json: unknown key "raft_nodes[0].host" (known keys: id, ip, port, http_port, http_ip)"#
+            r#"conf/x.json: unknown key "raft_nodes[0].host" (known keys: id, ip, port, http_port, http_ip, resp_port)"#
         );
     }
 
@@ -874,6 +898,25 @@ mod tests {
 
     fn node_error(nodes: &str) -> String {
         error_of(&format!("{{\"raft_nodes\": [{nodes}]}}"))
+    }
+
+    #[test]
+    fn resp_endpoint_is_off_without_a_port_and_on_the_node_ip() {
+        let off = parse(r#"{"id": 1, "ip": "127.0.0.1", "port": 5001}"#);
+        assert_eq!(off.raft_nodes[0].resp, None);
+        let on = parse(r#"{"id": 1, "ip": "127.0.0.2", "port": 5001, "resp_port": 6379}"#);
+        assert_eq!(
+            on.raft_nodes[0].resp,
+            Some("127.0.0.2:6379".parse().unwrap())
+        );
+        assert_eq!(
+            node_error(r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "resp_port": 70000}"#),
+            "conf/x.json: raft_nodes[0].resp_port: 70000 is not a valid port"
+        );
+        assert_eq!(
+            node_error(r#"{"id": 1, "ip": "127.0.0.1", "port": 1, "resp_port": 1}"#),
+            "conf/x.json: raft_nodes[0].resp_port: 1 is also the node's RPC or HTTP port"
+        );
     }
 
     #[test]

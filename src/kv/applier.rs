@@ -265,6 +265,20 @@ impl Applier {
                         let value = self.machine.get(key).map_err(|e| e.to_string())?;
                         waiter.answer_get(value.as_deref());
                     }
+                    Some(Waiter::Barrier(tx)) => {
+                        let answer = match self.machine.engine() {
+                            // A view is a cheap MVCC snapshot, not a copy.
+                            Some(engine) => Ok(engine.view()),
+                            None => Err((
+                                ErrorCode::INVALID_ARGUMENT,
+                                0,
+                                "this node keeps its state in memory, without an engine to read"
+                                    .to_string(),
+                            )),
+                        };
+                        // A dropped receiver: the reader gave up waiting.
+                        let _ = tx.send(answer);
+                    }
                     Some(other) => other.fail(ErrorCode::INVALID_ARGUMENT, 0, "not a read"),
                     None => {}
                 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::SendTimeoutError;
 
+use super::redis_ops::{execute_reads, RedisReply, RedisWrite};
 use super::state_machine::{encode_command, make_command, KvOp};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ClientRequest, NodeHandle};
@@ -154,10 +155,14 @@ impl KvService {
 
     fn write(&self, header: Option<&RequestHeader>, op: KvOp, waiter: Waiter) {
         crate::metrics::PROPOSALS_RECEIVED.inc();
-        let (key, value) = match &op {
+        let (key, value): (&[u8], &[u8]) = match &op {
             KvOp::Put { key, value } | KvOp::Append { key, value } => (key, value),
             KvOp::Cas { key, value, .. } => (key, value),
-            KvOp::Delete { key } => (key, &Vec::new()),
+            KvOp::Delete { key } => (key, &[]),
+            KvOp::Redis(ops) => (
+                longest(ops.iter().flat_map(RedisWrite::keys)),
+                longest(ops.iter().flat_map(RedisWrite::values)),
+            ),
             KvOp::Noop => unreachable!("clients do not send no-ops"),
         };
         if let Err((error, hint, message)) = self.admit(header, key, value) {
@@ -189,6 +194,66 @@ impl KvService {
         }
         self.submit(waiter, |token| ClientRequest::Propose { token, data });
     }
+}
+
+impl KvService {
+    /// A batch of Redis reads: waits (on this thread, at most the request
+    /// timeout) for a linearizable read point, then reads a consistent view
+    /// of the engine here, so that a SCAN or KEYS never runs on the apply
+    /// thread.
+    fn exec_reads(&self, request: ExecRequest, responder: Responder<ExecReply>) {
+        let fail = |responder: Responder<ExecReply>, (error, hint, message): Refusal| {
+            crate::metrics::request_failed(false, error);
+            responder.send(ExecReply {
+                header: protobuf::MessageField::some(ReplyHeader {
+                    error: error.into(),
+                    leader_hint: hint,
+                    message,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        let longest_key = request
+            .reads
+            .iter()
+            .flat_map(|op| op.keys.iter())
+            .max_by_key(|key| key.len())
+            .map_or(&[][..], Vec::as_slice);
+        if let Err(refusal) = self.admit(request.header.as_ref(), longest_key, &[]) {
+            return fail(responder, refusal);
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.submit(Waiter::Barrier(tx), |token| ClientRequest::Read { token });
+        // The applier answers by the request's deadline (it sweeps expired
+        // waiters); the margin covers the sweep's period.
+        let patience =
+            self.options.request_timeout + self.options.queue_wait + Duration::from_secs(1);
+        let view = match rx.recv_timeout(patience) {
+            Ok(Ok(view)) => view,
+            Ok(Err(refusal)) => return fail(responder, refusal),
+            Err(_) => {
+                let why = "the read barrier was not answered in time".to_string();
+                return fail(responder, (ErrorCode::TIMEOUT, 0, why));
+            }
+        };
+        match execute_reads(&view, &request.reads) {
+            Ok(replies) => responder.send(ExecReply {
+                replies: replies.iter().map(RedisReply::to_proto).collect(),
+                ..Default::default()
+            }),
+            Err(why) => {
+                log::error!("a Redis read failed in the storage engine: {why}");
+                let message = format!("the storage engine failed: {why}");
+                fail(responder, (ErrorCode::SHUTTING_DOWN, 0, message))
+            }
+        }
+    }
+}
+
+/// The longest of `all` (empty when there is none).
+fn longest<'a>(all: impl Iterator<Item = &'a [u8]>) -> &'a [u8] {
+    all.max_by_key(|b| b.len()).unwrap_or(&[])
 }
 
 /// The leader's wall clock, stamped into commands so that every replica
@@ -242,6 +307,25 @@ impl KvStoreService for KvService {
             value: request.value,
         };
         self.write(request.header.as_ref(), op, Waiter::Cas(responder));
+    }
+
+    fn exec(&self, request: ExecRequest, responder: Responder<ExecReply>) {
+        if request.writes.is_empty() {
+            return self.exec_reads(request, responder);
+        }
+        let ops: Result<Vec<RedisWrite>, String> = if request.reads.is_empty() {
+            request.writes.iter().map(RedisWrite::from_proto).collect()
+        } else {
+            Err("an Exec request holds writes or reads, not both".into())
+        };
+        match ops {
+            Ok(ops) => self.write(
+                request.header.as_ref(),
+                KvOp::Redis(ops),
+                Waiter::Exec(responder),
+            ),
+            Err(why) => Waiter::Exec(responder).fail(ErrorCode::INVALID_ARGUMENT, 0, &why),
+        }
     }
 
     fn status(&self, request: StatusRequest, responder: Responder<StatusReply>) {

@@ -51,6 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::engine::{Engine, EngineBatch, EngineMeta};
+use super::redis_ops::{self, RedisReply, RedisWrite};
 use super::store::{Store, MAX_BATCH_KEYS};
 
 use protobuf::{Enum, EnumOrUnknown, Message};
@@ -136,6 +137,9 @@ pub enum KvOp {
         expected: Vec<u8>,
         value: Vec<u8>,
     },
+    /// A batch of Redis-protocol writes (src/kv/redis_ops.rs), applied in
+    /// order as one entry.
+    Redis(Vec<RedisWrite>),
 }
 
 impl KvOp {
@@ -165,6 +169,19 @@ impl KvOp {
                 expected: command.expected.clone(),
                 value: command.value.clone(),
             },
+            Op::REDIS => KvOp::Redis(
+                command
+                    .ops
+                    .iter()
+                    .map(RedisWrite::from_proto)
+                    .collect::<Result<_, _>>()
+                    .map_err(|why| {
+                        KvError::Command(format!(
+                            "{why} (client {}, seq {})",
+                            command.client_id, command.seq
+                        ))
+                    })?,
+            ),
         })
     }
 }
@@ -198,6 +215,10 @@ pub fn make_command(client_id: u64, seq: u64, stamp_ms: u64, op: KvOp) -> Comman
         } => {
             (command.key, command.expected, command.value) = (key, expected, value);
             Op::CAS
+        }
+        KvOp::Redis(ops) => {
+            command.ops = ops.iter().map(RedisWrite::to_proto).collect();
+            Op::REDIS
         }
     };
     command.op = EnumOrUnknown::new(number);
@@ -243,6 +264,8 @@ pub enum CommandReply {
         found: bool,
         current: Option<Vec<u8>>,
     },
+    /// One reply per op of a Redis batch.
+    Redis(Vec<RedisReply>),
 }
 
 impl CommandReply {
@@ -260,6 +283,12 @@ impl CommandReply {
                     .clone()
                     .filter(|c| c.len() <= max_saved_current_bytes),
             },
+            CommandReply::Redis(replies) => CommandReply::Redis(
+                replies
+                    .iter()
+                    .map(|r| r.to_saved(max_saved_current_bytes))
+                    .collect(),
+            ),
             other => other.clone(),
         }
     }
@@ -536,10 +565,14 @@ impl KvStateMachine {
             Ok(op) => op,
             Err(e) => return self.invalid(index, Some(request), e),
         };
-        if command.key.len() > super::engine::MAX_KEY_BYTES {
+        let longest_key = match &op {
+            KvOp::Redis(ops) => ops.iter().flat_map(|op| op.keys()).map(<[u8]>::len).max(),
+            _ => Some(command.key.len()),
+        };
+        if longest_key.unwrap_or(0) > super::engine::MAX_KEY_BYTES {
             let error = KvError::Command(format!(
                 "a key of {} bytes (at most {})",
-                command.key.len(),
+                longest_key.unwrap_or(0),
                 super::engine::MAX_KEY_BYTES
             ));
             return self.invalid(index, Some(request), error);
@@ -629,7 +662,8 @@ impl KvStateMachine {
                 (key, old.saturating_add(value.len()))
             }
             KvOp::Cas { key, value, .. } => (key, value.len()),
-            KvOp::Delete { .. } | KvOp::Noop => return None,
+            // Each op of a batch is checked as it applies (an error reply).
+            KvOp::Delete { .. } | KvOp::Noop | KvOp::Redis(_) => return None,
         };
         let limit = self.options.max_value_bytes;
         (bytes > limit).then(|| {
@@ -675,6 +709,10 @@ impl KvStateMachine {
                     found,
                     current: Some(current),
                 }
+            }
+            KvOp::Redis(ops) => {
+                let limit = self.options.max_value_bytes;
+                CommandReply::Redis(redis_ops::apply_writes(&mut MachineKeys(self), &ops, limit))
             }
         }
     }
@@ -937,6 +975,21 @@ fn read_session(reader: &mut Reader<'_>, number: u64) -> Result<Session, KvError
     })
 }
 
+/// The machine's map as the Redis writes see it.
+struct MachineKeys<'a>(&'a mut KvStateMachine);
+
+impl redis_ops::Keyspace for MachineKeys<'_> {
+    fn read(&mut self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.read(key)
+    }
+    fn write(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.0.set_value(key, value);
+    }
+    fn delete(&mut self, key: &[u8]) -> bool {
+        self.0.remove_value(key)
+    }
+}
+
 // ------------------------------------------------------- snapshot encoding
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KVSM";
@@ -946,6 +999,8 @@ const REPLY_PUT: u8 = 0;
 const REPLY_APPEND: u8 = 1;
 const REPLY_DELETE: u8 = 2;
 const REPLY_CAS: u8 = 3;
+/// Followed by the replies as `ExecReply` bytes (length-prefixed).
+const REPLY_REDIS: u8 = 4;
 const CAS_SWAPPED: u8 = 1;
 const CAS_FOUND: u8 = 2;
 const CAS_CURRENT_KEPT: u8 = 4;
@@ -992,6 +1047,10 @@ fn put_reply(out: &mut Vec<u8>, reply: &CommandReply) {
                 put_bytes(out, current);
             }
         }
+        CommandReply::Redis(replies) => {
+            out.push(REPLY_REDIS);
+            put_bytes(out, &redis_ops::encode_replies(replies));
+        }
     }
 }
 
@@ -1019,6 +1078,13 @@ fn read_reply(reader: &mut Reader<'_>, session: u64) -> Result<CommandReply, KvE
                 found: flags & CAS_FOUND != 0,
                 current,
             }
+        }
+        REPLY_REDIS => {
+            let bytes = reader.bytes(what)?;
+            CommandReply::Redis(
+                redis_ops::decode_replies(bytes)
+                    .map_err(|e| snapshot_error(format!("{}: {e}", what())))?,
+            )
         }
         tag => return Err(snapshot_error(format!("{}: unknown tag {tag}", what()))),
     })

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::engine::EngineView;
+use super::redis_ops::RedisReply;
 use super::state_machine::CommandReply;
 use crate::proto::kvstore::{
-    AppendReply, CasReply, DeleteReply, ErrorCode, GetReply, PutReply, ReplyHeader,
+    AppendReply, CasReply, DeleteReply, ErrorCode, ExecReply, GetReply, PutReply, ReplyHeader,
 };
 use crate::raft::NodeId;
 use crate::rpc::Responder;
@@ -35,7 +37,16 @@ pub enum Waiter {
     Append(Responder<AppendReply>),
     Delete(Responder<DeleteReply>),
     Cas(Responder<CasReply>),
+    /// A batch of Redis writes (one log entry).
+    Exec(Responder<ExecReply>),
+    /// A read barrier of a batch of Redis reads: once the read index is
+    /// applied, the waiting thread gets a consistent view of the engine and
+    /// reads it itself, so no read of any size runs on the apply thread.
+    Barrier(crossbeam_channel::Sender<Result<EngineView, BarrierError>>),
 }
+
+/// Why a read barrier failed: the code, leader hint and message of the answer.
+pub type BarrierError = (ErrorCode, NodeId, String);
 
 fn header(
     error: ErrorCode,
@@ -53,7 +64,7 @@ fn header(
 impl Waiter {
     /// Answers with an error and no result.
     pub fn fail(self, error: ErrorCode, leader_hint: NodeId, message: &str) {
-        crate::metrics::request_failed(!matches!(self, Waiter::Get { .. }), error);
+        crate::metrics::request_failed(!self.is_read(), error);
         let header = header(error, leader_hint, message);
         match self {
             Waiter::Get { responder, .. } => responder.send(GetReply {
@@ -76,7 +87,20 @@ impl Waiter {
                 header,
                 ..Default::default()
             }),
+            Waiter::Exec(responder) => responder.send(ExecReply {
+                header,
+                ..Default::default()
+            }),
+            Waiter::Barrier(tx) => {
+                // A dropped receiver: the reader gave up waiting.
+                let _ = tx.send(Err((error, leader_hint, message.to_string())));
+            }
         }
+    }
+
+    /// A read (answered at a read index), not a write (answered when applied).
+    pub fn is_read(&self) -> bool {
+        matches!(self, Waiter::Get { .. } | Waiter::Barrier(_))
     }
 
     /// Answers a read with the value found (or not) at the read's index.
@@ -136,6 +160,11 @@ impl Waiter {
                     ..Default::default()
                 })
             }
+            (Waiter::Exec(r), CommandReply::Redis(replies)) => r.send(ExecReply {
+                header: ok(),
+                replies: replies.iter().map(RedisReply::to_proto).collect(),
+                ..Default::default()
+            }),
             (waiter, _) => waiter.fail(
                 ErrorCode::INVALID_ARGUMENT,
                 0,
@@ -224,7 +253,7 @@ impl Waiters {
 
     /// Removes and returns every read (Get) waiter.
     pub fn take_reads(&self) -> Vec<(u64, Waiter)> {
-        self.take_where(|p| matches!(p.waiter, Waiter::Get { .. }))
+        self.take_where(|p| p.waiter.is_read())
     }
 
     /// Removes and returns the waiters `which` picks, and announces the
