@@ -14,5 +14,6 @@ pub mod loadgen;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod resp;
 pub mod rpc;
 pub mod storage;

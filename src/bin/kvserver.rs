@@ -13,6 +13,7 @@ use std::time::Duration;
 use kvstore_raft::config::ClusterConfig;
 use kvstore_raft::http::{HttpConfig, HttpServer, Source};
 use kvstore_raft::kv::server::{KvServer, StartError, StartOptions};
+use kvstore_raft::resp::RespServer;
 
 const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]";
 
@@ -167,7 +168,35 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The Redis listener, when the file gives this node a `resp_port`.
+    let resp_addr = config.node(args.id).and_then(|node| node.resp);
+    let resp = match resp_addr.map(|addr| {
+        RespServer::start(
+            addr,
+            &config,
+            args.id,
+            server.service(),
+            server.handle().clone(),
+        )
+    }) {
+        None => None,
+        Some(Ok(resp)) => {
+            log::info!("node {}: Redis clients on {}", args.id, resp.local_addr());
+            Some(resp)
+        }
+        Some(Err(e)) => {
+            eprintln!("kvserver: node {}: {e}", args.id);
+            if let Some(http) = http {
+                http.shutdown();
+            }
+            server.shutdown();
+            return ExitCode::from(1);
+        }
+    };
     let stop = |server: KvServer, http: Option<HttpServer>| {
+        if let Some(resp) = resp {
+            resp.shutdown();
+        }
         if let Some(http) = http {
             http.shutdown();
         }

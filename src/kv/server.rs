@@ -78,6 +78,8 @@ pub struct StartOptions {
 pub struct KvServer {
     /// The LockQueue's slots, for monitoring.
     waiters: Arc<Waiters>,
+    /// The KV service the RPC port serves, for other wires (src/resp/) to call in-process.
+    service: Arc<KvService>,
     node: Option<Node>,
     rpc: Option<RpcServer>,
     applier: Option<JoinHandle<()>>,
@@ -146,7 +148,7 @@ impl KvServer {
             config.election_timeout_max_ms,
             config.snapshot_threshold_bytes,
         );
-        let service = KvService::new(
+        let service = Arc::new(KvService::new(
             node.handle().clone(),
             Arc::clone(&waiters),
             ServiceOptions {
@@ -157,9 +159,9 @@ impl KvServer {
                 max_value_bytes: config.max_append_bytes / 2,
                 max_command_bytes: config.max_append_bytes,
             },
-        );
+        ));
         let router = Router::new()
-            .with_kv_store(Arc::new(service))
+            .with_kv_store(Arc::clone(&service) as Arc<dyn crate::rpc::services::KvStoreService>)
             .with_raft(node.raft_service());
         let rpc = match RpcServer::bind(addr, listener_config, router) {
             Ok(rpc) => rpc,
@@ -183,6 +185,7 @@ impl KvServer {
             .map_err(StartError::Io)?;
         Ok(KvServer {
             waiters,
+            service,
             node: Some(node),
             rpc: Some(rpc),
             applier: Some(applier),
@@ -191,6 +194,11 @@ impl KvServer {
 
     pub fn handle(&self) -> &NodeHandle {
         self.node.as_ref().expect("running").handle()
+    }
+
+    /// The KV service, as the RPC port serves it.
+    pub fn service(&self) -> Arc<KvService> {
+        Arc::clone(&self.service)
     }
 
     /// The LockQueue: how many of its slots are in use is a gauge of load.
