@@ -188,6 +188,8 @@ pub struct Cluster {
     pub dir: TempDir,
     pub config_path: PathBuf,
     pub ports: Vec<u16>,
+    /// Each node's Redis-protocol port (`resp_port`), index `id - 1`.
+    pub resp_ports: Vec<u16>,
     /// Index `id - 1`; `None` while the node is down.
     nodes: Vec<Option<Child>>,
     paused: Vec<bool>,
@@ -214,10 +216,17 @@ impl Cluster {
             .tempdir()
             .expect("create the test directory");
         let ports = free_ports(size);
+        let resp_ports = free_ports(size);
         let nodes_json: Vec<String> = ports
             .iter()
+            .zip(&resp_ports)
             .enumerate()
-            .map(|(i, port)| format!(r#"{{"id":{},"ip":"127.0.0.1","port":{port}}}"#, i + 1))
+            .map(|(i, (port, resp))| {
+                format!(
+                    r#"{{"id":{},"ip":"127.0.0.1","port":{port},"resp_port":{resp}}}"#,
+                    i + 1
+                )
+            })
             .collect();
         let config = format!(
             r#"{{"raft_nodes":[{}],"data_dir":{:?},{extra_json}{TIMINGS_JSON}}}"#,
@@ -231,6 +240,7 @@ impl Cluster {
             dir,
             config_path,
             ports,
+            resp_ports,
             nodes: (0..size).map(|_| None).collect(),
             paused: vec![false; size],
             fault_files,
