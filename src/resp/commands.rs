@@ -566,7 +566,7 @@ pub fn classify(args: &[Vec<u8>], state: &mut ConnState, ctx: &RespContext) -> A
         "auth" => auth(a, state, ctx),
         "hello" => hello(a, state, ctx),
         "client" => client(a, state),
-        "info" => Action::Reply(RedisReply::Bulk(info(ctx, state).into_bytes())),
+        "info" => Action::Reply(RedisReply::Bulk(info(ctx, a).into_bytes())),
         "command" => command(a),
         "config" => match String::from_utf8_lossy(&a[0]).to_lowercase().as_str() {
             "get" => Action::Reply(RedisReply::Array(Vec::new())),
@@ -777,7 +777,31 @@ fn client_line(state: &ConnState) -> String {
     )
 }
 
-fn info(ctx: &RespContext, _state: &ConnState) -> String {
+/// INFO: the sections named (server, replication, keyspace), or all of them.
+fn info(ctx: &RespContext, sections: &[Vec<u8>]) -> String {
+    let all = sections.is_empty()
+        || sections.iter().any(|s| {
+            matches!(
+                String::from_utf8_lossy(s).to_lowercase().as_str(),
+                "all" | "everything" | "default"
+            )
+        });
+    let wanted = |name: &str| {
+        all || sections
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(name.as_bytes()))
+    };
+    let text = all_info(ctx);
+    text.split("\r\n\r\n")
+        .filter(|section| {
+            let title = section.lines().next().unwrap_or_default();
+            wanted(title.trim_start_matches("# "))
+        })
+        .map(|section| format!("{section}\r\n\r\n"))
+        .collect()
+}
+
+fn all_info(ctx: &RespContext) -> String {
     let status = ctx.node.status();
     let role = if status.role == Role::Leader {
         "master"
