@@ -919,11 +919,13 @@ mod tests {
         );
     }
 
+    /// A valid config of the given `raft_nodes` entries.
+    fn parse(nodes: &str) -> ClusterConfig {
+        ClusterConfig::parse(&format!("{{\"raft_nodes\": [{nodes}]}}"), "x").unwrap()
+    }
+
     #[test]
     fn http_endpoint_is_off_without_a_port_and_loopback_by_default() {
-        let parse = |nodes: &str| {
-            ClusterConfig::parse(&format!("{{\"raft_nodes\": [{nodes}]}}"), "x").unwrap()
-        };
         let off = parse(r#"{"id": 1, "ip": "127.0.0.1", "port": 5001}"#);
         assert_eq!(off.raft_nodes[0].http, None);
         let on = parse(r#"{"id": 1, "ip": "127.0.0.1", "port": 5001, "http_port": 8001}"#);

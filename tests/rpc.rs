@@ -52,6 +52,9 @@ impl KvStoreService for TestService {
     fn append(&self, _request: AppendRequest, responder: Responder<AppendReply>) {
         responder.send(AppendReply::new());
     }
+    fn exec(&self, _request: ExecRequest, responder: Responder<ExecReply>) {
+        responder.send(ExecReply::new());
+    }
     fn delete(&self, _request: DeleteRequest, responder: Responder<DeleteReply>) {
         let mut reply = DeleteReply::new();
         reply.existed = true;

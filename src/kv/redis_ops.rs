@@ -29,6 +29,9 @@ const SET_NX: u32 = 1;
 const SET_XX: u32 = 2;
 const SET_GET: u32 = 4;
 
+/// Keys with their values, in order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A write of the Redis command set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RedisWrite {
@@ -39,8 +42,8 @@ pub enum RedisWrite {
         xx: bool,
         get: bool,
     },
-    MSet(Vec<(Vec<u8>, Vec<u8>)>),
-    MSetNx(Vec<(Vec<u8>, Vec<u8>)>),
+    MSet(Pairs),
+    MSetNx(Pairs),
     Del(Vec<Vec<u8>>),
     IncrBy {
         key: Vec<u8>,
@@ -143,7 +146,7 @@ impl RedisWrite {
             let value = op.values.first().cloned().unwrap_or_default();
             Ok((op.keys[0].clone(), value))
         };
-        let pairs = || -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+        let pairs = || -> Result<Pairs, String> {
             if op.keys.is_empty() || op.keys.len() != op.values.len() {
                 return Err(format!(
                     "{kind:?} with {} keys and {} values",
@@ -337,7 +340,7 @@ fn apply_write(space: &mut dyn Keyspace, op: &RedisWrite, max_value_bytes: usize
             get,
         } => {
             let old = space.read(key);
-            let allowed = !(*nx && old.is_some()) && !(*xx && old.is_none());
+            let allowed = !(*nx && old.is_some() || *xx && old.is_none());
             if allowed {
                 space.write(key.clone(), value.clone());
             }
@@ -566,13 +569,12 @@ pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
                         }
                     }
                 }
-                b'\\' if p + 1 < pattern.len() => {
-                    if pattern[p + 1] == text[t] {
-                        p += 2;
-                        t += 1;
-                        continue;
-                    }
+                b'\\' if p + 1 < pattern.len() && pattern[p + 1] == text[t] => {
+                    p += 2;
+                    t += 1;
+                    continue;
                 }
+                b'\\' if p + 1 < pattern.len() => {}
                 c if c == text[t] => {
                     p += 1;
                     t += 1;

@@ -540,7 +540,7 @@ pub fn classify(args: &[Vec<u8>], state: &mut ConnState, ctx: &RespContext) -> A
             })
         }
         "mset" | "msetnx" => {
-            if a.len() % 2 != 0 {
+            if !a.len().is_multiple_of(2) {
                 return arity_error(&name);
             }
             let pairs = a

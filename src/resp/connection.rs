@@ -23,6 +23,8 @@ use crate::rpc::{ClientConfig, Credentials, RpcClient};
 const MAX_PIPELINE: usize = 1024;
 /// Ops in one batch, at most (a batch is one log entry or one read point).
 const MAX_BATCH_OPS: usize = 512;
+/// How much later than asked a read may time out, to spare a syscall per read.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(100);
 /// Bytes read from the socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -106,6 +108,8 @@ impl Connection<'_> {
         self.stream.set_write_timeout(Some(idle))?;
         // When the first bytes of a command not yet complete arrived.
         let mut started: Option<Instant> = None;
+        // The read timeout set on the socket, so it is changed only when it must be.
+        let mut timeout_set = Duration::ZERO;
         loop {
             if stopping.load(Ordering::SeqCst) {
                 return Ok(());
@@ -145,7 +149,11 @@ impl Connection<'_> {
                     }
                 },
             };
-            self.stream.set_read_timeout(Some(timeout))?;
+            // Within a slack of the deadline, the one set stays: no syscall per read.
+            if timeout < timeout_set.saturating_sub(TIMEOUT_SLACK) || timeout > timeout_set {
+                self.stream.set_read_timeout(Some(timeout))?;
+                timeout_set = timeout;
+            }
             let old_len = self.buf.len();
             let room = READ_CHUNK_BYTES.min(self.max_buffered_bytes - old_len);
             self.buf.resize(old_len + room, 0);
