@@ -1205,6 +1205,56 @@ mod tests {
         assert_eq!(d.get("j").as_deref(), Some("1"));
     }
 
+    /// A Redis batch is one entry: a retry of it is answered from the session (the saved
+    /// replies, a large old value replaced by a "not retained" error) and applied once; the
+    /// saved replies survive a snapshot.
+    #[test]
+    fn a_retried_redis_batch_is_applied_once_and_its_replies_survive_a_snapshot() {
+        let mut d = Driver::new();
+        let batch = KvOp::Redis(vec![
+            RedisWrite::IncrBy {
+                key: "n".into(),
+                delta: 2,
+            },
+            RedisWrite::MSet(vec![
+                ("a".into(), "123456789".into()),
+                ("b".into(), "2".into()),
+            ]),
+            RedisWrite::Set {
+                key: "a".into(),
+                value: "x".into(),
+                nx: false,
+                xx: false,
+                get: true,
+            },
+        ]);
+        let first = d.reply(1, 1, batch.clone());
+        assert_eq!(
+            first,
+            CommandReply::Redis(vec![
+                RedisReply::Int(2),
+                RedisReply::Ok,
+                RedisReply::Bulk("123456789".into()),
+            ])
+        );
+        let machine = KvStateMachine::restore(&d.machine.snapshot(), options()).unwrap();
+        d.machine = machine;
+        match d.run(1, 1, 0, batch) {
+            ApplyOutcome::Duplicate { reply, .. } => match reply {
+                CommandReply::Redis(replies) => {
+                    assert_eq!(replies[..2], [RedisReply::Int(2), RedisReply::Ok]);
+                    assert!(
+                        matches!(&replies[2], RedisReply::Error(e) if e.contains("not retained"))
+                    );
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("a retry was not answered from the session: {other:?}"),
+        }
+        assert_eq!(d.get("n").as_deref(), Some("2"));
+        assert_eq!(d.get("a").as_deref(), Some("x"));
+    }
+
     fn put(key: &str, value: &str) -> KvOp {
         KvOp::Put {
             key: key.into(),
