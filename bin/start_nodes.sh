@@ -162,3 +162,9 @@ try:
   $clerk_cmd$config_arg shell
 stop it with: bin/stop_nodes.sh$config_arg
 USAGE
+# The Redis-protocol ports, when the file gives nodes a resp_port.
+resp_ports="$(python3 -c 'import json, sys
+print(" ".join(str(n["resp_port"]) for n in json.load(open(sys.argv[1]))["raft_nodes"] if "resp_port" in n))' "$CONFIG")"
+if [[ -n "$resp_ports" ]]; then
+    echo "Redis clients: redis-cli -p PORT, PORT one of: $resp_ports (any node accepts any command)"
+fi
