@@ -47,7 +47,7 @@ fn main() {
     let started = std::time::Instant::now();
     for (i, data) in commands.iter().enumerate() {
         machine.apply_checked(i as u64 + 1, data).expect("applies");
-        if (i as u64 + 1) % per_commit == 0 {
+        if (i as u64 + 1).is_multiple_of(per_commit) {
             machine.commit_batch(false).expect("commits");
         }
     }

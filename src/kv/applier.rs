@@ -57,6 +57,8 @@ pub struct Applier {
     snapshot_build: Option<(std::thread::JoinHandle<()>, Instant)>,
     /// When the first entry not yet committed to the engine was applied.
     uncommitted_since: Option<Instant>,
+    /// `COMMIT_INTERVAL_MS` (tests change it).
+    commit_interval: Duration,
 }
 
 impl Applier {
@@ -82,6 +84,7 @@ impl Applier {
             engine_cache_bytes,
             snapshot_build: None,
             uncommitted_since: None,
+            commit_interval: Duration::from_millis(COMMIT_INTERVAL_MS),
         }
     }
 
@@ -185,7 +188,7 @@ impl Applier {
         let Some(since) = self.uncommitted_since else {
             return Ok(());
         };
-        if since.elapsed() < Duration::from_millis(COMMIT_INTERVAL_MS) {
+        if since.elapsed() < self.commit_interval {
             return Ok(());
         }
         self.uncommitted_since = None;
@@ -559,6 +562,43 @@ mod tests {
             "{:?}",
             new.header
         );
+        node.shutdown();
+    }
+
+    /// Applied tasks wait in memory (reads see them) and reach the engine together, in one
+    /// batch with their applied index, once the oldest has waited `COMMIT_INTERVAL_MS`.
+    #[test]
+    fn applied_tasks_reach_the_engine_in_one_batch_after_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = single_node(&dir.path().join("node"));
+        let (_tx, tasks) = crossbeam_channel::bounded(1);
+        let engine = Engine::open(&dir.path().join("engine"), 8 << 20).unwrap();
+        let machine = KvStateMachine::open(engine.clone(), KvOptions::default()).unwrap();
+        let mut applier = Applier::new(
+            node.handle().clone(),
+            tasks,
+            Arc::new(Waiters::new(16)),
+            machine,
+            u64::MAX,
+            8 << 20,
+        );
+        applier.commit_interval = Duration::from_secs(3600);
+        for index in 1..=3 {
+            let entries = vec![put_entry(index, 1, index)];
+            applier.handle(ApplyTask::Committed(entries)).unwrap();
+            applier.commit_if_due().unwrap();
+        }
+        assert_eq!(applier.machine.applied_index(), 3);
+        assert_eq!(applier.machine.get(b"k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(
+            engine.meta().unwrap().applied_index,
+            0,
+            "written to the engine before the interval"
+        );
+        applier.commit_interval = Duration::ZERO;
+        applier.commit_if_due().unwrap();
+        assert_eq!(engine.meta().unwrap().applied_index, 3);
+        assert_eq!(engine.get(b"k").unwrap(), Some(b"v".to_vec()));
         node.shutdown();
     }
 }
