@@ -433,7 +433,10 @@ fn a_streamed_engine_opens_as_the_same_state_and_a_cut_stream_changes_nothing() 
     builder.finish().unwrap().swap_in().unwrap();
     let streamed = open(follower.path());
     assert_eq!(streamed.applied_index(), 500);
-    assert!(streamed == replica(&entries, 500), "the leader's state at 500");
+    assert!(
+        streamed == replica(&entries, 500),
+        "the leader's state at 500"
+    );
     drop(streamed);
     let compacted = Snapshot {
         meta: SnapshotMeta {
