@@ -1,9 +1,15 @@
 //! The client library: a [`Clerk`] sends each operation to the node it
 //! believes leads, follows `NOT_LEADER` hints, rotates through the nodes when
 //! one fails, backs off when the leader answers `BUSY`, and retries until a
-//! whole-operation deadline. Every write carries the clerk's `client_id` and
-//! a fresh `seq`, and every retry of that write reuses the same pair, so the
-//! servers' client sessions apply it at most once however often it is sent.
+//! whole-operation deadline. Before its first write a clerk opens a session
+//! (`OpenSession`, one log round): the cluster assigns its `client_id` (the
+//! index of the entry that opened it) and a secret. Every write carries them
+//! and a fresh `seq`, and every retry of that write reuses the same triple, so
+//! the servers' client sessions apply it at most once however often it is
+//! sent. When the cluster answers SESSION_EXPIRED (the session expired or was
+//! evicted), the clerk opens a new session and sends the write again under it
+//! only if no earlier attempt of it can have been applied; otherwise the
+//! write's outcome is reported unknown ([`ClerkError::Unknown`]).
 //!
 //! A clerk runs one operation at a time (`&mut self`); a program that wants
 //! concurrency runs one clerk per thread. Each node's connection is opened on
@@ -27,8 +33,8 @@ use crate::config::ClusterConfig;
 use crate::kv::waiters::NOT_LEADER_NOTHING_PROPOSED;
 use crate::proto::kvstore::{
     AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
-    GetReply, GetRequest, PutReply, PutRequest, ReplyHeader, RequestHeader, StatusReply,
-    StatusRequest,
+    GetReply, GetRequest, OpenSessionReply, OpenSessionRequest, PutReply, PutRequest, ReplyHeader,
+    RequestHeader, StatusReply, StatusRequest,
 };
 use crate::raft::SplitMix64;
 use crate::rpc::services::KvStoreStub;
@@ -55,11 +61,6 @@ pub struct ClerkOptions {
     /// Presented to the nodes when the cluster requires a client token.
     /// When `None`, [`Clerk::new`] takes the cluster file's `client_token`.
     pub client_token: Option<String>,
-    /// Identifies this clerk's session on the servers. Default: a random
-    /// non-zero id. Two clerks must never share one while both run; a clerk
-    /// restarted with the same id numbers its writes from the wall clock
-    /// (in microseconds), past those of the earlier one.
-    pub client_id: Option<u64>,
 }
 
 impl Default for ClerkOptions {
@@ -68,7 +69,6 @@ impl Default for ClerkOptions {
             timeout: Duration::from_secs(10),
             attempt_timeout_ms: 1_000,
             client_token: None,
-            client_id: None,
         }
     }
 }
@@ -84,16 +84,6 @@ const ATTEMPT_MARGIN_MS: u64 = 250;
 /// would add load, and the server's TIMEOUT would never be heard.
 pub fn attempt_timeout_ms(config: &ClusterConfig, wanted_ms: u64) -> u64 {
     wanted_ms.max(config.request_timeout_ms.saturating_add(ATTEMPT_MARGIN_MS))
-}
-
-/// The seq before the first write of a clerk with a given id: the wall
-/// clock in microseconds. An earlier clerk with the same id wrote at most one
-/// seq per microsecond it lived (a write takes far longer), so this is past
-/// all of them unless the clock stepped back by more than the time since.
-fn restart_safe_first_seq() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Why an operation failed.
@@ -167,11 +157,14 @@ pub struct Clerk {
     /// Never empty.
     nodes: Vec<Node>,
     options: ClerkOptions,
-    client_id: u64,
+    /// The session's id and secret, once opened (on the first write).
+    session: Option<Session>,
     /// The ids of `nodes`, in the same order, for [`Route`].
     node_ids: Vec<u64>,
-    /// The seq of the last write started; the next write takes `last_seq + 1`.
+    /// The seq of the last write started in `session`; the next write takes `last_seq + 1`.
     last_seq: u64,
+    /// Sessions this clerk opened (a second one after its first expired, ...).
+    sessions_opened: u64,
     route: Route,
     busy_retries: u64,
     /// Jitter for the back-off.
@@ -230,31 +223,27 @@ impl Clerk {
 
     fn build(nodes: Vec<Node>, options: ClerkOptions) -> Clerk {
         assert!(!nodes.is_empty(), "a clerk needs at least one node");
-        let client_id = options.client_id.unwrap_or_else(random_client_id);
-        // A clerk given its id may be a restart of one that used the same id
-        // (the session may still hold its last seq): its seqs start past any
-        // the earlier one can have used, so a new write is never taken for a
-        // duplicate (answered without being applied) or a stale one. A fresh
-        // random id has no past and starts at 1.
-        let last_seq = match options.client_id {
-            Some(_) => restart_safe_first_seq(),
-            None => 0,
-        };
         Clerk {
             node_ids: nodes.iter().map(|node| node.id).collect(),
             nodes,
-            client_id,
-            last_seq,
+            session: None,
+            last_seq: 0,
+            sessions_opened: 0,
             route: Route::default(),
             busy_retries: 0,
-            rng: SplitMix64::new(client_id),
+            rng: SplitMix64::new(random_client_id()),
             options,
         }
     }
 
-    /// The id of this clerk's session on the servers.
+    /// The id of this clerk's session on the servers: 0 until its first write opens one.
     pub fn client_id(&self) -> u64 {
-        self.client_id
+        self.session.map_or(0, |session| session.client_id)
+    }
+
+    /// How many sessions this clerk opened (more than one when one expired).
+    pub fn sessions_opened(&self) -> u64 {
+        self.sessions_opened
     }
 
     /// The node this clerk believes leads, once a node has answered as
@@ -275,7 +264,10 @@ impl Clerk {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        let mut reply = self.call(false, |stub| stub.get(&request))?;
+        let deadline = Instant::now() + self.options.timeout;
+        let mut reply = self
+            .call(Attempts::new(deadline), |stub| stub.get(&request))
+            .map_err(CallError::into_clerk_error)?;
         Ok(reply.found.then(|| std::mem::take(&mut reply.value)))
     }
 
@@ -285,13 +277,16 @@ impl Clerk {
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<(), ClerkError> {
-        let request = PutRequest {
-            header: self.next_write_header(),
+        let mut request = PutRequest {
             key: key.as_ref().to_vec(),
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(true, |stub| stub.put(&request)).map(drop)
+        self.write(|stub, header| {
+            request.header = header;
+            stub.put(&request)
+        })
+        .map(drop)
     }
 
     /// Appends `value` to the value of `key` (a missing key counts as "").
@@ -300,24 +295,29 @@ impl Clerk {
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<(), ClerkError> {
-        let request = AppendRequest {
-            header: self.next_write_header(),
+        let mut request = AppendRequest {
             key: key.as_ref().to_vec(),
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(true, |stub| stub.append(&request)).map(drop)
+        self.write(|stub, header| {
+            request.header = header;
+            stub.append(&request)
+        })
+        .map(drop)
     }
 
     /// Removes `key`; answers whether it existed.
     pub fn delete(&mut self, key: impl AsRef<[u8]>) -> Result<bool, ClerkError> {
-        let request = DeleteRequest {
-            header: self.next_write_header(),
+        let mut request = DeleteRequest {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(true, |stub| stub.delete(&request))
-            .map(|reply| reply.existed)
+        self.write(|stub, header| {
+            request.header = header;
+            stub.delete(&request)
+        })
+        .map(|reply| reply.existed)
     }
 
     /// Sets `key` to `value` if its value equals `expected` (a missing key
@@ -328,14 +328,16 @@ impl Clerk {
         expected: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<CasResult, ClerkError> {
-        let request = CasRequest {
-            header: self.next_write_header(),
+        let mut request = CasRequest {
             key: key.as_ref().to_vec(),
             expected: expected.as_ref().to_vec(),
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        let mut reply = self.call(true, |stub| stub.cas(&request))?;
+        let mut reply = self.write(|stub, header| {
+            request.header = header;
+            stub.cas(&request)
+        })?;
         let current_unknown = reply.current_not_retained.then(|| {
             let message = &reply.header.message;
             if message.is_empty() {
@@ -395,36 +397,95 @@ impl Clerk {
         })
     }
 
+    /// The header of a request without a session (reads, OpenSession).
     fn header(&self, seq: u64) -> MessageField<RequestHeader> {
-        request_header(self.client_id, seq, self.options.client_token.as_deref())
+        request_header(0, seq, self.options.client_token.as_deref())
     }
 
-    /// The header of a new write: the next seq, which every retry reuses.
-    fn next_write_header(&mut self) -> MessageField<RequestHeader> {
-        self.last_seq += 1;
-        self.header(self.last_seq)
+    /// Runs one write: opens a session first when the clerk has none, then sends the write
+    /// (`send` with its header: the session, the next seq; the same on every retry) until
+    /// it is answered, refused, or the deadline passes. When the session turns out to be
+    /// gone (SESSION_EXPIRED), a new one is opened and the write is sent again under it,
+    /// unless an earlier attempt may have been applied: then the outcome is unknown.
+    fn write<Rep: HasReplyHeader>(
+        &mut self,
+        mut send: impl FnMut(
+            &KvStoreStub<NodeChannel>,
+            MessageField<RequestHeader>,
+        ) -> Result<Rep, RpcError>,
+    ) -> Result<Rep, ClerkError> {
+        let deadline = Instant::now() + self.options.timeout;
+        loop {
+            let session = match self.session {
+                Some(session) => session,
+                None => self.open_session(deadline)?,
+            };
+            self.last_seq += 1;
+            let mut header = request_header(
+                session.client_id,
+                self.last_seq,
+                self.options.client_token.as_deref(),
+            );
+            header.mut_or_insert_default().session_secret = session.secret;
+            let attempts = Attempts::for_write(deadline);
+            match self.call(attempts, |stub| send(stub, header.clone())) {
+                Ok(reply) => return Ok(reply),
+                Err(CallError::Clerk(error)) => return Err(error),
+                Err(CallError::SessionLost(unknown)) => {
+                    log::info!(
+                        "session {} is gone (expired or evicted); opening a new one",
+                        session.client_id
+                    );
+                    self.session = None;
+                    if let Some(error) = unknown {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens a session (one log round) and makes it this clerk's.
+    fn open_session(&mut self, deadline: Instant) -> Result<Session, ClerkError> {
+        let request = OpenSessionRequest {
+            header: self.header(0),
+            ..Default::default()
+        };
+        // Retried freely: an attempt whose answer is lost leaves at most an unused session,
+        // which expires.
+        let reply = self
+            .call(Attempts::new(deadline), |stub| stub.open_session(&request))
+            .map_err(CallError::into_clerk_error)?;
+        if reply.client_id == 0 {
+            return Err(ClerkError::Rejected(
+                "the cluster opened a session without an id".to_string(),
+            ));
+        }
+        let session = Session {
+            client_id: reply.client_id,
+            secret: reply.session_secret,
+        };
+        self.session = Some(session);
+        self.last_seq = 0;
+        self.sessions_opened += 1;
+        Ok(session)
     }
 
     /// Sends one request until a node answers it, a node rejects it, or the
     /// deadline passes. `attempt` sends the same request bytes each time.
     fn call<Rep: HasReplyHeader>(
         &mut self,
-        write: bool,
+        mut attempts: Attempts,
         mut attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
-    ) -> Result<Rep, ClerkError> {
-        let deadline = Instant::now() + self.options.timeout;
-        let mut attempts = if write {
-            Attempts::for_write(deadline)
-        } else {
-            Attempts::new(deadline)
-        };
+    ) -> Result<Rep, CallError> {
         loop {
             let node = &self.nodes[self.route.current()];
             let answer = attempt(&node.stub);
             // Refused at the handshake: this clerk's cluster file names
             // another cluster; no node of it will answer otherwise.
             if let Err(error @ RpcError::Refused { .. }) = &answer {
-                return Err(attempts.refused(format!("node {}: {error}", node.id)));
+                let error = attempts.refused(format!("node {}: {error}", node.id));
+                return Err(CallError::Clerk(error));
             }
             let seen = match &answer {
                 Ok(reply) => Ok(reply.reply_header()),
@@ -440,7 +501,8 @@ impl Clerk {
             match (step, answer) {
                 (NextStep::Done, Ok(reply)) => return Ok(reply),
                 (NextStep::Done, Err(_)) => unreachable!("a failed attempt is never done"),
-                (NextStep::Fail(error), _) => return Err(error),
+                (NextStep::Fail(error), _) => return Err(CallError::Clerk(error)),
+                (NextStep::SessionLost(unknown), _) => return Err(CallError::SessionLost(unknown)),
                 (NextStep::Retry { wait, busy }, _) => {
                     self.busy_retries += u64::from(busy);
                     if !wait.is_zero() {
@@ -448,6 +510,33 @@ impl Clerk {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A clerk's session: what OpenSession answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Session {
+    client_id: u64,
+    secret: u64,
+}
+
+/// How [`Clerk::call`] ends without an answer.
+enum CallError {
+    Clerk(ClerkError),
+    /// See [`NextStep::SessionLost`].
+    SessionLost(Option<ClerkError>),
+}
+
+impl CallError {
+    /// For requests without a session (reads, OpenSession), which never see
+    /// SESSION_EXPIRED from a correct server: a rejection then.
+    fn into_clerk_error(self) -> ClerkError {
+        match self {
+            CallError::Clerk(error) => error,
+            CallError::SessionLost(unknown) => unknown.unwrap_or_else(|| {
+                ClerkError::Rejected("SESSION_EXPIRED for a request without a session".into())
+            }),
         }
     }
 }
@@ -509,6 +598,13 @@ pub enum NextStep {
     /// (zero: at once; never past the deadline). `busy` says the node
     /// answered `BUSY`.
     Retry { wait: Duration, busy: bool },
+    /// The write's session is gone (SESSION_EXPIRED: expired, evicted, never
+    /// opened): open a new one. `None`: no attempt of this write can have
+    /// been applied, so it may be sent again under the new session. `Some`:
+    /// an earlier attempt may have been applied, and the session that would
+    /// have told is gone: the operation ends with this error (outcome
+    /// unknown), never sent again.
+    SessionLost(Option<ClerkError>),
 }
 
 /// The retry rules of one operation, shared by [`Clerk`] and the load
@@ -601,8 +697,23 @@ impl Attempts {
                         route.known = true;
                         return NextStep::Done;
                     }
-                    ErrorCode::INVALID_ARGUMENT | ErrorCode::UNAUTHENTICATED => {
+                    ErrorCode::INVALID_ARGUMENT
+                    | ErrorCode::UNAUTHENTICATED
+                    | ErrorCode::TOO_MANY_SESSIONS => {
                         return NextStep::Fail(self.refused(format!("node {node}: {message}")));
+                    }
+                    ErrorCode::SESSION_EXPIRED => {
+                        route.known = true;
+                        let unknown =
+                            self.maybe_applied
+                                .as_ref()
+                                .map(|earlier| ClerkError::Unknown {
+                                    reason: format!(
+                                    "an earlier attempt may have been applied ({earlier}), and \
+                                     then the session was gone (node {node}: {message})"
+                                ),
+                                });
+                        return NextStep::SessionLost(unknown);
                     }
                     // Refused before anything was proposed.
                     ErrorCode::BUSY => (true, true, format!("node {node} is busy: {message}")),
@@ -723,7 +834,8 @@ has_reply_header!(
     AppendReply,
     DeleteReply,
     CasReply,
-    StatusReply
+    StatusReply,
+    OpenSessionReply
 );
 
 /// A random non-zero client id. Wall-clock nanoseconds, the process id and a
@@ -788,6 +900,16 @@ mod tests {
 
     impl RpcChannel for Scripted {
         fn call_method(&self, _: u32, method_id: u32, request: &[u8]) -> Result<Vec<u8>, RpcError> {
+            if method_id == kv_store::OPEN_SESSION {
+                // Sessions open at once (not scripted): session 42, secret 7.
+                return Ok(OpenSessionReply {
+                    client_id: 42,
+                    session_secret: 7,
+                    ..Default::default()
+                }
+                .write_to_bytes()
+                .unwrap());
+            }
             let header = match method_id {
                 kv_store::PUT => PutRequest::parse_from_bytes(request).unwrap().header,
                 kv_store::GET => GetRequest::parse_from_bytes(request).unwrap().header,
@@ -844,21 +966,14 @@ mod tests {
             .collect();
         let options = ClerkOptions {
             timeout: Duration::from_millis(timeout_ms),
-            client_id: Some(42),
             ..Default::default()
         };
         (Clerk::with_channels(nodes, options), log)
     }
 
-    /// (method, seq) per call, writes' seqs counted from 1: a clerk with a
-    /// fixed id starts its seqs from the clock.
+    /// (method, seq) per call.
     fn relative_seqs(log: &Log) -> Vec<(u32, u64)> {
-        let log = log.lock();
-        let first = log.iter().map(|&(_, _, s)| s).find(|&s| s != 0);
-        let base = first.map_or(0, |s| s - 1);
-        log.iter()
-            .map(|&(m, _, s)| (m, if s == 0 { 0 } else { s - base }))
-            .collect()
+        log.lock().iter().map(|&(m, _, s)| (m, s)).collect()
     }
 
     fn client_ids(log: &Log) -> Vec<u64> {
@@ -884,7 +999,8 @@ mod tests {
             seqs,
             vec![(kv_store::PUT, 1), (kv_store::PUT, 1), (kv_store::GET, 0)]
         );
-        assert!(client_ids(&log).iter().all(|&id| id == 42));
+        // Writes carry the session the cluster assigned; reads none.
+        assert_eq!(client_ids(&log), vec![42, 42, 0]);
     }
 
     #[test]

@@ -491,7 +491,6 @@ fn run(cli: Cli) -> Exit {
         timeout: cli.timeout,
         attempt_timeout_ms: ATTEMPT_TIMEOUT_MS.min(timeout_ms).max(1),
         client_token: cli.token.or_else(|| config.client_token.clone()),
-        client_id: None,
     };
     let mut clerk = Clerk::new(&config, options);
     let result = match &cli.action {

@@ -235,6 +235,15 @@ impl Applier {
             ApplyOutcome::Invalid { reason, .. } | ApplyOutcome::TooLarge { reason, .. } => {
                 waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &reason)
             }
+            ApplyOutcome::SessionUnknown { client_id, .. } => waiter.fail(
+                ErrorCode::SESSION_EXPIRED,
+                0,
+                &format!(
+                    "session {client_id} is not open (never opened, a wrong secret, idle \
+                     longer than session_ttl_ms, or evicted past max_sessions): this request \
+                     applied nothing; open a new session"
+                ),
+            ),
             ApplyOutcome::Noop | ApplyOutcome::AlreadyApplied => {
                 waiter.fail(ErrorCode::TIMEOUT, 0, "the outcome is unknown; retry")
             }
@@ -513,7 +522,8 @@ mod tests {
             new_reply.try_recv().is_err(),
             "the term-7 write was answered early"
         );
-        let entries = vec![put_entry(1, 7, 8), put_entry(2, 7, 9)];
+        // Commands without a session (NO_CLIENT): this test is about matching waiters.
+        let entries = vec![put_entry(1, 7, 0), put_entry(2, 7, 0)];
         applier.handle(ApplyTask::Committed(entries)).unwrap();
         let new = new_reply
             .try_recv()

@@ -156,6 +156,7 @@ impl KvServer {
                 max_key_bytes: MAX_KEY_BYTES,
                 max_value_bytes: config.max_append_bytes / 2,
                 max_command_bytes: config.max_append_bytes,
+                max_sessions_per_connection: config.max_sessions_per_connection,
             },
         );
         let router = Router::new()

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::SendTimeoutError;
 
-use super::state_machine::{encode_command, make_command, KvOp};
+use super::state_machine::{encode_command, make_command, make_session_command, KvOp, NO_CLIENT};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ClientRequest, NodeHandle};
 use crate::proto::kvstore::*;
 use crate::raft::{Role, Status};
-use crate::rpc::handshake::constant_time_eq;
+use crate::rpc::handshake::{constant_time_eq, random_u64};
 use crate::rpc::services::KvStoreService;
 use crate::rpc::Responder;
 
@@ -37,6 +37,10 @@ pub struct ServiceOptions {
     /// AppendEntries frame, or the leader could never replicate it and every
     /// later write would wait behind it (the cluster's `max_append_bytes`).
     pub max_command_bytes: usize,
+    /// How many sessions one client connection may open (OpenSession); past it the
+    /// connection is answered TOO_MANY_SESSIONS. Bounds how fast one connection can push
+    /// other clients' sessions out of the table (`max_sessions`).
+    pub max_sessions_per_connection: usize,
 }
 
 pub struct KvService {
@@ -158,7 +162,9 @@ impl KvService {
             KvOp::Put { key, value } | KvOp::Append { key, value } => (key, value),
             KvOp::Cas { key, value, .. } => (key, value),
             KvOp::Delete { key } => (key, &Vec::new()),
-            KvOp::Noop => unreachable!("clients do not send no-ops"),
+            KvOp::Noop | KvOp::OpenSession { .. } => {
+                unreachable!("writes are puts, appends, deletes and cas")
+            }
         };
         if let Err((error, hint, message)) = self.admit(header, key, value) {
             return waiter.fail(error, hint, &message);
@@ -173,10 +179,20 @@ impl KvService {
                 return waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &message);
             }
         }
-        let Some(header) = header.filter(|h| h.client_id != 0) else {
-            return waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, "a write needs a client_id");
+        let Some(header) = header.filter(|h| h.client_id != NO_CLIENT && h.seq != 0) else {
+            return waiter.fail(
+                ErrorCode::INVALID_ARGUMENT,
+                0,
+                "a write needs a session (client_id from OpenSession) and a seq from 1",
+            );
         };
-        let command = make_command(header.client_id, header.seq, now_ms(), op);
+        let command = make_session_command(
+            header.client_id,
+            header.session_secret,
+            header.seq,
+            now_ms(),
+            op,
+        );
         let data = encode_command(&command);
         if data.len() > self.options.max_command_bytes {
             let message = format!(
@@ -242,6 +258,38 @@ impl KvStoreService for KvService {
             value: request.value,
         };
         self.write(request.header.as_ref(), op, Waiter::Cas(responder));
+    }
+
+    /// Proposes an `OPEN_SESSION` command with a fresh random secret; the reply (when the
+    /// entry applies) carries the session's id, the entry's index. At most
+    /// `max_sessions_per_connection` per connection.
+    fn open_session(&self, request: OpenSessionRequest, responder: Responder<OpenSessionReply>) {
+        let waiter = Waiter::OpenSession(responder);
+        if let Err((error, hint, message)) = self.admit(request.header.as_ref(), &[], &[]) {
+            return waiter.fail(error, hint, &message);
+        }
+        let limit = self.options.max_sessions_per_connection;
+        let Waiter::OpenSession(responder) = &waiter else {
+            unreachable!()
+        };
+        if !responder.take_connection_budget(limit) {
+            let message = format!(
+                "this connection already opened {limit} sessions \
+                 (max_sessions_per_connection); reuse a session or reconnect"
+            );
+            return waiter.fail(ErrorCode::TOO_MANY_SESSIONS, 0, &message);
+        }
+        let secret = match random_u64() {
+            Ok(secret) => secret,
+            Err(e) => {
+                log::error!("cannot draw a session secret: {e}");
+                let message = "the node cannot draw a random session secret";
+                return waiter.fail(ErrorCode::SHUTTING_DOWN, 0, message);
+            }
+        };
+        let command = make_command(NO_CLIENT, 0, now_ms(), KvOp::OpenSession { secret });
+        let data = encode_command(&command);
+        self.submit(waiter, |token| ClientRequest::Propose { token, data });
     }
 
     fn status(&self, request: StatusRequest, responder: Responder<StatusReply>) {

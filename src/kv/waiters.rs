@@ -10,7 +10,8 @@ use parking_lot::{Condvar, Mutex};
 
 use super::state_machine::CommandReply;
 use crate::proto::kvstore::{
-    AppendReply, CasReply, DeleteReply, ErrorCode, GetReply, PutReply, ReplyHeader,
+    AppendReply, CasReply, DeleteReply, ErrorCode, GetReply, OpenSessionReply, PutReply,
+    ReplyHeader,
 };
 use crate::raft::NodeId;
 use crate::rpc::Responder;
@@ -35,6 +36,7 @@ pub enum Waiter {
     Append(Responder<AppendReply>),
     Delete(Responder<DeleteReply>),
     Cas(Responder<CasReply>),
+    OpenSession(Responder<OpenSessionReply>),
 }
 
 fn header(
@@ -73,6 +75,10 @@ impl Waiter {
                 ..Default::default()
             }),
             Waiter::Cas(responder) => responder.send(CasReply {
+                header,
+                ..Default::default()
+            }),
+            Waiter::OpenSession(responder) => responder.send(OpenSessionReply {
                 header,
                 ..Default::default()
             }),
@@ -133,6 +139,14 @@ impl Waiter {
                     found,
                     current: current.unwrap_or_default(),
                     current_not_retained: not_retained,
+                    ..Default::default()
+                })
+            }
+            (Waiter::OpenSession(r), CommandReply::SessionOpened { client_id, secret }) => {
+                r.send(OpenSessionReply {
+                    header: ok(),
+                    client_id,
+                    session_secret: secret,
                     ..Default::default()
                 })
             }

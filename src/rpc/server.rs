@@ -443,6 +443,7 @@ fn serve_connection(
         }),
         in_flight: Mutex::new(0),
         slot_freed: Condvar::new(),
+        budget_used: AtomicUsize::new(0),
     });
     let result = read_requests(shared, &connection, stream);
     connection.close();
@@ -657,6 +658,9 @@ struct Connection {
     /// Invariant: `in_flight <= max_in_flight`.
     in_flight: Mutex<usize>,
     slot_freed: Condvar,
+    /// Units of the per-connection budget a handler counts against
+    /// ([`Responder::take_connection_budget`]; the KV service: sessions opened).
+    budget_used: AtomicUsize,
 }
 
 struct Outbox {
@@ -1105,6 +1109,20 @@ impl RawResponder {
         self.connection.as_ref().map(|c| c.peer)
     }
 
+    /// Takes one unit of the connection's budget when fewer than `limit` were taken before
+    /// on this connection; false (nothing taken) when the budget is spent.
+    pub fn take_connection_budget(&self, limit: usize) -> bool {
+        let Some(connection) = &self.connection else {
+            return true;
+        };
+        connection
+            .budget_used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used < limit).then_some(used + 1)
+            })
+            .is_ok()
+    }
+
     /// Answers with `reply`, encoded straight into the connection's frame
     /// buffer.
     pub fn send_message<T: Message>(mut self, reply: &T) {
@@ -1180,6 +1198,15 @@ impl<T: Message> Responder<T> {
             },
             rx,
         )
+    }
+
+    /// See [`RawResponder::take_connection_budget`]; a local responder has no connection
+    /// and no budget to spend (always true).
+    pub fn take_connection_budget(&self, limit: usize) -> bool {
+        match &self.inner {
+            ResponderInner::Remote(raw) => raw.take_connection_budget(limit),
+            ResponderInner::Local(_) => true,
+        }
     }
 
     /// The caller's call id (0 for a local responder).
