@@ -13,6 +13,7 @@ use std::time::Duration;
 use kvstore_raft::config::ClusterConfig;
 use kvstore_raft::http::{HttpConfig, HttpServer, Source};
 use kvstore_raft::kv::server::{KvServer, StartError, StartOptions};
+use kvstore_raft::storage::FaultFile;
 
 const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]";
 
@@ -134,7 +135,7 @@ fn main() -> ExitCode {
         id: args.id,
         data_dir: args.data_dir,
         link_filter: None,
-        fault_file: args.fault_file,
+        fault_file: args.fault_file.clone(),
     };
     let server = match KvServer::start(&config, start) {
         Ok(server) => server,
@@ -153,9 +154,15 @@ fn main() -> ExitCode {
     // The HTTP endpoint (metrics, health, dashboard), when the file gives
     // this node an `http_port`.
     let http_addr = config.node(args.id).and_then(|node| node.http);
-    let http = match http_addr
-        .map(|addr| HttpServer::start(addr, Source::of(&server, &config), HttpConfig::default()))
-    {
+    let http = match http_addr.map(|addr| {
+        let http_config = HttpConfig {
+            // A panicked HTTP thread stops the node, as any node thread does.
+            on_panic: server.handle().stopper().on_panic(),
+            fault_file: args.fault_file.as_deref().map(FaultFile::new),
+            ..HttpConfig::default()
+        };
+        HttpServer::start(addr, Source::of(&server, &config), http_config)
+    }) {
         None => None,
         Some(Ok(http)) => {
             log::info!("node {}: http on http://{}/", args.id, http.local_addr());

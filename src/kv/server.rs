@@ -118,7 +118,7 @@ impl KvServer {
             kv_options,
             config.engine_cache_bytes,
         )?;
-        let listener_config = ServerConfig {
+        let mut listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
             // Room for a few of the largest replies, never less than the
@@ -141,6 +141,9 @@ impl KvServer {
         };
         let node_options = node_options(config, start.id, start.link_filter);
         let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
+        // A panic on an RPC thread (or in a handler it runs) stops the node, as one on a Raft
+        // thread does.
+        listener_config.on_panic = node.handle().stopper().on_panic();
         let waiters = Arc::new(Waiters::new(config.proposal_queue_capacity.max(1)));
         crate::metrics::warnings::set_thresholds(
             config.election_timeout_max_ms,
@@ -157,6 +160,7 @@ impl KvServer {
                 max_value_bytes: config.max_append_bytes / 2,
                 max_command_bytes: config.max_append_bytes,
                 max_sessions_per_connection: config.max_sessions_per_connection,
+                fault_file: start.fault_file.as_deref().map(FaultFile::new),
             },
         );
         let router = Router::new()

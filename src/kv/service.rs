@@ -41,6 +41,9 @@ pub struct ServiceOptions {
     /// connection is answered TOO_MANY_SESSIONS. Bounds how fast one connection can push
     /// other clients' sessions out of the table (`max_sessions`).
     pub max_sessions_per_connection: usize,
+    /// The testing hook (`kvserver --fault-file`): `panic rpc` in it makes the next request
+    /// panic on its connection thread. `None` in production.
+    pub fault_file: Option<crate::storage::FaultFile>,
 }
 
 pub struct KvService {
@@ -217,6 +220,9 @@ fn now_ms() -> u64 {
 
 impl KvStoreService for KvService {
     fn get(&self, request: GetRequest, responder: Responder<GetReply>) {
+        if let Some(fault_file) = &self.options.fault_file {
+            fault_file.panic_if_requested("rpc");
+        }
         let waiter = Waiter::Get {
             key: request.key,
             responder,

@@ -767,7 +767,9 @@ impl Engine {
             (message.write_to_vec(&mut state.request), None)
         } else if is_read {
             let message = &mut scratch.get;
-            set_header(&mut message.header, (0, 0), 0);
+            // Reads need no session; the id (when there is one) names the client in logs.
+            let client_id = state.session.map_or(0, |(id, _)| id);
+            set_header(&mut message.header, (client_id, 0), 0);
             message.key.clear();
             message.key.extend_from_slice(scratch.key.as_bytes());
             let input = recorded.then(|| KvInput::Get {
@@ -1502,14 +1504,57 @@ mod tests {
     }
 
     /// An engine with every connection up, its clients in a closed loop.
+    /// Each client already has a session (`index + 1`, secret 0; the same
+    /// id in the history): the opening of sessions has a test of its own.
     fn started(options: &LoadOptions, targets: &Targets, shared: &Shared) -> (Engine, Instant) {
         let mut engine = Engine::new(options, targets, 1);
+        for (index, client) in engine.clients.iter_mut().enumerate() {
+            client.session = Some((index as u64 + 1, 0));
+            client.history_id = index as u64 + 1;
+        }
         let now = Instant::now();
         for conn in 0..engine.conn_count() {
             engine.on_link_up(conn, now);
         }
         engine.begin(shared, Phase::ClosedLoop, now);
         (engine, now)
+    }
+
+    /// A client's first write opens its session first (one OpenSession call),
+    /// then goes out under it; reads need no session.
+    #[test]
+    fn the_first_write_opens_a_session_and_then_carries_it() {
+        let options = options(1, 0.0, false);
+        let targets = targets(1, Duration::from_secs(60));
+        let shared = shared(&options);
+        let mut engine = Engine::new(&options, &targets, 1);
+        let now = Instant::now();
+        engine.on_link_up(0, now);
+        engine.begin(&shared, Phase::ClosedLoop, now);
+        let out = std::mem::take(engine.output(0));
+        let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+        let open = decode_frame(&out[4..4 + len]).unwrap();
+        assert_eq!(open.header.method_id, kv_store::OPEN_SESSION);
+        assert_eq!(out.len(), 4 + len, "nothing but the OpenSession call");
+        let reply = OpenSessionReply {
+            client_id: 77,
+            session_secret: 99,
+            ..Default::default()
+        };
+        let reply = frame(open.header.call_id, &reply.write_to_bytes().unwrap());
+        engine.on_reply(&shared, 0, &reply, Instant::now()).unwrap();
+        let out = std::mem::take(engine.output(0));
+        let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+        let put = decode_frame(&out[4..4 + len]).unwrap();
+        assert_eq!(put.header.method_id, kv_store::PUT);
+        let header = PutRequest::parse_from_bytes(put.body)
+            .unwrap()
+            .header
+            .unwrap();
+        assert_eq!(
+            (header.client_id, header.session_secret, header.seq),
+            (77, 99, 1)
+        );
     }
 
     #[test]
@@ -1662,6 +1707,19 @@ mod tests {
         let mut answered = 0;
         loop {
             let lull = match crate::rpc::frame::read_frame(&mut reader, &mut buf, 1 << 20) {
+                Ok(frame) if frame.header.method_id == kv_store::OPEN_SESSION => {
+                    // Sessions open at once, outside the script: one per call.
+                    let reply = OpenSessionReply {
+                        client_id: frame.header.call_id + 1000,
+                        session_secret: 7,
+                        ..Default::default()
+                    };
+                    let header = FrameHeader::response_to(&frame.header, RpcCode::Ok);
+                    let body = reply.write_to_bytes().unwrap();
+                    encode_frame(&mut out, &header, "", &body, 1 << 20).unwrap();
+                    writer.write_all(&out).unwrap();
+                    false
+                }
                 Ok(frame) => {
                     let request = PutRequest::parse_from_bytes(frame.body).unwrap();
                     let session = (request.header.client_id, request.header.seq);
