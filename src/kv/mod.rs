@@ -6,6 +6,7 @@ pub mod applier;
 pub mod engine;
 pub mod server;
 pub mod service;
+pub mod snapshot_stream;
 pub mod state_machine;
 pub mod store;
 pub mod waiters;
