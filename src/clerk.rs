@@ -30,11 +30,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use protobuf::MessageField;
 
 use crate::config::ClusterConfig;
+use crate::kv::backup::{BackupHeader, BackupInfo, BackupWriter};
 use crate::kv::waiters::NOT_LEADER_NOTHING_PROPOSED;
 use crate::proto::kvstore::{
     AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
     GetReply, GetRequest, OpenSessionReply, OpenSessionRequest, PutReply, PutRequest, ReplyHeader,
-    RequestHeader, StatusReply, StatusRequest,
+    RequestHeader, SnapshotChunkReply, SnapshotChunkRequest, StatusReply, StatusRequest,
 };
 use crate::raft::SplitMix64;
 use crate::rpc::services::KvStoreStub;
@@ -353,6 +354,108 @@ impl Clerk {
             current: known.then(|| std::mem::take(&mut reply.current)),
             current_unknown,
         })
+    }
+
+    /// Saves a backup of node `node`'s state machine (the leader's when `None`) to `path`:
+    /// a consistent view, streamed chunk by chunk into `path` (through `path.partial`,
+    /// renamed once complete), with a header naming `cluster_id`. Each chunk call is retried
+    /// within the clerk's timeout. Memory: one chunk.
+    pub fn snapshot_save(
+        &self,
+        node: Option<u64>,
+        cluster_id: &str,
+        path: &std::path::Path,
+    ) -> Result<BackupInfo, ClerkError> {
+        let node =
+            match node {
+                Some(id) => self.nodes.iter().find(|n| n.id == id).ok_or_else(|| {
+                    ClerkError::Rejected(format!("no node {id} in the cluster file"))
+                })?,
+                None => {
+                    let leader = self
+                        .status_all()
+                        .into_iter()
+                        .find(|view| view.status.as_ref().is_ok_and(|s| s.role == "leader"))
+                        .ok_or_else(|| ClerkError::Timeout {
+                            last_error: "no node says it leads".to_string(),
+                        })?;
+                    self.nodes
+                        .iter()
+                        .find(|n| n.id == leader.id)
+                        .expect("status_all answers for the clerk's nodes")
+                }
+            };
+        let mut request = SnapshotChunkRequest {
+            header: self.header(0),
+            ..Default::default()
+        };
+        let first = self.snapshot_chunk(node, &request)?;
+        let header = BackupHeader {
+            cluster_id: cluster_id.to_string(),
+            node_id: first.node_id,
+            index: first.index,
+            term: first.term,
+            created_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let failed = |e: String| ClerkError::Rejected(e);
+        let mut writer = BackupWriter::create(path, &header).map_err(failed)?;
+        let mut reply = first;
+        request.backup_id = reply.backup_id;
+        let result = loop {
+            if reply.done {
+                break writer.finish(reply.keys, reply.sessions).map_err(failed);
+            }
+            if let Err(e) = writer.push_chunk(&reply.data) {
+                writer.abandon();
+                return Err(failed(e));
+            }
+            request.chunk += 1;
+            reply = match self.snapshot_chunk(node, &request) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    writer.abandon();
+                    return Err(e);
+                }
+            };
+        };
+        result?;
+        crate::kv::backup::inspect(path).map_err(failed)
+    }
+
+    /// One `SnapshotChunk` call to `node`, retried (same request) on failures until the
+    /// clerk's timeout.
+    fn snapshot_chunk(
+        &self,
+        node: &Node,
+        request: &SnapshotChunkRequest,
+    ) -> Result<SnapshotChunkReply, ClerkError> {
+        let deadline = Instant::now() + self.options.timeout;
+        loop {
+            let last_error = match node.stub.snapshot_chunk(request) {
+                Ok(reply) => {
+                    let (code, _, message) = reply_status(reply.header.as_ref());
+                    match code {
+                        ErrorCode::OK => return Ok(reply),
+                        ErrorCode::BUSY | ErrorCode::TIMEOUT => {
+                            format!("node {}: {code:?} {message}", node.id)
+                        }
+                        _ => {
+                            return Err(ClerkError::Rejected(format!(
+                                "node {}: {code:?} {message}",
+                                node.id
+                            )))
+                        }
+                    }
+                }
+                Err(e) => format!("node {}: {e}", node.id),
+            };
+            if Instant::now() >= deadline {
+                return Err(ClerkError::Timeout { last_error });
+            }
+            thread::sleep(Duration::from_millis(BACKOFF_MAX_MS));
+        }
     }
 
     /// Asks every node for its status, all at once, each bounded by

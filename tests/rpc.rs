@@ -75,6 +75,15 @@ impl KvStoreService for TestService {
         };
         responder.send(reply);
     }
+    fn snapshot_chunk(
+        &self,
+        request: SnapshotChunkRequest,
+        responder: Responder<SnapshotChunkReply>,
+    ) {
+        let mut reply = SnapshotChunkReply::new();
+        reply.backup_id = request.backup_id;
+        responder.send(reply);
+    }
     fn status(&self, _request: StatusRequest, responder: Responder<StatusReply>) {
         let mut reply = StatusReply::new();
         reply.id = 7;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use super::backup_source::EngineSlot;
 use super::engine::{self, Engine};
 use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
@@ -59,6 +60,8 @@ pub struct Applier {
     uncommitted_since: Option<Instant>,
     /// `COMMIT_INTERVAL_MS` (tests change it).
     commit_interval: Duration,
+    /// The engine for readers on other threads (backups); kept up to date across restores.
+    engine_slot: Arc<EngineSlot>,
 }
 
 impl Applier {
@@ -83,9 +86,17 @@ impl Applier {
             snapshot_requested: None,
             engine_cache_bytes,
             snapshot_build: None,
+            engine_slot: Arc::default(),
             uncommitted_since: None,
             commit_interval: Duration::from_millis(COMMIT_INTERVAL_MS),
         }
+    }
+
+    /// Shares the engine with readers on other threads through `slot` (backups).
+    pub fn with_engine_slot(mut self, slot: Arc<EngineSlot>) -> Applier {
+        slot.set(self.machine.engine().cloned());
+        self.engine_slot = slot;
+        self
     }
 
     pub fn run(mut self) {
@@ -335,10 +346,12 @@ impl Applier {
                 // The event loop saved the snapshot file before this task, so a crash at any
                 // step below restarts from either engine and that file.
                 let placeholder = KvStateMachine::new(self.options);
+                self.engine_slot.set(None);
                 drop(std::mem::replace(&mut self.machine, placeholder));
                 self.machine =
                     rebuild_engine(&live, &snapshot.data, self.options, self.engine_cache_bytes)
                         .map_err(|e| failed(&e))?;
+                self.engine_slot.set(self.machine.engine().cloned());
             }
         }
         let covered: Vec<u64> = self

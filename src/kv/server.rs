@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::applier::{rebuild_engine, Applier};
+use super::backup_source::{BackupSource, EngineSlot};
 use super::engine::{self, Engine, ENGINE_DIR_NAME};
 use super::service::{KvService, ServiceOptions};
 use super::state_machine::{KvOptions, KvStateMachine};
@@ -149,6 +150,7 @@ impl KvServer {
             config.election_timeout_max_ms,
             config.snapshot_threshold_bytes,
         );
+        let engine_slot = Arc::new(EngineSlot::default());
         let service = KvService::new(
             node.handle().clone(),
             Arc::clone(&waiters),
@@ -162,7 +164,13 @@ impl KvServer {
                 max_sessions_per_connection: config.max_sessions_per_connection,
                 fault_file: start.fault_file.as_deref().map(FaultFile::new),
             },
-        );
+        )
+        .with_backups(BackupSource::new(
+            node.handle().clone(),
+            Arc::clone(&engine_slot),
+            config.max_frame_bytes,
+            Duration::from_millis(config.request_timeout_ms),
+        ));
         let router = Router::new()
             .with_kv_store(Arc::new(service))
             .with_raft(node.raft_service());
@@ -180,7 +188,8 @@ impl KvServer {
             machine,
             config.snapshot_threshold_bytes,
             config.engine_cache_bytes,
-        );
+        )
+        .with_engine_slot(engine_slot);
         let applier = node
             .handle()
             .stopper()

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::SendTimeoutError;
 
+use super::backup_source::BackupSource;
 use super::state_machine::{encode_command, make_command, make_session_command, KvOp, NO_CLIENT};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ClientRequest, NodeHandle};
@@ -48,6 +49,8 @@ pub struct ServiceOptions {
 
 pub struct KvService {
     node: NodeHandle,
+    /// Serves `SnapshotChunk` (backups); `None` without an engine (tests).
+    backups: Option<BackupSource>,
     waiters: Arc<Waiters>,
     next_token: AtomicU64,
     options: ServiceOptions,
@@ -59,10 +62,17 @@ impl KvService {
     pub fn new(node: NodeHandle, waiters: Arc<Waiters>, options: ServiceOptions) -> KvService {
         KvService {
             node,
+            backups: None,
             waiters,
             next_token: AtomicU64::new(1),
             options,
         }
+    }
+
+    /// Serves backups (`SnapshotChunk`) from `source`.
+    pub fn with_backups(mut self, source: BackupSource) -> KvService {
+        self.backups = Some(source);
+        self
     }
 
     /// Checks the client token, when the cluster requires one. The
@@ -296,6 +306,33 @@ impl KvStoreService for KvService {
         let command = make_command(NO_CLIENT, 0, now_ms(), KvOp::OpenSession { secret });
         let data = encode_command(&command);
         self.submit(waiter, |token| ClientRequest::Propose { token, data });
+    }
+
+    /// One chunk of a backup; needs the token, not leadership (a named node may be backed up).
+    fn snapshot_chunk(
+        &self,
+        request: SnapshotChunkRequest,
+        responder: Responder<SnapshotChunkReply>,
+    ) {
+        let refused = |code: ErrorCode, message: String| SnapshotChunkReply {
+            header: protobuf::MessageField::some(ReplyHeader {
+                error: code.into(),
+                message,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
+            return responder.send(refused(error, message));
+        }
+        let Some(backups) = &self.backups else {
+            let message = "this node has no storage engine to back up".to_string();
+            return responder.send(refused(ErrorCode::INVALID_ARGUMENT, message));
+        };
+        match backups.chunk(&request) {
+            Ok(reply) => responder.send(reply),
+            Err((code, message)) => responder.send(refused(code, message)),
+        }
     }
 
     fn status(&self, request: StatusRequest, responder: Responder<StatusReply>) {

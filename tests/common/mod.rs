@@ -46,11 +46,31 @@ impl TestCluster {
         TestCluster::start_on(size, extra, Vec::new())
     }
 
+    /// As `start`, after `seed(config, id)` has prepared each node's data
+    /// directory (e.g. restored it from a backup).
+    #[allow(dead_code)]
+    pub fn start_seeded(
+        size: usize,
+        extra: &str,
+        seed: impl Fn(&ClusterConfig, NodeId),
+    ) -> TestCluster {
+        TestCluster::build(size, extra, Vec::new(), seed)
+    }
+
     /// As `start`, with node `id`'s storage on `file_systems[id - 1]`.
     pub fn start_on(
         size: usize,
         extra: &str,
         file_systems: Vec<Arc<dyn FileSystem>>,
+    ) -> TestCluster {
+        TestCluster::build(size, extra, file_systems, |_, _| {})
+    }
+
+    fn build(
+        size: usize,
+        extra: &str,
+        file_systems: Vec<Arc<dyn FileSystem>>,
+        seed: impl Fn(&ClusterConfig, NodeId),
     ) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports = free_ports(size);
@@ -82,6 +102,9 @@ impl TestCluster {
             cut: Arc::new(Mutex::new(HashSet::new())),
             file_systems,
         };
+        for id in 1..=size as NodeId {
+            seed(&cluster.config, id);
+        }
         for id in 1..=size as NodeId {
             cluster.start_node(id);
         }
