@@ -15,8 +15,9 @@ use kvstore_raft::kv::backup;
 
 const CACHE_BYTES: u64 = 8 << 20;
 
+/// About 4 KiB, so that the backup spans several chunks (1 MiB each).
 fn value_of(i: u64) -> String {
-    format!("value-{i}-{}", "x".repeat((i % 50) as usize))
+    format!("value-{i}-{}", "x".repeat(4000 + (i % 50) as usize))
 }
 
 /// Writes `bytes` to a new file beside `path` named `name`.
@@ -66,6 +67,7 @@ fn a_backup_under_load_restores_a_whole_new_cluster() {
         info.header.index, info.trailer.keys
     );
     assert!(info.trailer.keys >= acked_before_save, "{info:?}");
+    assert!(info.trailer.chunks >= 2, "streamed in chunks: {info:?}");
     assert_eq!(backup::inspect(&file).unwrap(), info);
     assert!(!file.with_extension("backup.partial").exists());
 
