@@ -607,7 +607,7 @@ mod tests {
         );
         applier.commit_interval = Duration::from_secs(3600);
         for index in 1..=3 {
-            let entries = vec![put_entry(index, 1, index)];
+            let entries = vec![put_entry(index, 1, 0)];
             applier.handle(ApplyTask::Committed(entries)).unwrap();
             applier.commit_if_due().unwrap();
         }

@@ -1704,7 +1704,7 @@ mod tests {
                     return Vec::new();
                 }
                 let client = (rng.next_u64() % 6) as usize;
-                if sessions[client] == 0 || rng.next_u64() % 40 == 0 {
+                if sessions[client] == 0 || rng.next_u64().is_multiple_of(40) {
                     // The client's session: this entry's index (`apply_all`).
                     sessions[client] = i + 1;
                     seqs[client] = 0;
