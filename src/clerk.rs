@@ -1126,6 +1126,34 @@ mod tests {
         assert_eq!(clerk.leader_hint(), Some(1));
     }
 
+    /// Issue 16, item 8: SESSION_EXPIRED makes the clerk open a new session
+    /// and send the write again under it, unless an earlier attempt of the
+    /// write may have been applied: then the outcome is unknown, and the
+    /// write is not sent again (it could be applied twice).
+    #[test]
+    fn an_expired_session_is_reopened_but_a_maybe_applied_write_is_not_resent() {
+        let expired = Ok((ErrorCode::SESSION_EXPIRED, 0));
+        let (mut first, log) = clerk(vec![vec![expired]], 5_000);
+        first.put("k", "v").unwrap();
+        assert_eq!(first.sessions_opened(), 2);
+        assert_eq!(
+            relative_seqs(&log),
+            vec![(kv_store::PUT, 1), (kv_store::PUT, 1)]
+        );
+
+        let (mut clerk, log) = clerk(vec![vec![Err(()), expired]], 5_000);
+        match clerk.put("k", "v") {
+            Err(ClerkError::Unknown { reason }) => {
+                assert!(reason.contains("may have been applied"), "{reason}")
+            }
+            other => panic!("expected an unknown outcome, got {other:?}"),
+        }
+        assert_eq!(log.lock().len(), 2, "the write was not sent a third time");
+        // The next write opens a new session.
+        clerk.put("k", "w").unwrap();
+        assert_eq!(clerk.sessions_opened(), 2);
+    }
+
     #[test]
     fn busy_backs_off_and_is_counted() {
         let busy = Ok((ErrorCode::BUSY, 0));
