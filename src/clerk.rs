@@ -1,9 +1,15 @@
 //! The client library: a [`Clerk`] sends each operation to the node it
 //! believes leads, follows `NOT_LEADER` hints, rotates through the nodes when
 //! one fails, backs off when the leader answers `BUSY`, and retries until a
-//! whole-operation deadline. Every write carries the clerk's `client_id` and
-//! a fresh `seq`, and every retry of that write reuses the same pair, so the
-//! servers' client sessions apply it at most once however often it is sent.
+//! whole-operation deadline. Before its first write a clerk opens a session
+//! (`OpenSession`, one log round): the cluster assigns its `client_id` (the
+//! index of the entry that opened it) and a secret. Every write carries them
+//! and a fresh `seq`, and every retry of that write reuses the same triple, so
+//! the servers' client sessions apply it at most once however often it is
+//! sent. When the cluster answers SESSION_EXPIRED (the session expired or was
+//! evicted), the clerk opens a new session and sends the write again under it
+//! only if no earlier attempt of it can have been applied; otherwise the
+//! write's outcome is reported unknown ([`ClerkError::Unknown`]).
 //!
 //! A clerk runs one operation at a time (`&mut self`); a program that wants
 //! concurrency runs one clerk per thread. Each node's connection is opened on
@@ -24,11 +30,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use protobuf::MessageField;
 
 use crate::config::ClusterConfig;
+use crate::kv::backup::{BackupHeader, BackupInfo, BackupWriter};
 use crate::kv::waiters::NOT_LEADER_NOTHING_PROPOSED;
 use crate::proto::kvstore::{
     AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
-    ExecReply, ExecRequest, GetReply, GetRequest, OpReply, PutReply, PutRequest, ReadOp,
-    ReplyHeader, RequestHeader, StatusReply, StatusRequest, WriteOp,
+    ExecReply, ExecRequest, GetReply, GetRequest, OpReply, OpenSessionReply, OpenSessionRequest,
+    PutReply, PutRequest, ReadOp, ReplyHeader, RequestHeader, SnapshotChunkReply,
+    SnapshotChunkRequest, StatusReply, StatusRequest, WriteOp,
 };
 use crate::raft::SplitMix64;
 use crate::rpc::services::KvStoreStub;
@@ -55,11 +63,6 @@ pub struct ClerkOptions {
     /// Presented to the nodes when the cluster requires a client token.
     /// When `None`, [`Clerk::new`] takes the cluster file's `client_token`.
     pub client_token: Option<String>,
-    /// Identifies this clerk's session on the servers. Default: a random
-    /// non-zero id. Two clerks must never share one while both run; a clerk
-    /// restarted with the same id numbers its writes from the wall clock
-    /// (in microseconds), past those of the earlier one.
-    pub client_id: Option<u64>,
 }
 
 impl Default for ClerkOptions {
@@ -68,7 +71,6 @@ impl Default for ClerkOptions {
             timeout: Duration::from_secs(10),
             attempt_timeout_ms: 1_000,
             client_token: None,
-            client_id: None,
         }
     }
 }
@@ -84,16 +86,6 @@ const ATTEMPT_MARGIN_MS: u64 = 250;
 /// would add load, and the server's TIMEOUT would never be heard.
 pub fn attempt_timeout_ms(config: &ClusterConfig, wanted_ms: u64) -> u64 {
     wanted_ms.max(config.request_timeout_ms.saturating_add(ATTEMPT_MARGIN_MS))
-}
-
-/// The seq before the first write of a clerk with a given id: the wall
-/// clock in microseconds. An earlier clerk with the same id wrote at most one
-/// seq per microsecond it lived (a write takes far longer), so this is past
-/// all of them unless the clock stepped back by more than the time since.
-fn restart_safe_first_seq() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Why an operation failed.
@@ -167,11 +159,14 @@ pub struct Clerk {
     /// Never empty.
     nodes: Vec<Node>,
     options: ClerkOptions,
-    client_id: u64,
+    /// The session's id and secret, once opened (on the first write).
+    session: Option<Session>,
     /// The ids of `nodes`, in the same order, for [`Route`].
     node_ids: Vec<u64>,
-    /// The seq of the last write started; the next write takes `last_seq + 1`.
+    /// The seq of the last write started in `session`; the next write takes `last_seq + 1`.
     last_seq: u64,
+    /// Sessions this clerk opened (a second one after its first expired, ...).
+    sessions_opened: u64,
     route: Route,
     busy_retries: u64,
     /// Jitter for the back-off.
@@ -230,31 +225,27 @@ impl Clerk {
 
     fn build(nodes: Vec<Node>, options: ClerkOptions) -> Clerk {
         assert!(!nodes.is_empty(), "a clerk needs at least one node");
-        let client_id = options.client_id.unwrap_or_else(random_client_id);
-        // A clerk given its id may be a restart of one that used the same id
-        // (the session may still hold its last seq): its seqs start past any
-        // the earlier one can have used, so a new write is never taken for a
-        // duplicate (answered without being applied) or a stale one. A fresh
-        // random id has no past and starts at 1.
-        let last_seq = match options.client_id {
-            Some(_) => restart_safe_first_seq(),
-            None => 0,
-        };
         Clerk {
             node_ids: nodes.iter().map(|node| node.id).collect(),
             nodes,
-            client_id,
-            last_seq,
+            session: None,
+            last_seq: 0,
+            sessions_opened: 0,
             route: Route::default(),
             busy_retries: 0,
-            rng: SplitMix64::new(client_id),
+            rng: SplitMix64::new(random_client_id()),
             options,
         }
     }
 
-    /// The id of this clerk's session on the servers.
+    /// The id of this clerk's session on the servers: 0 until its first write opens one.
     pub fn client_id(&self) -> u64 {
-        self.client_id
+        self.session.map_or(0, |session| session.client_id)
+    }
+
+    /// How many sessions this clerk opened (more than one when one expired).
+    pub fn sessions_opened(&self) -> u64 {
+        self.sessions_opened
     }
 
     /// The node this clerk believes leads, once a node has answered as
@@ -275,7 +266,10 @@ impl Clerk {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        let mut reply = self.call(false, |stub| stub.get(&request))?;
+        let deadline = Instant::now() + self.options.timeout;
+        let mut reply = self
+            .call(Attempts::new(deadline), |stub| stub.get(&request))
+            .map_err(CallError::into_clerk_error)?;
         Ok(reply.found.then(|| std::mem::take(&mut reply.value)))
     }
 
@@ -285,13 +279,16 @@ impl Clerk {
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<(), ClerkError> {
-        let request = PutRequest {
-            header: self.next_write_header(),
+        let mut request = PutRequest {
             key: key.as_ref().to_vec(),
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(true, |stub| stub.put(&request)).map(drop)
+        self.write(|stub, header| {
+            request.header = header;
+            stub.put(&request)
+        })
+        .map(drop)
     }
 
     /// Appends `value` to the value of `key` (a missing key counts as "").
@@ -300,24 +297,29 @@ impl Clerk {
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<(), ClerkError> {
-        let request = AppendRequest {
-            header: self.next_write_header(),
+        let mut request = AppendRequest {
             key: key.as_ref().to_vec(),
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(true, |stub| stub.append(&request)).map(drop)
+        self.write(|stub, header| {
+            request.header = header;
+            stub.append(&request)
+        })
+        .map(drop)
     }
 
     /// Removes `key`; answers whether it existed.
     pub fn delete(&mut self, key: impl AsRef<[u8]>) -> Result<bool, ClerkError> {
-        let request = DeleteRequest {
-            header: self.next_write_header(),
+        let mut request = DeleteRequest {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        self.call(true, |stub| stub.delete(&request))
-            .map(|reply| reply.existed)
+        self.write(|stub, header| {
+            request.header = header;
+            stub.delete(&request)
+        })
+        .map(|reply| reply.existed)
     }
 
     /// Sets `key` to `value` if its value equals `expected` (a missing key
@@ -328,14 +330,16 @@ impl Clerk {
         expected: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<CasResult, ClerkError> {
-        let request = CasRequest {
-            header: self.next_write_header(),
+        let mut request = CasRequest {
             key: key.as_ref().to_vec(),
             expected: expected.as_ref().to_vec(),
             value: value.as_ref().to_vec(),
             ..Default::default()
         };
-        let mut reply = self.call(true, |stub| stub.cas(&request))?;
+        let mut reply = self.write(|stub, header| {
+            request.header = header;
+            stub.cas(&request)
+        })?;
         let current_unknown = reply.current_not_retained.then(|| {
             let message = &reply.header.message;
             if message.is_empty() {
@@ -361,20 +365,129 @@ impl Clerk {
         writes: Vec<WriteOp>,
         reads: Vec<ReadOp>,
     ) -> Result<Vec<OpReply>, ClerkError> {
-        let write = !writes.is_empty();
-        let header = if write {
-            self.next_write_header()
-        } else {
-            self.header(0)
-        };
-        let request = ExecRequest {
-            header,
+        if writes.is_empty() {
+            let request = ExecRequest {
+                header: self.header(0),
+                reads,
+                ..Default::default()
+            };
+            let deadline = Instant::now() + self.options.timeout;
+            let reply = self
+                .call(Attempts::new(deadline), |stub| stub.exec(&request))
+                .map_err(CallError::into_clerk_error)?;
+            return Ok(reply.replies);
+        }
+        let mut request = ExecRequest {
             writes,
-            reads,
             ..Default::default()
         };
-        let reply = self.call(write, |stub| stub.exec(&request))?;
+        let reply = self.write(|stub, header| {
+            request.header = header;
+            stub.exec(&request)
+        })?;
         Ok(reply.replies)
+    }
+
+    /// Saves a backup of node `node`'s state machine (the leader's when `None`) to `path`:
+    /// a consistent view, streamed chunk by chunk into `path` (through `path.partial`,
+    /// renamed once complete), with a header naming `cluster_id`. Each chunk call is retried
+    /// within the clerk's timeout. Memory: one chunk.
+    pub fn snapshot_save(
+        &self,
+        node: Option<u64>,
+        cluster_id: &str,
+        path: &std::path::Path,
+    ) -> Result<BackupInfo, ClerkError> {
+        let node =
+            match node {
+                Some(id) => self.nodes.iter().find(|n| n.id == id).ok_or_else(|| {
+                    ClerkError::Rejected(format!("no node {id} in the cluster file"))
+                })?,
+                None => {
+                    let leader = self
+                        .status_all()
+                        .into_iter()
+                        .find(|view| view.status.as_ref().is_ok_and(|s| s.role == "leader"))
+                        .ok_or_else(|| ClerkError::Timeout {
+                            last_error: "no node says it leads".to_string(),
+                        })?;
+                    self.nodes
+                        .iter()
+                        .find(|n| n.id == leader.id)
+                        .expect("status_all answers for the clerk's nodes")
+                }
+            };
+        let mut request = SnapshotChunkRequest {
+            header: self.header(0),
+            ..Default::default()
+        };
+        let first = self.snapshot_chunk(node, &request)?;
+        let header = BackupHeader {
+            cluster_id: cluster_id.to_string(),
+            node_id: first.node_id,
+            index: first.index,
+            term: first.term,
+            created_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let failed = |e: String| ClerkError::Rejected(e);
+        let mut writer = BackupWriter::create(path, &header).map_err(failed)?;
+        let mut reply = first;
+        request.backup_id = reply.backup_id;
+        let result = loop {
+            if reply.done {
+                break writer.finish(reply.keys, reply.sessions).map_err(failed);
+            }
+            if let Err(e) = writer.push_chunk(&reply.data) {
+                writer.abandon();
+                return Err(failed(e));
+            }
+            request.chunk += 1;
+            reply = match self.snapshot_chunk(node, &request) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    writer.abandon();
+                    return Err(e);
+                }
+            };
+        };
+        result?;
+        crate::kv::backup::inspect(path).map_err(failed)
+    }
+
+    /// One `SnapshotChunk` call to `node`, retried (same request) on failures until the
+    /// clerk's timeout.
+    fn snapshot_chunk(
+        &self,
+        node: &Node,
+        request: &SnapshotChunkRequest,
+    ) -> Result<SnapshotChunkReply, ClerkError> {
+        let deadline = Instant::now() + self.options.timeout;
+        loop {
+            let last_error = match node.stub.snapshot_chunk(request) {
+                Ok(reply) => {
+                    let (code, _, message) = reply_status(reply.header.as_ref());
+                    match code {
+                        ErrorCode::OK => return Ok(reply),
+                        ErrorCode::BUSY | ErrorCode::TIMEOUT => {
+                            format!("node {}: {code:?} {message}", node.id)
+                        }
+                        _ => {
+                            return Err(ClerkError::Rejected(format!(
+                                "node {}: {code:?} {message}",
+                                node.id
+                            )))
+                        }
+                    }
+                }
+                Err(e) => format!("node {}: {e}", node.id),
+            };
+            if Instant::now() >= deadline {
+                return Err(ClerkError::Timeout { last_error });
+            }
+            thread::sleep(Duration::from_millis(BACKOFF_MAX_MS));
+        }
     }
 
     /// Asks every node for its status, all at once, each bounded by
@@ -419,36 +532,95 @@ impl Clerk {
         })
     }
 
+    /// The header of a request without a session (reads, OpenSession).
     fn header(&self, seq: u64) -> MessageField<RequestHeader> {
-        request_header(self.client_id, seq, self.options.client_token.as_deref())
+        request_header(0, seq, self.options.client_token.as_deref())
     }
 
-    /// The header of a new write: the next seq, which every retry reuses.
-    fn next_write_header(&mut self) -> MessageField<RequestHeader> {
-        self.last_seq += 1;
-        self.header(self.last_seq)
+    /// Runs one write: opens a session first when the clerk has none, then sends the write
+    /// (`send` with its header: the session, the next seq; the same on every retry) until
+    /// it is answered, refused, or the deadline passes. When the session turns out to be
+    /// gone (SESSION_EXPIRED), a new one is opened and the write is sent again under it,
+    /// unless an earlier attempt may have been applied: then the outcome is unknown.
+    fn write<Rep: HasReplyHeader>(
+        &mut self,
+        mut send: impl FnMut(
+            &KvStoreStub<NodeChannel>,
+            MessageField<RequestHeader>,
+        ) -> Result<Rep, RpcError>,
+    ) -> Result<Rep, ClerkError> {
+        let deadline = Instant::now() + self.options.timeout;
+        loop {
+            let session = match self.session {
+                Some(session) => session,
+                None => self.open_session(deadline)?,
+            };
+            self.last_seq += 1;
+            let mut header = request_header(
+                session.client_id,
+                self.last_seq,
+                self.options.client_token.as_deref(),
+            );
+            header.mut_or_insert_default().session_secret = session.secret;
+            let attempts = Attempts::for_write(deadline);
+            match self.call(attempts, |stub| send(stub, header.clone())) {
+                Ok(reply) => return Ok(reply),
+                Err(CallError::Clerk(error)) => return Err(error),
+                Err(CallError::SessionLost(unknown)) => {
+                    log::info!(
+                        "session {} is gone (expired or evicted); opening a new one",
+                        session.client_id
+                    );
+                    self.session = None;
+                    if let Some(error) = unknown {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens a session (one log round) and makes it this clerk's.
+    fn open_session(&mut self, deadline: Instant) -> Result<Session, ClerkError> {
+        let request = OpenSessionRequest {
+            header: self.header(0),
+            ..Default::default()
+        };
+        // Retried freely: an attempt whose answer is lost leaves at most an unused session,
+        // which expires.
+        let reply = self
+            .call(Attempts::new(deadline), |stub| stub.open_session(&request))
+            .map_err(CallError::into_clerk_error)?;
+        if reply.client_id == 0 {
+            return Err(ClerkError::Rejected(
+                "the cluster opened a session without an id".to_string(),
+            ));
+        }
+        let session = Session {
+            client_id: reply.client_id,
+            secret: reply.session_secret,
+        };
+        self.session = Some(session);
+        self.last_seq = 0;
+        self.sessions_opened += 1;
+        Ok(session)
     }
 
     /// Sends one request until a node answers it, a node rejects it, or the
     /// deadline passes. `attempt` sends the same request bytes each time.
     fn call<Rep: HasReplyHeader>(
         &mut self,
-        write: bool,
+        mut attempts: Attempts,
         mut attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
-    ) -> Result<Rep, ClerkError> {
-        let deadline = Instant::now() + self.options.timeout;
-        let mut attempts = if write {
-            Attempts::for_write(deadline)
-        } else {
-            Attempts::new(deadline)
-        };
+    ) -> Result<Rep, CallError> {
         loop {
             let node = &self.nodes[self.route.current()];
             let answer = attempt(&node.stub);
             // Refused at the handshake: this clerk's cluster file names
             // another cluster; no node of it will answer otherwise.
             if let Err(error @ RpcError::Refused { .. }) = &answer {
-                return Err(attempts.refused(format!("node {}: {error}", node.id)));
+                let error = attempts.refused(format!("node {}: {error}", node.id));
+                return Err(CallError::Clerk(error));
             }
             let seen = match &answer {
                 Ok(reply) => Ok(reply.reply_header()),
@@ -464,7 +636,8 @@ impl Clerk {
             match (step, answer) {
                 (NextStep::Done, Ok(reply)) => return Ok(reply),
                 (NextStep::Done, Err(_)) => unreachable!("a failed attempt is never done"),
-                (NextStep::Fail(error), _) => return Err(error),
+                (NextStep::Fail(error), _) => return Err(CallError::Clerk(error)),
+                (NextStep::SessionLost(unknown), _) => return Err(CallError::SessionLost(unknown)),
                 (NextStep::Retry { wait, busy }, _) => {
                     self.busy_retries += u64::from(busy);
                     if !wait.is_zero() {
@@ -472,6 +645,33 @@ impl Clerk {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A clerk's session: what OpenSession answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Session {
+    client_id: u64,
+    secret: u64,
+}
+
+/// How [`Clerk::call`] ends without an answer.
+enum CallError {
+    Clerk(ClerkError),
+    /// See [`NextStep::SessionLost`].
+    SessionLost(Option<ClerkError>),
+}
+
+impl CallError {
+    /// For requests without a session (reads, OpenSession), which never see
+    /// SESSION_EXPIRED from a correct server: a rejection then.
+    fn into_clerk_error(self) -> ClerkError {
+        match self {
+            CallError::Clerk(error) => error,
+            CallError::SessionLost(unknown) => unknown.unwrap_or_else(|| {
+                ClerkError::Rejected("SESSION_EXPIRED for a request without a session".into())
+            }),
         }
     }
 }
@@ -533,6 +733,13 @@ pub enum NextStep {
     /// (zero: at once; never past the deadline). `busy` says the node
     /// answered `BUSY`.
     Retry { wait: Duration, busy: bool },
+    /// The write's session is gone (SESSION_EXPIRED: expired, evicted, never
+    /// opened): open a new one. `None`: no attempt of this write can have
+    /// been applied, so it may be sent again under the new session. `Some`:
+    /// an earlier attempt may have been applied, and the session that would
+    /// have told is gone: the operation ends with this error (outcome
+    /// unknown), never sent again.
+    SessionLost(Option<ClerkError>),
 }
 
 /// The retry rules of one operation, shared by [`Clerk`] and the load
@@ -625,8 +832,23 @@ impl Attempts {
                         route.known = true;
                         return NextStep::Done;
                     }
-                    ErrorCode::INVALID_ARGUMENT | ErrorCode::UNAUTHENTICATED => {
+                    ErrorCode::INVALID_ARGUMENT
+                    | ErrorCode::UNAUTHENTICATED
+                    | ErrorCode::TOO_MANY_SESSIONS => {
                         return NextStep::Fail(self.refused(format!("node {node}: {message}")));
+                    }
+                    ErrorCode::SESSION_EXPIRED => {
+                        route.known = true;
+                        let unknown =
+                            self.maybe_applied
+                                .as_ref()
+                                .map(|earlier| ClerkError::Unknown {
+                                    reason: format!(
+                                    "an earlier attempt may have been applied ({earlier}), and \
+                                     then the session was gone (node {node}: {message})"
+                                ),
+                                });
+                        return NextStep::SessionLost(unknown);
                     }
                     // Refused before anything was proposed.
                     ErrorCode::BUSY => (true, true, format!("node {node} is busy: {message}")),
@@ -748,7 +970,8 @@ has_reply_header!(
     DeleteReply,
     CasReply,
     ExecReply,
-    StatusReply
+    StatusReply,
+    OpenSessionReply
 );
 
 /// A random non-zero client id. Wall-clock nanoseconds, the process id and a
@@ -813,6 +1036,16 @@ mod tests {
 
     impl RpcChannel for Scripted {
         fn call_method(&self, _: u32, method_id: u32, request: &[u8]) -> Result<Vec<u8>, RpcError> {
+            if method_id == kv_store::OPEN_SESSION {
+                // Sessions open at once (not scripted): session 42, secret 7.
+                return Ok(OpenSessionReply {
+                    client_id: 42,
+                    session_secret: 7,
+                    ..Default::default()
+                }
+                .write_to_bytes()
+                .unwrap());
+            }
             let header = match method_id {
                 kv_store::PUT => PutRequest::parse_from_bytes(request).unwrap().header,
                 kv_store::GET => GetRequest::parse_from_bytes(request).unwrap().header,
@@ -869,21 +1102,14 @@ mod tests {
             .collect();
         let options = ClerkOptions {
             timeout: Duration::from_millis(timeout_ms),
-            client_id: Some(42),
             ..Default::default()
         };
         (Clerk::with_channels(nodes, options), log)
     }
 
-    /// (method, seq) per call, writes' seqs counted from 1: a clerk with a
-    /// fixed id starts its seqs from the clock.
+    /// (method, seq) per call.
     fn relative_seqs(log: &Log) -> Vec<(u32, u64)> {
-        let log = log.lock();
-        let first = log.iter().map(|&(_, _, s)| s).find(|&s| s != 0);
-        let base = first.map_or(0, |s| s - 1);
-        log.iter()
-            .map(|&(m, _, s)| (m, if s == 0 { 0 } else { s - base }))
-            .collect()
+        log.lock().iter().map(|&(m, _, s)| (m, s)).collect()
     }
 
     fn client_ids(log: &Log) -> Vec<u64> {
@@ -909,7 +1135,8 @@ mod tests {
             seqs,
             vec![(kv_store::PUT, 1), (kv_store::PUT, 1), (kv_store::GET, 0)]
         );
-        assert!(client_ids(&log).iter().all(|&id| id == 42));
+        // Writes carry the session the cluster assigned; reads none.
+        assert_eq!(client_ids(&log), vec![42, 42, 0]);
     }
 
     #[test]
@@ -930,6 +1157,34 @@ mod tests {
         assert_eq!(seqs, vec![1, 1, 1, 1, 1, 2]);
         assert_eq!(clerk.busy_retries(), 0);
         assert_eq!(clerk.leader_hint(), Some(1));
+    }
+
+    /// Issue 16, item 8: SESSION_EXPIRED makes the clerk open a new session
+    /// and send the write again under it, unless an earlier attempt of the
+    /// write may have been applied: then the outcome is unknown, and the
+    /// write is not sent again (it could be applied twice).
+    #[test]
+    fn an_expired_session_is_reopened_but_a_maybe_applied_write_is_not_resent() {
+        let expired = Ok((ErrorCode::SESSION_EXPIRED, 0));
+        let (mut first, log) = clerk(vec![vec![expired]], 5_000);
+        first.put("k", "v").unwrap();
+        assert_eq!(first.sessions_opened(), 2);
+        assert_eq!(
+            relative_seqs(&log),
+            vec![(kv_store::PUT, 1), (kv_store::PUT, 1)]
+        );
+
+        let (mut clerk, log) = clerk(vec![vec![Err(()), expired]], 5_000);
+        match clerk.put("k", "v") {
+            Err(ClerkError::Unknown { reason }) => {
+                assert!(reason.contains("may have been applied"), "{reason}")
+            }
+            other => panic!("expected an unknown outcome, got {other:?}"),
+        }
+        assert_eq!(log.lock().len(), 2, "the write was not sent a third time");
+        // The next write opens a new session.
+        clerk.put("k", "w").unwrap();
+        assert_eq!(clerk.sessions_opened(), 2);
     }
 
     #[test]

@@ -128,6 +128,8 @@ pub struct ClusterConfig {
     pub session_ttl_ms: u64,
     /// Client sessions kept at most. Default 10000.
     pub max_sessions: usize,
+    /// Sessions one client connection may open. Default 1024.
+    pub max_sessions_per_connection: usize,
     /// How long a node works on one client request. Default 2000.
     pub request_timeout_ms: u64,
     /// A connection that sends nothing for this long, with no call of its
@@ -170,6 +172,7 @@ struct RawConfig {
     max_append_bytes: Option<u64>,
     session_ttl_ms: Option<u64>,
     max_sessions: Option<u64>,
+    max_sessions_per_connection: Option<u64>,
     request_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     frame_timeout_ms: Option<u64>,
@@ -207,6 +210,7 @@ const TOP_LEVEL_KEYS: &[(&str, Kind)] = &[
     ("max_append_bytes", Kind::Unsigned),
     ("session_ttl_ms", Kind::Unsigned),
     ("max_sessions", Kind::Unsigned),
+    ("max_sessions_per_connection", Kind::Unsigned),
     ("request_timeout_ms", Kind::Unsigned),
     ("idle_timeout_ms", Kind::Unsigned),
     ("frame_timeout_ms", Kind::Unsigned),
@@ -352,6 +356,10 @@ impl ClusterConfig {
             max_append_bytes: size(raw.max_append_bytes, defaults.max_append_bytes),
             session_ttl_ms: raw.session_ttl_ms.unwrap_or(defaults.session_ttl_ms),
             max_sessions: size(raw.max_sessions, defaults.max_sessions),
+            max_sessions_per_connection: size(
+                raw.max_sessions_per_connection,
+                defaults.max_sessions_per_connection,
+            ),
             request_timeout_ms: raw
                 .request_timeout_ms
                 .unwrap_or(defaults.request_timeout_ms),
@@ -384,6 +392,7 @@ impl ClusterConfig {
             max_append_bytes: 1 << 20,
             session_ttl_ms: 3_600_000,
             max_sessions: 10_000,
+            max_sessions_per_connection: 1024,
             request_timeout_ms: 2_000,
             idle_timeout_ms: 60_000,
             frame_timeout_ms: 30_000,
@@ -394,7 +403,7 @@ impl ClusterConfig {
     }
 
     fn validate_tuning(&self) -> Result<(), String> {
-        let ranges: [(&str, u64, u64, u64); 16] = [
+        let ranges: [(&str, u64, u64, u64); 17] = [
             ("tick_ms", self.tick_ms, 1, 1_000),
             (
                 "election_timeout_min_ms",
@@ -453,6 +462,12 @@ impl ClusterConfig {
             ),
             ("max_append_bytes", self.max_append_bytes as u64, 1, 1 << 30),
             ("max_sessions", self.max_sessions as u64, 1, 10_000_000),
+            (
+                "max_sessions_per_connection",
+                self.max_sessions_per_connection as u64,
+                1,
+                10_000_000,
+            ),
             ("request_timeout_ms", self.request_timeout_ms, 1, 3_600_000),
             ("idle_timeout_ms", self.idle_timeout_ms, 1, 86_400_000),
             ("frame_timeout_ms", self.frame_timeout_ms, 1, 3_600_000),

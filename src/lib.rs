@@ -17,3 +17,4 @@ pub mod raft;
 pub mod resp;
 pub mod rpc;
 pub mod storage;
+pub mod threads;

@@ -160,3 +160,37 @@ fn stalled_follower_fsync_does_not_stop_commits() {
     }
     eprintln!("{written} writes committed while node {follower}'s fsyncs stalled for {STALL:?}");
 }
+
+/// Issue 16, item 7: `panic rpc` in the leader's fault file makes its next
+/// KVStore request panic on the RPC server's connection thread. The process
+/// exits non-zero with one line naming the thread and the panic, and the
+/// others elect a leader and take writes. Before, the panic ended only that
+/// connection thread, and the node went on leading.
+#[test]
+fn a_panic_on_an_rpc_thread_stops_the_node_with_one_line() {
+    let mut cluster = Cluster::start_with_fault_files("rpc-panic", 3, "");
+    let (leader, _) = cluster.wait_leader(ELECTION_DEADLINE);
+    put_ok(&cluster, "before", "panic");
+    fs::write(cluster.fault_file(leader), "panic rpc").unwrap();
+    let _ = cluster.clerk(CLERK_TIMEOUT_SECS, &["get", "before"]);
+    let status = cluster.wait_exit(leader, EXIT_DEADLINE);
+    assert!(!status.success(), "node {leader} exited with {status}");
+    let log = cluster.log(leader);
+    let stopped = format!("kvserver: node {leader} stopped: thread rpc-conn-");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|line| line.starts_with(&stopped))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line names the thread:\n{log}");
+    assert!(
+        lines[0].contains(" panicked: injected panic (fault file "),
+        "{}",
+        lines[0]
+    );
+    fs::write(cluster.fault_file(leader), "").unwrap();
+    let (new_leader, _) = cluster.wait_leader(ELECTION_DEADLINE);
+    assert_ne!(new_leader, leader);
+    put_ok(&cluster, "after", "panic");
+    assert_eq!(get(&cluster, "after").as_deref(), Some("panic"));
+    assert_eq!(get(&cluster, "before").as_deref(), Some("panic"));
+}

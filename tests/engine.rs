@@ -11,7 +11,7 @@ use std::sync::Arc;
 use kvstore_raft::kv::engine::{self, Engine, ENGINE_DIR_NAME};
 use kvstore_raft::kv::server::open_machine;
 use kvstore_raft::kv::state_machine::{
-    encode_command, make_command, KvOp, KvOptions, KvStateMachine,
+    encode_command, make_command, make_session_command, KvOp, KvOptions, KvStateMachine,
 };
 use kvstore_raft::raft::{Snapshot, SnapshotMeta, SplitMix64};
 
@@ -21,13 +21,20 @@ fn options() -> KvOptions {
     KvOptions::default()
 }
 
-/// A deterministic stream of log entries: puts, appends, deletes and cas over 300 keys from
-/// a few clients, with retries of the same (client, seq).
+/// A deterministic stream of log entries: the first five open the clients' sessions (their
+/// ids are those entries' indexes, 1 to 5), then puts, appends, deletes and cas over 300
+/// keys from those clients, with retries of the same (client, seq).
 fn entries(count: usize) -> Vec<Vec<u8>> {
     let mut rng = SplitMix64::new(11);
     let mut seqs = [0u64; 5];
     (0..count)
         .map(|i| {
+            if i < 5 {
+                let open = KvOp::OpenSession {
+                    secret: secret_of(i),
+                };
+                return encode_command(&make_command(0, 0, 1_000 + i as u64, open));
+            }
             let client = (rng.next_u64() % 5) as usize;
             if !rng.next_u64().is_multiple_of(8) || seqs[client] == 0 {
                 seqs[client] += 1;
@@ -45,14 +52,20 @@ fn entries(count: usize) -> Vec<Vec<u8>> {
                     value,
                 },
             };
-            encode_command(&make_command(
+            encode_command(&make_session_command(
                 client as u64 + 1,
+                secret_of(client),
                 seqs[client],
                 1_000 + i as u64,
                 op,
             ))
         })
         .collect()
+}
+
+/// The secret of client `client`'s session (opened by entry `client`).
+fn secret_of(client: usize) -> u64 {
+    0x5eed_0000 + client as u64
 }
 
 /// A replica that applied `entries[..upto]` in memory, never crashing.

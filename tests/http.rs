@@ -825,3 +825,44 @@ fn bad_http_input_never_blocks_raft_or_clients() {
         "1000 connections and none refused: the queue is unbounded"
     );
 }
+
+/// Issue 16, item 7: a panic on an HTTP thread stops the node with one line
+/// naming the thread and the panic (the node's hook, as kvserver installs it),
+/// so the cluster fails over instead of keeping a node that serves half.
+#[test]
+fn a_panicked_http_thread_stops_the_node_with_one_line() {
+    let cluster = TestCluster::start(3, "");
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let handle = cluster.handle(leader).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fault_path = dir.path().join("fault");
+    let config = HttpConfig {
+        workers: 1,
+        on_panic: handle.stopper().on_panic(),
+        fault_file: Some(kvstore_raft::storage::FaultFile::new(&fault_path)),
+        ..HttpConfig::default()
+    };
+    let source = cluster.http_source(leader).unwrap();
+    let server = HttpServer::start("127.0.0.1:0".parse().unwrap(), source, config).unwrap();
+    let addr = server.local_addr();
+    assert_eq!(get(addr, "/health").0, 200);
+    assert!(handle.fatal_error().is_none());
+    std::fs::write(&fault_path, "panic http").unwrap();
+    // The request meets the panic: no answer (the connection just closes).
+    let _ = TcpStream::connect(addr).and_then(|mut stream| {
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        stream.read(&mut [0u8; 64])
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.fatal_error().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let error = handle.fatal_error().expect("the node stopped");
+    assert!(
+        error.starts_with("thread http-0 panicked: injected panic (fault file "),
+        "{error}"
+    );
+    assert!(handle.is_stopping());
+    server.shutdown();
+}

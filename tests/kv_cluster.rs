@@ -483,7 +483,8 @@ fn k15_dedup_survives_snapshot_restart_and_retransmission() {
     cluster.wait_leader(Duration::from_secs(5));
     let mut clerk = cluster.clerk(5_000);
     // One append by hand with a fixed (client_id, seq) ...
-    let first = cluster.raw_append(0xD0D0, 1, b"dedup", b"once");
+    let session = cluster.raw_session().unwrap();
+    let first = cluster.raw_append(session, 1, b"dedup", b"once");
     assert!(first.is_ok(), "{first:?}");
     // ... then enough traffic from another client to force snapshots ...
     for i in 0..200 {
@@ -497,7 +498,7 @@ fn k15_dedup_survives_snapshot_restart_and_retransmission() {
     cluster.wait_leader(Duration::from_secs(5));
     assert!((1..=3).all(|id| cluster.status(id).unwrap().snapshot_index > 0));
     // ... and the same request again: answered, not applied again.
-    let again = cluster.raw_append(0xD0D0, 1, b"dedup", b"once");
+    let again = cluster.raw_append(session, 1, b"dedup", b"once");
     assert!(again.is_ok(), "{again:?}");
     let value = cluster.clerk(5_000).get(b"dedup").unwrap().unwrap();
     assert_eq!(value, b"once");

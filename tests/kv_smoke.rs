@@ -15,10 +15,14 @@ fn stub(cluster: &TestCluster, id: u64) -> KvStoreStub<RpcClient> {
     KvStoreStub::new(RpcClient::new(addr, ClientConfig::default()))
 }
 
-fn header(client_id: u64, seq: u64) -> protobuf::MessageField<RequestHeader> {
+fn header(
+    (client_id, session_secret): (u64, u64),
+    seq: u64,
+) -> protobuf::MessageField<RequestHeader> {
     protobuf::MessageField::some(RequestHeader {
         client_id,
         seq,
+        session_secret,
         ..Default::default()
     })
 }
@@ -28,9 +32,14 @@ fn put_then_get_through_the_leader() {
     let cluster = TestCluster::start(3, "");
     let leader = cluster.wait_leader(Duration::from_secs(5));
     let client = stub(&cluster, leader);
+    // Writes need a session: the cluster assigns its id (an index) and secret.
+    let opened = client.open_session(&OpenSessionRequest::default()).unwrap();
+    assert_eq!(opened.header.error.enum_value(), Ok(ErrorCode::OK));
+    let session = (opened.client_id, opened.session_secret);
+    assert_ne!(session.0, 0);
     let reply = client
         .put(&PutRequest {
-            header: header(7, 1),
+            header: header(session, 1),
             key: b"a".to_vec(),
             value: b"1".to_vec(),
             ..Default::default()
@@ -44,7 +53,7 @@ fn put_then_get_through_the_leader() {
     );
     let reply = client
         .get(&GetRequest {
-            header: header(7, 2),
+            header: header((0, 0), 0),
             key: b"a".to_vec(),
             ..Default::default()
         })
@@ -60,7 +69,7 @@ fn put_then_get_through_the_leader() {
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let reply = stub(&cluster, follower)
         .get(&GetRequest {
-            header: header(7, 3),
+            header: header((0, 0), 0),
             key: b"a".to_vec(),
             ..Default::default()
         })

@@ -199,14 +199,28 @@ impl Server {
         }
     }
 
-    fn put(&mut self, seq: u64, key: &str, value: &str) {
+    /// A session of this server's (opened through its log; bounded retries).
+    fn open_session(&mut self) -> (u64, u64) {
         let stub = self.stub();
-        let request = PutRequest {
+        let reply = self.until_ok("open a session", || {
+            stub.open_session(&OpenSessionRequest::default())
+                .ok()
+                .filter(|reply| is_ok(&reply.header))
+        });
+        (reply.client_id, reply.session_secret)
+    }
+
+    fn put(&mut self, seq: u64, key: &str, value: &str) {
+        let session = self.open_session();
+        let stub = self.stub();
+        let mut request = PutRequest {
             header: header(seq),
             key: key.as_bytes().to_vec(),
             value: value.as_bytes().to_vec(),
             ..Default::default()
         };
+        let header = request.header.mut_or_insert_default();
+        (header.client_id, header.session_secret) = session;
         self.until_ok(&format!("put {key}"), || {
             stub.put(&request).ok().filter(|reply| is_ok(&reply.header))
         });

@@ -28,6 +28,8 @@ const WAIT: Duration = Duration::from_secs(3);
 const DEFER: &[u8] = b"defer";
 /// A Get with this key drops its responder unanswered.
 const DROP: &[u8] = b"drop";
+/// The per-connection budget the test service's OpenSession spends.
+const SESSION_BUDGET: usize = 2;
 
 struct TestService {
     deferred: Sender<(Vec<u8>, Responder<GetReply>)>,
@@ -63,6 +65,26 @@ impl KvStoreService for TestService {
     fn cas(&self, request: CasRequest, responder: Responder<CasReply>) {
         let mut reply = CasReply::new();
         reply.current = request.expected;
+        responder.send(reply);
+    }
+    /// Answers with how many units of its connection's budget (2) are left
+    /// after this call took one; `u64::MAX` when none was left.
+    fn open_session(&self, _: OpenSessionRequest, responder: Responder<OpenSessionReply>) {
+        let mut reply = OpenSessionReply::new();
+        reply.client_id = if responder.take_connection_budget(SESSION_BUDGET) {
+            1
+        } else {
+            u64::MAX
+        };
+        responder.send(reply);
+    }
+    fn snapshot_chunk(
+        &self,
+        request: SnapshotChunkRequest,
+        responder: Responder<SnapshotChunkReply>,
+    ) {
+        let mut reply = SnapshotChunkReply::new();
+        reply.backup_id = request.backup_id;
         responder.send(reply);
     }
     fn status(&self, _request: StatusRequest, responder: Responder<StatusReply>) {
@@ -224,6 +246,28 @@ fn generated_stubs_call_both_services() {
     snapshot.offset = 10;
     snapshot.data = vec![1; 5];
     assert_eq!(raft.install_snapshot(&snapshot).unwrap().next_offset, 15);
+    harness.server.shutdown();
+}
+
+/// The per-connection budget (the KV service's max_sessions_per_connection)
+/// is counted per connection: spent on one, fresh on the next.
+#[test]
+fn a_connection_budget_is_spent_per_connection() {
+    let harness = start(ServerConfig::default());
+    let addr = harness.server.local_addr();
+    let first = kv_stub(addr);
+    let opened: Vec<u64> = (0..4)
+        .map(|_| {
+            first
+                .open_session(&OpenSessionRequest::new())
+                .unwrap()
+                .client_id
+        })
+        .collect();
+    assert_eq!(opened, vec![1, 1, u64::MAX, u64::MAX]);
+    let second = kv_stub(addr);
+    let reply = second.open_session(&OpenSessionRequest::new()).unwrap();
+    assert_eq!(reply.client_id, 1, "a new connection has its own budget");
     harness.server.shutdown();
 }
 

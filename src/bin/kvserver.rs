@@ -14,8 +14,80 @@ use kvstore_raft::config::ClusterConfig;
 use kvstore_raft::http::{HttpConfig, HttpServer, Source};
 use kvstore_raft::kv::server::{KvServer, StartError, StartOptions};
 use kvstore_raft::resp::RespServer;
+use kvstore_raft::storage::FaultFile;
 
-const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]";
+const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]
+       kvserver restore --from BACKUP --config FILE --id N [--data-dir DIR]";
+
+/// `kvserver restore ...`: seeds node N's (new, empty) data directory from a backup made by
+/// `clerk snapshot save`; every node of the new cluster is seeded from the same backup.
+fn restore(argv: &[String]) -> ExitCode {
+    let mut opts = getopts::Options::new();
+    opts.optopt(
+        "",
+        "from",
+        "the backup file (clerk snapshot save)",
+        "BACKUP",
+    );
+    opts.optopt("", "config", "the new cluster's file", "FILE");
+    opts.optopt("", "id", "the node to seed", "N");
+    opts.optopt("", "data-dir", "overrides <data_dir>/node<N>", "DIR");
+    let parsed = opts.parse(argv).map_err(|e| e.to_string()).and_then(|m| {
+        let need = |name: &str| m.opt_str(name).ok_or(format!("--{name} is required"));
+        let id = need("id")?;
+        let id = id
+            .parse::<u64>()
+            .map_err(|_| format!("--id {id:?} is not a node id (a positive number)"))?;
+        Ok((
+            PathBuf::from(need("from")?),
+            PathBuf::from(need("config")?),
+            id,
+            m.opt_str("data-dir").map(PathBuf::from),
+        ))
+    });
+    let (backup, config_path, id, data_dir) = match parsed {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            eprintln!("kvserver restore: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match ClusterConfig::load(&config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("kvserver restore: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if config.node(id).is_none() {
+        eprintln!(
+            "kvserver restore: {}: no node {id} in the cluster file",
+            config_path.display()
+        );
+        return ExitCode::from(2);
+    }
+    let data_dir = data_dir.unwrap_or_else(|| config.node_data_dir(id));
+    match kvstore_raft::kv::backup::restore(&backup, &data_dir, config.engine_cache_bytes) {
+        Ok(restored) => {
+            let header = &restored.info.header;
+            println!(
+                "kvserver restore: node {id}: {} seeded from {} (cluster {:?}, index {}, term {}, \
+                 {} keys)",
+                data_dir.display(),
+                backup.display(),
+                header.cluster_id,
+                header.index,
+                header.term,
+                restored.info.trailer.keys
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kvserver restore: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
 
 struct Args {
     config: PathBuf,
@@ -104,6 +176,9 @@ fn wait_for_stop_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> 
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("restore") {
+        return restore(&argv[1..]);
+    }
     let args = match parse_args(&argv) {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,
@@ -135,7 +210,7 @@ fn main() -> ExitCode {
         id: args.id,
         data_dir: args.data_dir,
         link_filter: None,
-        fault_file: args.fault_file,
+        fault_file: args.fault_file.clone(),
     };
     let server = match KvServer::start(&config, start) {
         Ok(server) => server,
@@ -154,9 +229,15 @@ fn main() -> ExitCode {
     // The HTTP endpoint (metrics, health, dashboard), when the file gives
     // this node an `http_port`.
     let http_addr = config.node(args.id).and_then(|node| node.http);
-    let http = match http_addr
-        .map(|addr| HttpServer::start(addr, Source::of(&server, &config), HttpConfig::default()))
-    {
+    let http = match http_addr.map(|addr| {
+        let http_config = HttpConfig {
+            // A panicked HTTP thread stops the node, as any node thread does.
+            on_panic: server.handle().stopper().on_panic(),
+            fault_file: args.fault_file.as_deref().map(FaultFile::new),
+            ..HttpConfig::default()
+        };
+        HttpServer::start(addr, Source::of(&server, &config), http_config)
+    }) {
         None => None,
         Some(Ok(http)) => {
             log::info!("node {}: http on http://{}/", args.id, http.local_addr());

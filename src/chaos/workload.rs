@@ -68,26 +68,14 @@ pub struct OpCounts {
     pub direct_unanswered: u64,
 }
 
-/// One clerk's options for the chaos clients.
-pub fn clerk_options(client_id: u64, timeout_ms: u64) -> ClerkOptions {
+/// One clerk's options for the chaos clients (each clerk opens its own
+/// session on its first write; `_client` numbers it in the history only).
+pub fn clerk_options(_client: u64, timeout_ms: u64) -> ClerkOptions {
     ClerkOptions {
         timeout: Duration::from_millis(timeout_ms),
         attempt_timeout_ms: ATTEMPT_TIMEOUT_MS,
-        client_id: Some(random_session_id(client_id)),
         ..ClerkOptions::default()
     }
-}
-
-/// A session id that differs from run to run (so a re-run on an old data
-/// directory never meets an old session), derived from the history's
-/// client number.
-fn random_session_id(client: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    SplitMix64::new(nanos ^ client.rotate_left(48) ^ u64::from(std::process::id()))
-        .next_u64()
-        .max(1)
 }
 
 /// Runs `clients` client threads until `stop` is set; returns every

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, TrySendError};
 
+use crate::threads::spawn_watched;
+
 pub use self::routes::{Health, Source};
 
 /// The bounds of the HTTP server.
@@ -40,6 +42,11 @@ pub struct HttpConfig {
     pub head_timeout_ms: u64,
     /// A response write blocked this long gives up on the client.
     pub write_timeout_ms: u64,
+    /// Told when one of the server's threads panics (a node stops itself).
+    pub on_panic: crate::threads::OnPanic,
+    /// The testing hook (`kvserver --fault-file`): `panic http` in it makes the next
+    /// request panic on its HTTP thread. `None` in production.
+    pub fault_file: Option<crate::storage::FaultFile>,
 }
 
 impl Default for HttpConfig {
@@ -50,6 +57,8 @@ impl Default for HttpConfig {
             max_head_bytes: 8192,
             head_timeout_ms: 2_000,
             write_timeout_ms: 5_000,
+            on_panic: crate::threads::OnPanic::default(),
+            fault_file: None,
         }
     }
 }
@@ -77,41 +86,40 @@ impl HttpServer {
         let mut threads = Vec::new();
         for i in 0..config.workers.max(1) {
             let (queue, routes, config) = (queue_rx.clone(), Arc::clone(&routes), config.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("http-{i}"))
-                    .spawn(move || serve(queue, &routes, &config))?,
-            );
+            let on_panic = config.on_panic.clone();
+            threads.push(spawn_watched(format!("http-{i}"), on_panic, move || {
+                serve(queue, &routes, &config)
+            })?);
         }
         let acceptor_stopping = Arc::clone(&stopping);
-        threads.push(
-            std::thread::Builder::new()
-                .name("http-accept".into())
-                .spawn(move || {
-                    for stream in listener.incoming() {
-                        if acceptor_stopping.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let Ok(stream) = stream else {
-                            // Out of descriptors and the like: back off.
-                            std::thread::sleep(Duration::from_millis(10));
-                            continue;
-                        };
-                        match queue_tx.try_send(stream) {
-                            Ok(()) => {}
-                            Err(TrySendError::Full(_)) => routes::CONNECTIONS_REFUSED.inc(),
-                            Err(TrySendError::Disconnected(_)) => break,
-                        }
+        threads.push(spawn_watched(
+            "http-accept".into(),
+            config.on_panic.clone(),
+            move || {
+                for stream in listener.incoming() {
+                    if acceptor_stopping.load(Ordering::SeqCst) {
+                        break;
                     }
-                })?,
-        );
+                    let Ok(stream) = stream else {
+                        // Out of descriptors and the like: back off.
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    match queue_tx.try_send(stream) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(_)) => routes::CONNECTIONS_REFUSED.inc(),
+                        Err(TrySendError::Disconnected(_)) => break,
+                    }
+                }
+            },
+        )?);
         let history_stopping = Arc::clone(&stopping);
         let history_routes = Arc::clone(&routes);
-        threads.push(
-            std::thread::Builder::new()
-                .name("http-history".into())
-                .spawn(move || history_routes.sample_every_second(&history_stopping))?,
-        );
+        threads.push(spawn_watched(
+            "http-history".into(),
+            config.on_panic.clone(),
+            move || history_routes.sample_every_second(&history_stopping),
+        )?);
         Ok(HttpServer {
             local_addr,
             stopping,
@@ -151,6 +159,9 @@ impl Drop for HttpServer {
 /// One worker: serves one connection at a time until the acceptor is gone.
 fn serve(queue: Receiver<TcpStream>, routes: &routes::Routes, config: &HttpConfig) {
     while let Ok(stream) = queue.recv() {
+        if let Some(fault_file) = &config.fault_file {
+            fault_file.panic_if_requested("http");
+        }
         if let Err(e) = serve_connection(stream, routes, config) {
             log::debug!("http: {e}");
         }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use super::backup_source::EngineSlot;
 use super::engine::{self, Engine};
 use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
@@ -59,6 +60,8 @@ pub struct Applier {
     uncommitted_since: Option<Instant>,
     /// `COMMIT_INTERVAL_MS` (tests change it).
     commit_interval: Duration,
+    /// The engine for readers on other threads (backups); kept up to date across restores.
+    engine_slot: Arc<EngineSlot>,
 }
 
 impl Applier {
@@ -83,9 +86,17 @@ impl Applier {
             snapshot_requested: None,
             engine_cache_bytes,
             snapshot_build: None,
+            engine_slot: Arc::default(),
             uncommitted_since: None,
             commit_interval: Duration::from_millis(COMMIT_INTERVAL_MS),
         }
+    }
+
+    /// Shares the engine with readers on other threads through `slot` (backups).
+    pub fn with_engine_slot(mut self, slot: Arc<EngineSlot>) -> Applier {
+        slot.set(self.machine.engine().cloned());
+        self.engine_slot = slot;
+        self
     }
 
     pub fn run(mut self) {
@@ -272,6 +283,15 @@ impl Applier {
             ApplyOutcome::Invalid { reason, .. } | ApplyOutcome::TooLarge { reason, .. } => {
                 waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &reason)
             }
+            ApplyOutcome::SessionUnknown { client_id, .. } => waiter.fail(
+                ErrorCode::SESSION_EXPIRED,
+                0,
+                &format!(
+                    "session {client_id} is not open (never opened, a wrong secret, idle \
+                     longer than session_ttl_ms, or evicted past max_sessions): this request \
+                     applied nothing; open a new session"
+                ),
+            ),
             ApplyOutcome::Noop | ApplyOutcome::AlreadyApplied => {
                 waiter.fail(ErrorCode::TIMEOUT, 0, "the outcome is unknown; retry")
             }
@@ -348,10 +368,12 @@ impl Applier {
                 // The event loop saved the snapshot file before this task, so a crash at any
                 // step below restarts from either engine and that file.
                 let placeholder = KvStateMachine::new(self.options);
+                self.engine_slot.set(None);
                 drop(std::mem::replace(&mut self.machine, placeholder));
                 self.machine =
                     rebuild_engine(&live, &snapshot.data, self.options, self.engine_cache_bytes)
                         .map_err(|e| failed(&e))?;
+                self.engine_slot.set(self.machine.engine().cloned());
             }
         }
         let covered: Vec<u64> = self
@@ -572,7 +594,8 @@ mod tests {
             new_reply.try_recv().is_err(),
             "the term-7 write was answered early"
         );
-        let entries = vec![put_entry(1, 7, 8), put_entry(2, 7, 9)];
+        // Commands without a session (NO_CLIENT): this test is about matching waiters.
+        let entries = vec![put_entry(1, 7, 0), put_entry(2, 7, 0)];
         applier.handle(ApplyTask::Committed(entries)).unwrap();
         let new = new_reply
             .try_recv()
@@ -606,7 +629,7 @@ mod tests {
         );
         applier.commit_interval = Duration::from_secs(3600);
         for index in 1..=3 {
-            let entries = vec![put_entry(index, 1, index)];
+            let entries = vec![put_entry(index, 1, 0)];
             applier.handle(ApplyTask::Committed(entries)).unwrap();
             applier.commit_if_due().unwrap();
         }

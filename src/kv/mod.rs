@@ -3,6 +3,8 @@
 //! of the commands that log entries carry.
 
 pub mod applier;
+pub mod backup;
+pub mod backup_source;
 pub mod engine;
 pub mod redis_ops;
 pub mod server;

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::applier::{rebuild_engine, Applier};
+use super::backup_source::{BackupSource, EngineSlot};
 use super::engine::{self, Engine, ENGINE_DIR_NAME};
 use super::service::{KvService, ServiceOptions};
 use super::state_machine::{KvOptions, KvStateMachine};
@@ -120,7 +121,7 @@ impl KvServer {
             kv_options,
             config.engine_cache_bytes,
         )?;
-        let listener_config = ServerConfig {
+        let mut listener_config = ServerConfig {
             max_connections: config.max_connections,
             max_frame_bytes: config.max_frame_bytes,
             // Room for a few of the largest replies, never less than the
@@ -143,23 +144,37 @@ impl KvServer {
         };
         let node_options = node_options(config, start.id, start.link_filter);
         let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
+        // A panic on an RPC thread (or in a handler it runs) stops the node, as one on a Raft
+        // thread does.
+        listener_config.on_panic = node.handle().stopper().on_panic();
         let waiters = Arc::new(Waiters::new(config.proposal_queue_capacity.max(1)));
         crate::metrics::warnings::set_thresholds(
             config.election_timeout_max_ms,
             config.snapshot_threshold_bytes,
         );
-        let service = Arc::new(KvService::new(
-            node.handle().clone(),
-            Arc::clone(&waiters),
-            ServiceOptions {
-                queue_wait: Duration::from_millis(config.proposal_queue_wait_ms),
-                request_timeout: Duration::from_millis(config.request_timeout_ms),
-                client_token: config.client_token.clone(),
-                max_key_bytes: MAX_KEY_BYTES,
-                max_value_bytes: config.max_append_bytes / 2,
-                max_command_bytes: config.max_append_bytes,
-            },
-        ));
+        let engine_slot = Arc::new(EngineSlot::default());
+        let service = Arc::new(
+            KvService::new(
+                node.handle().clone(),
+                Arc::clone(&waiters),
+                ServiceOptions {
+                    queue_wait: Duration::from_millis(config.proposal_queue_wait_ms),
+                    request_timeout: Duration::from_millis(config.request_timeout_ms),
+                    client_token: config.client_token.clone(),
+                    max_key_bytes: MAX_KEY_BYTES,
+                    max_value_bytes: config.max_append_bytes / 2,
+                    max_command_bytes: config.max_append_bytes,
+                    max_sessions_per_connection: config.max_sessions_per_connection,
+                    fault_file: start.fault_file.as_deref().map(FaultFile::new),
+                },
+            )
+            .with_backups(BackupSource::new(
+                node.handle().clone(),
+                Arc::clone(&engine_slot),
+                config.max_frame_bytes,
+                Duration::from_millis(config.request_timeout_ms),
+            )),
+        );
         let router = Router::new()
             .with_kv_store(Arc::clone(&service) as Arc<dyn crate::rpc::services::KvStoreService>)
             .with_raft(node.raft_service());
@@ -177,7 +192,8 @@ impl KvServer {
             machine,
             config.snapshot_threshold_bytes,
             config.engine_cache_bytes,
-        );
+        )
+        .with_engine_slot(engine_slot);
         let applier = node
             .handle()
             .stopper()

@@ -12,13 +12,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::SendTimeoutError;
 
+use super::backup_source::BackupSource;
 use super::redis_ops::{execute_reads, RedisReply, RedisWrite};
-use super::state_machine::{encode_command, make_command, KvOp};
+use super::state_machine::{encode_command, make_command, make_session_command, KvOp, NO_CLIENT};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ClientRequest, NodeHandle};
 use crate::proto::kvstore::*;
 use crate::raft::{Role, Status};
-use crate::rpc::handshake::constant_time_eq;
+use crate::rpc::handshake::{constant_time_eq, random_u64};
 use crate::rpc::services::KvStoreService;
 use crate::rpc::Responder;
 
@@ -38,10 +39,19 @@ pub struct ServiceOptions {
     /// AppendEntries frame, or the leader could never replicate it and every
     /// later write would wait behind it (the cluster's `max_append_bytes`).
     pub max_command_bytes: usize,
+    /// How many sessions one client connection may open (OpenSession); past it the
+    /// connection is answered TOO_MANY_SESSIONS. Bounds how fast one connection can push
+    /// other clients' sessions out of the table (`max_sessions`).
+    pub max_sessions_per_connection: usize,
+    /// The testing hook (`kvserver --fault-file`): `panic rpc` in it makes the next request
+    /// panic on its connection thread. `None` in production.
+    pub fault_file: Option<crate::storage::FaultFile>,
 }
 
 pub struct KvService {
     node: NodeHandle,
+    /// Serves `SnapshotChunk` (backups); `None` without an engine (tests).
+    backups: Option<BackupSource>,
     waiters: Arc<Waiters>,
     next_token: AtomicU64,
     options: ServiceOptions,
@@ -53,10 +63,17 @@ impl KvService {
     pub fn new(node: NodeHandle, waiters: Arc<Waiters>, options: ServiceOptions) -> KvService {
         KvService {
             node,
+            backups: None,
             waiters,
             next_token: AtomicU64::new(1),
             options,
         }
+    }
+
+    /// Serves backups (`SnapshotChunk`) from `source`.
+    pub fn with_backups(mut self, source: BackupSource) -> KvService {
+        self.backups = Some(source);
+        self
     }
 
     /// Checks the client token, when the cluster requires one. The
@@ -163,7 +180,9 @@ impl KvService {
                 longest(ops.iter().flat_map(RedisWrite::keys)),
                 longest(ops.iter().flat_map(RedisWrite::values)),
             ),
-            KvOp::Noop => unreachable!("clients do not send no-ops"),
+            KvOp::Noop | KvOp::OpenSession { .. } => {
+                unreachable!("writes are puts, appends, deletes, cas and Redis batches")
+            }
         };
         if let Err((error, hint, message)) = self.admit(header, key, value) {
             return waiter.fail(error, hint, &message);
@@ -178,10 +197,20 @@ impl KvService {
                 return waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, &message);
             }
         }
-        let Some(header) = header.filter(|h| h.client_id != 0) else {
-            return waiter.fail(ErrorCode::INVALID_ARGUMENT, 0, "a write needs a client_id");
+        let Some(header) = header.filter(|h| h.client_id != NO_CLIENT && h.seq != 0) else {
+            return waiter.fail(
+                ErrorCode::INVALID_ARGUMENT,
+                0,
+                "a write needs a session (client_id from OpenSession) and a seq from 1",
+            );
         };
-        let command = make_command(header.client_id, header.seq, now_ms(), op);
+        let command = make_session_command(
+            header.client_id,
+            header.session_secret,
+            header.seq,
+            now_ms(),
+            op,
+        );
         let data = encode_command(&command);
         if data.len() > self.options.max_command_bytes {
             let message = format!(
@@ -266,6 +295,9 @@ fn now_ms() -> u64 {
 
 impl KvStoreService for KvService {
     fn get(&self, request: GetRequest, responder: Responder<GetReply>) {
+        if let Some(fault_file) = &self.options.fault_file {
+            fault_file.panic_if_requested("rpc");
+        }
         let waiter = Waiter::Get {
             key: request.key,
             responder,
@@ -325,6 +357,65 @@ impl KvStoreService for KvService {
                 Waiter::Exec(responder),
             ),
             Err(why) => Waiter::Exec(responder).fail(ErrorCode::INVALID_ARGUMENT, 0, &why),
+        }
+    }
+
+    /// Proposes an `OPEN_SESSION` command with a fresh random secret; the reply (when the
+    /// entry applies) carries the session's id, the entry's index. At most
+    /// `max_sessions_per_connection` per connection.
+    fn open_session(&self, request: OpenSessionRequest, responder: Responder<OpenSessionReply>) {
+        let waiter = Waiter::OpenSession(responder);
+        if let Err((error, hint, message)) = self.admit(request.header.as_ref(), &[], &[]) {
+            return waiter.fail(error, hint, &message);
+        }
+        let limit = self.options.max_sessions_per_connection;
+        let Waiter::OpenSession(responder) = &waiter else {
+            unreachable!()
+        };
+        if !responder.take_connection_budget(limit) {
+            let message = format!(
+                "this connection already opened {limit} sessions \
+                 (max_sessions_per_connection); reuse a session or reconnect"
+            );
+            return waiter.fail(ErrorCode::TOO_MANY_SESSIONS, 0, &message);
+        }
+        let secret = match random_u64() {
+            Ok(secret) => secret,
+            Err(e) => {
+                log::error!("cannot draw a session secret: {e}");
+                let message = "the node cannot draw a random session secret";
+                return waiter.fail(ErrorCode::SHUTTING_DOWN, 0, message);
+            }
+        };
+        let command = make_command(NO_CLIENT, 0, now_ms(), KvOp::OpenSession { secret });
+        let data = encode_command(&command);
+        self.submit(waiter, |token| ClientRequest::Propose { token, data });
+    }
+
+    /// One chunk of a backup; needs the token, not leadership (a named node may be backed up).
+    fn snapshot_chunk(
+        &self,
+        request: SnapshotChunkRequest,
+        responder: Responder<SnapshotChunkReply>,
+    ) {
+        let refused = |code: ErrorCode, message: String| SnapshotChunkReply {
+            header: protobuf::MessageField::some(ReplyHeader {
+                error: code.into(),
+                message,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
+            return responder.send(refused(error, message));
+        }
+        let Some(backups) = &self.backups else {
+            let message = "this node has no storage engine to back up".to_string();
+            return responder.send(refused(ErrorCode::INVALID_ARGUMENT, message));
+        };
+        match backups.chunk(&request) {
+            Ok(reply) => responder.send(reply),
+            Err((code, message)) => responder.send(refused(code, message)),
         }
     }
 

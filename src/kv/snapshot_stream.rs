@@ -166,6 +166,11 @@ impl SnapshotReader {
         self.meta
     }
 
+    /// What the chunks returned so far held (complete once `next_chunk` returned `None`).
+    pub fn summary(&self) -> StreamSummary {
+        self.summary
+    }
+
     /// The next chunk, or `None` once the end record has been returned.
     pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, StreamError> {
         let mut chunk = Vec::new();

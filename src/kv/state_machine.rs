@@ -17,6 +17,19 @@
 //! answered from the session without being applied again, and an older `seq`
 //! is `Stale` (the clerk has moved on, so nobody waits for that reply).
 //!
+//! # Sessions are opened through the log
+//!
+//! A client does not choose its id. It asks for a session, and the leader
+//! proposes an `OPEN_SESSION` command carrying a random secret; when that
+//! entry applies, the session's id is the entry's *index*, so every replica
+//! creates the same session under the same id (as LogCabin's OpenSession).
+//! A write must carry both the id and the secret: a command whose
+//! `(client_id, secret)` names no open session is `SessionUnknown` and
+//! changes nothing, so nobody can create sessions by inventing ids (and evict
+//! others with them), nor fake another client's next seq to have its write
+//! answered as a duplicate without knowing that client's secret. A new
+//! session starts at seq 0: its first write is seq 1.
+//!
 //! Sessions cannot live forever (a clerk never says goodbye), so they expire
 //! by *cluster time*: the state machine's clock is the largest `stamp_ms` any
 //! applied command carried. The leader stamps commands with its wall clock
@@ -24,17 +37,17 @@
 //! the same sessions at the same index (as in LogCabin). A backwards step of
 //! a leader's wall clock never moves the cluster clock back; a forward jump
 //! only expires sessions early. A session whose last activity is more than
-//! `session_ttl_ms` behind the clock is dropped, and beyond `max_sessions` the
-//! least recently active session is dropped (ties broken by the smaller
-//! client id), which is equally deterministic.
+//! `session_ttl_ms` behind the clock is dropped, and when an `OPEN_SESSION`
+//! makes more than `max_sessions`, the least recently active session is
+//! dropped (ties broken by the smaller client id), which is equally
+//! deterministic. Only opening a session can evict one; writes never do.
 //!
 //! What a clerk risks: once its session is gone, the state machine no longer
-//! knows what that clerk applied. A clerk that sent a command, lost the
-//! answer, stayed silent for longer than `session_ttl_ms` (or while more than
-//! `max_sessions` other clients were active) and *then* retried it, would have
-//! that command applied a second time. Clerks retry only within their
-//! request timeout, which the configuration keeps far below the session TTL,
-//! so this needs a clerk that stalls mid-request for longer than the TTL.
+//! knows what that clerk applied, and says so: every later command of that
+//! session is `SessionUnknown` (the server's SESSION_EXPIRED), never applied
+//! and never answered from a reply it no longer holds. The clerk then opens a
+//! new session; a write of which an earlier attempt may have been applied is
+//! reported to its caller as of unknown outcome instead of being sent again.
 //!
 //! # Saved replies stay small
 //!
@@ -140,6 +153,10 @@ pub enum KvOp {
     /// A batch of Redis-protocol writes (src/kv/redis_ops.rs), applied in
     /// order as one entry.
     Redis(Vec<RedisWrite>),
+    /// Opens a session whose id is the entry's index and whose secret is `secret`.
+    OpenSession {
+        secret: u64,
+    },
 }
 
 impl KvOp {
@@ -182,11 +199,29 @@ impl KvOp {
                         ))
                     })?,
             ),
+            Op::OPEN_SESSION => KvOp::OpenSession {
+                secret: command.secret,
+            },
         })
     }
 }
 
-/// Builds the command a leader proposes for `op`.
+/// Builds the command a leader proposes for a write of session `client_id`
+/// whose secret is `secret`.
+pub fn make_session_command(
+    client_id: u64,
+    secret: u64,
+    seq: u64,
+    stamp_ms: u64,
+    op: KvOp,
+) -> Command {
+    let mut command = make_command(client_id, seq, stamp_ms, op);
+    command.secret = secret;
+    command
+}
+
+/// Builds the command a leader proposes for `op` (without a session secret:
+/// `OPEN_SESSION`, and commands of `NO_CLIENT`).
 pub fn make_command(client_id: u64, seq: u64, stamp_ms: u64, op: KvOp) -> Command {
     let mut command = Command {
         client_id,
@@ -219,6 +254,10 @@ pub fn make_command(client_id: u64, seq: u64, stamp_ms: u64, op: KvOp) -> Comman
         KvOp::Redis(ops) => {
             command.ops = ops.iter().map(RedisWrite::to_proto).collect();
             Op::REDIS
+        }
+        KvOp::OpenSession { secret } => {
+            command.secret = secret;
+            Op::OPEN_SESSION
         }
     };
     command.op = EnumOrUnknown::new(number);
@@ -266,6 +305,11 @@ pub enum CommandReply {
     },
     /// One reply per op of a Redis batch.
     Redis(Vec<RedisReply>),
+    /// A session was opened: its id (the entry's index) and secret.
+    SessionOpened {
+        client_id: u64,
+        secret: u64,
+    },
 }
 
 impl CommandReply {
@@ -338,12 +382,19 @@ pub enum ApplyOutcome {
         seq: u64,
         reason: String,
     },
+    /// `(client_id, secret)` names no open session (never opened, expired,
+    /// evicted, or a wrong secret): nothing changed.
+    SessionUnknown { client_id: u64, seq: u64 },
 }
 
 // ------------------------------------------------------------ the machine
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Session {
+    /// Chosen at random by the leader that proposed the `OPEN_SESSION`; every write of the
+    /// session must carry it.
+    secret: u64,
+    /// 0 until the first write (seqs start at 1).
     last_seq: u64,
     /// The cluster clock when the client was last heard from.
     last_active_ms: u64,
@@ -489,6 +540,11 @@ impl KvStateMachine {
         self.len() == 0
     }
 
+    /// Whether `client_id` names an open session (for tests and diagnostics).
+    pub fn has_session(&self, client_id: u64) -> bool {
+        self.sessions.contains_key(&client_id)
+    }
+
     /// The number of client sessions held.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
@@ -590,7 +646,39 @@ impl KvStateMachine {
             return self.invalid(index, Some(request), error);
         }
         self.advance_clock(command.stamp_ms);
-        self.apply_op(command.client_id, command.seq, op)
+        if let KvOp::OpenSession { secret } = op {
+            return self.open_session(index, secret);
+        }
+        self.apply_op(command.client_id, command.secret, command.seq, op)
+    }
+
+    /// Opens the session of the `OPEN_SESSION` entry at `index`: its id is `index` (never 0,
+    /// never reused, the same on every replica). Evicts the least recently active session
+    /// when that makes more than `max_sessions`.
+    fn open_session(&mut self, index: u64, secret: u64) -> ApplyOutcome {
+        assert!(
+            !self.sessions.contains_key(&index),
+            "session ids are log indexes, each opened once"
+        );
+        let session = Session {
+            secret,
+            last_seq: 0,
+            last_active_ms: self.clock_ms,
+            // Never answered: seq 0 is never a write's (see `apply_op`).
+            reply: CommandReply::Put,
+        };
+        self.activity.insert((session.last_active_ms, index));
+        self.sessions.insert(index, session);
+        self.dirty_sessions.insert(index);
+        self.evict_beyond_max_sessions(index);
+        ApplyOutcome::Applied {
+            client_id: NO_CLIENT,
+            seq: 0,
+            reply: CommandReply::SessionOpened {
+                client_id: index,
+                secret,
+            },
+        }
     }
 
     fn invalid(&self, index: u64, request: Option<(u64, u64)>, error: KvError) -> ApplyOutcome {
@@ -614,19 +702,27 @@ impl KvStateMachine {
         }
     }
 
-    fn apply_op(&mut self, client_id: u64, seq: u64, op: KvOp) -> ApplyOutcome {
+    fn apply_op(&mut self, client_id: u64, secret: u64, seq: u64, op: KvOp) -> ApplyOutcome {
         if op == KvOp::Noop {
             return ApplyOutcome::Noop;
         }
         // A command without a client (NO_CLIENT) has no session: it is
         // neither deduplicated nor remembered.
         let has_session = client_id != NO_CLIENT;
-        if let Some(session) = self.sessions.get(&client_id).filter(|_| has_session) {
+        if has_session {
+            let Some(session) = self
+                .sessions
+                .get(&client_id)
+                .filter(|session| session.secret == secret)
+            else {
+                return ApplyOutcome::SessionUnknown { client_id, seq };
+            };
             let (last_seq, saved) = (session.last_seq, session.reply.clone());
-            if seq <= last_seq {
+            if seq <= last_seq || seq == 0 {
                 // The client is alive: a retry counts as activity.
                 self.set_session(client_id, last_seq, saved.clone());
-                return if seq == last_seq {
+                // A fresh session (last_seq 0) holds no reply: seq 0 is stale.
+                return if seq == last_seq && seq != 0 {
                     ApplyOutcome::Duplicate {
                         client_id,
                         seq,
@@ -655,7 +751,6 @@ impl KvStateMachine {
                 seq,
                 reply.to_saved(self.options.max_saved_current_bytes),
             );
-            self.evict_beyond_max_sessions(client_id);
         }
         ApplyOutcome::Applied {
             client_id,
@@ -675,7 +770,9 @@ impl KvStateMachine {
             }
             KvOp::Cas { key, value, .. } => (key, value.len()),
             // Each op of a batch is checked as it applies (an error reply).
-            KvOp::Delete { .. } | KvOp::Noop | KvOp::Redis(_) => return None,
+            KvOp::Delete { .. } | KvOp::Noop | KvOp::Redis(_) | KvOp::OpenSession { .. } => {
+                return None
+            }
         };
         let limit = self.options.max_value_bytes;
         (bytes > limit).then(|| {
@@ -690,7 +787,9 @@ impl KvStateMachine {
     /// Carries out a write on the map and returns its reply.
     fn execute(&mut self, op: KvOp) -> CommandReply {
         match op {
-            KvOp::Noop => unreachable!("no-ops are handled before execute"),
+            KvOp::Noop | KvOp::OpenSession { .. } => {
+                unreachable!("no-ops and session openings are handled before execute")
+            }
             KvOp::Put { key, value } => {
                 self.set_value(key, value);
                 CommandReply::Put
@@ -742,10 +841,12 @@ impl KvStateMachine {
         existed
     }
 
-    /// Creates or replaces the session of `client_id`, active now.
+    /// Replaces the session of `client_id` (which exists), active now.
     fn set_session(&mut self, client_id: u64, last_seq: u64, reply: CommandReply) {
+        let secret = self.sessions[&client_id].secret;
         self.remove_session(client_id);
         let session = Session {
+            secret,
             last_seq,
             last_active_ms: self.clock_ms,
             reply,
@@ -786,10 +887,11 @@ impl KvStateMachine {
     /// ```text
     /// "KVSM" version:u8 applied_index clock_ms
     /// key_count { key_len key value_len value }*        keys strictly ascending
-    /// session_count { client_id last_seq last_active_ms reply }*   ids strictly ascending
+    /// session_count { client_id secret:u64le last_seq last_active_ms reply }*   ids ascending
     /// crc32:u32le                                        of all the bytes before it
     /// reply: 0 = Put | 1 = Append | 2 existed:u8 = Delete
     ///      | 3 flags:u8 [current_len current] = Cas  (flags: 1 swapped, 2 found, 4 current kept)
+    ///      | 4 replies_len ExecReply-bytes = Redis | 5 client_id secret:u64le = SessionOpened
     /// ```
     ///
     /// Holds the whole data set in memory: for tests and small states only; a server streams
@@ -908,8 +1010,8 @@ impl KvStateMachine {
     }
 
     fn restore_sessions(&mut self, reader: &mut Reader<'_>) -> Result<(), KvError> {
-        // Each session takes at least four bytes (three varints and a tag).
-        let count = reader.count("session count", 4)?;
+        // Each session takes at least twelve bytes (the secret, three varints and a tag).
+        let count = reader.count("session count", 12)?;
         for i in 0..count {
             let client_id = reader.varint("session client id")?;
             let session = read_session(reader, i)?;
@@ -923,7 +1025,11 @@ impl KvStateMachine {
                     "session {i} (client {client_id}) is out of order"
                 )));
             }
-            if client_id == NO_CLIENT || last_active_ms > self.clock_ms {
+            // A session's id is the index of the entry that opened it.
+            if client_id == NO_CLIENT
+                || client_id > self.applied_index
+                || last_active_ms > self.clock_ms
+            {
                 return Err(snapshot_error(format!(
                     "session {i}: client {client_id} active at {last_active_ms} ms, clock {} ms",
                     self.clock_ms
@@ -969,18 +1075,21 @@ fn encode_snapshot<E>(
     Ok(out)
 }
 
-/// A session without its client id: `last_seq last_active_ms reply`.
+/// A session without its client id: `secret:u64le last_seq last_active_ms reply`.
 fn put_session(out: &mut Vec<u8>, session: &Session) {
+    out.extend_from_slice(&session.secret.to_le_bytes());
     put_varint(out, session.last_seq);
     put_varint(out, session.last_active_ms);
     put_reply(out, &session.reply);
 }
 
 fn read_session(reader: &mut Reader<'_>, number: u64) -> Result<Session, KvError> {
+    let secret = reader.u64_le("session secret")?;
     let last_seq = reader.varint("session seq")?;
     let last_active_ms = reader.varint("session activity time")?;
     let reply = read_reply(reader, number)?;
     Ok(Session {
+        secret,
         last_seq,
         last_active_ms,
         reply,
@@ -1005,7 +1114,8 @@ impl redis_ops::Keyspace for MachineKeys<'_> {
 // ------------------------------------------------------- snapshot encoding
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KVSM";
-const SNAPSHOT_VERSION: u8 = 1;
+/// 2: sessions carry their secret (opened through the log).
+const SNAPSHOT_VERSION: u8 = 2;
 
 const REPLY_PUT: u8 = 0;
 const REPLY_APPEND: u8 = 1;
@@ -1013,6 +1123,7 @@ const REPLY_DELETE: u8 = 2;
 const REPLY_CAS: u8 = 3;
 /// Followed by the replies as `ExecReply` bytes (length-prefixed).
 const REPLY_REDIS: u8 = 4;
+const REPLY_SESSION_OPENED: u8 = 5;
 const CAS_SWAPPED: u8 = 1;
 const CAS_FOUND: u8 = 2;
 const CAS_CURRENT_KEPT: u8 = 4;
@@ -1063,6 +1174,11 @@ fn put_reply(out: &mut Vec<u8>, reply: &CommandReply) {
             out.push(REPLY_REDIS);
             put_bytes(out, &redis_ops::encode_replies(replies));
         }
+        CommandReply::SessionOpened { client_id, secret } => {
+            out.push(REPLY_SESSION_OPENED);
+            put_varint(out, *client_id);
+            out.extend_from_slice(&secret.to_le_bytes());
+        }
     }
 }
 
@@ -1098,6 +1214,10 @@ fn read_reply(reader: &mut Reader<'_>, session: u64) -> Result<CommandReply, KvE
                     .map_err(|e| snapshot_error(format!("{}: {e}", what())))?,
             )
         }
+        REPLY_SESSION_OPENED => CommandReply::SessionOpened {
+            client_id: reader.varint(&what())?,
+            secret: reader.u64_le(&what())?,
+        },
         tag => return Err(snapshot_error(format!("{}: unknown tag {tag}", what()))),
     })
 }
@@ -1118,6 +1238,16 @@ impl Reader<'_> {
             "truncated while reading the {what} at byte {}",
             self.pos
         ))
+    }
+
+    fn u64_le(&mut self, what: &str) -> Result<u64, KvError> {
+        let end = self.pos + 8;
+        let bytes = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or_else(|| self.truncated(what))?;
+        self.pos = end;
+        Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
     }
 
     fn byte(&mut self, what: &str) -> Result<u8, KvError> {
@@ -1290,20 +1420,49 @@ mod tests {
         }
     }
 
-    /// A test driver: applies commands at consecutive indexes.
+    /// A test driver: applies commands at consecutive indexes. Tests name
+    /// clients by small numbers; the first command of a client opens its
+    /// session (an `OPEN_SESSION` entry) at that command's stamp.
     struct Driver {
         machine: KvStateMachine,
+        /// Client number to (session id, secret).
+        sessions: std::collections::HashMap<u64, (u64, u64)>,
     }
 
     impl Driver {
         fn new() -> Driver {
             Driver {
                 machine: KvStateMachine::new(options()),
+                sessions: Default::default(),
             }
         }
-        fn run(&mut self, client_id: u64, seq: u64, stamp_ms: u64, op: KvOp) -> ApplyOutcome {
-            let data = encode_command(&make_command(client_id, seq, stamp_ms, op));
-            self.raw(&data)
+        /// Opens a session for `client` (forgetting the one it had).
+        fn open(&mut self, client: u64, stamp_ms: u64) -> u64 {
+            let secret = client.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed;
+            let command = make_command(NO_CLIENT, 0, stamp_ms, KvOp::OpenSession { secret });
+            match self.raw(&encode_command(&command)) {
+                ApplyOutcome::Applied {
+                    reply: CommandReply::SessionOpened { client_id, secret },
+                    ..
+                } => {
+                    assert_eq!(client_id, self.machine.applied_index());
+                    self.sessions.insert(client, (client_id, secret));
+                    client_id
+                }
+                other => panic!("expected a session, got {other:?}"),
+            }
+        }
+        /// The session id of `client`.
+        fn id(&self, client: u64) -> u64 {
+            self.sessions[&client].0
+        }
+        fn run(&mut self, client: u64, seq: u64, stamp_ms: u64, op: KvOp) -> ApplyOutcome {
+            if client != NO_CLIENT && !self.sessions.contains_key(&client) {
+                self.open(client, stamp_ms);
+            }
+            let (client_id, secret) = self.sessions.get(&client).copied().unwrap_or_default();
+            let command = make_session_command(client_id, secret, seq, stamp_ms, op);
+            self.raw(&encode_command(&command))
         }
         fn raw(&mut self, data: &[u8]) -> ApplyOutcome {
             let index = self.machine.applied_index() + 1;
@@ -1358,7 +1517,8 @@ mod tests {
             CommandReply::Delete { existed: false }
         );
         assert!(d.machine.is_empty());
-        assert_eq!(d.machine.applied_index(), 6);
+        // Six commands and the entry that opened the session.
+        assert_eq!(d.machine.applied_index(), 7);
     }
 
     #[test]
@@ -1380,7 +1540,7 @@ mod tests {
     fn raft_noop_and_noop_command_change_nothing_but_the_index() {
         let mut d = Driver::new();
         assert_eq!(d.raw(&[]), ApplyOutcome::Noop);
-        assert_eq!(d.run(5, 1, 0, KvOp::Noop), ApplyOutcome::Noop);
+        assert_eq!(d.run(NO_CLIENT, 1, 0, KvOp::Noop), ApplyOutcome::Noop);
         assert_eq!(d.machine.applied_index(), 2);
         assert_eq!(d.machine.session_count(), 0);
         // An all-default command still encodes to non-empty bytes.
@@ -1394,7 +1554,7 @@ mod tests {
         assert_eq!(
             d.run(7, 1, 0, append("k", "a")),
             ApplyOutcome::Duplicate {
-                client_id: 7,
+                client_id: d.id(7),
                 seq: 1,
                 reply: CommandReply::Append
             }
@@ -1404,7 +1564,7 @@ mod tests {
         assert_eq!(
             d.run(7, 2, 0, cas("k", "a", "b")),
             ApplyOutcome::Duplicate {
-                client_id: 7,
+                client_id: d.id(7),
                 seq: 2,
                 reply: first
             }
@@ -1422,7 +1582,7 @@ mod tests {
         assert_eq!(
             d.run(7, 4, 0, put("k", "old")),
             ApplyOutcome::Stale {
-                client_id: 7,
+                client_id: d.id(7),
                 seq: 4,
                 last_seq: 5
             }
@@ -1445,7 +1605,7 @@ mod tests {
         assert_eq!(
             replay,
             ApplyOutcome::Duplicate {
-                client_id: 1,
+                client_id: d.id(1),
                 seq: 2,
                 reply: saved
             }
@@ -1492,8 +1652,9 @@ mod tests {
     fn replayed_index_is_already_applied() {
         let mut d = Driver::new();
         d.reply(1, 1, append("k", "a"));
-        let data = encode_command(&make_command(2, 1, 0, append("k", "b")));
+        let data = encode_command(&make_command(NO_CLIENT, 1, 0, append("k", "b")));
         assert_eq!(d.machine.apply(1, &data), ApplyOutcome::AlreadyApplied);
+        assert_eq!(d.machine.apply(2, &data), ApplyOutcome::AlreadyApplied);
         assert_eq!(d.get("k").as_deref(), Some("a"));
     }
 
@@ -1511,15 +1672,23 @@ mod tests {
         // A stamp from a leader whose clock went back does not move time back.
         d.run(2, 3, 10, append("k", "d"));
         assert_eq!(d.machine.clock_ms(), 2_000);
-        // Client 1 was last active at 2_000; at 3_001 it is gone, and its
-        // retry is applied again: the documented risk of an idle clerk.
-        d.run(2, 4, 3_001, append("k", "e"));
-        assert_eq!(d.machine.session_count(), 1);
+        d.run(2, 4, 2_500, append("k", "e"));
+        // Client 1 was last active at 2_000; at 3_001 it is gone (client 2,
+        // active at 2_500, is not), and its retry is refused as of an
+        // unknown session: never applied twice.
         assert!(matches!(
-            d.run(1, 1, 3_001, append("k", "a")),
+            d.run(2, 5, 3_001, append("k", "")),
             ApplyOutcome::Applied { .. }
         ));
-        assert_eq!(d.get("k").as_deref(), Some("abcdea"));
+        assert_eq!(d.machine.session_count(), 1);
+        assert_eq!(
+            d.run(1, 1, 3_001, append("k", "a")),
+            ApplyOutcome::SessionUnknown {
+                client_id: d.id(1),
+                seq: 1
+            }
+        );
+        assert_eq!(d.get("k").as_deref(), Some("abcde"));
     }
 
     #[test]
@@ -1528,17 +1697,19 @@ mod tests {
         d.run(10, 1, 100, put("k", "v"));
         d.run(30, 1, 200, put("k", "v"));
         d.run(20, 1, 200, put("k", "v"));
-        d.run(40, 1, 300, put("k", "v")); // evicts 10 (least recent)
+        assert!(d.id(30) < d.id(20));
+        d.run(40, 1, 300, put("k", "v")); // its opening evicts 10 (least recent)
+        let gone = |outcome: ApplyOutcome| matches!(outcome, ApplyOutcome::SessionUnknown { .. });
+        assert!(gone(d.run(10, 1, 300, put("k", "v"))));
+        // 10 opens a new session: evicts 30 (tie with 20 at 200, smaller id).
+        d.open(10, 300);
+        assert!(gone(d.run(30, 1, 300, put("k", "v"))));
         assert!(matches!(
-            d.run(10, 1, 300, put("k", "v")),
-            ApplyOutcome::Applied { .. }
-        )); // evicts 20 (tie with 30, smaller id)
-        assert!(matches!(
-            d.run(30, 1, 300, put("k", "v")),
+            d.run(20, 1, 300, put("k", "v")),
             ApplyOutcome::Duplicate { .. }
         ));
         assert!(matches!(
-            d.run(20, 1, 300, put("k", "v")),
+            d.run(10, 1, 300, put("k", "v")),
             ApplyOutcome::Applied { .. }
         ));
         assert_eq!(d.machine.session_count(), 3);
@@ -1553,11 +1724,94 @@ mod tests {
         ));
     }
 
+    /// Issue 16, item 8. Before, a client could invent client ids: each
+    /// write with a new id made a session, `max_sessions` of them evicted
+    /// the victim's, and the victim's retry of a write already applied was
+    /// applied a second time. Now an invented id makes no session and
+    /// changes nothing.
+    #[test]
+    fn invented_client_ids_make_no_session_and_evict_nobody() {
+        let mut d = Driver::new();
+        d.reply(1, 1, append("k", "once"));
+        let victim = d.id(1);
+        for invented in 1_000..1_100 {
+            let command = make_command(invented, 1, 0, put("x", "spam"));
+            assert_eq!(
+                d.raw(&encode_command(&command)),
+                ApplyOutcome::SessionUnknown {
+                    client_id: invented,
+                    seq: 1
+                }
+            );
+        }
+        assert_eq!(d.machine.session_count(), 1);
+        assert!(d.machine.has_session(victim));
+        assert_eq!(d.get("x"), None);
+        // The victim's retry is answered from its session, not applied again.
+        assert!(matches!(
+            d.run(1, 1, 0, append("k", "once")),
+            ApplyOutcome::Duplicate { .. }
+        ));
+        assert_eq!(d.get("k").as_deref(), Some("once"));
+    }
+
+    /// Issue 16, item 8. Sessions opened by the log can still evict a victim
+    /// (past `max_sessions`), but its retry is then refused as of an unknown
+    /// session (the clerk reports the outcome unknown): never applied twice.
+    #[test]
+    fn an_evicted_victims_retry_is_refused_not_applied_again() {
+        let mut d = Driver::new();
+        d.reply(1, 1, append("k", "once"));
+        for attacker in 100..103 {
+            d.open(attacker, 0);
+        }
+        assert!(!d.machine.has_session(d.id(1)));
+        assert!(matches!(
+            d.run(1, 1, 0, append("k", "once")),
+            ApplyOutcome::SessionUnknown { .. }
+        ));
+        assert_eq!(d.get("k").as_deref(), Some("once"));
+    }
+
+    /// Issue 16, item 8. Before, anyone could send a victim's (client_id,
+    /// next seq): the victim's own write with that seq was then answered as
+    /// a duplicate and never applied. Without the session's secret such a
+    /// write is refused and the victim's seq stays free.
+    #[test]
+    fn another_clients_id_without_its_secret_cannot_fake_a_duplicate() {
+        let mut d = Driver::new();
+        d.reply(1, 1, put("k", "victim-1"));
+        let (victim, secret) = d.sessions[&1];
+        for wrong in [0, secret ^ 1, secret.wrapping_add(1 << 40)] {
+            let forged = make_session_command(victim, wrong, 2, 0, put("k", "forged"));
+            assert_eq!(
+                d.raw(&encode_command(&forged)),
+                ApplyOutcome::SessionUnknown {
+                    client_id: victim,
+                    seq: 2
+                }
+            );
+        }
+        assert_eq!(d.get("k").as_deref(), Some("victim-1"));
+        assert!(matches!(
+            d.run(1, 2, 0, put("k", "victim-2")),
+            ApplyOutcome::Applied { .. }
+        ));
+        assert_eq!(d.get("k").as_deref(), Some("victim-2"));
+        // A fresh session's seq 0 holds no reply to replay.
+        d.open(2, 0);
+        assert!(matches!(
+            d.run(2, 0, 0, put("k", "zero")),
+            ApplyOutcome::Stale { .. }
+        ));
+    }
+
     /// A deterministic stream of commands from a few clients, with retries,
     /// stale seqs, clock jumps and a garbage entry.
     fn scripted_entries(count: u64) -> Vec<Vec<u8>> {
         let mut rng = crate::raft::SplitMix64::new(42);
         let mut seqs = [0u64; 6];
+        let mut sessions = [0u64; 6];
         let mut stamp_ms = 0;
         (0..count)
             .map(|i| {
@@ -1568,6 +1822,13 @@ mod tests {
                     return Vec::new();
                 }
                 let client = (rng.next_u64() % 6) as usize;
+                if sessions[client] == 0 || rng.next_u64().is_multiple_of(40) {
+                    // The client's session: this entry's index (`apply_all`).
+                    sessions[client] = i + 1;
+                    seqs[client] = 0;
+                    let open = KvOp::OpenSession { secret: i * 7 };
+                    return encode_command(&make_command(NO_CLIENT, 0, stamp_ms, open));
+                }
                 let r = rng.next_u64() % 10;
                 if r != 0 || seqs[client] == 0 {
                     seqs[client] += 1;
@@ -1580,7 +1841,9 @@ mod tests {
                     2 => delete(&key),
                     _ => cas(&key, "", &format!("c{i}")),
                 };
-                encode_command(&make_command(client as u64 + 1, seqs[client], stamp_ms, op))
+                let (id, seq) = (sessions[client], seqs[client]);
+                let secret = (id - 1) * 7;
+                encode_command(&make_session_command(id, secret, seq, stamp_ms, op))
             })
             .collect()
     }
@@ -1665,17 +1928,17 @@ mod tests {
     #[test]
     fn restore_checks_structure_behind_a_valid_checksum() {
         let cases: [(&[u8], &str); 5] = [
-            (b"KVSM\x02\x00\x00\x00\x00", "unsupported version 2"),
-            (b"KVSM\x01\x00\x00\x05\x00", "key count 5 does not fit"),
+            (b"KVSM\x03\x00\x00\x00\x00", "unsupported version 3"),
+            (b"KVSM\x02\x00\x00\x05\x00", "key count 5 does not fit"),
             (
-                b"KVSM\x01\x00\x00\x02\x01b\x00\x01a\x00\x00",
+                b"KVSM\x02\x00\x00\x02\x01b\x00\x01a\x00\x00",
                 "key 1 is out of order",
             ),
             (
-                b"KVSM\x01\x00\x00\x00\x01\x01\x01\x05\x00",
+                b"KVSM\x02\x00\x00\x00\x01\x01SECRET!!\x01\x05\x00",
                 "active at 5 ms, clock 0 ms",
             ),
-            (b"KVSM\x01\x00\x00\x00\x00\x07", "1 unexpected bytes"),
+            (b"KVSM\x02\x00\x00\x00\x00\x07", "1 unexpected bytes"),
         ];
         for (body, expected) in cases {
             let error = KvStateMachine::restore(&sealed(body), options()).unwrap_err();
@@ -1684,7 +1947,7 @@ mod tests {
                 "{error} should contain {expected:?}"
             );
         }
-        let overflow = sealed(b"KVSM\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x00\x00\x00");
+        let overflow = sealed(b"KVSM\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x00\x00\x00");
         let error = KvStateMachine::restore(&overflow, options()).unwrap_err();
         assert!(error.to_string().contains("overflows"), "{error}");
     }

@@ -12,7 +12,8 @@ use super::engine::EngineView;
 use super::redis_ops::RedisReply;
 use super::state_machine::CommandReply;
 use crate::proto::kvstore::{
-    AppendReply, CasReply, DeleteReply, ErrorCode, ExecReply, GetReply, PutReply, ReplyHeader,
+    AppendReply, CasReply, DeleteReply, ErrorCode, ExecReply, GetReply, OpenSessionReply, PutReply,
+    ReplyHeader,
 };
 use crate::raft::NodeId;
 use crate::rpc::Responder;
@@ -43,6 +44,7 @@ pub enum Waiter {
     /// applied, the waiting thread gets a consistent view of the engine and
     /// reads it itself, so no read of any size runs on the apply thread.
     Barrier(crossbeam_channel::Sender<Result<EngineView, BarrierError>>),
+    OpenSession(Responder<OpenSessionReply>),
 }
 
 /// Why a read barrier failed: the code, leader hint and message of the answer.
@@ -95,6 +97,10 @@ impl Waiter {
                 // A dropped receiver: the reader gave up waiting.
                 let _ = tx.send(Err((error, leader_hint, message.to_string())));
             }
+            Waiter::OpenSession(responder) => responder.send(OpenSessionReply {
+                header,
+                ..Default::default()
+            }),
         }
     }
 
@@ -165,6 +171,14 @@ impl Waiter {
                 replies: replies.iter().map(RedisReply::to_proto).collect(),
                 ..Default::default()
             }),
+            (Waiter::OpenSession(r), CommandReply::SessionOpened { client_id, secret }) => {
+                r.send(OpenSessionReply {
+                    header: ok(),
+                    client_id,
+                    session_secret: secret,
+                    ..Default::default()
+                })
+            }
             (waiter, _) => waiter.fail(
                 ErrorCode::INVALID_ARGUMENT,
                 0,

@@ -1,6 +1,7 @@
 //! The multiplexed engine of the load generator: N logical clients, each
 //! with its own session (`client_id`, `seq`) and exactly one request in
-//! flight, share a few connections per node and one event-loop thread. The
+//! flight (a client's first write opens its session first: one extra log
+//! round per client, none per write), share a few connections per node and one event-loop thread. The
 //! thread waits in `ppoll(2)` on every connection, reads whatever replies
 //! arrived, matches each to its client by call id (replies come in any
 //! order), lets the client take its next step under the clerk's rules
@@ -34,7 +35,8 @@ use super::{MAX_CLIENTS_PER_CONNECTION, MAX_RUN_SECS};
 use crate::check::{KvInput, KvOutput, Operation};
 use crate::clerk::{random_client_id, request_header, Attempts, ClerkError, NextStep, Route};
 use crate::proto::kvstore::{
-    GetReply, GetRequest, PutReply, PutRequest, ReplyHeader, RequestHeader,
+    GetReply, GetRequest, OpenSessionReply, OpenSessionRequest, PutReply, PutRequest, ReplyHeader,
+    RequestHeader,
 };
 use crate::raft::SplitMix64;
 use crate::rpc::frame::{
@@ -95,6 +97,9 @@ struct Op {
     /// Key number (the preload names the key that failed).
     key: u64,
     is_read: bool,
+    /// The write waits for its client's session: this is the OpenSession call, after which
+    /// the write itself starts.
+    opening: bool,
     /// When the operation was due (closed loop: when it started).
     scheduled: Instant,
     attempts: Attempts,
@@ -108,7 +113,10 @@ struct Op {
 
 /// A logical client: one session, one operation at a time.
 struct Client {
-    client_id: u64,
+    /// The client in the history (`--check`): random, so runs never share one.
+    history_id: u64,
+    /// The session's id and secret; `None` until the first write opens it.
+    session: Option<(u64, u64)>,
     /// The seq of the last write started; every retry of it reuses it.
     last_seq: u64,
     route: Route,
@@ -224,7 +232,8 @@ impl Engine {
             .collect();
         let clients = (0..options.clients)
             .map(|index| Client {
-                client_id: random_client_id(),
+                history_id: random_client_id(),
+                session: None,
                 last_seq: 0,
                 route: Route::default(),
                 rng: SplitMix64::new(
@@ -481,7 +490,7 @@ impl Engine {
             return Ok(());
         }
         op.call = None;
-        let is_read = op.is_read;
+        let (is_read, opening) = (op.is_read, op.opening);
         // The history's output, built only for recorded operations.
         let recorded = op.record.is_some();
         if frame.header.code != RpcCode::Ok {
@@ -490,6 +499,26 @@ impl Engine {
                 frame.header.code, frame.error_text
             );
             self.fail_attempt(shared, client, &error, now);
+            return Ok(());
+        }
+        if opening {
+            let decoded = OpenSessionReply::parse_from_bytes(frame.body);
+            match decoded {
+                Ok(mut reply) => {
+                    let step = self.judge(client, Ok(reply.header.as_ref()), now);
+                    if matches!(step, NextStep::Done) {
+                        let session = (reply.client_id, reply.session_secret);
+                        self.session_opened(shared, client, session, now);
+                    } else {
+                        reply.header.take();
+                        self.take_step(shared, client, step, None, now);
+                    }
+                }
+                Err(e) => {
+                    let error = format!("reply cannot be decoded: {e}");
+                    self.fail_attempt(shared, client, &error, now);
+                }
+            }
             return Ok(());
         }
         let decoded = if is_read {
@@ -531,6 +560,32 @@ impl Engine {
             .judge(&mut state.route, &self.node_ids, answer, now, &mut self.rng)
     }
 
+    /// The client's session is open: its write starts now (as a new operation due when the
+    /// write was).
+    fn session_opened(
+        &mut self,
+        shared: &Shared,
+        client: usize,
+        session: (u64, u64),
+        now: Instant,
+    ) {
+        let state = &mut self.clients[client];
+        let op = state
+            .op
+            .take()
+            .expect("an opening client runs an operation");
+        self.active -= 1;
+        if session.0 == 0 {
+            let error = "the cluster opened a session without an id".to_string();
+            state.op = Some(op);
+            self.active += 1;
+            return self.stop(shared, client, error, now);
+        }
+        state.session = Some(session);
+        state.last_seq = 0;
+        self.start_op(shared, client, op.key, false, op.scheduled, now);
+    }
+
     /// The attempt in flight (or about to be sent) failed without a reply.
     fn fail_attempt(&mut self, shared: &Shared, client: usize, error: &str, now: Instant) {
         if let Some(op) = self.clients[client].op.as_mut() {
@@ -551,6 +606,15 @@ impl Engine {
         match step {
             NextStep::Done => self.finish(shared, client, Ok(output), now),
             NextStep::Fail(error) => self.finish(shared, client, Err(error), now),
+            NextStep::SessionLost(unknown) => {
+                // The next write opens a new session. This one ends: as unknown when an
+                // earlier attempt may have applied it, else as failed (nothing applied).
+                self.clients[client].session = None;
+                let error = unknown.unwrap_or_else(|| {
+                    ClerkError::Rejected("the session expired; nothing was applied".to_string())
+                });
+                self.finish(shared, client, Err(error), now)
+            }
             NextStep::Retry { wait, busy } => {
                 let op = self.clients[client]
                     .op
@@ -585,14 +649,10 @@ impl Engine {
         }
         let call_id = self.next_call_id;
         self.next_call_id += 1;
-        let method_id = if self.clients[client]
-            .op
-            .as_ref()
-            .is_some_and(|op| op.is_read)
-        {
-            kv_store::GET
-        } else {
-            kv_store::PUT
+        let method_id = match self.clients[client].op.as_ref() {
+            Some(op) if op.opening => kv_store::OPEN_SESSION,
+            Some(op) if op.is_read => kv_store::GET,
+            _ => kv_store::PUT,
         };
         let state = &mut self.conns[conn];
         let framed = push_frame(
@@ -697,9 +757,19 @@ impl Engine {
         }
         let recorded = self.check && key.is_multiple_of(check_stride(self.keys));
         state.request.clear();
-        let (encoded, input) = if is_read {
+        let opening = !is_read && state.session.is_none();
+        let (encoded, input) = if opening {
+            // The write's session first; the write starts when it is open.
+            let message = OpenSessionRequest {
+                header: scratch.get.header.clone(),
+                ..Default::default()
+            };
+            (message.write_to_vec(&mut state.request), None)
+        } else if is_read {
             let message = &mut scratch.get;
-            set_header(&mut message.header, state.client_id, 0);
+            // Reads need no session; the id (when there is one) names the client in logs.
+            let client_id = state.session.map_or(0, |(id, _)| id);
+            set_header(&mut message.header, (client_id, 0), 0);
             message.key.clear();
             message.key.extend_from_slice(scratch.key.as_bytes());
             let input = recorded.then(|| KvInput::Get {
@@ -709,7 +779,8 @@ impl Engine {
         } else {
             state.last_seq += 1;
             let message = &mut scratch.put;
-            set_header(&mut message.header, state.client_id, state.last_seq);
+            let session = state.session.expect("a write runs in a session");
+            set_header(&mut message.header, session, state.last_seq);
             message.key.clear();
             message.key.extend_from_slice(scratch.key.as_bytes());
             // A value unique to (run, client, operation): a put is then
@@ -737,8 +808,15 @@ impl Engine {
         state.op = Some(Op {
             key,
             is_read,
+            opening,
             scheduled,
-            attempts: Attempts::new(now + self.op_timeout),
+            // A write's refusal after an attempt that may have applied it is
+            // an unknown outcome, not a rejection (the clerk's rule).
+            attempts: if is_read || opening {
+                Attempts::new(now + self.op_timeout)
+            } else {
+                Attempts::for_write(now + self.op_timeout)
+            },
             busy: 0,
             call: None,
             record: input.map(|input| (input, invoked_us())),
@@ -802,7 +880,7 @@ impl Engine {
                 .then(|| crate::check::return_stamp_us(shared.history_origin));
             let output = result.as_ref().ok().cloned().flatten();
             let operation = Operation {
-                client_id: state.client_id,
+                client_id: state.history_id,
                 input,
                 call_us,
                 output,
@@ -837,10 +915,15 @@ impl Engine {
     }
 }
 
-/// Sets the session fields of a reused request header.
-fn set_header(header: &mut protobuf::MessageField<RequestHeader>, client_id: u64, seq: u64) {
+/// Sets the session fields of a reused request header: `(client_id, secret)`, `seq`.
+fn set_header(
+    header: &mut protobuf::MessageField<RequestHeader>,
+    (client_id, secret): (u64, u64),
+    seq: u64,
+) {
     let header = header.mut_or_insert_default();
     header.client_id = client_id;
+    header.session_secret = secret;
     header.seq = seq;
 }
 
@@ -1421,14 +1504,57 @@ mod tests {
     }
 
     /// An engine with every connection up, its clients in a closed loop.
+    /// Each client already has a session (`index + 1`, secret 0; the same
+    /// id in the history): the opening of sessions has a test of its own.
     fn started(options: &LoadOptions, targets: &Targets, shared: &Shared) -> (Engine, Instant) {
         let mut engine = Engine::new(options, targets, 1);
+        for (index, client) in engine.clients.iter_mut().enumerate() {
+            client.session = Some((index as u64 + 1, 0));
+            client.history_id = index as u64 + 1;
+        }
         let now = Instant::now();
         for conn in 0..engine.conn_count() {
             engine.on_link_up(conn, now);
         }
         engine.begin(shared, Phase::ClosedLoop, now);
         (engine, now)
+    }
+
+    /// A client's first write opens its session first (one OpenSession call),
+    /// then goes out under it; reads need no session.
+    #[test]
+    fn the_first_write_opens_a_session_and_then_carries_it() {
+        let options = options(1, 0.0, false);
+        let targets = targets(1, Duration::from_secs(60));
+        let shared = shared(&options);
+        let mut engine = Engine::new(&options, &targets, 1);
+        let now = Instant::now();
+        engine.on_link_up(0, now);
+        engine.begin(&shared, Phase::ClosedLoop, now);
+        let out = std::mem::take(engine.output(0));
+        let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+        let open = decode_frame(&out[4..4 + len]).unwrap();
+        assert_eq!(open.header.method_id, kv_store::OPEN_SESSION);
+        assert_eq!(out.len(), 4 + len, "nothing but the OpenSession call");
+        let reply = OpenSessionReply {
+            client_id: 77,
+            session_secret: 99,
+            ..Default::default()
+        };
+        let reply = frame(open.header.call_id, &reply.write_to_bytes().unwrap());
+        engine.on_reply(&shared, 0, &reply, Instant::now()).unwrap();
+        let out = std::mem::take(engine.output(0));
+        let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+        let put = decode_frame(&out[4..4 + len]).unwrap();
+        assert_eq!(put.header.method_id, kv_store::PUT);
+        let header = PutRequest::parse_from_bytes(put.body)
+            .unwrap()
+            .header
+            .unwrap();
+        assert_eq!(
+            (header.client_id, header.session_secret, header.seq),
+            (77, 99, 1)
+        );
     }
 
     #[test]
@@ -1581,6 +1707,19 @@ mod tests {
         let mut answered = 0;
         loop {
             let lull = match crate::rpc::frame::read_frame(&mut reader, &mut buf, 1 << 20) {
+                Ok(frame) if frame.header.method_id == kv_store::OPEN_SESSION => {
+                    // Sessions open at once, outside the script: one per call.
+                    let reply = OpenSessionReply {
+                        client_id: frame.header.call_id + 1000,
+                        session_secret: 7,
+                        ..Default::default()
+                    };
+                    let header = FrameHeader::response_to(&frame.header, RpcCode::Ok);
+                    let body = reply.write_to_bytes().unwrap();
+                    encode_frame(&mut out, &header, "", &body, 1 << 20).unwrap();
+                    writer.write_all(&out).unwrap();
+                    false
+                }
                 Ok(frame) => {
                     let request = PutRequest::parse_from_bytes(frame.body).unwrap();
                     let session = (request.header.client_id, request.header.seq);

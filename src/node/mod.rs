@@ -179,29 +179,14 @@ impl NodeStopper {
     where
         F: FnOnce() + Send + 'static,
     {
-        let stopper = self.clone();
-        std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
-                    stopper.stop_with_error(format!(
-                        "thread {name} panicked: {}",
-                        panic_message(panic.as_ref())
-                    ));
-                }
-            })
+        crate::threads::spawn_watched(name, self.on_panic(), body)
     }
-}
 
-/// The text a panic was raised with (`panic!("...")` gives a `&str` or a
-/// `String`).
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = panic.downcast_ref::<&str>() {
-        text.to_string()
-    } else if let Some(text) = panic.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic without a message".to_string()
+    /// The hook that stops this node when a thread panics, for threads not started by
+    /// [`spawn`](Self::spawn) (the RPC and HTTP servers' own).
+    pub fn on_panic(&self) -> crate::threads::OnPanic {
+        let stopper = self.clone();
+        crate::threads::OnPanic::new(move |line| stopper.stop_with_error(line))
     }
 }
 

@@ -421,6 +421,15 @@ fn truncate(text: &str, max_bytes: usize) -> &str {
     &text[..end]
 }
 
+/// A random number from the kernel's random source (e.g. a session's secret).
+pub fn random_u64() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut file| file.read_exact(&mut bytes))
+        .map_err(|e| io::Error::new(e.kind(), format!("/dev/urandom: {e}")))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
 /// 16 bytes from the kernel's random source.
 fn random_nonce() -> Result<[u8; NONCE_BYTES], HandshakeError> {
     let mut nonce = [0u8; NONCE_BYTES];

@@ -29,6 +29,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
+
+use crate::threads::{spawn_watched, OnPanic};
 use parking_lot::{Condvar, Mutex};
 use protobuf::Message;
 
@@ -89,6 +91,10 @@ pub struct ServerConfig {
     /// Who may connect and call what. The default lets clerks of the
     /// default cluster call every service.
     pub auth: ServerAuth,
+    /// Told when one of the server's threads (acceptor, flusher, connection
+    /// threads, and so the handlers they run) panics: a node stops itself.
+    /// The default only logs it.
+    pub on_panic: OnPanic,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +108,7 @@ impl Default for ServerConfig {
             max_outbox_bytes: 64 * 1024 * 1024,
             max_in_flight_per_connection: 1024,
             auth: ServerAuth::default(),
+            on_panic: OnPanic::default(),
         }
     }
 }
@@ -201,13 +208,18 @@ impl RpcServer {
             backlog_tx,
         });
         let flusher_shared = Arc::clone(&shared);
-        let flusher = std::thread::Builder::new()
-            .name(format!("rpc-flush-{}", local_addr.port()))
-            .spawn(move || flush_loop(&flusher_shared, &backlog_rx))?;
+        let on_panic = shared.config.on_panic.clone();
+        let flusher = spawn_watched(
+            format!("rpc-flush-{}", local_addr.port()),
+            on_panic.clone(),
+            move || flush_loop(&flusher_shared, &backlog_rx),
+        )?;
         let acceptor_shared = Arc::clone(&shared);
-        let acceptor = std::thread::Builder::new()
-            .name(format!("rpc-accept-{}", local_addr.port()))
-            .spawn(move || accept_loop(listener, acceptor_shared))?;
+        let acceptor = spawn_watched(
+            format!("rpc-accept-{}", local_addr.port()),
+            on_panic,
+            move || accept_loop(listener, acceptor_shared),
+        )?;
         info!("rpc server listening on {local_addr}");
         Ok(RpcServer {
             local_addr,
@@ -355,13 +367,11 @@ fn ensure_worker(
     while workers.len() < needed {
         let worker_shared = Arc::clone(shared);
         let worker_rx = queue_rx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!(
-                "rpc-conn-{}-{}",
-                shared.local_addr.port(),
-                workers.len()
-            ))
-            .spawn(move || worker_loop(worker_shared, worker_rx));
+        let name = format!("rpc-conn-{}-{}", shared.local_addr.port(), workers.len());
+        let on_panic = shared.config.on_panic.clone();
+        let spawned = spawn_watched(name, on_panic, move || {
+            worker_loop(worker_shared, worker_rx)
+        });
         match spawned {
             Ok(handle) => workers.push(handle),
             Err(e) => {
@@ -443,6 +453,7 @@ fn serve_connection(
         }),
         in_flight: Mutex::new(0),
         slot_freed: Condvar::new(),
+        budget_used: AtomicUsize::new(0),
     });
     let result = read_requests(shared, &connection, stream);
     connection.close();
@@ -657,6 +668,9 @@ struct Connection {
     /// Invariant: `in_flight <= max_in_flight`.
     in_flight: Mutex<usize>,
     slot_freed: Condvar,
+    /// Units of the per-connection budget a handler counts against
+    /// ([`Responder::take_connection_budget`]; the KV service: sessions opened).
+    budget_used: AtomicUsize,
 }
 
 struct Outbox {
@@ -1105,6 +1119,20 @@ impl RawResponder {
         self.connection.as_ref().map(|c| c.peer)
     }
 
+    /// Takes one unit of the connection's budget when fewer than `limit` were taken before
+    /// on this connection; false (nothing taken) when the budget is spent.
+    pub fn take_connection_budget(&self, limit: usize) -> bool {
+        let Some(connection) = &self.connection else {
+            return true;
+        };
+        connection
+            .budget_used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used < limit).then_some(used + 1)
+            })
+            .is_ok()
+    }
+
     /// Answers with `reply`, encoded straight into the connection's frame
     /// buffer.
     pub fn send_message<T: Message>(mut self, reply: &T) {
@@ -1180,6 +1208,15 @@ impl<T: Message> Responder<T> {
             },
             rx,
         )
+    }
+
+    /// See [`RawResponder::take_connection_budget`]; a local responder has no connection
+    /// and no budget to spend (always true).
+    pub fn take_connection_budget(&self, limit: usize) -> bool {
+        match &self.inner {
+            ResponderInner::Remote(raw) => raw.take_connection_budget(limit),
+            ResponderInner::Local(_) => true,
+        }
     }
 
     /// The caller's call id (0 for a local responder).

@@ -11,6 +11,11 @@
 //! error, which stops the storage and so the node, exactly as a real failed
 //! fsync does. A missing, empty or other file means no fault. The cost when
 //! on is one small read per batch; when off, nothing.
+//!
+//! The same file can make a server thread panic, to test that a panic in any
+//! node thread stops the node (issue 16, item 7): `panic rpc` makes the next
+//! KVStore request panic on its RPC connection thread, `panic http` the next
+//! HTTP request on its HTTP thread ([`FaultFile::panic_if_requested`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -51,6 +56,15 @@ impl FaultFile {
             Ok(bytes) if bytes.starts_with(b"stall") => DiskFault::Stall,
             Ok(bytes) if bytes.starts_with(b"fail") => DiskFault::Fail,
             _ => DiskFault::None,
+        }
+    }
+
+    /// Panics when the file asks for a panic at `place` (`panic rpc`, `panic http`): a
+    /// testing hook, read only when `--fault-file` is given.
+    pub fn panic_if_requested(&self, place: &str) {
+        let wanted = format!("panic {place}");
+        if std::fs::read(&self.path).is_ok_and(|bytes| bytes.starts_with(wanted.as_bytes())) {
+            panic!("injected panic (fault file {})", self.path.display());
         }
     }
 

@@ -46,11 +46,31 @@ impl TestCluster {
         TestCluster::start_on(size, extra, Vec::new())
     }
 
+    /// As `start`, after `seed(config, id)` has prepared each node's data
+    /// directory (e.g. restored it from a backup).
+    #[allow(dead_code)]
+    pub fn start_seeded(
+        size: usize,
+        extra: &str,
+        seed: impl Fn(&ClusterConfig, NodeId),
+    ) -> TestCluster {
+        TestCluster::build(size, extra, Vec::new(), seed)
+    }
+
     /// As `start`, with node `id`'s storage on `file_systems[id - 1]`.
     pub fn start_on(
         size: usize,
         extra: &str,
         file_systems: Vec<Arc<dyn FileSystem>>,
+    ) -> TestCluster {
+        TestCluster::build(size, extra, file_systems, |_, _| {})
+    }
+
+    fn build(
+        size: usize,
+        extra: &str,
+        file_systems: Vec<Arc<dyn FileSystem>>,
+        seed: impl Fn(&ClusterConfig, NodeId),
     ) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports = free_ports(size);
@@ -82,6 +102,9 @@ impl TestCluster {
             cut: Arc::new(Mutex::new(HashSet::new())),
             file_systems,
         };
+        for id in 1..=size as NodeId {
+            seed(&cluster.config, id);
+        }
         for id in 1..=size as NodeId {
             cluster.start_node(id);
         }
@@ -267,38 +290,67 @@ impl TestCluster {
         Clerk::with_channels(nodes, options)
     }
 
-    /// Sends one append with a fixed `(client_id, seq)` straight through the
-    /// stub, trying every node until one leader answers OK (bounded).
+    /// Opens a session straight through the stubs, trying every node until
+    /// the leader answers (bounded): `(client_id, session_secret)`.
+    pub fn raw_session(&self) -> Result<(u64, u64), String> {
+        use kvstore_raft::proto::kvstore::{ErrorCode, OpenSessionRequest};
+        let request = OpenSessionRequest::default();
+        let reply = self.raw_call(|stub| {
+            stub.open_session(&request).map(|reply| {
+                let ok = reply.header.error.enum_value() == Ok(ErrorCode::OK);
+                (ok, format!("{:?}", reply.header), reply)
+            })
+        })?;
+        Ok((reply.client_id, reply.session_secret))
+    }
+
+    /// Sends one append with a fixed `(client_id, secret, seq)` straight
+    /// through the stub, trying every node until one leader answers OK (bounded).
     pub fn raw_append(
         &self,
-        client_id: u64,
+        (client_id, session_secret): (u64, u64),
         seq: u64,
         key: &[u8],
         value: &[u8],
     ) -> Result<(), String> {
         use kvstore_raft::proto::kvstore::{AppendRequest, ErrorCode, RequestHeader};
-        use kvstore_raft::rpc::services::KvStoreStub;
-        use kvstore_raft::rpc::{ClientConfig, RpcClient};
         let request = AppendRequest {
             header: protobuf::MessageField::some(RequestHeader {
                 client_id,
                 seq,
+                session_secret,
                 ..Default::default()
             }),
             key: key.to_vec(),
             value: value.to_vec(),
             ..Default::default()
         };
+        self.raw_call(|stub| {
+            stub.append(&request).map(|reply| {
+                let ok = reply.header.error.enum_value() == Ok(ErrorCode::OK);
+                (ok, format!("{:?}", reply.header), ())
+            })
+        })
+    }
+
+    /// Calls every node in turn until `call` answers `(true, _, reply)`, for
+    /// at most 10 s; the last failure otherwise.
+    fn raw_call<T>(
+        &self,
+        mut call: impl FnMut(
+            &kvstore_raft::rpc::services::KvStoreStub<kvstore_raft::rpc::RpcClient>,
+        ) -> Result<(bool, String, T), kvstore_raft::rpc::RpcError>,
+    ) -> Result<T, String> {
+        use kvstore_raft::rpc::services::KvStoreStub;
+        use kvstore_raft::rpc::{ClientConfig, RpcClient};
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = String::new();
         while Instant::now() < deadline {
             for node in &self.config.raft_nodes {
                 let stub = KvStoreStub::new(RpcClient::new(node.addr(), ClientConfig::default()));
-                match stub.append(&request) {
-                    Ok(reply) if reply.header.error.enum_value() == Ok(ErrorCode::OK) => {
-                        return Ok(())
-                    }
-                    Ok(reply) => last = format!("{:?}", reply.header),
+                match call(&stub) {
+                    Ok((true, _, reply)) => return Ok(reply),
+                    Ok((false, error, _)) => last = error,
                     Err(e) => last = e.to_string(),
                 }
             }

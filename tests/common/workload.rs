@@ -105,7 +105,9 @@ fn run_client(
 ) -> Vec<Logged> {
     let mut rng =
         SplitMix64::new(workload.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let client_id = clerk.client_id();
+    // The history's client, unique over rounds (the clerk's session id is
+    // the cluster's, and only known after its first write).
+    let client_id = kvstore_raft::clerk::random_client_id();
     let mut ops = Vec::new();
     let mut appends = 0u64;
     while !stop.load(Ordering::SeqCst) && ops.len() < workload.max_ops_per_client {

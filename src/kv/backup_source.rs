@@ -1,0 +1,227 @@
+//! The node's side of `clerk snapshot save`: serves a consistent view of its engine as the
+//! chunks of a snapshot stream ([`SnapshotReader`]), one `SnapshotChunk` call per chunk, on
+//! the RPC connection thread that received the call (never on the Raft threads). Memory: one
+//! chunk per backup in progress (the last one, kept to answer a repeated call), and at most
+//! [`MAX_BACKUPS`] of them; one left idle for [`BACKUP_IDLE_MS`] is dropped, which releases
+//! its view.
+//!
+//! Consistency: a backup starts from a view taken once the engine holds every entry
+//! committed when the call arrived, so every write acknowledged before it is in the backup
+//! (a write is acknowledged only once applied, hence committed).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::engine::Engine;
+use super::snapshot_stream::{SnapshotReader, DEFAULT_CHUNK_BYTES};
+use crate::node::NodeHandle;
+use crate::proto::kvstore::{ErrorCode, SnapshotChunkReply, SnapshotChunkRequest};
+
+/// Backups a node serves at once; one more is answered BUSY.
+pub const MAX_BACKUPS: usize = 2;
+/// A backup nobody asked a chunk of for this long is dropped.
+pub const BACKUP_IDLE_MS: u64 = 60_000;
+/// How often a starting backup looks whether the engine has caught up.
+const CATCH_UP_POLL_MS: u64 = 5;
+
+/// The engine the apply thread currently writes, for readers on other threads. The apply
+/// thread empties it while it replaces its engine (a snapshot from the leader) and fills it
+/// again after.
+#[derive(Default)]
+pub struct EngineSlot(Mutex<Option<Engine>>);
+
+impl EngineSlot {
+    pub fn set(&self, engine: Option<Engine>) {
+        *self.0.lock() = engine;
+    }
+
+    fn get(&self) -> Option<Engine> {
+        self.0.lock().clone()
+    }
+}
+
+struct Backup {
+    reader: SnapshotReader,
+    index: u64,
+    term: u64,
+    /// The number of the next chunk to produce.
+    next: u64,
+    /// The last chunk produced (number `next - 1`), for a repeated call.
+    last: Vec<u8>,
+    last_used: Instant,
+}
+
+/// Why a call was refused: the code and one line.
+pub type Refusal = (ErrorCode, String);
+
+pub struct BackupSource {
+    node: NodeHandle,
+    engine: Arc<EngineSlot>,
+    backups: Mutex<HashMap<u64, Backup>>,
+    next_id: Mutex<u64>,
+    chunk_bytes: usize,
+    catch_up_timeout: Duration,
+}
+
+impl BackupSource {
+    /// `max_frame_bytes` bounds a chunk (with room for one record past it and the reply's
+    /// own fields); `catch_up_timeout` how long a start waits for the engine.
+    pub fn new(
+        node: NodeHandle,
+        engine: Arc<EngineSlot>,
+        max_frame_bytes: usize,
+        catch_up_timeout: Duration,
+    ) -> BackupSource {
+        BackupSource {
+            node,
+            engine,
+            backups: Mutex::new(HashMap::new()),
+            next_id: Mutex::new(1),
+            chunk_bytes: DEFAULT_CHUNK_BYTES.min(max_frame_bytes / 4).max(1),
+            catch_up_timeout,
+        }
+    }
+
+    /// Answers one `SnapshotChunk` call.
+    pub fn chunk(&self, request: &SnapshotChunkRequest) -> Result<SnapshotChunkReply, Refusal> {
+        self.drop_idle();
+        if request.backup_id == 0 {
+            return self.start();
+        }
+        let mut backups = self.backups.lock();
+        let Some(backup) = backups.get_mut(&request.backup_id) else {
+            return Err((
+                ErrorCode::INVALID_ARGUMENT,
+                format!(
+                    "no backup {} on this node (finished, idle for {BACKUP_IDLE_MS} ms, or \
+                     the node restarted); start again",
+                    request.backup_id
+                ),
+            ));
+        };
+        backup.last_used = Instant::now();
+        let data = if request.chunk + 1 == backup.next {
+            backup.last.clone()
+        } else if request.chunk == backup.next {
+            let chunk = backup
+                .reader
+                .next_chunk()
+                .map_err(|e| (ErrorCode::SHUTTING_DOWN, format!("reading the engine: {e}")))?
+                .unwrap_or_default();
+            backup.next += 1;
+            backup.last = chunk.clone();
+            chunk
+        } else {
+            return Err((
+                ErrorCode::INVALID_ARGUMENT,
+                format!(
+                    "backup {}: chunk {} asked, the next is {}",
+                    request.backup_id, request.chunk, backup.next
+                ),
+            ));
+        };
+        let done = data.is_empty();
+        let summary = backup.reader.summary();
+        let reply = SnapshotChunkReply {
+            backup_id: request.backup_id,
+            index: backup.index,
+            term: backup.term,
+            node_id: self.node.id(),
+            data,
+            done,
+            keys: summary.keys,
+            sessions: summary.sessions,
+            ..Default::default()
+        };
+        if done {
+            backups.remove(&request.backup_id);
+        }
+        Ok(reply)
+    }
+
+    fn drop_idle(&self) {
+        let idle = Duration::from_millis(BACKUP_IDLE_MS);
+        self.backups
+            .lock()
+            .retain(|_, backup| backup.last_used.elapsed() < idle);
+    }
+
+    /// Takes the view once the engine holds everything committed now, and serves chunk 0.
+    fn start(&self) -> Result<SnapshotChunkReply, Refusal> {
+        if self.backups.lock().len() >= MAX_BACKUPS {
+            return Err((
+                ErrorCode::BUSY,
+                format!("this node already serves {MAX_BACKUPS} backups; retry later"),
+            ));
+        }
+        let status = self.node.status();
+        let deadline = Instant::now() + self.catch_up_timeout;
+        let view = loop {
+            let engine = self.engine.get().ok_or_else(|| {
+                (
+                    ErrorCode::TIMEOUT,
+                    "the node is replacing its state (a snapshot from the leader); retry".into(),
+                )
+            })?;
+            let view = engine.view();
+            let applied = view
+                .meta()
+                .map_err(|e| (ErrorCode::SHUTTING_DOWN, format!("reading the engine: {e}")))?
+                .applied_index;
+            if applied >= status.commit {
+                break view;
+            }
+            if Instant::now() >= deadline {
+                return Err((
+                    ErrorCode::TIMEOUT,
+                    format!(
+                        "the engine holds index {applied}, not yet the commit index {} \
+                         (apply lag); retry",
+                        status.commit
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(CATCH_UP_POLL_MS));
+        };
+        let mut reader = SnapshotReader::new(view, self.chunk_bytes)
+            .map_err(|e| (ErrorCode::SHUTTING_DOWN, format!("reading the engine: {e}")))?;
+        let index = reader.meta().applied_index;
+        let first = reader
+            .next_chunk()
+            .map_err(|e| (ErrorCode::SHUTTING_DOWN, format!("reading the engine: {e}")))?
+            .unwrap_or_default();
+        let id = {
+            let mut next = self.next_id.lock();
+            *next += 1;
+            *next - 1
+        };
+        log::info!(
+            "node {}: backup {id} started at index {index} (term {})",
+            self.node.id(),
+            status.term
+        );
+        let reply = SnapshotChunkReply {
+            backup_id: id,
+            index,
+            term: status.term,
+            node_id: self.node.id(),
+            data: first.clone(),
+            ..Default::default()
+        };
+        self.backups.lock().insert(
+            id,
+            Backup {
+                reader,
+                index,
+                term: status.term,
+                next: 1,
+                last: first,
+                last_used: Instant::now(),
+            },
+        );
+        Ok(reply)
+    }
+}
