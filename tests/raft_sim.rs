@@ -438,6 +438,7 @@ fn r7_rejoin_of_partitioned_leader() {
                 prev_log_index: last,
                 prev_log_term: s.core(follower).term_at(last).unwrap_or(0),
                 entries: vec![Entry {
+                    kind: Default::default(),
                     term: old_term,
                     index: last + 1,
                     data: cmd("from-old-term"),
@@ -528,6 +529,7 @@ fn log_of(terms: &[u64]) -> Vec<Entry> {
         .iter()
         .enumerate()
         .map(|(k, &term)| Entry {
+            kind: Default::default(),
             term,
             index: k as u64 + 1,
             data: cmd(format!("t{term}i{}", k + 1)),
@@ -1563,6 +1565,7 @@ fn r18_stale_install_snapshot_is_ignored() {
             term: s.core(leader).term(),
             body: MessageBody::InstallSnapshot {
                 meta: snapshot.meta,
+                membership: snapshot.membership.clone(),
                 offset: 0,
                 data: snapshot.data.to_vec(),
                 done: true,

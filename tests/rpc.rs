@@ -107,6 +107,15 @@ impl RaftService for TestService {
         reply.success = true;
         responder.send(reply);
     }
+    fn timeout_now(
+        &self,
+        request: kvstore_raft::proto::kvstore::TimeoutNowRequest,
+        responder: Responder<kvstore_raft::proto::kvstore::TimeoutNowReply>,
+    ) {
+        let mut reply = kvstore_raft::proto::kvstore::TimeoutNowReply::new();
+        reply.term = request.term;
+        responder.send(reply);
+    }
 }
 
 fn echo_get(key: &[u8]) -> GetReply {

@@ -360,10 +360,15 @@ impl EventLoop {
             None => return Ok(()),
         };
         let meta = SnapshotMeta { index, term };
+        let membership = match self.core.membership_at(index) {
+            Some(membership) => membership.clone(),
+            None => return Ok(()),
+        };
         let started = Instant::now();
         self.storage
             .save_snapshot(&Snapshot {
                 meta,
+                membership,
                 data: Arc::new(Vec::new()),
             })
             .map_err(|e| e.to_string())?;

@@ -194,6 +194,7 @@ fn encode(request: &WireRequest, buffer: &mut Vec<u8>) -> (u32, protobuf::Result
         WireRequest::Heartbeat(r) => (ids::HEARTBEAT, r.write_to_vec(buffer)),
         WireRequest::RequestVote(r) => (ids::REQUEST_VOTE, r.write_to_vec(buffer)),
         WireRequest::InstallSnapshot(r) => (ids::INSTALL_SNAPSHOT, r.write_to_vec(buffer)),
+        WireRequest::TimeoutNow(r) => (ids::TIMEOUT_NOW, r.write_to_vec(buffer)),
     }
 }
 
@@ -224,6 +225,10 @@ impl ReplySink for PeerReplies {
             Err(_) => return true,
         };
         let method = (call_id & ((1 << METHOD_BITS) - 1)) as u32;
+        // TimeoutNow's reply only acknowledges receipt: nothing for the core.
+        if method == ids::TIMEOUT_NOW {
+            return true;
+        }
         match decode_reply(method, &bytes) {
             Ok(reply) => {
                 let message = wire::reply_from_wire(self.me, self.peer, reply);

@@ -109,4 +109,31 @@ impl RaftService for RaftServiceHandler {
             wire::install_snapshot_reply,
         );
     }
+
+    /// TimeoutNow needs no answer from the core: the call is acknowledged at
+    /// once and the message goes to the event loop like a reply would.
+    fn timeout_now(
+        &self,
+        request: pb::TimeoutNowRequest,
+        responder: Responder<pb::TimeoutNowReply>,
+    ) {
+        let message = wire::timeout_now_from_wire(request);
+        if let Err(what) = wire::check_numbers(&message) {
+            log::warn!("node {}: refusing a Raft request: {what}", self.id);
+            return responder.send_error(RpcCode::BadRequest, &what);
+        }
+        if let Some(filter) = &self.link_filter {
+            if !filter(message.from, self.id) {
+                return;
+            }
+        }
+        responder.send(pb::TimeoutNowReply {
+            term: message.term,
+            from: self.id,
+            ..Default::default()
+        });
+        if self.events.try_send(Event::Step(message)).is_err() {
+            log::debug!("node {}: event queue full, dropping TimeoutNow", self.id);
+        }
+    }
 }

@@ -729,6 +729,7 @@ impl Sim {
         // The application stores the snapshot durably before handing it over.
         let d = &mut self.durable[slot];
         d.snapshot = Some(Snapshot {
+            membership: Default::default(),
             meta: SnapshotMeta {
                 index: app.last_applied,
                 term,
