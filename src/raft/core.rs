@@ -1129,14 +1129,14 @@ impl RaftCore {
         {
             return;
         }
-        // Only a voter of our configuration may ask for our vote: a removed
-        // node (or a learner, or a stranger) is refused before its term can
-        // move ours, so it cannot disturb the cluster even without pre-vote.
-        if let MessageBody::RequestVote { pre_vote, .. } = message.body {
-            if !self.membership().is_voter(message.from) {
-                return self.reject_vote(message.from, pre_vote);
-            }
-        }
+        // A vote request is not refused for coming from a node outside our
+        // configuration: we may be behind, and the candidate a voter of a
+        // configuration we have not received yet (refusing it can leave a
+        // cluster with no electable node). A removed node cannot win: its
+        // removal committed on a majority of the new configuration, whose
+        // logs are ahead of its own. It cannot disturb either: pre-vote keeps
+        // its term still, and voters that hear from a leader ignore it
+        // (the leader lease of check-quorum, thesis §4.2.3).
         if message.term > self.term {
             if !self.step_higher_term(&message) {
                 return;
