@@ -276,7 +276,7 @@ fn a_change_interrupted_by_a_leader_crash() {
 #[test]
 fn a_new_leader_changes_nothing_before_committing_in_its_term() {
     let mut s = sim(
-        3,
+        4,
         &[1, 2, 3],
         6,
         "a_new_leader_changes_nothing_before_committing_in_its_term",
@@ -293,8 +293,8 @@ fn a_new_leader_changes_nothing_before_committing_in_its_term() {
     let refused = s.conf_change(
         new,
         ConfChange::AddLearner {
-            id: old + 10,
-            address: String::new(),
+            id: 4,
+            address: "sim-4".into(),
         },
     );
     s.ensure(refused == Err(ConfChangeError::LeaderNotReady), || {
