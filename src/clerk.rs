@@ -11,6 +11,7 @@
 //! ([`Route`], [`Attempts`]) do no I/O, so the load generator's multiplexed
 //! clients follow exactly the same ones without a thread each.
 
+pub mod member;
 mod status;
 
 pub use self::status::json_object;
@@ -27,8 +28,8 @@ use crate::config::ClusterConfig;
 use crate::kv::waiters::NOT_LEADER_NOTHING_PROPOSED;
 use crate::proto::kvstore::{
     AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
-    GetReply, GetRequest, PutReply, PutRequest, ReplyHeader, RequestHeader, StatusReply,
-    StatusRequest,
+    GetReply, GetRequest, MemberChangeReply, MembersReply, PutReply, PutRequest, ReplyHeader,
+    RequestHeader, StatusReply, StatusRequest, TransferLeaderReply,
 };
 use crate::raft::SplitMix64;
 use crate::rpc::services::KvStoreStub;
@@ -723,7 +724,10 @@ has_reply_header!(
     AppendReply,
     DeleteReply,
     CasReply,
-    StatusReply
+    StatusReply,
+    MembersReply,
+    MemberChangeReply,
+    TransferLeaderReply
 );
 
 /// A random non-zero client id. Wall-clock nanoseconds, the process id and a

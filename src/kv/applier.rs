@@ -446,6 +446,8 @@ mod tests {
             peer_connect_timeout_ms: 100,
             credentials: crate::rpc::Credentials::default(),
             link_filter: None,
+            join: false,
+            promote_max_lag_entries: 1000,
         };
         crate::node::Node::start(options, storage, restored)
             .unwrap()

@@ -4,6 +4,7 @@
 
 pub mod applier;
 pub mod engine;
+pub mod membership;
 pub mod server;
 pub mod service;
 pub mod state_machine;

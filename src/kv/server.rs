@@ -288,6 +288,11 @@ pub fn open_machine(
         .map_err(|e| StartError::Snapshot(format!("{behind}; rebuilding it failed: {e}")))
 }
 
+/// A learner is promoted to voter only when its log is at most this many
+/// entries behind the leader's: close enough that it catches up within a
+/// few AppendEntries, so the new majority does not wait on it.
+pub const PROMOTE_MAX_LAG_ENTRIES: u64 = 1000;
+
 pub fn node_options(
     config: &ClusterConfig,
     id: NodeId,
@@ -310,6 +315,8 @@ pub fn node_options(
         peer_connect_timeout_ms: config.heartbeat_interval_ms.max(100),
         credentials: node_credentials(config, id),
         link_filter,
+        join: false,
+        promote_max_lag_entries: PROMOTE_MAX_LAG_ENTRIES,
     }
 }
 
