@@ -1,5 +1,5 @@
-//! `kvserver --config FILE --id N [--data-dir DIR] [--log-level LEVEL]
-//! [--fault-file PATH]`: runs
+//! `kvserver --config FILE --id N [--join [--listen IP:PORT]] [--data-dir DIR]
+//! [--log-level LEVEL] [--fault-file PATH]`: runs
 //! one node of the cluster in the foreground until SIGTERM or SIGINT, and
 //! exits non-zero with one line on stderr when it cannot start or when its
 //! storage fails: 2 for a usage or configuration mistake (bad arguments, a
@@ -14,7 +14,7 @@ use kvstore_raft::config::ClusterConfig;
 use kvstore_raft::http::{HttpConfig, HttpServer, Source};
 use kvstore_raft::kv::server::{KvServer, StartError, StartOptions};
 
-const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]";
+const USAGE: &str = "usage: kvserver --config FILE --id N [--join [--listen IP:PORT]] [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]";
 
 struct Args {
     config: PathBuf,
@@ -22,6 +22,8 @@ struct Args {
     data_dir: Option<PathBuf>,
     log_level: log::LevelFilter,
     fault_file: Option<PathBuf>,
+    join: bool,
+    listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
@@ -41,6 +43,17 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         "testing only: before each fsync, `stall` in this file makes it wait, `fail` makes it fail",
         "PATH",
     );
+    opts.optflag(
+        "",
+        "join",
+        "start with no membership and wait to be added (clerk member add)",
+    );
+    opts.optopt(
+        "",
+        "listen",
+        "with --join: the address to serve on, when the file does not list this id",
+        "IP:PORT",
+    );
     opts.optflag("h", "help", "print this help");
     let matches = opts.parse(argv).map_err(|e| e.to_string())?;
     if matches.opt_present("help") {
@@ -55,6 +68,16 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     let id = id
         .parse::<u64>()
         .map_err(|_| format!("--id {id:?} is not a node id (a positive number)"))?;
+    let listen = match matches.opt_str("listen") {
+        None => None,
+        Some(text) => Some(
+            text.parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("--listen {text:?} is not an IP:PORT address"))?,
+        ),
+    };
+    if listen.is_some() && !matches.opt_present("join") {
+        return Err("--listen is only for a node started with --join".to_string());
+    }
     let log_level = match matches.opt_str("log-level").as_deref().unwrap_or("info") {
         "error" => log::LevelFilter::Error,
         "warn" => log::LevelFilter::Warn,
@@ -73,6 +96,8 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         data_dir: matches.opt_str("data-dir").map(PathBuf::from),
         log_level,
         fault_file: matches.opt_str("fault-file").map(PathBuf::from),
+        join: matches.opt_present("join"),
+        listen,
     }))
 }
 
@@ -135,6 +160,8 @@ fn main() -> ExitCode {
         data_dir: args.data_dir,
         link_filter: None,
         fault_file: args.fault_file,
+        join: args.join,
+        listen: args.listen,
     };
     let server = match KvServer::start(&config, start) {
         Ok(server) => server,

@@ -572,7 +572,9 @@ impl RaftCore {
         if let ConfChange::Promote { id } = change {
             let matched = self.progress.get(&id).map_or(0, |p| p.match_index);
             let lag_entries = self.log.last_index().saturating_sub(matched);
-            if lag_entries > self.config.promote_max_lag_entries {
+            // A learner that has acknowledged nothing yet is not caught up,
+            // however short the log: it may not even be running.
+            if matched == 0 || lag_entries > self.config.promote_max_lag_entries {
                 return Err(ConfChangeError::LearnerBehind { id, lag_entries });
             }
         }
