@@ -188,13 +188,14 @@ impl Clerk {
         let deadline = Instant::now() + timeout;
         loop {
             let list = self.member_list()?;
-            let lag = list
+            let progress = list
                 .members
                 .iter()
                 .find(|m| m.id == id)
-                .map(|m| m.lag_entries);
-            match lag {
-                Some(lag) if lag <= max_lag_entries => break,
+                .map(|m| (m.match_index, m.lag_entries));
+            match progress {
+                // It has answered, and is close enough (the leader checks too).
+                Some((matched, lag)) if matched > 0 && lag <= max_lag_entries => break,
                 Some(_) => {}
                 None => {
                     return Err(ClerkError::Rejected(format!(

@@ -43,9 +43,9 @@ fn refusal(error: &ConfChangeError) -> protobuf::MessageField<ReplyHeader> {
         ConfChangeError::NotLeader { hint } => {
             header(ErrorCode::NOT_LEADER, *hint, error.to_string())
         }
-        ConfChangeError::LeaderNotReady | ConfChangeError::TransferInProgress { .. } => {
-            header(ErrorCode::BUSY, 0, error.to_string())
-        }
+        ConfChangeError::LeaderNotReady
+        | ConfChangeError::TransferInProgress { .. }
+        | ConfChangeError::LearnerBehind { .. } => header(ErrorCode::BUSY, 0, error.to_string()),
         _ => header(ErrorCode::INVALID_ARGUMENT, 0, error.to_string()),
     }
 }
