@@ -181,6 +181,17 @@ fn replace_a_killed_node_under_load() {
     // Node 3 dies with its disk: remove it, then add a new node in its place.
     cluster.kill(3);
     std::fs::remove_dir_all(cluster.data_dir(3)).expect("wipe node 3");
+    // Back under its old id with an empty disk: refused, loudly.
+    cluster.start_node(3);
+    let status = cluster.wait_exit(3, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", cluster.log(3));
+    assert!(
+        cluster
+            .log(3)
+            .contains("may not come back under its old id"),
+        "{}",
+        cluster.log(3)
+    );
     let out = clerk_ok(&cluster, &["member", "remove", "3"]);
     assert!(out.contains("removed node 3"), "{out}");
     let joiner = start_joiner(&cluster, 4);

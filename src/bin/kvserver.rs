@@ -153,6 +153,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A wiped disk is a new member: refuse to bootstrap on an empty data
+    // directory when the cluster has already started.
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config.node_data_dir(args.id));
+    let empty = std::fs::read_dir(&data_dir).map_or(true, |mut entries| entries.next().is_none());
+    if empty && !args.join {
+        if let Some((peer, term)) =
+            kvstore_raft::clerk::member::started_cluster_peer(&config, args.id)
+        {
+            eprintln!(
+                "kvserver: node {}: data directory {} is empty but the cluster has already \
+                 started (node {peer} is at term {term}): a node that lost its disk may not \
+                 come back under its old id; remove it (clerk member remove {}) and start a new \
+                 node with --join, then clerk member add",
+                args.id,
+                data_dir.display(),
+                args.id
+            );
+            return ExitCode::from(1);
+        }
+    }
     let signals = block_stop_signals();
     let start = StartOptions {
         fs: None,

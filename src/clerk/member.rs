@@ -336,3 +336,27 @@ pub fn run_command(
         MemberCommand::TransferLeader { id } => clerk.transfer_leader(*id),
     }
 }
+
+/// A node that starts with an empty data directory and not `--join` claims
+/// to be a member of a cluster that has never started. If another node of
+/// the file has a term or a log already, the cluster has started and this
+/// node's disk was lost (or is someone else's): coming back under its old
+/// id, with no memory of its votes and log, could elect two leaders in one
+/// term. Returns the first such node (id, term), if any answers. When no
+/// node answers (all are starting together), it is a first start.
+pub fn started_cluster_peer(config: &crate::config::ClusterConfig, me: u64) -> Option<(u64, u64)> {
+    let options = super::ClerkOptions {
+        timeout: Duration::from_secs(2),
+        attempt_timeout_ms: 500,
+        client_token: None,
+        client_id: None,
+    };
+    let clerk = Clerk::new(config, options);
+    clerk
+        .status_all()
+        .into_iter()
+        .filter(|view| view.id != me)
+        .filter_map(|view| view.status.ok())
+        .find(|status| status.term > 0 || status.last_index > 0)
+        .map(|status| (status.id, status.term))
+}
