@@ -216,5 +216,12 @@ fn replace_a_killed_node_under_load() {
         assert_eq!(output.status.code(), Some(3), "clerk {args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "clerk {args:?}: {stderr}");
     }
+    // Removing the leader succeeds (exit 0) although it steps down at once.
+    let json: serde_json::Value =
+        serde_json::from_str(&clerk_ok(&cluster, &["member", "list", "--json"])).expect("json");
+    let leader = json["leader"].as_u64().expect("a leader");
+    clerk_ok(&cluster, &["member", "remove", &leader.to_string()]);
+    let left: Vec<u64> = [1, 2, 4].into_iter().filter(|&id| id != leader).collect();
+    assert_eq!(voters(&cluster), left);
     drop(joiner);
 }

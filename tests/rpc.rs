@@ -68,6 +68,21 @@ impl KvStoreService for TestService {
         reply.role = "leader".into();
         responder.send(reply);
     }
+    fn members(&self, _: MembersRequest, responder: Responder<MembersReply>) {
+        TestService::unsupported(responder);
+    }
+    fn change_member(&self, _: MemberChangeRequest, responder: Responder<MemberChangeReply>) {
+        TestService::unsupported(responder);
+    }
+    fn transfer_leader(&self, _: TransferLeaderRequest, responder: Responder<TransferLeaderReply>) {
+        TestService::unsupported(responder);
+    }
+}
+
+impl TestService {
+    fn unsupported<R: Message>(responder: Responder<R>) {
+        responder.send_error(RpcCode::BadRequest, "not served by the test service");
+    }
 }
 
 impl RaftService for TestService {

@@ -137,15 +137,16 @@ pub fn change(
     };
     reply.index = index;
     reply.term = term;
-    // Still leader of the same term with commit past the entry: the entry
-    // there is ours, so the change is committed.
+    // Commit past the entry in the same term: this node was that term's only
+    // leader, so the entry there is ours and the change is committed (a
+    // leader that removed itself has stepped down by then, in that term).
     while Instant::now() < deadline {
         let status = node.status();
+        if status.term == term && status.commit >= index {
+            return reply;
+        }
         if status.term != term || status.role != Role::Leader {
             break;
-        }
-        if status.commit >= index {
-            return reply;
         }
         std::thread::sleep(Duration::from_millis(POLL_MS));
     }

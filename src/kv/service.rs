@@ -261,9 +261,10 @@ impl KvStoreService for KvService {
 
     fn members(&self, request: MembersRequest, responder: Responder<MembersReply>) {
         if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
-            let mut reply = MembersReply::default();
-            reply.header = refused(error, message);
-            return responder.send(reply);
+            return responder.send(MembersReply {
+                header: refused(error, message),
+                ..Default::default()
+            });
         }
         responder.send(super::membership::members(
             &self.node,
@@ -273,9 +274,10 @@ impl KvStoreService for KvService {
 
     fn change_member(&self, request: MemberChangeRequest, responder: Responder<MemberChangeReply>) {
         if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
-            let mut reply = MemberChangeReply::default();
-            reply.header = refused(error, message);
-            return responder.send(reply);
+            return responder.send(MemberChangeReply {
+                header: refused(error, message),
+                ..Default::default()
+            });
         }
         let timeout = self.options.request_timeout;
         responder.send(super::membership::change(&self.node, &request, timeout));
@@ -287,9 +289,10 @@ impl KvStoreService for KvService {
         responder: Responder<TransferLeaderReply>,
     ) {
         if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
-            let mut reply = TransferLeaderReply::default();
-            reply.header = refused(error, message);
-            return responder.send(reply);
+            return responder.send(TransferLeaderReply {
+                header: refused(error, message),
+                ..Default::default()
+            });
         }
         let timeout = self.options.request_timeout;
         responder.send(super::membership::transfer(&self.node, &request, timeout));

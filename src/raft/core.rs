@@ -1358,14 +1358,12 @@ impl RaftCore {
                 };
                 self.handle_snapshot_chunk(from, chunk);
             }
-            MessageBody::TimeoutNow => {
-                // Our leader hands over: campaign now, without pre-vote (the
-                // leader vouches that we are up to date). A non-voter ignores it.
-                if self.is_voter() {
-                    self.accept_leader(from);
-                    self.become_candidate();
-                    self.start_vote_round(true);
-                }
+            // Our leader hands over: campaign now, without pre-vote (the
+            // leader vouches that we are up to date). A non-voter ignores it.
+            MessageBody::TimeoutNow if self.is_voter() => {
+                self.accept_leader(from);
+                self.become_candidate();
+                self.start_vote_round(true);
             }
             // Responses meant for a leader we no longer are.
             _ => {}

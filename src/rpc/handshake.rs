@@ -611,6 +611,7 @@ mod tests {
         ServerAuth {
             credentials,
             members: vec![1, 2, 3],
+            open_membership: false,
             peer_services: vec![2],
             timeout_ms: 2_000,
         }
