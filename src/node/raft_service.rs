@@ -36,15 +36,9 @@ impl RaftServiceHandler {
         responder: Responder<R>,
         to_reply: fn(Message) -> Option<R>,
     ) {
-        if let Err(what) = wire::check_numbers(&message) {
-            log::warn!("node {}: refusing a Raft request: {what}", self.id);
-            return responder.send_error(RpcCode::BadRequest, &what);
-        }
-        if let Some(filter) = &self.link_filter {
-            if !filter(message.from, self.id) {
-                return;
-            }
-        }
+        let Some(responder) = self.admit(&message, responder) else {
+            return;
+        };
         let id = self.id;
         let reply = Box::new(move |response: Message| match to_reply(response) {
             Some(reply) => responder.send(reply),
@@ -62,6 +56,29 @@ impl RaftServiceHandler {
                 self.id
             );
         }
+    }
+}
+
+impl RaftServiceHandler {
+    /// A message with an impossible term or index is answered `BadRequest`;
+    /// one over a cut link is dropped (its responder fails the call). Returns
+    /// the responder when the message may go on.
+    fn admit<R: protobuf::Message>(
+        &self,
+        message: &Message,
+        responder: Responder<R>,
+    ) -> Option<Responder<R>> {
+        if let Err(what) = wire::check_numbers(message) {
+            log::warn!("node {}: refusing a Raft request: {what}", self.id);
+            responder.send_error(RpcCode::BadRequest, &what);
+            return None;
+        }
+        if let Some(filter) = &self.link_filter {
+            if !filter(message.from, self.id) {
+                return None;
+            }
+        }
+        Some(responder)
     }
 }
 
@@ -118,15 +135,9 @@ impl RaftService for RaftServiceHandler {
         responder: Responder<pb::TimeoutNowReply>,
     ) {
         let message = wire::timeout_now_from_wire(request);
-        if let Err(what) = wire::check_numbers(&message) {
-            log::warn!("node {}: refusing a Raft request: {what}", self.id);
-            return responder.send_error(RpcCode::BadRequest, &what);
-        }
-        if let Some(filter) = &self.link_filter {
-            if !filter(message.from, self.id) {
-                return;
-            }
-        }
+        let Some(responder) = self.admit(&message, responder) else {
+            return;
+        };
         responder.send(pb::TimeoutNowReply {
             term: message.term,
             from: self.id,
