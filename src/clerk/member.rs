@@ -343,20 +343,39 @@ pub fn run_command(
 /// node's disk was lost (or is someone else's): coming back under its old
 /// id, with no memory of its votes and log, could elect two leaders in one
 /// term. Returns the first such node (id, term), if any answers. When no
-/// node answers (all are starting together), it is a first start.
+/// node answers (all are starting together), it is a first start. The
+/// question is asked with this node's own credentials (cluster id, node id,
+/// secret), so a node that cannot prove it belongs to the cluster learns
+/// nothing and is refused as a peer later, as before.
 pub fn started_cluster_peer(config: &crate::config::ClusterConfig, me: u64) -> Option<(u64, u64)> {
-    let options = super::ClerkOptions {
-        timeout: Duration::from_secs(2),
-        attempt_timeout_ms: 500,
-        client_token: None,
-        client_id: None,
+    use crate::rpc::{ClientConfig, Credentials, RpcClient};
+    let rpc_config = ClientConfig {
+        connect_timeout_ms: 500,
+        call_timeout_ms: 1_000,
+        max_frame_bytes: config.max_frame_bytes,
     };
-    let clerk = Clerk::new(config, options);
-    clerk
-        .status_all()
-        .into_iter()
-        .filter(|view| view.id != me)
-        .filter_map(|view| view.status.ok())
-        .find(|status| status.term > 0 || status.last_index > 0)
-        .map(|status| (status.id, status.term))
+    let credentials = Credentials {
+        cluster_id: config.cluster_id.clone(),
+        node_id: me,
+        secret: config.secret.clone(),
+    };
+    let request = crate::proto::kvstore::StatusRequest {
+        header: super::request_header(0, 0, config.client_token.as_deref()),
+        ..Default::default()
+    };
+    config
+        .raft_nodes
+        .iter()
+        .filter(|node| node.id != me)
+        .find_map(|node| {
+            let channel: super::NodeChannel = Box::new(
+                RpcClient::new(node.addr(), rpc_config.clone())
+                    .with_credentials(credentials.clone()),
+            );
+            let status = crate::rpc::services::KvStoreStub::new(channel)
+                .status(&request)
+                .ok()?;
+            let ok = status.header.as_ref().is_none_or(|h| h.error.value() == 0);
+            (ok && (status.term > 0 || status.last_index > 0)).then_some((node.id, status.term))
+        })
 }
