@@ -386,3 +386,69 @@ fn a_flipped_byte_in_a_received_snapshot_is_refused_before_the_swap() {
     let reopened = open(dir.path());
     assert!(reopened == replica(&entries, 100));
 }
+
+/// The snapshot stream (src/kv/snapshot_stream.rs) carries a node's whole state: a state
+/// machine's engine streamed in small chunks into another node's data directory, swapped in
+/// and opened as a restart opens it, equals a replica at the same index — keys, sessions and
+/// clock — and the restarted node goes on applying the log after it. A build cut before its
+/// end (the process dies) leaves that node's old state, and the next start removes the
+/// half-built directory.
+#[test]
+fn a_streamed_engine_opens_as_the_same_state_and_a_cut_stream_changes_nothing() {
+    use kvstore_raft::kv::snapshot_stream::{SnapshotBuilder, SnapshotReader};
+    let entries = entries(900);
+    let leader = tempfile::tempdir().unwrap();
+    let mut machine = open(leader.path());
+    apply_range(&mut machine, &entries, 0, 500, 64);
+    let view = machine.engine().unwrap().view();
+    // Writes go on while the view is read.
+    apply_range(&mut machine, &entries, 500, 600, 64);
+    let mut chunks = Vec::new();
+    let summary = SnapshotReader::new(view, 2048)
+        .unwrap()
+        .for_each_chunk(|chunk| {
+            chunks.push(chunk.to_vec());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(summary.meta.applied_index, 500);
+    assert!(summary.sessions > 0 && chunks.len() > 10, "{summary:?}");
+
+    let follower = tempfile::tempdir().unwrap();
+    let mut old = open(follower.path());
+    apply_range(&mut old, &entries, 0, 100, 64);
+    drop(old);
+    // Cut after half the chunks: the process dies, the old engine stays.
+    let mut builder = SnapshotBuilder::new(&live(follower.path()), CACHE_BYTES).unwrap();
+    for chunk in &chunks[..chunks.len() / 2] {
+        builder.push(chunk).unwrap();
+    }
+    drop(builder);
+    assert!(engine::incoming_dir(&live(follower.path())).exists());
+    let reopened = open(follower.path());
+    assert!(!engine::incoming_dir(&live(follower.path())).exists());
+    assert!(reopened == replica(&entries, 100), "the old state, whole");
+    drop(reopened);
+
+    let mut builder = SnapshotBuilder::new(&live(follower.path()), CACHE_BYTES).unwrap();
+    for chunk in &chunks {
+        builder.push(chunk).unwrap();
+    }
+    builder.finish().unwrap().swap_in().unwrap();
+    let streamed = open(follower.path());
+    assert_eq!(streamed.applied_index(), 500);
+    assert!(
+        streamed == replica(&entries, 500),
+        "the leader's state at 500"
+    );
+    drop(streamed);
+    let compacted = Snapshot {
+        meta: SnapshotMeta {
+            index: 500,
+            term: 1,
+        },
+        data: Arc::new(Vec::new()),
+    };
+    let restarted = restart(follower.path(), Some(&compacted), &entries, 900);
+    assert!(restarted == replica(&entries, 900));
+}

@@ -353,6 +353,26 @@ impl EngineView {
         limit: usize,
         mut each: impl FnMut(&[u8], &[u8]),
     ) -> Result<usize, EngineError> {
+        let mut visited = 0;
+        self.scan_while(after, |key, value| {
+            if visited == limit {
+                return false;
+            }
+            each(key, value);
+            visited += 1;
+            true
+        })?;
+        Ok(visited)
+    }
+
+    /// Calls `each` with the keys after `after` (from the first key when `None`), in key
+    /// order, checksums verified, until it returns `false` (that key is then not consumed:
+    /// the caller resumes after the last key it kept) or the view ends.
+    pub fn scan_while(
+        &self,
+        after: Option<&[u8]>,
+        mut each: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
         let engine = &self.engine;
         let lower = match after {
             Some(after) => std::ops::Bound::Excluded(data_key(after)),
@@ -361,17 +381,17 @@ impl EngineView {
         let range = self
             .snapshot
             .range::<Vec<u8>, _>(&engine.data, (lower, std::ops::Bound::Unbounded));
-        let mut visited = 0;
-        for guard in range.take(limit) {
+        for guard in range {
             let (stored, row) = guard.into_inner().map_err(|e| engine.error(e))?;
             let key = stored.strip_prefix(DATA_KEY_PREFIX).ok_or_else(|| {
                 engine.error(format!("a stored {} without its prefix", key_name(&stored)))
             })?;
             let value = engine.unseal(key, &row, || key_name(key))?;
-            each(key, &value);
-            visited += 1;
+            if !each(key, &value) {
+                break;
+            }
         }
-        Ok(visited)
+        Ok(())
     }
 }
 

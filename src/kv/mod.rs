@@ -7,6 +7,7 @@ pub mod engine;
 pub mod membership;
 pub mod server;
 pub mod service;
+pub mod snapshot_stream;
 pub mod state_machine;
 pub mod store;
 pub mod waiters;

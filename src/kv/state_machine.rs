@@ -51,7 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::engine::{Engine, EngineBatch, EngineMeta};
-use super::store::{Store, MAX_BATCH_KEYS};
+use super::store::Store;
 
 use protobuf::{Enum, EnumOrUnknown, Message};
 
@@ -342,6 +342,9 @@ pub struct KvStateMachine {
     /// The cluster clock: the largest `stamp_ms` applied so far.
     clock_ms: u64,
     applied_index: u64,
+    /// The applied index of the last commit to the store: entries after it are applied in
+    /// memory (the store's overlay, the sessions) but not yet written to the engine.
+    committed_index: u64,
 }
 
 impl fmt::Debug for KvStateMachine {
@@ -380,6 +383,7 @@ impl KvStateMachine {
             activity: BTreeSet::new(),
             clock_ms: 0,
             applied_index: 0,
+            committed_index: 0,
         }
     }
 
@@ -391,6 +395,7 @@ impl KvStateMachine {
         let sessions = engine.sessions().map_err(storage)?;
         let mut machine = KvStateMachine::with_store(options, Store::engine(engine));
         machine.applied_index = meta.applied_index;
+        machine.committed_index = meta.applied_index;
         machine.clock_ms = meta.clock_ms;
         for (client_id, bytes) in sessions {
             let mut reader = Reader {
@@ -467,13 +472,13 @@ impl KvStateMachine {
 
     /// [`apply`](Self::apply), then: the storage failure it met, if any (the node must stop
     /// and must not send the outcome); otherwise the outcome, with the batch committed (not
-    /// durably) once it holds [`MAX_BATCH_KEYS`] keys, which bounds its memory.
+    /// durably) once it is full ([`Store::batch_is_full`]), which bounds its memory.
     pub fn apply_checked(&mut self, index: u64, data: &[u8]) -> Result<ApplyOutcome, KvError> {
         let outcome = self.apply(index, data);
         if let Some(error) = self.storage_error.clone() {
             return Err(error);
         }
-        if self.store.pending_keys() >= MAX_BATCH_KEYS {
+        if self.store.batch_is_full() {
             self.commit_batch(false)?;
         }
         Ok(outcome)
@@ -505,7 +510,14 @@ impl KvStateMachine {
             let error = KvError::Storage(e.to_string());
             self.storage_error = Some(error.clone());
             error
-        })
+        })?;
+        self.committed_index = self.applied_index;
+        Ok(())
+    }
+
+    /// Whether entries were applied since the last [`commit_batch`](Self::commit_batch).
+    pub fn has_uncommitted(&self) -> bool {
+        self.applied_index != self.committed_index || self.store.pending_keys() > 0
     }
 
     /// Applies the committed log entry at `index`, whose data is `data`.
@@ -850,7 +862,7 @@ impl KvStateMachine {
             }
             last = Some(key.clone());
             self.set_value(key, value);
-            if self.store.pending_keys() >= MAX_BATCH_KEYS {
+            if self.store.batch_is_full() {
                 self.commit_batch(false)?;
             }
         }

@@ -10,9 +10,13 @@ use std::collections::BTreeMap;
 
 use super::engine::{Engine, EngineBatch, EngineError, EngineView};
 
-/// The most keys one batch holds before the state machine commits it: bounds the overlay's
-/// memory whatever the size of an apply task.
+/// The most keys one batch holds before the state machine commits it: with
+/// [`MAX_BATCH_BYTES`], bounds the overlay's memory whatever the size of an apply task and
+/// however long the apply thread waits between commits.
 pub const MAX_BATCH_KEYS: usize = 8192;
+
+/// The most bytes of keys and values one batch holds before the state machine commits it.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
 
 enum Base {
     Memory(BTreeMap<Vec<u8>, Vec<u8>>),
@@ -23,6 +27,9 @@ pub struct Store {
     base: Base,
     /// Writes not yet committed; `None` is a delete.
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Bytes of keys and values written into the overlay since the last commit (overwrites
+    /// counted again: an upper bound of what it holds).
+    overlay_bytes: usize,
 }
 
 impl Store {
@@ -30,6 +37,7 @@ impl Store {
         Store {
             base: Base::Memory(BTreeMap::new()),
             overlay: BTreeMap::new(),
+            overlay_bytes: 0,
         }
     }
 
@@ -37,6 +45,7 @@ impl Store {
         Store {
             base: Base::Engine(engine),
             overlay: BTreeMap::new(),
+            overlay_bytes: 0,
         }
     }
 
@@ -66,6 +75,7 @@ impl Store {
                 map.insert(key, value);
             }
             Base::Engine(_) => {
+                self.overlay_bytes += key.len() + value.len();
                 self.overlay.insert(key, Some(value));
             }
         }
@@ -77,6 +87,7 @@ impl Store {
                 map.remove(&key);
             }
             Base::Engine(_) => {
+                self.overlay_bytes += key.len();
                 self.overlay.insert(key, None);
             }
         }
@@ -87,9 +98,16 @@ impl Store {
         self.overlay.len()
     }
 
+    /// Whether the writes since the last commit reached [`MAX_BATCH_KEYS`] or
+    /// [`MAX_BATCH_BYTES`]: the batch must be committed now.
+    pub fn batch_is_full(&self) -> bool {
+        self.overlay.len() >= MAX_BATCH_KEYS || self.overlay_bytes >= MAX_BATCH_BYTES
+    }
+
     /// Writes the overlay, `sessions` and `meta` in one atomic batch (durable with `durable`).
     pub fn commit(&mut self, mut batch: EngineBatch, durable: bool) -> Result<(), EngineError> {
         batch.data = std::mem::take(&mut self.overlay);
+        self.overlay_bytes = 0;
         match &mut self.base {
             Base::Memory(_) => Ok(()),
             Base::Engine(engine) => engine.commit(&batch, durable),
