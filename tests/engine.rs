@@ -443,6 +443,7 @@ fn a_streamed_engine_opens_as_the_same_state_and_a_cut_stream_changes_nothing() 
     );
     drop(streamed);
     let compacted = Snapshot {
+        membership: Default::default(),
         meta: SnapshotMeta {
             index: 500,
             term: 1,
