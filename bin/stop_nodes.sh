@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Stops the nodes bin/start_nodes.sh started for a cluster file:
-#   bin/stop_nodes.sh [--config FILE]         (default conf/cluster.json)
+#   bin/stop_nodes.sh [--config FILE] [--id N] (default conf/cluster.json)
+# With --id N only node N is stopped (a rolling restart: stop one, start it
+# again with bin/start_nodes.sh, which leaves running nodes alone); when N
+# leads, leadership is first handed to another voter (`clerk
+# transfer-leader`), so clients see no election gap.
 # Sends SIGTERM to each pid in logs/<config name>/node<N>.pid that is a live
 # kvserver, waits up to 10 s for them to exit, then sends SIGKILL to any that
 # remain. Pid files are removed. Processes are found by pid file only, never
 # by name, so other clusters and other programs are left alone.
 set -euo pipefail
 
-usage() { echo "usage: bin/stop_nodes.sh [--config FILE]"; }
+usage() { echo "usage: bin/stop_nodes.sh [--config FILE] [--id N]"; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG="conf/cluster.json"
+ONLY_ID=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --id)
+            [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || { echo "stop_nodes.sh: --id needs a node id" >&2; exit 3; }
+            ONLY_ID="$2"; shift 2 ;;
         --config)
             [[ $# -ge 2 ]] || { echo "stop_nodes.sh: --config needs a FILE" >&2; exit 3; }
             CONFIG="$2"; shift 2 ;;
@@ -35,8 +43,37 @@ is_kvserver() {
     [[ "$(basename -- "$argv0")" == kvserver ]]
 }
 
+# Hands leadership away from node $1 if it leads: asks the cluster who leads
+# and which voters there are, and transfers to the first other voter. A
+# failure is reported and the stop goes on (an election then replaces it).
+transfer_away_from() {
+    local id="$1" clerk="$ROOT/target/release/clerk" config="$CONFIG" list leader target
+    [[ -x "$clerk" ]] || return 0
+    [[ "$config" == /* || -f "$config" ]] || config="$ROOT/$config"
+    CONFIG="$config"
+    list="$("$clerk" --config "$CONFIG" --timeout 5 member list --json 2>/dev/null)" || return 0
+    leader="$(grep -o '"leader":[0-9]*' <<<"$list" | head -n 1 | cut -d: -f2)"
+    [[ "$leader" == "$id" ]] || return 0
+    target="$(grep -o '"id":[0-9]*,"address":"[^"]*","role":"voter"' <<<"$list" \
+        | cut -d, -f1 | cut -d: -f2 | grep -vx "$id" | head -n 1)"
+    if [[ -z "$target" ]]; then
+        echo "node $id leads and no other voter can take over" >&2
+        return 0
+    fi
+    if "$clerk" --config "$CONFIG" --timeout 5 transfer-leader "$target"; then
+        echo "node$id: handed leadership to node $target"
+    else
+        echo "node$id: leadership transfer to node $target failed; stopping anyway" >&2
+    fi
+}
+
 shopt -s nullglob
-PID_FILES=("$LOG_DIR"/node*.pid)
+if [[ -n "$ONLY_ID" ]]; then
+    PID_FILES=("$LOG_DIR"/node"$ONLY_ID".pid)
+    [[ ${#PID_FILES[@]} -gt 0 ]] && transfer_away_from "$ONLY_ID"
+else
+    PID_FILES=("$LOG_DIR"/node*.pid)
+fi
 if [[ ${#PID_FILES[@]} -eq 0 ]]; then
     echo "no pid files in $LOG_DIR: no nodes to stop"
     exit 0

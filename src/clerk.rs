@@ -17,6 +17,7 @@
 //! ([`Route`], [`Attempts`]) do no I/O, so the load generator's multiplexed
 //! clients follow exactly the same ones without a thread each.
 
+pub mod member;
 mod status;
 
 pub use self::status::json_object;
@@ -34,9 +35,10 @@ use crate::kv::backup::{BackupHeader, BackupInfo, BackupWriter};
 use crate::kv::waiters::NOT_LEADER_NOTHING_PROPOSED;
 use crate::proto::kvstore::{
     AppendReply, AppendRequest, CasReply, CasRequest, DeleteReply, DeleteRequest, ErrorCode,
-    ExecReply, ExecRequest, GetReply, GetRequest, OpReply, OpenSessionReply, OpenSessionRequest,
-    PutReply, PutRequest, ReadOp, ReplyHeader, RequestHeader, SnapshotChunkReply,
-    SnapshotChunkRequest, StatusReply, StatusRequest, WriteOp,
+    ExecReply, ExecRequest, GetReply, GetRequest, MemberChangeReply, MembersReply, OpReply,
+    OpenSessionReply, OpenSessionRequest, PutReply, PutRequest, ReadOp, ReplyHeader, RequestHeader,
+    SnapshotChunkReply, SnapshotChunkRequest, StatusReply, StatusRequest, TransferLeaderReply,
+    WriteOp,
 };
 use crate::raft::SplitMix64;
 use crate::rpc::services::KvStoreStub;
@@ -266,10 +268,7 @@ impl Clerk {
             key: key.as_ref().to_vec(),
             ..Default::default()
         };
-        let deadline = Instant::now() + self.options.timeout;
-        let mut reply = self
-            .call(Attempts::new(deadline), |stub| stub.get(&request))
-            .map_err(CallError::into_clerk_error)?;
+        let mut reply = self.call_without_session(|stub| stub.get(&request))?;
         Ok(reply.found.then(|| std::mem::take(&mut reply.value)))
     }
 
@@ -371,10 +370,7 @@ impl Clerk {
                 reads,
                 ..Default::default()
             };
-            let deadline = Instant::now() + self.options.timeout;
-            let reply = self
-                .call(Attempts::new(deadline), |stub| stub.exec(&request))
-                .map_err(CallError::into_clerk_error)?;
+            let reply = self.call_without_session(|stub| stub.exec(&request))?;
             return Ok(reply.replies);
         }
         let mut request = ExecRequest {
@@ -604,6 +600,18 @@ impl Clerk {
         self.last_seq = 0;
         self.sessions_opened += 1;
         Ok(session)
+    }
+
+    /// Sends a request that carries no session (reads, OpenSession, the operator's
+    /// membership requests) until a node answers it, a node rejects it, or the clerk's
+    /// timeout passes; retried freely, as such a request changes nothing when repeated.
+    fn call_without_session<Rep: HasReplyHeader>(
+        &mut self,
+        attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
+    ) -> Result<Rep, ClerkError> {
+        let deadline = Instant::now() + self.options.timeout;
+        self.call(Attempts::new(deadline), attempt)
+            .map_err(CallError::into_clerk_error)
     }
 
     /// Sends one request until a node answers it, a node rejects it, or the
@@ -971,7 +979,10 @@ has_reply_header!(
     CasReply,
     ExecReply,
     StatusReply,
-    OpenSessionReply
+    OpenSessionReply,
+    MembersReply,
+    MemberChangeReply,
+    TransferLeaderReply
 );
 
 /// A random non-zero client id. Wall-clock nanoseconds, the process id and a

@@ -204,7 +204,10 @@ fn nodes_of_another_cluster_or_with_a_wrong_secret_are_refused_and_disrupt_nothi
         "{line}"
     );
     assert!(line.contains("peer 127.0.0.1:"), "{line}");
-    let line = wait_for_line("a cluster node", r#"theirs "beta")"#, || {
+    // (The rogue's own start first asks the file's nodes for their status
+    // as a clerk, node 0, to see whether the cluster has started: that
+    // refusal is logged too, so the peer connection's line is looked for.)
+    let line = wait_for_line("a cluster node", r#"(node 4): cluster id mismatch"#, || {
         node_logs(&cluster)
     });
     assert!(

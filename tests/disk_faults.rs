@@ -173,6 +173,7 @@ struct Workload {
 
 fn snapshot(index: u64, term: u64, step: usize) -> Snapshot {
     Snapshot {
+        membership: Default::default(),
         meta: SnapshotMeta { index, term },
         data: Arc::new(format!("state machine at {index}, step {step}").into_bytes()),
     }
@@ -290,6 +291,7 @@ fn next_batch(rng: &mut SplitMix64, model: &State, step: usize) -> (HardState, V
     let count = rng.range(0, 7);
     let batch: Vec<Entry> = (first..first + count)
         .map(|index| Entry {
+            kind: Default::default(),
             index,
             term,
             data: vec![(step as u8) ^ (index as u8); rng.range(0, 200) as usize],
@@ -619,6 +621,7 @@ fn check_recovery(crash: &Crash, segment_bytes: u64, context: &str) -> &'static 
         );
     }
     let next = Entry {
+        kind: Default::default(),
         index: first.last_index() + 1,
         term: first.hard_state.term,
         data: b"after recovery".to_vec(),
@@ -932,6 +935,7 @@ fn crash_after_renaming_a_snapshot_beyond_the_log_is_repaired() {
     fn entries(first: u64, last: u64) -> Vec<Entry> {
         (first..=last)
             .map(|index| Entry {
+                kind: Default::default(),
                 index,
                 term: 2,
                 data: vec![index as u8; 9],

@@ -163,6 +163,7 @@ fn a_checkpoint_then_a_crash_then_compaction_keeps_the_state_whole() {
     // The WAL was compacted to 300 (a snapshot file with the index and no data) and holds
     // entries after it up to 700.
     let compacted = Snapshot {
+        membership: Default::default(),
         meta: SnapshotMeta {
             index: 300,
             term: 1,
@@ -182,6 +183,7 @@ fn an_engine_behind_a_compacted_log_without_data_refuses_to_start() {
     drop(machine);
     // A log compacted at 150 although the engine holds 100: durable writes were lost.
     let compacted = Snapshot {
+        membership: Default::default(),
         meta: SnapshotMeta {
             index: 150,
             term: 1,
@@ -217,6 +219,7 @@ fn a_crash_at_every_step_of_installing_a_snapshot_leaves_the_old_or_the_new_stat
     let leader = replica(&entries, 1_000);
     let bytes = leader.snapshot();
     let snapshot = Snapshot {
+        membership: Default::default(),
         meta: SnapshotMeta {
             index: 1_000,
             term: 2,
@@ -383,6 +386,7 @@ fn a_flipped_byte_in_a_received_snapshot_is_refused_before_the_swap() {
     machine.commit_batch(true).unwrap();
     drop(machine);
     let snapshot = Snapshot {
+        membership: Default::default(),
         meta: SnapshotMeta {
             index: 300,
             term: 1,
@@ -452,6 +456,7 @@ fn a_streamed_engine_opens_as_the_same_state_and_a_cut_stream_changes_nothing() 
     );
     drop(streamed);
     let compacted = Snapshot {
+        membership: Default::default(),
         meta: SnapshotMeta {
             index: 500,
             term: 1,

@@ -93,6 +93,21 @@ impl KvStoreService for TestService {
         reply.role = "leader".into();
         responder.send(reply);
     }
+    fn members(&self, _: MembersRequest, responder: Responder<MembersReply>) {
+        TestService::unsupported(responder);
+    }
+    fn change_member(&self, _: MemberChangeRequest, responder: Responder<MemberChangeReply>) {
+        TestService::unsupported(responder);
+    }
+    fn transfer_leader(&self, _: TransferLeaderRequest, responder: Responder<TransferLeaderReply>) {
+        TestService::unsupported(responder);
+    }
+}
+
+impl TestService {
+    fn unsupported<R: Message>(responder: Responder<R>) {
+        responder.send_error(RpcCode::BadRequest, "not served by the test service");
+    }
 }
 
 impl RaftService for TestService {
@@ -130,6 +145,15 @@ impl RaftService for TestService {
         let mut reply = InstallSnapshotReply::new();
         reply.next_offset = request.offset + request.data.len() as u64;
         reply.success = true;
+        responder.send(reply);
+    }
+    fn timeout_now(
+        &self,
+        request: kvstore_raft::proto::kvstore::TimeoutNowRequest,
+        responder: Responder<kvstore_raft::proto::kvstore::TimeoutNowReply>,
+    ) {
+        let mut reply = kvstore_raft::proto::kvstore::TimeoutNowReply::new();
+        reply.term = request.term;
         responder.send(reply);
     }
 }

@@ -49,6 +49,7 @@ fn open(fs: &SimFs, dir: &Path, context: &str) -> (DiskStorage, RestoredState) {
 
 fn entry(index: u64, term: u64, tag: u64) -> Entry {
     Entry {
+        kind: Default::default(),
         index,
         term,
         data: format!("entry {index} term {term} #{tag}").into_bytes(),
@@ -96,7 +97,14 @@ fn workload(seed: u64) -> Vec<(Step, Model)> {
             };
             model.snapshot = Some(meta);
             let data = Arc::new(format!("state at {index} #{tag}").into_bytes());
-            steps.push((Step::Snapshot(Snapshot { meta, data }), model.clone()));
+            steps.push((
+                Step::Snapshot(Snapshot {
+                    membership: Default::default(),
+                    meta,
+                    data,
+                }),
+                model.clone(),
+            ));
             continue;
         }
         let mut hard_state = model.hard_state;

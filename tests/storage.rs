@@ -35,6 +35,7 @@ fn open_err(dir: &Path, segment_bytes: u64) -> StorageError {
 
 fn entry(index: u64, term: u64) -> Entry {
     Entry {
+        kind: Default::default(),
         index,
         term,
         data: format!("entry {index} of term {term}").into_bytes(),
@@ -52,6 +53,7 @@ fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
 
 fn snapshot(index: u64, term: u64) -> Snapshot {
     Snapshot {
+        membership: Default::default(),
         meta: SnapshotMeta { index, term },
         data: Arc::new(format!("state machine at {index}").into_bytes()),
     }
@@ -307,6 +309,7 @@ fn segment_rollover_with_small_segments() {
             let count = rng.range(1, 8);
             let batch: Vec<Entry> = (next..next + count)
                 .map(|index| Entry {
+                    kind: Default::default(),
                     index,
                     term: 1,
                     data: vec![index as u8; rng.range(0, 100) as usize],
@@ -555,6 +558,7 @@ fn random_operations_match_a_model() {
                     }
                     let batch: Vec<Entry> = (first..first + rng.range(0, 6))
                         .map(|index| Entry {
+                            kind: Default::default(),
                             index,
                             term,
                             data: vec![step as u8; rng.range(0, 40) as usize],

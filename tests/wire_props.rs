@@ -232,6 +232,8 @@ fn start_node(config: &ClusterConfig, id: u64) -> KvServer {
         data_dir: None,
         link_filter: None,
         fault_file: None,
+        join: false,
+        listen: None,
     };
     KvServer::start(config, options).unwrap_or_else(|e| panic!("node {id} does not start: {e}"))
 }

@@ -14,10 +14,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use kvstore_raft::check::KvInput;
+use kvstore_raft::clerk::member::{self, MemberCommand};
 use kvstore_raft::clerk::{
     json_object as object, CasResult, Clerk, ClerkError, ClerkOptions, NodeStatusView,
 };
 use kvstore_raft::config::ClusterConfig;
+use kvstore_raft::kv::server::PROMOTE_MAX_LAG_ENTRIES;
 use serde_json::Value;
 
 const USAGE: &str = "\
@@ -38,6 +40,13 @@ commands:
   snapshot status FILE [--json]
                            check FILE and print what the backup holds
                            (no cluster needed)
+  member list [--json]     the members: id, address, voter or learner, leader, lag
+  member add ID IP:PORT [--learner]
+                           add a node as a learner, wait until it has caught up,
+                           promote it (unless --learner); exit 0 once committed
+  member promote ID        make a learner a voter
+  member remove ID         remove a member (the leader too: it hands over)
+  transfer-leader ID       hand leadership to voter ID; returns once it leads
 
 exit codes: 0 ok, 1 not found / not swapped, 2 no answer before the deadline
 (the outcome is unknown) or cluster unreachable, 3 bad usage, config or request";
@@ -71,6 +80,7 @@ enum Action {
     Shell { json: bool },
     SnapshotSave { path: PathBuf, node: Option<u64> },
     SnapshotStatus { path: PathBuf, json: bool },
+    Member(MemberCommand),
     Help,
 }
 
@@ -141,6 +151,9 @@ fn parse_command(words: &[String]) -> Result<Action, String> {
     let Some(command) = words.first() else {
         return Err("no command given".to_string());
     };
+    if let Some(parsed) = member::parse_command(words) {
+        return parsed.map(Action::Member);
+    }
     match command.as_str() {
         "status" | "shell" => {
             let json = match &words[1..] {
@@ -592,11 +605,29 @@ fn run(cli: Cli) -> Exit {
                 }
             }
         }
+        Action::Member(command) => Ok(run_member(&mut clerk, command, cli.timeout)),
     };
     result.unwrap_or_else(|error| {
         eprintln!("clerk: cannot read stdin or write stdout: {error}");
         Exit::Failed
     })
+}
+
+fn run_member(clerk: &mut Clerk, command: &MemberCommand, timeout: Duration) -> Exit {
+    match member::run_command(clerk, command, PROMOTE_MAX_LAG_ENTRIES, timeout) {
+        Ok(output) => {
+            println!("{output}");
+            Exit::Ok
+        }
+        Err(error @ ClerkError::Rejected(_)) => {
+            eprintln!("clerk: {error}");
+            Exit::Usage
+        }
+        Err(error) => {
+            eprintln!("clerk: {error}");
+            Exit::Failed
+        }
+    }
 }
 
 fn main() -> ExitCode {

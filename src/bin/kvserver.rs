@@ -1,5 +1,5 @@
-//! `kvserver --config FILE --id N [--data-dir DIR] [--log-level LEVEL]
-//! [--fault-file PATH]`: runs
+//! `kvserver --config FILE --id N [--join [--listen IP:PORT]] [--data-dir DIR]
+//! [--log-level LEVEL] [--fault-file PATH]`: runs
 //! one node of the cluster in the foreground until SIGTERM or SIGINT, and
 //! exits non-zero with one line on stderr when it cannot start or when its
 //! storage fails: 2 for a usage or configuration mistake (bad arguments, a
@@ -16,7 +16,7 @@ use kvstore_raft::kv::server::{KvServer, StartError, StartOptions};
 use kvstore_raft::resp::RespServer;
 use kvstore_raft::storage::FaultFile;
 
-const USAGE: &str = "usage: kvserver --config FILE --id N [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]
+const USAGE: &str = "usage: kvserver --config FILE --id N [--join [--listen IP:PORT]] [--data-dir DIR] [--log-level error|warn|info|debug|trace] [--fault-file PATH]
        kvserver restore --from BACKUP --config FILE --id N [--data-dir DIR]";
 
 /// `kvserver restore ...`: seeds node N's (new, empty) data directory from a backup made by
@@ -95,6 +95,8 @@ struct Args {
     data_dir: Option<PathBuf>,
     log_level: log::LevelFilter,
     fault_file: Option<PathBuf>,
+    join: bool,
+    listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
@@ -114,6 +116,17 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         "testing only: before each fsync, `stall` in this file makes it wait, `fail` makes it fail",
         "PATH",
     );
+    opts.optflag(
+        "",
+        "join",
+        "start with no membership and wait to be added (clerk member add)",
+    );
+    opts.optopt(
+        "",
+        "listen",
+        "with --join: the address to serve on, when the file does not list this id",
+        "IP:PORT",
+    );
     opts.optflag("h", "help", "print this help");
     let matches = opts.parse(argv).map_err(|e| e.to_string())?;
     if matches.opt_present("help") {
@@ -128,6 +141,16 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     let id = id
         .parse::<u64>()
         .map_err(|_| format!("--id {id:?} is not a node id (a positive number)"))?;
+    let listen = match matches.opt_str("listen") {
+        None => None,
+        Some(text) => Some(
+            text.parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("--listen {text:?} is not an IP:PORT address"))?,
+        ),
+    };
+    if listen.is_some() && !matches.opt_present("join") {
+        return Err("--listen is only for a node started with --join".to_string());
+    }
     let log_level = match matches.opt_str("log-level").as_deref().unwrap_or("info") {
         "error" => log::LevelFilter::Error,
         "warn" => log::LevelFilter::Warn,
@@ -146,6 +169,8 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         data_dir: matches.opt_str("data-dir").map(PathBuf::from),
         log_level,
         fault_file: matches.opt_str("fault-file").map(PathBuf::from),
+        join: matches.opt_present("join"),
+        listen,
     }))
 }
 
@@ -204,6 +229,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A wiped disk is a new member: refuse to bootstrap on an empty data
+    // directory when the cluster has already started.
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config.node_data_dir(args.id));
+    let empty = std::fs::read_dir(&data_dir).map_or(true, |mut entries| entries.next().is_none());
+    if empty && !args.join {
+        if let Some((peer, term)) =
+            kvstore_raft::clerk::member::started_cluster_peer(&config, args.id)
+        {
+            eprintln!(
+                "kvserver: node {}: data directory {} is empty but the cluster has already \
+                 started (node {peer} is at term {term}): a node that lost its disk may not \
+                 come back under its old id; remove it (clerk member remove {}) and start a new \
+                 node with --join, then clerk member add",
+                args.id,
+                data_dir.display(),
+                args.id
+            );
+            return ExitCode::from(1);
+        }
+    }
     let signals = block_stop_signals();
     let start = StartOptions {
         fs: None,
@@ -211,6 +259,8 @@ fn main() -> ExitCode {
         data_dir: args.data_dir,
         link_filter: None,
         fault_file: args.fault_file.clone(),
+        join: args.join,
+        listen: args.listen,
     };
     let server = match KvServer::start(&config, start) {
         Ok(server) => server,

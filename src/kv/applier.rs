@@ -25,7 +25,7 @@ use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ApplyTask, NodeHandle};
 use crate::proto::kvstore::ErrorCode;
-use crate::raft::{Entry, ProposeError, Snapshot};
+use crate::raft::{Entry, EntryKind, ProposeError, Snapshot};
 use crate::rpc::ReplyBatch;
 
 /// How often expired waiters are answered with TIMEOUT.
@@ -239,9 +239,15 @@ impl Applier {
     }
 
     fn apply(&mut self, entry: Entry) -> Result<(), String> {
+        // A conf-change entry is the core's business: for the state machine
+        // it is a no-op that advances the applied index.
+        let data: &[u8] = match entry.kind {
+            EntryKind::ConfChange => &[],
+            EntryKind::Normal => &entry.data,
+        };
         let outcome = self
             .machine
-            .apply_checked(entry.index, &entry.data)
+            .apply_checked(entry.index, data)
             .map_err(|e| format!("applying entry {}: {e}", entry.index))?;
         // Anything proposed below this index can no longer be applied.
         while let Some((&index, _)) = self.proposed.first_key_value() {
@@ -521,6 +527,8 @@ mod tests {
             peer_connect_timeout_ms: 100,
             credentials: crate::rpc::Credentials::default(),
             link_filter: None,
+            join: false,
+            promote_max_lag_entries: 1000,
         };
         crate::node::Node::start(options, storage, restored)
             .unwrap()
@@ -533,6 +541,7 @@ mod tests {
             value: b"v".to_vec(),
         };
         Entry {
+            kind: Default::default(),
             index,
             term,
             data: encode_command(&make_command(client_id, 1, 0, op)),

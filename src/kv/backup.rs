@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::engine::ENGINE_DIR_NAME;
 use super::snapshot_stream::{SnapshotBuilder, MAX_CHUNK_BYTES};
-use crate::raft::{HardState, Snapshot, SnapshotMeta};
+use crate::raft::{HardState, Membership, Snapshot, SnapshotMeta};
 use crate::storage::{DiskStorage, StorageOptions};
 
 const MAGIC: &[u8; 8] = b"KVBACKUP";
@@ -405,6 +405,9 @@ fn seed(info: &BackupInfo, data_dir: &Path, cache_bytes: u64) -> Result<(), Stri
     storage
         .save_snapshot(&Snapshot {
             meta,
+            // Empty: the new cluster's nodes start from the bootstrap configuration of its
+            // own cluster file (the old cluster's members and addresses do not carry over).
+            membership: Membership::default(),
             data: Arc::new(Vec::new()),
         })
         .map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;

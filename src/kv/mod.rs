@@ -6,6 +6,7 @@ pub mod applier;
 pub mod backup;
 pub mod backup_source;
 pub mod engine;
+pub mod membership;
 pub mod redis_ops;
 pub mod server;
 pub mod service;

@@ -71,6 +71,11 @@ pub struct StartOptions {
     /// The testing hook that stalls or fails this node's fsyncs on request
     /// (`kvserver --fault-file`); `None` in production.
     pub fault_file: Option<PathBuf>,
+    /// `kvserver --join`: start with no configuration and wait to be added
+    /// (the id need not be in the cluster file; see `listen`).
+    pub join: bool,
+    /// The address to serve on, for a node the cluster file does not list.
+    pub listen: Option<std::net::SocketAddr>,
     /// The file system under the storage; `None` is the real one (tests
     /// put nodes on a simulated disk that forgets at a power loss).
     pub fs: Option<Arc<dyn FileSystem>>,
@@ -91,11 +96,17 @@ const MAX_KEY_BYTES: usize = super::engine::MAX_KEY_BYTES;
 
 impl KvServer {
     pub fn start(config: &ClusterConfig, start: StartOptions) -> Result<KvServer, StartError> {
-        let me = config.node(start.id).ok_or_else(|| StartError::UnknownId {
-            id: start.id,
-            known: config.node_ids(),
-        })?;
-        let addr = me.addr();
+        let listed = config.node(start.id).map(|me| me.addr());
+        let addr = match (start.listen, listed) {
+            (Some(addr), _) if start.join => addr,
+            (_, Some(addr)) => addr,
+            _ => {
+                return Err(StartError::UnknownId {
+                    id: start.id,
+                    known: config.node_ids(),
+                })
+            }
+        };
         // Opening the storage takes the directory lock and starts a new WAL
         // segment, and the node writes to it, so try the port first: a port
         // in use then stops the server before it touches the data directory.
@@ -134,6 +145,7 @@ impl KvServer {
             auth: ServerAuth {
                 credentials: node_credentials(config, start.id),
                 members: config.node_ids(),
+                open_membership: true,
                 // Only members that proved the secret may speak Raft.
                 peer_services: vec![raft_ids::SERVICE_ID],
                 ..ServerAuth::default()
@@ -142,7 +154,8 @@ impl KvServer {
             frame_timeout_ms: config.frame_timeout_ms,
             ..ServerConfig::default()
         };
-        let node_options = node_options(config, start.id, start.link_filter);
+        let mut node_options = node_options(config, start.id, start.link_filter);
+        node_options.join = start.join;
         let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
         // A panic on an RPC thread (or in a handler it runs) stops the node, as one on a Raft
         // thread does.
@@ -312,6 +325,11 @@ pub fn open_machine(
         .map_err(|e| StartError::Snapshot(format!("{behind}; rebuilding it failed: {e}")))
 }
 
+/// A learner is promoted to voter only when its log is at most this many
+/// entries behind the leader's: close enough that it catches up within a
+/// few AppendEntries, so the new majority does not wait on it.
+pub const PROMOTE_MAX_LAG_ENTRIES: u64 = 1000;
+
 pub fn node_options(
     config: &ClusterConfig,
     id: NodeId,
@@ -334,6 +352,8 @@ pub fn node_options(
         peer_connect_timeout_ms: config.heartbeat_interval_ms.max(100),
         credentials: node_credentials(config, id),
         link_filter,
+        join: false,
+        promote_max_lag_entries: PROMOTE_MAX_LAG_ENTRIES,
     }
 }
 

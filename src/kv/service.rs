@@ -433,6 +433,53 @@ impl KvStoreService for KvService {
         }
         responder.send(status_reply(&self.node.status()));
     }
+
+    fn members(&self, request: MembersRequest, responder: Responder<MembersReply>) {
+        if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
+            return responder.send(MembersReply {
+                header: refused(error, message),
+                ..Default::default()
+            });
+        }
+        responder.send(super::membership::members(
+            &self.node,
+            self.options.request_timeout,
+        ));
+    }
+
+    fn change_member(&self, request: MemberChangeRequest, responder: Responder<MemberChangeReply>) {
+        if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
+            return responder.send(MemberChangeReply {
+                header: refused(error, message),
+                ..Default::default()
+            });
+        }
+        let timeout = self.options.request_timeout;
+        responder.send(super::membership::change(&self.node, &request, timeout));
+    }
+
+    fn transfer_leader(
+        &self,
+        request: TransferLeaderRequest,
+        responder: Responder<TransferLeaderReply>,
+    ) {
+        if let Err((error, _, message)) = self.authenticate(request.header.as_ref()) {
+            return responder.send(TransferLeaderReply {
+                header: refused(error, message),
+                ..Default::default()
+            });
+        }
+        let timeout = self.options.request_timeout;
+        responder.send(super::membership::transfer(&self.node, &request, timeout));
+    }
+}
+
+fn refused(error: ErrorCode, message: String) -> protobuf::MessageField<ReplyHeader> {
+    protobuf::MessageField::some(ReplyHeader {
+        error: error.into(),
+        message,
+        ..Default::default()
+    })
 }
 
 /// The answer to a status request: what `clerk status` shows, and what the

@@ -17,7 +17,9 @@ use parking_lot::Mutex;
 
 use super::peer::PeerSenders;
 use super::probes::Probes;
-use super::{ApplyTask, ClientRequest, Event, FatalError, RaftReply};
+use super::{
+    AdminReply, AdminRequest, ApplyTask, ClientRequest, Event, FatalError, MembersView, RaftReply,
+};
 use crate::metrics;
 use crate::raft::{Message, MessageBody, NodeId, RaftCore, Role, Snapshot, SnapshotMeta, Status};
 use crate::storage::DiskStorage;
@@ -40,6 +42,8 @@ pub(crate) struct EventLoop {
     pub stopping: Arc<AtomicBool>,
     pub max_batch_requests: usize,
     pub probes: Probes,
+    /// The configuration index the peer links were last made to match.
+    pub synced_conf_index: u64,
 }
 
 /// The four Raft RPCs; each incoming one waits in its own FIFO for the
@@ -192,14 +196,38 @@ impl EventLoop {
                 self.core.step(message);
             }
             Event::Compact { index, data } => self.compact(index, data)?,
+            Event::Admin(request, reply) => {
+                let answer = match request {
+                    AdminRequest::Members => AdminReply::Members(MembersView {
+                        status: self.core.status(),
+                        membership: self.core.membership().clone(),
+                        committed: self.core.committed_membership().clone(),
+                        followers: self.core.followers(),
+                    }),
+                    AdminRequest::Change(change) => {
+                        let term = self.core.term();
+                        AdminReply::Changed(
+                            self.core
+                                .propose_conf_change(change)
+                                .map(|index| (index, term)),
+                        )
+                    }
+                    AdminRequest::TransferLeader(to) => {
+                        AdminReply::TransferStarted(self.core.transfer_leader(to))
+                    }
+                };
+                // The asker may have given up waiting: nothing to do then.
+                let _ = reply.try_send(answer);
+            }
         }
         Ok(())
     }
 
+    /// Requests from any other node are taken: a node learns who the
+    /// members are from the log, so a joining node must hear from a leader
+    /// it does not know yet (the handshake already checked the cluster).
     fn is_for_us(&self, message: &Message) -> bool {
-        message.to == self.core.id()
-            && message.from != self.core.id()
-            && self.peers.is_member(message.from)
+        message.to == self.core.id() && message.from != self.core.id() && message.from != 0
     }
 
     /// Takes up to `max_batch_requests` client requests: proposals become one
@@ -313,6 +341,10 @@ impl EventLoop {
             }
             self.core.advance();
         }
+        if self.core.conf_index() != self.synced_conf_index {
+            self.synced_conf_index = self.core.conf_index();
+            self.peers.sync(self.core.membership());
+        }
         if self.core.take_snapshot_data_wanted() {
             self.send_apply(ApplyTask::SnapshotWanted);
         }
@@ -360,10 +392,15 @@ impl EventLoop {
             None => return Ok(()),
         };
         let meta = SnapshotMeta { index, term };
+        let membership = match self.core.membership_at(index) {
+            Some(membership) => membership.clone(),
+            None => return Ok(()),
+        };
         let started = Instant::now();
         self.storage
             .save_snapshot(&Snapshot {
                 meta,
+                membership,
                 data: Arc::new(Vec::new()),
             })
             .map_err(|e| e.to_string())?;

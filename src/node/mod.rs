@@ -30,7 +30,8 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::raft::{
-    Entry, FollowerStatus, Message, NodeId, ProposeError, RestoredState, Snapshot, Status,
+    ConfChange, ConfChangeError, Entry, FollowerStatus, Membership, Message, NodeId, ProposeError,
+    RestoredState, Snapshot, Status,
 };
 use crate::storage::DiskStorage;
 
@@ -65,6 +66,11 @@ pub struct NodeOptions {
     /// Presented in the handshake of every peer link.
     pub credentials: crate::rpc::Credentials,
     pub link_filter: Option<LinkFilter>,
+    /// Started with `--join`: no bootstrap configuration; the node waits,
+    /// without campaigning, until a leader adds it and sends it the log.
+    pub join: bool,
+    /// A learner is promoted only within this many entries of the leader.
+    pub promote_max_lag_entries: u64,
 }
 
 impl NodeOptions {
@@ -73,8 +79,18 @@ impl NodeOptions {
     }
 
     pub fn core_config(&self) -> crate::raft::Config {
-        let voters = self.peers.iter().map(|(id, _)| *id).collect();
+        let voters = if self.join {
+            Vec::new()
+        } else {
+            self.peers.iter().map(|(id, _)| *id).collect()
+        };
         let mut config = crate::raft::Config::new(self.id, voters);
+        config.addresses = self
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, addr.to_string()))
+            .collect();
+        config.promote_max_lag_entries = self.promote_max_lag_entries;
         config.election_timeout_min_ticks = self.ticks(self.election_timeout_min_ms);
         config.election_timeout_max_ticks = self
             .ticks(self.election_timeout_max_ms)
@@ -147,6 +163,37 @@ pub(crate) enum Event {
         index: u64,
         data: Vec<u8>,
     },
+    /// An operator's request about the membership, answered on the channel.
+    Admin(AdminRequest, Sender<AdminReply>),
+}
+
+/// The operator's requests about who is in the cluster (`clerk member ...`).
+#[derive(Clone, Debug)]
+pub enum AdminRequest {
+    Members,
+    Change(ConfChange),
+    TransferLeader(NodeId),
+}
+
+/// What the event loop answers to an [`AdminRequest`].
+#[derive(Clone, Debug)]
+pub enum AdminReply {
+    Members(MembersView),
+    /// The change's entry is at `index` in `term`; it is done once committed.
+    Changed(Result<(u64, u64), ConfChangeError>),
+    TransferStarted(Result<(), ConfChangeError>),
+}
+
+/// The configuration as this node sees it.
+#[derive(Clone, Debug)]
+pub struct MembersView {
+    pub status: Status,
+    /// The configuration in force (the latest in the log).
+    pub membership: Membership,
+    /// The latest committed configuration.
+    pub committed: Membership,
+    /// The leader's view of its followers (empty on other nodes).
+    pub followers: Vec<FollowerStatus>,
 }
 
 /// Completes one incoming Raft RPC with the core's response message.
@@ -248,6 +295,16 @@ impl NodeHandle {
     /// then trims the log. `data` may be empty (the state stays in the
     /// application's engine); bytes given later at the same index are what
     /// followers that need a snapshot are sent.
+    /// Asks the event loop about (or for a change of) the membership; `None`
+    /// when it did not answer within `timeout` (it is busy or stopping).
+    pub fn admin(&self, request: AdminRequest, timeout: Duration) -> Option<AdminReply> {
+        let (tx, rx) = bounded(1);
+        self.events
+            .send_timeout(Event::Admin(request, tx), timeout)
+            .ok()?;
+        rx.recv_timeout(timeout).ok()
+    }
+
     pub fn compacted(&self, index: u64, data: Vec<u8>) {
         // A full channel only delays compaction; the next snapshot retries.
         let _ = self.events.try_send(Event::Compact { index, data });
@@ -317,6 +374,9 @@ impl Node {
             stopping: Arc::clone(&stopping),
             max_batch_requests: options.max_batch_requests.max(1),
             probes,
+            // Not a real index: the first cycle matches the links to the
+            // configuration restored from storage.
+            synced_conf_index: u64::MAX,
         };
         threads.push(
             stopper.spawn(format!("event-loop-{}", options.id), move || {

@@ -3,6 +3,12 @@
 //! pipelining); the connection's reader thread turns the replies into events. A
 //! broken connection loses what was in flight — Raft retries — and is
 //! re-established, at most once per `RECONNECT_BACKOFF_MS`.
+//!
+//! The set of links follows the configuration in force (membership is
+//! replicated in the log): a member gets a link to the address the log gives
+//! it (or, for a bootstrap member the log has no address for, the one in the
+//! cluster file); a node that left loses its link, whose thread ends when
+//! its queue closes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +22,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use super::wire::{self, WireReply, WireRequest};
 use super::{Event, LinkFilter, NodeOptions};
 use crate::proto::kvstore as pb;
-use crate::raft::{Message, NodeId};
+use crate::raft::{Membership, Message, NodeId};
 use crate::rpc::handshake::RepeatFilter;
 use crate::rpc::services::raft as ids;
 use crate::rpc::{
@@ -39,9 +45,13 @@ const STOP_POLL_MS: u64 = 100;
 /// table of calls in flight.
 const METHOD_BITS: u32 = 3;
 
-/// The event loop's side: a queue per peer.
+/// The event loop's side: a queue per peer, and what it takes to start a
+/// link to a new member.
 pub(crate) struct PeerSenders {
-    queues: HashMap<NodeId, Sender<Message>>,
+    queues: HashMap<NodeId, (SocketAddr, Sender<Message>)>,
+    options: NodeOptions,
+    events: Sender<Event>,
+    stopper: super::NodeStopper,
 }
 
 impl PeerSenders {
@@ -51,8 +61,63 @@ impl PeerSenders {
         stopper: &super::NodeStopper,
         threads: &mut Vec<JoinHandle<()>>,
     ) -> std::io::Result<PeerSenders> {
-        let mut queues = HashMap::new();
+        let mut senders = PeerSenders {
+            queues: HashMap::new(),
+            options: options.clone(),
+            events,
+            stopper: stopper.clone(),
+        };
         for &(peer, addr) in options.peers.iter().filter(|(id, _)| *id != options.id) {
+            if options.join {
+                break; // a joining node learns its peers from the log
+            }
+            let thread = senders.start_link(peer, addr)?;
+            threads.push(thread);
+        }
+        Ok(senders)
+    }
+
+    /// Makes the links match `membership`: new members get one, departed
+    /// ones lose theirs, a member whose address changed is reconnected. A
+    /// member without a usable address keeps the cluster file's, if any.
+    pub fn sync(&mut self, membership: &Membership) {
+        let me = self.options.id;
+        let mut wanted: HashMap<NodeId, SocketAddr> = HashMap::new();
+        for id in membership.members().filter(|&id| id != me) {
+            let from_log = membership.address(id).and_then(|a| a.parse().ok());
+            let from_file = self
+                .options
+                .peers
+                .iter()
+                .find(|(peer, _)| *peer == id)
+                .map(|(_, addr)| *addr);
+            match from_log.or(from_file) {
+                Some(addr) => {
+                    wanted.insert(id, addr);
+                }
+                None => log::warn!("node {me}: member {id} has no usable address"),
+            }
+        }
+        self.queues
+            .retain(|id, (addr, _)| wanted.get(id) == Some(addr));
+        for (id, addr) in wanted {
+            if self.queues.contains_key(&id) {
+                continue;
+            }
+            log::info!("node {me}: link to member {id} at {addr}");
+            // The thread is not joined: it ends when its queue is dropped
+            // (the member left) or the node stops.
+            if let Err(e) = self.start_link(id, addr) {
+                log::error!("node {me}: cannot start a link to member {id}: {e}");
+            }
+        }
+    }
+
+    fn start_link(&mut self, peer: NodeId, addr: SocketAddr) -> std::io::Result<JoinHandle<()>> {
+        let options = &self.options;
+        let events = &self.events;
+        let stopper = &self.stopper;
+        {
             let (tx, rx) = bounded(PEER_QUEUE_CAPACITY);
             let link = Link {
                 me: options.id,
@@ -74,19 +139,15 @@ impl PeerSenders {
                 events: events.clone(),
                 filter: options.link_filter.clone(),
             };
-            threads.push(stopper.spawn(format!("peer-{peer}"), move || link.run(rx, replies))?);
-            queues.insert(peer, tx);
+            let thread = stopper.spawn(format!("peer-{peer}"), move || link.run(rx, replies))?;
+            self.queues.insert(peer, (addr, tx));
+            Ok(thread)
         }
-        Ok(PeerSenders { queues })
-    }
-
-    pub fn is_member(&self, id: NodeId) -> bool {
-        self.queues.contains_key(&id)
     }
 
     /// Queues a request for its peer; drops it when the queue is full.
     pub fn send(&self, message: Message) {
-        if let Some(queue) = self.queues.get(&message.to) {
+        if let Some((_, queue)) = self.queues.get(&message.to) {
             if queue.try_send(message).is_err() {
                 log::debug!("peer queue full; dropping a message");
             }
@@ -194,6 +255,7 @@ fn encode(request: &WireRequest, buffer: &mut Vec<u8>) -> (u32, protobuf::Result
         WireRequest::Heartbeat(r) => (ids::HEARTBEAT, r.write_to_vec(buffer)),
         WireRequest::RequestVote(r) => (ids::REQUEST_VOTE, r.write_to_vec(buffer)),
         WireRequest::InstallSnapshot(r) => (ids::INSTALL_SNAPSHOT, r.write_to_vec(buffer)),
+        WireRequest::TimeoutNow(r) => (ids::TIMEOUT_NOW, r.write_to_vec(buffer)),
     }
 }
 
@@ -224,6 +286,10 @@ impl ReplySink for PeerReplies {
             Err(_) => return true,
         };
         let method = (call_id & ((1 << METHOD_BITS) - 1)) as u32;
+        // TimeoutNow's reply only acknowledges receipt: nothing for the core.
+        if method == ids::TIMEOUT_NOW {
+            return true;
+        }
         match decode_reply(method, &bytes) {
             Ok(reply) => {
                 let message = wire::reply_from_wire(self.me, self.peer, reply);

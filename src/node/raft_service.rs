@@ -36,15 +36,9 @@ impl RaftServiceHandler {
         responder: Responder<R>,
         to_reply: fn(Message) -> Option<R>,
     ) {
-        if let Err(what) = wire::check_numbers(&message) {
-            log::warn!("node {}: refusing a Raft request: {what}", self.id);
-            return responder.send_error(RpcCode::BadRequest, &what);
-        }
-        if let Some(filter) = &self.link_filter {
-            if !filter(message.from, self.id) {
-                return;
-            }
-        }
+        let Some(responder) = self.admit(&message, responder) else {
+            return;
+        };
         let id = self.id;
         let reply = Box::new(move |response: Message| match to_reply(response) {
             Some(reply) => responder.send(reply),
@@ -62,6 +56,29 @@ impl RaftServiceHandler {
                 self.id
             );
         }
+    }
+}
+
+impl RaftServiceHandler {
+    /// A message with an impossible term or index is answered `BadRequest`;
+    /// one over a cut link is dropped (its responder fails the call). Returns
+    /// the responder when the message may go on.
+    fn admit<R: protobuf::Message>(
+        &self,
+        message: &Message,
+        responder: Responder<R>,
+    ) -> Option<Responder<R>> {
+        if let Err(what) = wire::check_numbers(message) {
+            log::warn!("node {}: refusing a Raft request: {what}", self.id);
+            responder.send_error(RpcCode::BadRequest, &what);
+            return None;
+        }
+        if let Some(filter) = &self.link_filter {
+            if !filter(message.from, self.id) {
+                return None;
+            }
+        }
+        Some(responder)
     }
 }
 
@@ -108,5 +125,26 @@ impl RaftService for RaftServiceHandler {
             responder,
             wire::install_snapshot_reply,
         );
+    }
+
+    /// TimeoutNow needs no answer from the core: the call is acknowledged at
+    /// once and the message goes to the event loop like a reply would.
+    fn timeout_now(
+        &self,
+        request: pb::TimeoutNowRequest,
+        responder: Responder<pb::TimeoutNowReply>,
+    ) {
+        let message = wire::timeout_now_from_wire(request);
+        let Some(responder) = self.admit(&message, responder) else {
+            return;
+        };
+        responder.send(pb::TimeoutNowReply {
+            term: message.term,
+            from: self.id,
+            ..Default::default()
+        });
+        if self.events.try_send(Event::Step(message)).is_err() {
+            log::debug!("node {}: event queue full, dropping TimeoutNow", self.id);
+        }
     }
 }

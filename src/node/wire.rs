@@ -4,7 +4,7 @@
 //! drop traffic meant for another (a stale address after a restart).
 
 use crate::proto::kvstore as pb;
-use crate::raft::{Entry, Message, MessageBody, NodeId, SnapshotMeta};
+use crate::raft::{Entry, EntryKind, Membership, Message, MessageBody, NodeId, SnapshotMeta};
 
 /// The largest term, log index or snapshot offset a peer may send. Real
 /// terms and indexes grow by one per election or entry and never come near
@@ -74,7 +74,9 @@ pub fn check_numbers(message: &Message) -> Result<(), String> {
             ("last_included_term", meta.term),
             ("next_offset", *next_offset),
         ]),
-        MessageBody::HeartbeatResponse { .. } | MessageBody::RequestVoteResponse { .. } => {}
+        MessageBody::HeartbeatResponse { .. }
+        | MessageBody::RequestVoteResponse { .. }
+        | MessageBody::TimeoutNow => {}
     }
     match fields.iter().find(|(_, value)| *value > MAX_WIRE_NUMBER) {
         Some((name, value)) => Err(format!(
@@ -91,6 +93,7 @@ pub enum WireRequest {
     Heartbeat(pb::HeartbeatRequest),
     RequestVote(pb::RequestVoteRequest),
     InstallSnapshot(pb::InstallSnapshotRequest),
+    TimeoutNow(pb::TimeoutNowRequest),
 }
 
 fn entry_to_wire(entry: Entry) -> pb::Entry {
@@ -98,6 +101,7 @@ fn entry_to_wire(entry: Entry) -> pb::Entry {
         term: entry.term,
         index: entry.index,
         data: entry.data,
+        conf_change: entry.kind == EntryKind::ConfChange,
         ..Default::default()
     }
 }
@@ -106,8 +110,47 @@ fn entry_from_wire(entry: pb::Entry) -> Entry {
     Entry {
         term: entry.term,
         index: entry.index,
+        kind: if entry.conf_change {
+            EntryKind::ConfChange
+        } else {
+            EntryKind::Normal
+        },
         data: entry.data,
     }
+}
+
+pub fn membership_to_wire(membership: &Membership) -> pb::Membership {
+    let members = |group: &std::collections::BTreeMap<NodeId, String>| {
+        group
+            .iter()
+            .map(|(&id, address)| pb::Member {
+                id,
+                address: address.clone(),
+                ..Default::default()
+            })
+            .collect()
+    };
+    pb::Membership {
+        voters: members(&membership.voters),
+        learners: members(&membership.learners),
+        ..Default::default()
+    }
+}
+
+/// The configuration a peer sent. Id 0 is dropped and a node listed as
+/// both voter and learner counts as a voter, so the core always gets a
+/// well-formed configuration whatever the bytes said.
+pub fn membership_from_wire(membership: &pb::Membership) -> Membership {
+    let mut out = Membership::default();
+    for member in membership.voters.iter().filter(|m| m.id != 0) {
+        out.voters.insert(member.id, member.address.clone());
+    }
+    for member in membership.learners.iter().filter(|m| m.id != 0) {
+        if !out.voters.contains_key(&member.id) {
+            out.learners.insert(member.id, member.address.clone());
+        }
+    }
+    out
 }
 
 /// The RPC request for a core request message; `None` for a response.
@@ -144,17 +187,20 @@ pub fn request_to_wire(message: Message) -> Option<WireRequest> {
             pre_vote,
             last_log_index,
             last_log_term,
+            transfer,
         } => WireRequest::RequestVote(pb::RequestVoteRequest {
             term,
             candidate_id: from,
             last_log_index,
             last_log_term,
             pre_vote,
+            transfer,
             to,
             ..Default::default()
         }),
         MessageBody::InstallSnapshot {
             meta,
+            membership,
             offset,
             data,
             done,
@@ -168,6 +214,13 @@ pub fn request_to_wire(message: Message) -> Option<WireRequest> {
             data,
             done,
             total_bytes,
+            to,
+            membership: protobuf::MessageField::some(membership_to_wire(&membership)),
+            ..Default::default()
+        }),
+        MessageBody::TimeoutNow => WireRequest::TimeoutNow(pb::TimeoutNowRequest {
+            term,
+            leader_id: from,
             to,
             ..Default::default()
         }),
@@ -210,7 +263,17 @@ pub fn request_vote_from_wire(request: pb::RequestVoteRequest) -> Message {
             pre_vote: request.pre_vote,
             last_log_index: request.last_log_index,
             last_log_term: request.last_log_term,
+            transfer: request.transfer,
         },
+    }
+}
+
+pub fn timeout_now_from_wire(request: pb::TimeoutNowRequest) -> Message {
+    Message {
+        from: request.leader_id,
+        to: request.to,
+        term: request.term,
+        body: MessageBody::TimeoutNow,
     }
 }
 
@@ -224,6 +287,11 @@ pub fn install_snapshot_from_wire(request: pb::InstallSnapshotRequest) -> Messag
                 index: request.last_included_index,
                 term: request.last_included_term,
             },
+            membership: request
+                .membership
+                .as_ref()
+                .map(membership_from_wire)
+                .unwrap_or_default(),
             offset: request.offset,
             data: request.data,
             done: request.done,

@@ -2,10 +2,11 @@
 //! and snapshots. See the module documentation of `raft` for the Ready
 //! contract.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::log::RaftLog;
+use super::membership::{ConfChange, ConfChangeError, Membership};
 use super::progress::{Progress, ProgressState, SnapshotSend};
 use super::rng::SplitMix64;
 use super::types::*;
@@ -14,8 +15,16 @@ use super::types::*;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: NodeId,
-    /// Every voter of the cluster, this node included.
+    /// The bootstrap configuration: the voters of a cluster that has never
+    /// started. Once the log or a snapshot holds a configuration, that one
+    /// decides and this is ignored. Empty for a node that joins an existing
+    /// cluster: it waits to be added and never campaigns before.
     pub voters: Vec<NodeId>,
+    /// The bootstrap voters' addresses (only reported; may be empty).
+    pub addresses: BTreeMap<NodeId, String>,
+    /// A learner is promoted only when its log is at most this many entries
+    /// behind the leader's, so a new voter never stalls commit.
+    pub promote_max_lag_entries: u64,
     /// A follower or candidate that hears from no leader for a randomized
     /// timeout in `[election_timeout_min_ticks, election_timeout_max_ticks)`
     /// starts an election.
@@ -70,6 +79,10 @@ pub struct Status {
     pub last_index: u64,
     pub snapshot_index: u64,
     pub log_bytes: u64,
+    /// The index of the latest configuration in the log (0: the bootstrap one).
+    pub conf_index: u64,
+    /// A leadership transfer under way to this node (`NO_NODE`: none).
+    pub lead_transferee: NodeId,
 }
 
 /// The leader's view of one follower, for monitoring.
@@ -115,6 +128,8 @@ impl Config {
         Config {
             id,
             voters,
+            addresses: BTreeMap::new(),
+            promote_max_lag_entries: 1000,
             election_timeout_min_ticks: 10,
             election_timeout_max_ticks: 20,
             heartbeat_interval_ticks: 2,
@@ -130,11 +145,6 @@ impl Config {
 
     fn validate(&self) {
         assert!(self.id != NO_NODE, "node id 0 is reserved");
-        assert!(
-            self.voters.contains(&self.id),
-            "node {} is not a voter",
-            self.id
-        );
         let mut sorted = self.voters.clone();
         sorted.sort_unstable();
         sorted.dedup();
@@ -158,9 +168,28 @@ struct PendingRead {
 }
 
 /// A snapshot being received from the leader, chunk by chunk.
+/// One InstallSnapshot chunk, as the leader sent it.
+struct SnapshotChunk {
+    meta: SnapshotMeta,
+    membership: Membership,
+    offset: u64,
+    data: Vec<u8>,
+    done: bool,
+    total_bytes: u64,
+}
+
 struct IncomingSnapshot {
     meta: SnapshotMeta,
+    membership: Membership,
     data: Vec<u8>,
+}
+
+/// A configuration and the entry that introduced it.
+#[derive(Clone, Debug)]
+struct ConfRecord {
+    index: u64,
+    term: u64,
+    membership: Membership,
 }
 
 /// The consensus state machine of one node.
@@ -186,8 +215,19 @@ pub struct RaftCore {
     randomized_election_timeout: u32,
     /// Votes received in the current (pre-)election: voter -> granted.
     votes: HashMap<NodeId, bool>,
-    /// The leader's view of every other voter.
+    /// The leader's view of every other member, voter or learner.
     progress: HashMap<NodeId, Progress>,
+    /// The configurations in the log, oldest first. The first is the base:
+    /// the snapshot's (or the bootstrap one at index 0); each later one is a
+    /// conf-change entry still in the log. The last is the one in force
+    /// (effective when appended). Invariant: never empty, indexes increase,
+    /// and every record after the first is a conf-change entry of the log.
+    conf_history: Vec<ConfRecord>,
+    /// The voter this leader is handing leadership to (`NO_NODE`: none), and
+    /// the ticks since it started: the transfer is abandoned after an
+    /// election timeout.
+    lead_transferee: NodeId,
+    transfer_elapsed_ticks: u32,
 
     /// The application's latest snapshot (sent to followers that need it).
     snapshot: Option<Snapshot>,
@@ -235,6 +275,32 @@ impl RaftCore {
             log.last_term()
         );
         let rng = SplitMix64::new(config.seed ^ config.id.wrapping_mul(0x9E37_79B9));
+        // A snapshot written before membership was replicated carries an
+        // empty configuration: the bootstrap one stands for it.
+        let snapshot_membership = restored
+            .snapshot
+            .as_ref()
+            .filter(|s| s.membership != Membership::default());
+        let base = match snapshot_membership {
+            Some(snapshot) => ConfRecord {
+                index: snapshot.meta.index,
+                term: snapshot.meta.term,
+                membership: snapshot.membership.clone(),
+            },
+            None => {
+                let mut membership = Membership::with_voters(config.voters.iter().copied());
+                for (id, address) in membership.voters.iter_mut() {
+                    if let Some(known) = config.addresses.get(id) {
+                        address.clone_from(known);
+                    }
+                }
+                ConfRecord {
+                    index: 0,
+                    term: 0,
+                    membership,
+                }
+            }
+        };
         let mut core = RaftCore {
             rng,
             term: hard_state.term,
@@ -252,6 +318,9 @@ impl RaftCore {
             randomized_election_timeout: 0,
             votes: HashMap::new(),
             progress: HashMap::new(),
+            conf_history: vec![base],
+            lead_transferee: NO_NODE,
+            transfer_elapsed_ticks: 0,
             snapshot: restored.snapshot,
             pending_snapshot: None,
             incoming_snapshot: None,
@@ -264,6 +333,7 @@ impl RaftCore {
             in_progress: None,
             config,
         };
+        core.refresh_conf_history(1);
         core.reset_election_timeout();
         core
     }
@@ -302,6 +372,31 @@ impl RaftCore {
         self.randomized_election_timeout
     }
 
+    /// The configuration in force: the latest in the log, committed or not.
+    pub fn membership(&self) -> &Membership {
+        &self.conf_history.last().expect("never empty").membership
+    }
+
+    /// The latest configuration whose entry is committed.
+    pub fn committed_membership(&self) -> &Membership {
+        self.membership_at(self.log.commit)
+            .expect("the base configuration is at or below commit")
+    }
+
+    /// The configuration in force at `index` (`None` below the base one).
+    pub fn membership_at(&self, index: u64) -> Option<&Membership> {
+        self.conf_history
+            .iter()
+            .rev()
+            .find(|record| record.index <= index)
+            .map(|record| &record.membership)
+    }
+
+    /// The log index of the configuration in force (0: the bootstrap one).
+    pub fn conf_index(&self) -> u64 {
+        self.conf_history.last().expect("never empty").index
+    }
+
     pub fn status(&self) -> Status {
         Status {
             id: self.config.id,
@@ -315,6 +410,8 @@ impl RaftCore {
             last_index: self.log.last_index(),
             snapshot_index: self.log.snapshot_meta().index,
             log_bytes: self.log.size_bytes(),
+            conf_index: self.conf_index(),
+            lead_transferee: self.lead_transferee,
         }
     }
 
@@ -339,17 +436,224 @@ impl RaftCore {
     }
 
     fn quorum(&self) -> usize {
-        self.config.voters.len() / 2 + 1
+        self.membership().quorum()
     }
 
+    fn is_voter(&self) -> bool {
+        self.membership().is_voter(self.config.id)
+    }
+
+    /// Every other member, voters and learners: whom the leader replicates to.
     fn peers(&self) -> Vec<NodeId> {
         let id = self.config.id;
-        self.config
+        self.membership().members().filter(|&m| m != id).collect()
+    }
+
+    /// Every other voter: whom a candidate asks for votes.
+    fn voter_peers(&self) -> Vec<NodeId> {
+        let id = self.config.id;
+        self.membership()
             .voters
-            .iter()
+            .keys()
             .copied()
             .filter(|&v| v != id)
             .collect()
+    }
+
+    /// The highest value a majority of the voters has reached: `own` for
+    /// this node (if it votes), `value` of each other voter's progress (0
+    /// when unknown). Learners never count.
+    fn quorum_value(&self, own: u64, value: impl Fn(&Progress) -> u64) -> u64 {
+        let id = self.config.id;
+        let mut values: Vec<u64> = self
+            .membership()
+            .voters
+            .keys()
+            .map(|&v| {
+                if v == id {
+                    own
+                } else {
+                    self.progress.get(&v).map_or(0, &value)
+                }
+            })
+            .collect();
+        if values.is_empty() {
+            return 0;
+        }
+        values.sort_unstable_by(|a, b| b.cmp(a));
+        values[self.quorum() - 1]
+    }
+
+    // ------------------------------------------------------- membership
+
+    /// Brings `conf_history` in line with the log after entries from
+    /// `from_index` on were appended (and maybe entries above truncated):
+    /// a configuration whose entry is gone is dropped, so the node falls back
+    /// to the one before (thesis §4.1); new conf-change entries are taken.
+    fn refresh_conf_history(&mut self, from_index: u64) {
+        while self.conf_history.len() > 1 {
+            let last = self.conf_history.last().expect("never empty");
+            if self.log.term(last.index) == Some(last.term) {
+                break;
+            }
+            self.conf_history.pop();
+        }
+        let start = from_index
+            .max(self.conf_index() + 1)
+            .max(self.log.first_index());
+        let last_index = self.log.last_index();
+        let mut found = Vec::new();
+        for index in start..=last_index {
+            let entry = self.log.entry(index).expect("within the log");
+            if entry.kind == EntryKind::ConfChange {
+                // `entries_follow` refused malformed ones before they were appended.
+                let membership = entry.membership().expect("conf-change entries decode");
+                found.push(ConfRecord {
+                    index,
+                    term: entry.term,
+                    membership,
+                });
+            }
+        }
+        let changed = !found.is_empty();
+        self.conf_history.extend(found);
+        if changed || self.role == Role::Leader {
+            self.sync_progress();
+        }
+    }
+
+    /// The leader tracks exactly the other members of the configuration in
+    /// force; a transfer to a node that left is abandoned.
+    fn sync_progress(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let peers = self.peers();
+        self.progress.retain(|id, _| peers.contains(id));
+        let next_index = self.log.last_index() + 1;
+        for peer in peers {
+            let max_inflight = self.config.max_inflight_appends;
+            self.progress.entry(peer).or_insert_with(|| {
+                let mut progress = Progress::new(next_index, max_inflight);
+                progress.recent_active = true;
+                progress
+            });
+        }
+        if self.lead_transferee != NO_NODE && !self.membership().is_voter(self.lead_transferee) {
+            self.lead_transferee = NO_NODE;
+        }
+    }
+
+    /// Proposes one single-server membership change (see `membership` for
+    /// the protocol). Returns the index of its entry; the change is in
+    /// force at once and done when that index commits.
+    pub fn propose_conf_change(&mut self, change: ConfChange) -> Result<u64, ConfChangeError> {
+        self.assert_not_in_ready();
+        if self.role != Role::Leader {
+            return Err(ConfChangeError::NotLeader { hint: self.leader });
+        }
+        if self.lead_transferee != NO_NODE {
+            return Err(ConfChangeError::TransferInProgress {
+                to: self.lead_transferee,
+            });
+        }
+        // Ongaro's fix: until this leader commits an entry of its term, an
+        // uncommitted change of an earlier leader may still be in someone's
+        // log, and a second change could form a disjoint majority.
+        if self.log.term(self.log.commit) != Some(self.term) {
+            return Err(ConfChangeError::LeaderNotReady);
+        }
+        if self.conf_index() > self.log.commit {
+            return Err(ConfChangeError::ChangeInFlight {
+                index: self.conf_index(),
+            });
+        }
+        let next = self.membership().apply(&change)?;
+        if let ConfChange::Promote { id } = change {
+            let matched = self.progress.get(&id).map_or(0, |p| p.match_index);
+            let lag_entries = self.log.last_index().saturating_sub(matched);
+            // A learner that has acknowledged nothing yet is not caught up,
+            // however short the log: it may not even be running.
+            if matched == 0 || lag_entries > self.config.promote_max_lag_entries {
+                return Err(ConfChangeError::LearnerBehind { id, lag_entries });
+            }
+        }
+        let index = self.log.last_index() + 1;
+        let entry = Entry {
+            term: self.term,
+            index,
+            kind: EntryKind::ConfChange,
+            data: next.encode(),
+        };
+        self.log.append(entry);
+        self.refresh_conf_history(index);
+        self.broadcast_append();
+        self.maybe_commit();
+        Ok(index)
+    }
+
+    /// Starts a leadership transfer to voter `to` (thesis §3.10): proposals
+    /// are refused (NotLeader, hinting at `to`) while the leader brings `to`
+    /// up to date and then tells it to campaign at once (TimeoutNow). The
+    /// transfer is abandoned after an election timeout.
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), ConfChangeError> {
+        self.assert_not_in_ready();
+        if self.role != Role::Leader {
+            return Err(ConfChangeError::NotLeader { hint: self.leader });
+        }
+        if to == self.config.id {
+            return Ok(());
+        }
+        if !self.membership().is_voter(to) {
+            return Err(if self.membership().is_learner(to) {
+                ConfChangeError::NotVoter { id: to }
+            } else {
+                ConfChangeError::UnknownMember { id: to }
+            });
+        }
+        if self.lead_transferee == to {
+            return Ok(());
+        }
+        self.lead_transferee = to;
+        self.transfer_elapsed_ticks = 0;
+        self.maybe_send_timeout_now();
+        Ok(())
+    }
+
+    /// Sends TimeoutNow to the transferee once its log matches ours; until
+    /// then, keeps replicating to it.
+    fn maybe_send_timeout_now(&mut self) {
+        let to = self.lead_transferee;
+        let Some(progress) = self.progress.get(&to) else {
+            return;
+        };
+        if progress.match_index == self.log.last_index() {
+            self.send_leader_message(to, MessageBody::TimeoutNow);
+        } else {
+            self.send_append_or_empty(to, true);
+        }
+    }
+
+    /// A leader that the configuration in force no longer lists as a voter
+    /// steps down once that configuration is committed (thesis §4.2.2): it
+    /// managed the cluster until then without counting itself. It hands
+    /// over at once to the most up-to-date voter if one has caught up.
+    fn maybe_step_down_removed(&mut self) {
+        if self.role != Role::Leader || self.is_voter() || self.conf_index() > self.log.commit {
+            return;
+        }
+        let last_index = self.log.last_index();
+        let successor = self
+            .progress
+            .iter()
+            .filter(|(id, p)| self.membership().is_voter(**id) && p.match_index == last_index)
+            .map(|(&id, _)| id)
+            .min();
+        if let Some(successor) = successor {
+            self.send_leader_message(successor, MessageBody::TimeoutNow);
+        }
+        let term = self.term;
+        self.become_follower(term, NO_NODE);
     }
 
     // ------------------------------------------------------- role changes
@@ -364,6 +668,8 @@ impl RaftCore {
         self.heartbeat_elapsed = 0;
         self.votes.clear();
         self.progress.clear();
+        self.lead_transferee = NO_NODE;
+        self.transfer_elapsed_ticks = 0;
         self.incoming_snapshot = None;
         // Reads wait on this node being leader; whoever issued them learns
         // of the role change from `status()` and answers them NotLeader.
@@ -424,11 +730,7 @@ impl RaftCore {
         // A leader may commit only entries of its own term by counting
         // (Figure 8); the no-op lets it commit everything before it at once.
         let index = self.log.last_index() + 1;
-        self.log.append(Entry {
-            term,
-            index,
-            data: Vec::new(),
-        });
+        self.log.append(Entry::normal(term, index, Vec::new()));
         self.broadcast_append();
         self.maybe_commit();
     }
@@ -443,7 +745,9 @@ impl RaftCore {
             self.tick_leader();
         } else {
             self.election_elapsed += 1;
-            if self.election_elapsed >= self.randomized_election_timeout {
+            // Learners, joining nodes and removed nodes never campaign: only
+            // a voter of the configuration in force may lead.
+            if self.election_elapsed >= self.randomized_election_timeout && self.is_voter() {
                 self.campaign();
             }
         }
@@ -452,6 +756,13 @@ impl RaftCore {
     fn tick_leader(&mut self) {
         self.heartbeat_elapsed += 1;
         self.election_elapsed += 1;
+        if self.lead_transferee != NO_NODE {
+            self.transfer_elapsed_ticks += 1;
+            if self.transfer_elapsed_ticks >= self.config.election_timeout_min_ticks {
+                // The target did not win in time: lead on, take proposals again.
+                self.lead_transferee = NO_NODE;
+            }
+        }
         if self.election_elapsed >= self.config.election_timeout_min_ticks {
             self.election_elapsed = 0;
             if self.config.check_quorum && !self.quorum_recently_active() {
@@ -470,14 +781,11 @@ impl RaftCore {
     /// election timeout may have been replaced, so it steps down rather than
     /// keep clients waiting on it. Resets the activity flags for the next round.
     fn quorum_recently_active(&mut self) -> bool {
-        let mut active = 1;
+        let active = self.quorum_value(1, |p| p.recent_active as u64) == 1;
         for progress in self.progress.values_mut() {
-            if progress.recent_active {
-                active += 1;
-            }
             progress.recent_active = false;
         }
-        active >= self.quorum()
+        active
     }
 
     fn campaign(&mut self) {
@@ -486,10 +794,12 @@ impl RaftCore {
         } else {
             self.become_candidate();
         }
-        self.start_vote_round();
+        self.start_vote_round(false);
     }
 
-    fn start_vote_round(&mut self) {
+    /// `transfer`: the leader asked us to campaign (TimeoutNow), so the
+    /// pre-vote is skipped and voters set their leader lease aside.
+    fn start_vote_round(&mut self, transfer: bool) {
         let pre_vote = self.role == Role::PreCandidate;
         let term = if pre_vote { self.term + 1 } else { self.term };
         let id = self.config.id;
@@ -498,11 +808,12 @@ impl RaftCore {
             return;
         }
         let (last_log_index, last_log_term) = (self.log.last_index(), self.log.last_term());
-        for peer in self.peers() {
+        for peer in self.voter_peers() {
             let body = MessageBody::RequestVote {
                 pre_vote,
                 last_log_index,
                 last_log_term,
+                transfer,
             };
             // A real vote request depends on the durable term and self-vote.
             self.messages.push(Message {
@@ -517,12 +828,25 @@ impl RaftCore {
     /// Counts the votes of the current round and acts on the outcome.
     /// Returns true when the round was decided.
     fn tally_votes(&mut self) -> bool {
-        let granted = self.votes.values().filter(|&&g| g).count();
-        let rejected = self.votes.len() - granted;
+        let membership = self.membership();
+        let voters = self
+            .votes
+            .iter()
+            .filter(|(id, _)| membership.is_voter(**id));
+        let (granted, rejected) = voters.fold(
+            (0, 0),
+            |(g, r), (_, &yes)| {
+                if yes {
+                    (g + 1, r)
+                } else {
+                    (g, r + 1)
+                }
+            },
+        );
         if granted >= self.quorum() {
             if self.role == Role::PreCandidate {
                 self.become_candidate();
-                self.start_vote_round();
+                self.start_vote_round(false);
             } else {
                 self.become_leader();
             }
@@ -550,6 +874,13 @@ impl RaftCore {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader { hint: self.leader });
         }
+        // During a transfer the leader takes nothing new (thesis §3.10):
+        // clients retry at the node about to lead.
+        if self.lead_transferee != NO_NODE {
+            return Err(ProposeError::NotLeader {
+                hint: self.lead_transferee,
+            });
+        }
         let batch_bytes: usize = batch.iter().map(|d| d.len() + 24).sum();
         let uncommitted_bytes = self.log.uncommitted_bytes() as usize;
         if uncommitted_bytes > 0
@@ -560,11 +891,7 @@ impl RaftCore {
         let first = self.log.last_index() + 1;
         for data in batch {
             let index = self.log.last_index() + 1;
-            self.log.append(Entry {
-                term: self.term,
-                index,
-                data,
-            });
+            self.log.append(Entry::normal(self.term, index, data));
         }
         self.broadcast_append();
         self.maybe_commit();
@@ -586,7 +913,7 @@ impl RaftCore {
             index: self.log.commit,
             round: 0,
         });
-        if self.quorum() == 1 {
+        if self.is_sole_voter() {
             self.release_reads();
         }
         Ok(())
@@ -613,14 +940,12 @@ impl RaftCore {
         if self.log.term(self.log.commit) != Some(self.term) {
             return;
         }
-        let mut acks: Vec<u64> = self.progress.values().map(|p| p.read_ack).collect();
-        acks.push(u64::MAX); // this node confirms itself
-        acks.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed_round = acks[self.quorum() - 1];
+        // This node confirms itself (when it votes).
+        let confirmed_round = self.quorum_value(u64::MAX, |p| p.read_ack);
+        let sole_voter = self.is_sole_voter();
         let commit = self.log.commit;
         while let Some(read) = self.pending_reads.front() {
-            let confirmed =
-                self.quorum() == 1 || (read.round != 0 && read.round <= confirmed_round);
+            let confirmed = sole_voter || (read.round != 0 && read.round <= confirmed_round);
             if !confirmed {
                 break;
             }
@@ -740,6 +1065,7 @@ impl RaftCore {
         }
         let send = SnapshotSend {
             meta: snapshot.meta,
+            membership: snapshot.membership,
             data: snapshot.data,
             offset: 0,
         };
@@ -765,6 +1091,7 @@ impl RaftCore {
         let data = send.data[offset as usize..end as usize].to_vec();
         let body = MessageBody::InstallSnapshot {
             meta: send.meta,
+            membership: send.membership.clone(),
             offset,
             data,
             done: end == total_bytes,
@@ -777,14 +1104,21 @@ impl RaftCore {
     /// Commits the highest index a majority has stored, if it is of the
     /// current term (Raft §5.4.2: older entries commit only indirectly).
     fn maybe_commit(&mut self) {
-        let mut matched: Vec<u64> = self.progress.values().map(|p| p.match_index).collect();
-        matched.push(self.log.stable);
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let quorum_index = matched[self.quorum() - 1];
+        if self.role != Role::Leader {
+            return;
+        }
+        let quorum_index = self.quorum_value(self.log.stable, |p| p.match_index);
         if quorum_index > self.log.commit && self.log.term(quorum_index) == Some(self.term) {
             self.log.commit_to(quorum_index);
             self.release_reads();
+            self.maybe_step_down_removed();
         }
+    }
+
+    /// Whether this node is the only voter: its own word is a majority.
+    fn is_sole_voter(&self) -> bool {
+        let voters = &self.membership().voters;
+        voters.len() == 1 && voters.contains_key(&self.config.id)
     }
 
     // ------------------------------------------------------------- stepping
@@ -793,12 +1127,18 @@ impl RaftCore {
     /// or from a node outside the cluster are dropped.
     pub fn step(&mut self, message: Message) {
         self.assert_not_in_ready();
-        if message.to != self.config.id
-            || message.from == self.config.id
-            || !self.config.voters.contains(&message.from)
+        if message.to != self.config.id || message.from == self.config.id || message.from == NO_NODE
         {
             return;
         }
+        // A vote request is not refused for coming from a node outside our
+        // configuration: we may be behind, and the candidate a voter of a
+        // configuration we have not received yet (refusing it can leave a
+        // cluster with no electable node). A removed node cannot win: its
+        // removal committed on a majority of the new configuration, whose
+        // logs are ahead of its own. It cannot disturb either: pre-vote keeps
+        // its term still, and voters that hear from a leader ignore it
+        // (the leader lease of check-quorum, thesis §4.2.3).
         if message.term > self.term {
             if !self.step_higher_term(&message) {
                 return;
@@ -812,6 +1152,7 @@ impl RaftCore {
                 pre_vote,
                 last_log_index,
                 last_log_term,
+                ..
             } => self.handle_vote_request(
                 message.from,
                 message.term,
@@ -832,8 +1173,10 @@ impl RaftCore {
     /// A message from a later term. Returns whether to go on handling it.
     fn step_higher_term(&mut self, message: &Message) -> bool {
         match message.body {
-            MessageBody::RequestVote { pre_vote, .. } => {
-                if self.in_leader_lease() {
+            MessageBody::RequestVote {
+                pre_vote, transfer, ..
+            } => {
+                if self.in_leader_lease() && !transfer {
                     // A node that heard from a leader within the minimum
                     // election timeout ignores a (pre-)candidate: a
                     // partitioned node coming back cannot depose a healthy
@@ -857,7 +1200,8 @@ impl RaftCore {
             }
             MessageBody::AppendEntries { .. }
             | MessageBody::Heartbeat { .. }
-            | MessageBody::InstallSnapshot { .. } => {
+            | MessageBody::InstallSnapshot { .. }
+            | MessageBody::TimeoutNow => {
                 self.become_follower(message.term, message.from);
                 true
             }
@@ -997,13 +1341,29 @@ impl RaftCore {
             }
             MessageBody::InstallSnapshot {
                 meta,
+                membership,
                 offset,
                 data,
                 done,
                 total_bytes,
             } => {
                 self.accept_leader(from);
-                self.handle_snapshot_chunk(from, meta, offset, data, done, total_bytes);
+                let chunk = SnapshotChunk {
+                    meta,
+                    membership,
+                    offset,
+                    data,
+                    done,
+                    total_bytes,
+                };
+                self.handle_snapshot_chunk(from, chunk);
+            }
+            // Our leader hands over: campaign now, without pre-vote (the
+            // leader vouches that we are up to date). A non-voter ignores it.
+            MessageBody::TimeoutNow if self.is_voter() => {
+                self.accept_leader(from);
+                self.become_candidate();
+                self.start_vote_round(true);
             }
             // Responses meant for a leader we no longer are.
             _ => {}
@@ -1064,6 +1424,7 @@ impl RaftCore {
         if !self.log.append_after(prev_index, entries) {
             return self.respond(from, reject(last_log_index, 0));
         }
+        self.refresh_conf_history(prev_index + 1);
         let last_new_index = prev_index + entries.len() as u64;
         self.log.commit_to(leader_commit.min(last_new_index));
         let body = MessageBody::AppendEntriesResponse {
@@ -1076,15 +1437,15 @@ impl RaftCore {
         self.respond(from, body);
     }
 
-    fn handle_snapshot_chunk(
-        &mut self,
-        from: NodeId,
-        meta: SnapshotMeta,
-        offset: u64,
-        data: Vec<u8>,
-        done: bool,
-        total_bytes: u64,
-    ) {
+    fn handle_snapshot_chunk(&mut self, from: NodeId, chunk: SnapshotChunk) {
+        let SnapshotChunk {
+            meta,
+            membership,
+            offset,
+            data,
+            done,
+            total_bytes,
+        } = chunk;
         let respond = |core: &mut RaftCore, next_offset: u64, success: bool| {
             let body = MessageBody::InstallSnapshotResponse {
                 meta,
@@ -1110,6 +1471,7 @@ impl RaftCore {
         if offset == 0 {
             self.incoming_snapshot = Some(IncomingSnapshot {
                 meta,
+                membership,
                 data: Vec::new(),
             });
         }
@@ -1140,9 +1502,17 @@ impl RaftCore {
         }
         let snapshot = Snapshot {
             meta: incoming.meta,
+            membership: incoming.membership.clone(),
             data: Arc::new(incoming.data),
         };
         self.log.install_snapshot(meta);
+        // Every configuration we held was past our commit, hence above the
+        // snapshot's index or replaced by it: the snapshot's is the base.
+        self.conf_history = vec![ConfRecord {
+            index: meta.index,
+            term: meta.term,
+            membership: incoming.membership,
+        }];
         self.snapshot = Some(snapshot.clone());
         self.pending_snapshot = Some(snapshot);
         respond(self, held, true);
@@ -1150,8 +1520,12 @@ impl RaftCore {
 
     fn step_leader(&mut self, message: Message) {
         let from = message.from;
-        if let Some(progress) = self.progress.get_mut(&from) {
-            progress.recent_active = true;
+        match self.progress.get_mut(&from) {
+            Some(progress) => progress.recent_active = true,
+            // A response from a node that is no longer a member (or never
+            // was): nothing to update.
+            None if !message.body.is_request() => return,
+            None => {}
         }
         match message.body {
             MessageBody::AppendEntriesResponse {
@@ -1214,7 +1588,9 @@ impl RaftCore {
                 };
                 self.respond(from, body);
             }
-            MessageBody::RequestVote { .. } | MessageBody::RequestVoteResponse { .. } => {}
+            MessageBody::RequestVote { .. }
+            | MessageBody::RequestVoteResponse { .. }
+            | MessageBody::TimeoutNow => {}
         }
     }
 
@@ -1242,6 +1618,12 @@ impl RaftCore {
         }
         if moved {
             self.maybe_commit();
+        }
+        if self.role != Role::Leader {
+            return;
+        }
+        if from == self.lead_transferee {
+            self.maybe_send_timeout_now();
         }
         self.send_append(from);
     }
@@ -1329,9 +1711,22 @@ impl RaftCore {
             return;
         }
         let term = self.log.term(index).expect("snapshot index within the log");
+        let membership = self
+            .membership_at(index)
+            .expect("the base configuration is below the applied index")
+            .clone();
         self.log.compact(index);
+        // Configurations before the one in force at `index` are gone with
+        // their entries; that one becomes the base.
+        let keep_from = self
+            .conf_history
+            .iter()
+            .rposition(|record| record.index <= index)
+            .expect("base below index");
+        self.conf_history.drain(..keep_from);
         self.snapshot = Some(Snapshot {
             meta: SnapshotMeta { index, term },
+            membership,
             data,
         });
     }
@@ -1419,8 +1814,8 @@ const MAX_COMMITTED_PER_READY: u64 = 4096;
 
 /// Whether `entries` are numbered consecutively right after `prev_log_index`,
 /// with terms that never decrease from `prev_log_term` on and never exceed
-/// the leader's `term`: a leader's log has that shape, so a message that does
-/// not is malformed (appending it would break the log's invariants).
+/// the leader's `term`, and conf-change entries that decode: a leader's log
+/// has that shape, so a message that does not is malformed (appending it would break the log's invariants).
 fn entries_follow(prev_log_index: u64, prev_log_term: u64, term: u64, entries: &[Entry]) -> bool {
     if prev_log_term > term {
         return false;
@@ -1428,7 +1823,8 @@ fn entries_follow(prev_log_index: u64, prev_log_term: u64, term: u64, entries: &
     let mut prev_term = prev_log_term;
     entries.iter().enumerate().all(|(k, e)| {
         let index = prev_log_index.checked_add(1 + k as u64);
-        let ok = index == Some(e.index) && e.term >= prev_term && e.term <= term;
+        let decodes = e.kind == EntryKind::Normal || e.membership().is_some();
+        let ok = index == Some(e.index) && e.term >= prev_term && e.term <= term && decodes;
         prev_term = e.term;
         ok
     })

@@ -13,6 +13,7 @@
 
 mod core;
 mod log;
+mod membership;
 mod progress;
 mod rng;
 mod types;
@@ -20,10 +21,11 @@ mod types;
 pub use self::core::{
     Config, FollowerStatus, ProposeError, RaftCore, Ready, RestoredState, Status,
 };
+pub use self::membership::{ConfChange, ConfChangeError, Membership};
 pub use self::rng::SplitMix64;
 pub use self::types::{
-    Entry, HardState, Message, MessageBody, NodeId, ReadState, Role, Snapshot, SnapshotMeta,
-    NO_NODE,
+    Entry, EntryKind, HardState, Message, MessageBody, NodeId, ReadState, Role, Snapshot,
+    SnapshotMeta, NO_NODE,
 };
 #[cfg(test)]
 mod tests;

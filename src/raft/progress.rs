@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::membership::Membership;
 use super::types::SnapshotMeta;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +27,7 @@ pub enum ProgressState {
 #[derive(Clone, Debug)]
 pub struct SnapshotSend {
     pub meta: SnapshotMeta,
+    pub membership: Membership,
     pub data: Arc<Vec<u8>>,
     /// Where the next chunk starts: everything before it has been acknowledged.
     pub offset: u64,

@@ -197,6 +197,7 @@ fn append_from_2(prev: (u64, u64), entries: &[(u64, u64)], leader_commit: u64) -
             entries: entries
                 .iter()
                 .map(|&(index, term)| Entry {
+                    kind: Default::default(),
                     term,
                     index,
                     data: Vec::new(),
@@ -280,6 +281,7 @@ fn a_snapshot_of_a_term_above_the_senders_is_refused() {
         term: 2,
         body: MessageBody::InstallSnapshot {
             meta: SnapshotMeta { index: 10, term: 5 },
+            membership: Default::default(),
             offset: 0,
             total_bytes: data.len() as u64,
             data,
@@ -329,6 +331,7 @@ fn a_reject_hint_of_zero_probes_from_the_first_index() {
         entries: entries
             .iter()
             .map(|&(index, term)| Entry {
+                kind: Default::default(),
                 index,
                 term,
                 data: Vec::new(),

@@ -5,11 +5,24 @@
 
 use std::sync::Arc;
 
+use super::membership::Membership;
+
 /// A node's id in the cluster. 0 is never a valid id: it means "none".
 pub type NodeId = u64;
 
 /// The id that stands for "no node" (no vote cast, no leader known).
 pub const NO_NODE: NodeId = 0;
+
+/// What an entry's `data` holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// A command for the application (empty: a leader's no-op).
+    #[default]
+    Normal,
+    /// A new configuration ([`Membership::encode`]): the core reads it the
+    /// moment it is appended; the application only records it.
+    ConfChange,
+}
 
 /// One log entry. An entry with empty `data` is a no-op: a new leader appends
 /// one so that it can commit the entries of earlier terms (Raft §5.4.2).
@@ -17,10 +30,30 @@ pub const NO_NODE: NodeId = 0;
 pub struct Entry {
     pub term: u64,
     pub index: u64,
+    pub kind: EntryKind,
     pub data: Vec<u8>,
 }
 
 impl Entry {
+    /// An application command (or, with empty `data`, a no-op).
+    pub fn normal(term: u64, index: u64, data: Vec<u8>) -> Entry {
+        Entry {
+            term,
+            index,
+            kind: EntryKind::Normal,
+            data,
+        }
+    }
+
+    /// The configuration a conf-change entry carries; `None` for other
+    /// entries and for malformed bytes.
+    pub fn membership(&self) -> Option<Membership> {
+        match self.kind {
+            EntryKind::ConfChange => Membership::decode(&self.data),
+            EntryKind::Normal => None,
+        }
+    }
+
     /// The bytes this entry costs in a message or the log, for size limits.
     pub fn size_bytes(&self) -> usize {
         self.data.len() + 24
@@ -51,6 +84,9 @@ pub struct SnapshotMeta {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     pub meta: SnapshotMeta,
+    /// The configuration at `meta.index`: kept with the snapshot because the
+    /// conf-change entries it replaced are gone.
+    pub membership: Membership,
     pub data: Arc<Vec<u8>>,
 }
 
@@ -95,6 +131,9 @@ pub enum MessageBody {
         pre_vote: bool,
         last_log_index: u64,
         last_log_term: u64,
+        /// The candidate campaigns because the leader told it to
+        /// (TimeoutNow): voters grant it even within their leader lease.
+        transfer: bool,
     },
     RequestVoteResponse {
         pre_vote: bool,
@@ -102,6 +141,8 @@ pub enum MessageBody {
     },
     InstallSnapshot {
         meta: SnapshotMeta,
+        /// The configuration at `meta.index` (see [`Snapshot::membership`]).
+        membership: Membership,
         offset: u64,
         data: Vec<u8>,
         done: bool,
@@ -112,6 +153,9 @@ pub enum MessageBody {
         next_offset: u64,
         success: bool,
     },
+    /// Leadership transfer (thesis §3.10): the leader tells an up-to-date
+    /// voter to start an election at once. One-way: no response.
+    TimeoutNow,
 }
 
 impl MessageBody {

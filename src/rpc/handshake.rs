@@ -112,6 +112,10 @@ pub struct ServerAuth {
     pub credentials: Credentials,
     /// The node ids that may open peer connections.
     pub members: Vec<u64>,
+    /// Any node id that proves the cluster's secret may open a peer
+    /// connection (not only `members`): membership is replicated in the log,
+    /// so a node added later, or a joining node, is not in any file.
+    pub open_membership: bool,
     /// Services that only peer connections may call (the Raft service).
     pub peer_services: Vec<u32>,
     /// The whole handshake must be done within this long.
@@ -124,6 +128,7 @@ impl Default for ServerAuth {
         ServerAuth {
             credentials: Credentials::default(),
             members: Vec::new(),
+            open_membership: false,
             peer_services: Vec::new(),
             timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
         }
@@ -341,7 +346,8 @@ pub fn judge(
     if let Some(problem) = secret_problem {
         return Err((HelloRefusal::WRONG_SECRET, problem.to_string()));
     }
-    if hello.node_id == ours.node_id || !auth.members.contains(&hello.node_id) {
+    let listed = auth.open_membership || auth.members.contains(&hello.node_id);
+    if hello.node_id == ours.node_id || hello.node_id == 0 || !listed {
         let why = if hello.node_id == ours.node_id {
             "is this node's own id"
         } else {
@@ -614,6 +620,7 @@ mod tests {
         ServerAuth {
             credentials,
             members: vec![1, 2, 3],
+            open_membership: false,
             peer_services: vec![2],
             timeout_ms: 2_000,
         }

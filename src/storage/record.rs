@@ -9,7 +9,10 @@
 //!
 //! - `HardState`: term, vote, commit (24 bytes). The latest one wins.
 //! - `Entries`: a run of contiguous entries, each `[index u64][term u64]
-//!   [data_len u32][data]`, after a `count u32`. A run starting at index `i`
+//!   [data_len u32][data]`, after a `count u32`. The top bit of `data_len`
+//!   marks a conf-change entry (its data is a cluster configuration): data
+//!   is far below 2^31 bytes, and records written before membership was
+//!   replicated have the bit clear, so they read as they always did. A run starting at index `i`
 //!   replaces every stored entry at `>= i`: that is how overwrites are logged.
 //! - `Reset`: index, term of a snapshot that did *not* match the stored log
 //!   (one installed from the leader): every entry logged before it is void,
@@ -20,7 +23,10 @@
 //! contents: a bad frame at the tail of the log may be a torn write, but a
 //! frame whose checksum holds and whose contents make no sense is corruption.
 
-use crate::raft::{Entry, HardState, SnapshotMeta};
+use crate::raft::{Entry, EntryKind, HardState, SnapshotMeta};
+
+/// The bit of an entry's `data_len` that marks a conf-change entry.
+const CONF_CHANGE_BIT: u32 = 1 << 31;
 
 /// Bytes before the body: `body_len` and `crc32`.
 pub(crate) const HEADER_BYTES: usize = 8;
@@ -96,7 +102,15 @@ pub(crate) fn encode_entries(buf: &mut Vec<u8>, entries: &[Entry]) {
         for entry in run {
             buf.extend_from_slice(&entry.index.to_le_bytes());
             buf.extend_from_slice(&entry.term.to_le_bytes());
-            buf.extend_from_slice(&(entry.data.len() as u32).to_le_bytes());
+            let mut data_len = entry.data.len() as u32;
+            assert!(
+                data_len < CONF_CHANGE_BIT,
+                "entry data too large for its record"
+            );
+            if entry.kind == EntryKind::ConfChange {
+                data_len |= CONF_CHANGE_BIT;
+            }
+            buf.extend_from_slice(&data_len.to_le_bytes());
             buf.extend_from_slice(&entry.data);
         }
         finish(buf, start);
@@ -226,7 +240,13 @@ fn decode_entries(reader: &mut Reader<'_>) -> Result<Vec<Entry>, String> {
     for _ in 0..count {
         let index = reader.u64()?;
         let term = reader.u64()?;
-        let data_len = reader.u32()? as usize;
+        let data_len_field = reader.u32()?;
+        let kind = if data_len_field & CONF_CHANGE_BIT != 0 {
+            EntryKind::ConfChange
+        } else {
+            EntryKind::Normal
+        };
+        let data_len = (data_len_field & !CONF_CHANGE_BIT) as usize;
         let data = reader.take(data_len)?.to_vec();
         // Check what we read back: a run is contiguous with non-decreasing terms.
         if let Some(previous) = entries.last() {
@@ -245,7 +265,16 @@ fn decode_entries(reader: &mut Reader<'_>) -> Result<Vec<Entry>, String> {
         } else if index == 0 {
             return Err("entry with index 0".to_string());
         }
-        entries.push(Entry { term, index, data });
+        let entry = Entry {
+            term,
+            index,
+            kind,
+            data,
+        };
+        if kind == EntryKind::ConfChange && entry.membership().is_none() {
+            return Err(format!("conf-change entry {index} does not decode"));
+        }
+        entries.push(entry);
     }
     Ok(entries)
 }
@@ -287,6 +316,7 @@ mod tests {
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
         Entry {
+            kind: Default::default(),
             index,
             term,
             data: data.to_vec(),

@@ -163,6 +163,7 @@ mod tests {
     fn two_records() -> (Vec<u8>, usize) {
         let mut buf = Vec::new();
         let entry = |index| Entry {
+            kind: Default::default(),
             index,
             term: 1,
             data: vec![index as u8; 10],

@@ -2,10 +2,16 @@
 //! (20-digit, zero-padded), laid out as
 //!
 //! ```text
-//! [magic "KVSNAP01"][index u64][term u64][data_len u64][crc32 u32][data]
+//! [magic "KVSNAP02"][index u64][term u64][payload_len u64][crc32 u32]
+//! [membership_len u32][membership][data]
 //! ```
 //!
-//! with the CRC-32 over index, term, data_len and data. A file is written
+//! with the CRC-32 over index, term, payload_len and the payload. The
+//! membership (the cluster configuration at `index`, in the core's encoding)
+//! is snapshot metadata: the conf-change entries it summarizes are gone from
+//! the log. A `KVSNAP01` file (written before membership was replicated) has
+//! no membership part: it loads with an empty one, for which the core uses
+//! the bootstrap configuration. A file is written
 //! under a `.tmp` name, fsynced, renamed into place and the directory
 //! fsynced, so a snapshot file either exists whole or not at all; a `.tmp`
 //! left by a crash is ignored and removed at the next open.
@@ -16,9 +22,10 @@ use std::sync::Arc;
 
 use super::error::StorageError;
 use super::fs::FileSystem;
-use crate::raft::{Snapshot, SnapshotMeta};
+use crate::raft::{Membership, Snapshot, SnapshotMeta};
 
-const MAGIC: &[u8; 8] = b"KVSNAP01";
+const MAGIC: &[u8; 8] = b"KVSNAP02";
+const MAGIC_WITHOUT_MEMBERSHIP: &[u8; 8] = b"KVSNAP01";
 /// magic + index + term + data_len + crc32.
 pub(crate) const SNAPSHOT_HEADER_BYTES: usize = 8 + 8 + 8 + 8 + 4;
 const CRC_OFFSET: usize = 32;
@@ -54,21 +61,33 @@ pub(crate) fn parse_snapshot_file_name(name: &str) -> Option<SnapshotMeta> {
     })
 }
 
-fn header(meta: &SnapshotMeta, data: &[u8]) -> [u8; SNAPSHOT_HEADER_BYTES] {
+/// The payload before the data: `[membership_len u32][membership]`.
+fn membership_prefix(membership: &Membership) -> Vec<u8> {
+    let encoded = membership.encode();
+    let mut prefix = Vec::with_capacity(4 + encoded.len());
+    prefix.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+    prefix.extend_from_slice(&encoded);
+    prefix
+}
+
+fn header(meta: &SnapshotMeta, prefix: &[u8], data: &[u8]) -> [u8; SNAPSHOT_HEADER_BYTES] {
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
     header[0..8].copy_from_slice(MAGIC);
     header[8..16].copy_from_slice(&meta.index.to_le_bytes());
     header[16..24].copy_from_slice(&meta.term.to_le_bytes());
-    header[DATA_LEN_OFFSET..CRC_OFFSET].copy_from_slice(&(data.len() as u64).to_le_bytes());
-    let crc = checksum(&header, data);
+    let payload_bytes = (prefix.len() + data.len()) as u64;
+    header[DATA_LEN_OFFSET..CRC_OFFSET].copy_from_slice(&payload_bytes.to_le_bytes());
+    let crc = checksum(&header, &[prefix, data]);
     header[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
     header
 }
 
-fn checksum(header: &[u8; SNAPSHOT_HEADER_BYTES], data: &[u8]) -> u32 {
+fn checksum(header: &[u8; SNAPSHOT_HEADER_BYTES], payload: &[&[u8]]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&header[8..CRC_OFFSET]);
-    hasher.update(data);
+    for part in payload {
+        hasher.update(part);
+    }
     hasher.finalize()
 }
 
@@ -82,11 +101,13 @@ pub(crate) fn write_snapshot(
     let name = snapshot_file_name(&snapshot.meta);
     let path = dir.join(&name);
     let temp_path = dir.join(format!("{name}{TEMP_SUFFIX}"));
-    let header = header(&snapshot.meta, &snapshot.data);
+    let prefix = membership_prefix(&snapshot.membership);
+    let header = header(&snapshot.meta, &prefix, &snapshot.data);
     let mut file = fs
         .create_truncate(&temp_path)
         .map_err(StorageError::io("create", &temp_path))?;
     file.write_all(&header)
+        .and_then(|()| file.write_all(&prefix))
         .and_then(|()| file.write_all(&snapshot.data))
         .map_err(StorageError::io("write", &temp_path))?;
     file.sync_all()
@@ -96,7 +117,7 @@ pub(crate) fn write_snapshot(
         .map_err(StorageError::io("rename", &temp_path))?;
     fs.sync_dir(dir)
         .map_err(StorageError::io("fsync directory", dir))?;
-    let size_bytes = (SNAPSHOT_HEADER_BYTES + snapshot.data.len()) as u64;
+    let size_bytes = (SNAPSHOT_HEADER_BYTES + prefix.len() + snapshot.data.len()) as u64;
     Ok((path, size_bytes))
 }
 
@@ -117,7 +138,8 @@ pub(crate) fn read_snapshot(
     }
     file.read_exact(&mut header)
         .map_err(StorageError::io("read", path))?;
-    if &header[0..8] != MAGIC {
+    let with_membership = &header[0..8] == MAGIC;
+    if !with_membership && &header[0..8] != MAGIC_WITHOUT_MEMBERSHIP {
         return Err(StorageError::corrupt(
             path,
             0,
@@ -165,7 +187,7 @@ pub(crate) fn read_snapshot(
         ));
     }
     let stored_crc = u32::from_le_bytes(header[CRC_OFFSET..].try_into().expect("4 bytes"));
-    if checksum(&header, &data) != stored_crc {
+    if checksum(&header, &[&data]) != stored_crc {
         return Err(StorageError::corrupt(
             path,
             CRC_OFFSET as u64,
@@ -175,10 +197,31 @@ pub(crate) fn read_snapshot(
             ),
         ));
     }
+    let membership = if with_membership {
+        split_membership(&mut data).ok_or_else(|| {
+            StorageError::corrupt(
+                path,
+                SNAPSHOT_HEADER_BYTES as u64,
+                "the snapshot's membership does not decode",
+            )
+        })?
+    } else {
+        Membership::default()
+    };
     Ok(Snapshot {
         meta,
+        membership,
         data: Arc::new(data),
     })
+}
+
+/// Takes the membership prefix off a payload whose checksum has passed;
+/// `None` if it is malformed.
+fn split_membership(payload: &mut Vec<u8>) -> Option<Membership> {
+    let length = u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?) as usize;
+    let membership = Membership::decode(payload.get(4..4 + length)?)?;
+    payload.drain(..4 + length);
+    Some(membership)
 }
 
 #[cfg(test)]

@@ -123,6 +123,8 @@ impl TestCluster {
             data_dir: None,
             link_filter: Some(filter),
             fault_file: None,
+            join: false,
+            listen: None,
             fs: self.file_systems.get(id as usize - 1).cloned(),
         };
         // The port may linger for a moment after a stop: retry briefly.
@@ -250,6 +252,8 @@ fn options_clone(options: &StartOptions) -> StartOptions {
         data_dir: options.data_dir.clone(),
         link_filter: options.link_filter.clone(),
         fault_file: options.fault_file.clone(),
+        join: false,
+        listen: None,
         fs: options.fs.clone(),
     }
 }

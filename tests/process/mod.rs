@@ -277,6 +277,11 @@ impl Cluster {
     /// Starts node `id` (again) on its data directory; its stderr is
     /// appended to `node<id>.log`, so one file holds every run.
     pub fn start_node(&mut self, id: u64) {
+        self.start_node_with(id, &[]);
+    }
+
+    /// `start_node` with more `kvserver` arguments (e.g. `--join`).
+    pub fn start_node_with(&mut self, id: u64, extra_args: &[&str]) {
         let index = (id - 1) as usize;
         assert!(self.nodes[index].is_none(), "node {id} is already running");
         let log = OpenOptions::new()
@@ -295,6 +300,7 @@ impl Cluster {
         if self.fault_files {
             command.arg("--fault-file").arg(self.fault_file(id));
         }
+        command.args(extra_args);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())

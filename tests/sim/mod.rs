@@ -9,17 +9,21 @@
 //! Raft safety properties (Election Safety, Log Matching, Leader
 //! Completeness, State Machine Safety), that commit and the persisted term
 //! never go back, that applied entries survive crashes, and that every
-//! request gets exactly one response, in order. A violation panics with the
-//! seed and how to replay it.
+//! request gets exactly one response, in order. With membership changes it
+//! also checks that no two majorities of different configurations commit in
+//! one term, that a leader never has two changes in flight, and that a
+//! leader removed by a committed change does not go on leading. A violation
+//! panics with the seed and how to replay it.
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use kvstore_raft::raft::{
-    Config, Entry, HardState, Message, MessageBody, NodeId, ProposeError, RaftCore, RestoredState,
-    Role, Snapshot, SnapshotMeta, SplitMix64, Status, NO_NODE,
+    ConfChange, ConfChangeError, Config, Entry, HardState, Membership, Message, MessageBody,
+    NodeId, ProposeError, RaftCore, RestoredState, Role, Snapshot, SnapshotMeta, SplitMix64,
+    Status, NO_NODE,
 };
 
 /// The shortest randomized election timeout, in ticks ("ET" of the test plan).
@@ -94,7 +98,11 @@ impl NetFaults {
 /// The tuning a simulated cluster is built with.
 #[derive(Clone, Debug)]
 pub struct SimOptions {
+    /// Node slots: ids 1..=nodes. Those not in `voters` start with no
+    /// configuration (a node started with `--join`) and wait to be added.
     pub nodes: u64,
+    /// The bootstrap voters (all slots unless a test says otherwise).
+    pub voters: Vec<NodeId>,
     pub seed: u64,
     /// The application compacts the core's log every this many applies (0: never).
     pub snapshot_every_applies: u64,
@@ -115,6 +123,7 @@ impl SimOptions {
     pub fn new(nodes: u64, seed: u64) -> SimOptions {
         SimOptions {
             nodes,
+            voters: (1..=nodes).collect(),
             seed,
             snapshot_every_applies: 0,
             snapshot_pad_bytes: 0,
@@ -362,6 +371,9 @@ pub struct Sim {
     print_trace: bool,
     crashes: u64,
     reads_answered: u64,
+    /// term -> the voter sets under which that term's leader committed.
+    commit_configs: BTreeMap<u64, Vec<BTreeSet<NodeId>>>,
+    pub commit_configs_recorded: u64,
 }
 
 impl Sim {
@@ -397,6 +409,8 @@ impl Sim {
             print_trace: std::env::var_os("SIM_TRACE").is_some(),
             crashes: 0,
             reads_answered: 0,
+            commit_configs: BTreeMap::new(),
+            commit_configs_recorded: 0,
             options,
         };
         for id in sim.ids() {
@@ -594,8 +608,13 @@ impl Sim {
 
     fn node_config(&mut self, id: NodeId) -> Config {
         let o = &self.options;
-        let voters: Vec<NodeId> = (1..=o.nodes).collect();
+        let voters: Vec<NodeId> = if o.voters.contains(&id) {
+            o.voters.clone()
+        } else {
+            Vec::new()
+        };
         let mut config = Config::new(id, voters);
+        config.promote_max_lag_entries = 20;
         config.election_timeout_min_ticks = ET_MIN_TICKS as u32;
         config.election_timeout_max_ticks = ET_MAX_TICKS as u32;
         config.heartbeat_interval_ticks = HB_TICKS as u32;
@@ -726,6 +745,13 @@ impl Sim {
                 app.last_applied
             )),
         };
+        let membership = match node.core.membership_at(app.last_applied) {
+            Some(membership) => membership.clone(),
+            None => self.fail(&format!(
+                "node {id}: no configuration at {}",
+                app.last_applied
+            )),
+        };
         // The application stores the snapshot durably before handing it over.
         let d = &mut self.durable[slot];
         d.snapshot = Some(Snapshot {
@@ -733,6 +759,7 @@ impl Sim {
                 index: app.last_applied,
                 term,
             },
+            membership,
             data: Arc::new(data.clone()),
         });
         d.entries.retain(|e| e.index > app.last_applied);
@@ -740,6 +767,33 @@ impl Sim {
         node.app.last_snapshot_index = app.last_applied;
         node.core.compact(app.last_applied, data);
         self.after_input(id);
+    }
+
+    /// Proposes a membership change on `id` (which must be up).
+    pub fn conf_change(&mut self, id: NodeId, change: ConfChange) -> Result<u64, ConfChangeError> {
+        let result = self.with_core(id, |core| core.propose_conf_change(change));
+        self.after_input(id);
+        result
+    }
+
+    /// Asks leader `id` to hand leadership to `to`.
+    pub fn transfer_leader(&mut self, id: NodeId, to: NodeId) -> Result<(), ConfChangeError> {
+        let result = self.with_core(id, |core| core.transfer_leader(to));
+        self.after_input(id);
+        result
+    }
+
+    /// The configuration in force on `id`.
+    pub fn membership(&self, id: NodeId) -> Membership {
+        self.core(id).membership().clone()
+    }
+
+    /// Crashes `id` and loses its disk: it may only come back as a new,
+    /// empty node (a `--join` node with no configuration).
+    pub fn wipe(&mut self, id: NodeId) {
+        self.crash(id);
+        self.durable[Sim::slot(id)] = Durable::default();
+        self.options.voters.retain(|&v| v != id);
     }
 
     /// Queues a hand-built message for delivery at the current tick.
@@ -1277,6 +1331,9 @@ impl Sim {
                 self.record_committed(id, index, term, status.term);
             }
         }
+        if status.role == Role::Leader {
+            self.check_leader_membership(id, status.commit > commit_seen);
+        }
         let node = self.nodes[slot].as_mut().expect("up");
         node.commit_seen = status.commit;
         node.term_seen = status.term;
@@ -1293,6 +1350,55 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// The membership invariants, on a leader after each input:
+    /// - its latest configuration and its committed one differ by at most one
+    ///   voter (one single-server change in flight);
+    /// - a leader the committed configuration removed does not lead on;
+    /// - when its commit moves, the voter set it counts with must have
+    ///   majorities that overlap those of the set the cluster last committed
+    ///   with (earlier in this term, else in the latest earlier term): two
+    ///   configurations one after the other can never both commit without a
+    ///   shared voter (the single-server change bug of Ongaro's 2015 post
+    ///   breaks exactly this).
+    fn check_leader_membership(&mut self, id: NodeId, committed_now: bool) {
+        let core = self.core(id);
+        let term = core.term();
+        let latest: BTreeSet<NodeId> = core.membership().voters.keys().copied().collect();
+        let committed: BTreeSet<NodeId> =
+            core.committed_membership().voters.keys().copied().collect();
+        let changed = latest.symmetric_difference(&committed).count();
+        if changed > 1 {
+            self.fail(&format!(
+                "leader {id} (term {term}) has {changed} voter changes in flight: committed \
+                 {committed:?}, in force {latest:?}"
+            ));
+        }
+        if !core.committed_membership().is_voter(id) && core.conf_index() <= core.status().commit {
+            self.fail(&format!(
+                "leader {id} (term {term}) leads on after the committed configuration \
+                 {committed:?} removed it"
+            ));
+        }
+        if !committed_now {
+            return;
+        }
+        let previous = self
+            .commit_configs
+            .range(..=term)
+            .next_back()
+            .and_then(|(&t, sets)| sets.last().map(|set| (t, set.clone())));
+        match previous {
+            Some((_, set)) if set == latest => return,
+            Some((t, set)) if !majorities_overlap(&latest, &set) => self.fail(&format!(
+                "two majorities that need not overlap committed: {set:?} (term {t}) then \
+                 {latest:?} (term {term}, leader {id})"
+            )),
+            _ => {}
+        }
+        self.commit_configs.entry(term).or_default().push(latest);
+        self.commit_configs_recorded += 1;
     }
 
     fn record_committed(&mut self, id: NodeId, index: u64, term: u64, seen_in_term: u64) {
@@ -1585,7 +1691,7 @@ impl Sim {
     pub fn summary(&self) -> String {
         format!(
             "{} ticks, {} terms with a leader (last term {}), {} applied, {} crashes, {} messages \
-             ({} dropped), {} snapshot chunks, {} reads answered",
+             ({} dropped), {} snapshot chunks, {} reads answered, {} voter sets committed with",
             self.now_ticks,
             self.leaders_by_term.len(),
             self.leaders_by_term
@@ -1599,6 +1705,7 @@ impl Sim {
             self.stats.dropped,
             self.stats.snapshot_chunks_sent,
             self.reads_answered,
+            self.commit_configs_recorded,
         )
     }
 
@@ -1614,4 +1721,14 @@ impl Sim {
             }
         }
     }
+}
+
+/// Whether every majority of `a` shares a voter with every majority of `b`:
+/// the worst case takes one majority from `a`'s own voters first and the
+/// other from `b`'s own, leaving the shared voters to make up the rest.
+pub fn majorities_overlap(a: &BTreeSet<NodeId>, b: &BTreeSet<NodeId>) -> bool {
+    let shared = a.intersection(b).count();
+    let need_a = (a.len() / 2 + 1).saturating_sub(a.len() - shared);
+    let need_b = (b.len() / 2 + 1).saturating_sub(b.len() - shared);
+    need_a + need_b > shared
 }

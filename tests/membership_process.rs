@@ -1,0 +1,251 @@
+//! Membership changes on real processes, under client load: a 3-node cluster
+//! grows to 5 with `kvserver --join` and `clerk member add`; a killed node
+//! whose data directory is gone is replaced by a new member. Every history
+//! is checked for linearizability and for exactly-once appends.
+
+mod process;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvstore_raft::check::KvOutput;
+use process::{append, element, free_ports, get, Cluster, Recorded, KVSERVER};
+
+const KEY: &str = "log";
+/// How long one clerk call may take before it counts as unknown.
+const SHELL_TIMEOUT_SECS: f64 = 10.0;
+/// A bound on each client's operations, so the test ends on a slow machine.
+const MAX_OPS_PER_CLIENT: u64 = 3_000;
+
+/// `clients` threads appending their elements to `KEY` until `stop`.
+fn start_appenders(
+    cluster: &Cluster,
+    clients: u64,
+    epoch: Instant,
+    stop: &Arc<AtomicBool>,
+) -> Vec<JoinHandle<Recorded>> {
+    (1..=clients)
+        .map(|client| {
+            let mut shell = cluster.shell(client, SHELL_TIMEOUT_SECS, epoch);
+            let stop = Arc::clone(stop);
+            std::thread::spawn(move || {
+                let mut recorded = Recorded::default();
+                for j in 0..MAX_OPS_PER_CLIENT {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    recorded.run(&mut shell, append(KEY, &element(client, j)));
+                }
+                recorded
+            })
+        })
+        .collect()
+}
+
+/// Stops the appenders, reads the final value and checks the history.
+fn finish(
+    cluster: &Cluster,
+    name: &str,
+    handles: Vec<JoinHandle<Recorded>>,
+    stop: &AtomicBool,
+    epoch: Instant,
+) {
+    stop.store(true, Ordering::SeqCst);
+    let mut recorded = Recorded::default();
+    for handle in handles {
+        recorded.merge(handle.join().expect("client thread"));
+    }
+    let mut shell = cluster.shell(1_000, 10.0, epoch);
+    let value = match recorded.run(&mut shell, get(KEY)) {
+        Some(KvOutput::Get { value }) => value.unwrap_or_default(),
+        other => panic!("{name}: final read {other:?}\n{}", cluster.logs()),
+    };
+    assert!(recorded.known_ops() > 20, "{name}: too little load ran");
+    recorded.assert_appends(KEY, &value);
+    recorded.assert_linearizable(name);
+}
+
+/// A node the cluster file does not list, started with `--join`.
+struct Joiner {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Joiner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_joiner(cluster: &Cluster, id: u64) -> Joiner {
+    let port = free_ports(1)[0];
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let log = std::fs::File::create(cluster.dir.path().join(format!("node{id}.log")))
+        .expect("joiner log");
+    let mut command = Command::new(KVSERVER);
+    command
+        .arg("--config")
+        .arg(&cluster.config_path)
+        .args([
+            "--id",
+            &id.to_string(),
+            "--join",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(cluster.dir.path().join("data").join(format!("node{id}")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    process::die_with_parent(&mut command);
+    Joiner {
+        child: command.spawn().expect("spawn kvserver --join"),
+        addr,
+    }
+}
+
+/// Runs `clerk ARGS` and expects exit 0; returns stdout.
+fn clerk_ok(cluster: &Cluster, args: &[&str]) -> String {
+    let output = cluster.clerk(30.0, args);
+    assert!(
+        output.status.success(),
+        "clerk {args:?}: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        cluster.logs()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The voter ids of `clerk member list --json`.
+fn voters(cluster: &Cluster) -> Vec<u64> {
+    let json: serde_json::Value =
+        serde_json::from_str(&clerk_ok(cluster, &["member", "list", "--json"])).expect("json");
+    let mut ids: Vec<u64> = json["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter(|m| m["role"] == "voter")
+        .map(|m| m["id"].as_u64().expect("id"))
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn grow_three_to_five_under_load() {
+    let mut cluster = Cluster::start("grow", 3, "");
+    cluster.wait_leader(Duration::from_secs(20));
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles = start_appenders(&cluster, 3, epoch, &stop);
+    let mut joiners = Vec::new();
+    for id in [4, 5] {
+        let joiner = start_joiner(&cluster, id);
+        let out = clerk_ok(
+            &cluster,
+            &["member", "add", &id.to_string(), &joiner.addr.to_string()],
+        );
+        assert!(out.contains(&format!("promoted node {id}")), "{out}");
+        joiners.push(joiner);
+    }
+    assert_eq!(voters(&cluster), vec![1, 2, 3, 4, 5]);
+    // Five voters: two of the original three may now be down.
+    std::thread::sleep(Duration::from_millis(500));
+    finish(
+        &cluster,
+        "grow_three_to_five_under_load",
+        handles,
+        &stop,
+        epoch,
+    );
+    cluster.kill(1);
+    cluster.kill(2);
+    // The clerk reaches only the nodes its file lists: a file that lists
+    // the new members too (what an operator gives clients after growing).
+    let mut grown: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cluster.config_path).expect("file"))
+            .expect("json");
+    for (id, joiner) in [4, 5].into_iter().zip(&joiners) {
+        grown["raft_nodes"]
+            .as_array_mut()
+            .expect("raft_nodes")
+            .push(serde_json::json!({"id": id, "ip": "127.0.0.1", "port": joiner.addr.port()}));
+    }
+    let grown_path = cluster.dir.path().join("grown.json");
+    std::fs::write(&grown_path, grown.to_string()).expect("write grown.json");
+    let output = Command::new(process::CLERK)
+        .arg("--config")
+        .arg(&grown_path)
+        .args(["--timeout", "30", "put", "after", "two-down"])
+        .output()
+        .expect("run clerk");
+    assert!(
+        output.status.success(),
+        "put with two of five down: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        cluster.logs()
+    );
+    drop(joiners);
+}
+
+#[test]
+fn replace_a_killed_node_under_load() {
+    let mut cluster = Cluster::start("replace", 3, "");
+    cluster.wait_leader(Duration::from_secs(20));
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles = start_appenders(&cluster, 3, epoch, &stop);
+    std::thread::sleep(Duration::from_millis(300));
+    // Node 3 dies with its disk: remove it, then add a new node in its place.
+    cluster.kill(3);
+    std::fs::remove_dir_all(cluster.data_dir(3)).expect("wipe node 3");
+    // Back under its old id with an empty disk: refused, loudly.
+    cluster.start_node(3);
+    let status = cluster.wait_exit(3, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", cluster.log(3));
+    assert!(
+        cluster
+            .log(3)
+            .contains("may not come back under its old id"),
+        "{}",
+        cluster.log(3)
+    );
+    let out = clerk_ok(&cluster, &["member", "remove", "3"]);
+    assert!(out.contains("removed node 3"), "{out}");
+    let joiner = start_joiner(&cluster, 4);
+    clerk_ok(&cluster, &["member", "add", "4", &joiner.addr.to_string()]);
+    assert_eq!(voters(&cluster), vec![1, 2, 4]);
+    std::thread::sleep(Duration::from_millis(300));
+    finish(
+        &cluster,
+        "replace_a_killed_node_under_load",
+        handles,
+        &stop,
+        epoch,
+    );
+    // Bad requests are refused with one line and exit 3.
+    for args in [
+        &["member", "remove", "3"][..],
+        &["member", "promote", "1"][..],
+        &["transfer-leader", "9"][..],
+    ] {
+        let output = cluster.clerk(10.0, args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "clerk {args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "clerk {args:?}: {stderr}");
+    }
+    // Removing the leader succeeds (exit 0) although it steps down at once.
+    let json: serde_json::Value =
+        serde_json::from_str(&clerk_ok(&cluster, &["member", "list", "--json"])).expect("json");
+    let leader = json["leader"].as_u64().expect("a leader");
+    clerk_ok(&cluster, &["member", "remove", &leader.to_string()]);
+    let left: Vec<u64> = [1, 2, 4].into_iter().filter(|&id| id != leader).collect();
+    assert_eq!(voters(&cluster), left);
+    drop(joiner);
+}
