@@ -483,6 +483,15 @@ impl KvStateMachine {
                 pos: 0,
             };
             let session = read_session(&mut reader, client_id).map_err(|e| {
+                if is_session_without_secret(&bytes, client_id) {
+                    return KvError::Storage(format!(
+                        "the engine holds a client session ({client_id}) written by an older \
+                         kvstore-raft, before sessions were opened through the log; this build \
+                         cannot open that data directory (its log may hold writes of sessions \
+                         this build would refuse) and there is no in-place upgrade: keep the \
+                         older build for it, or start a new cluster"
+                    ));
+                }
                 KvError::Storage(format!("stored session of client {client_id}: {e}"))
             })?;
             machine.activity.insert((session.last_active_ms, client_id));
@@ -1094,6 +1103,17 @@ fn read_session(reader: &mut Reader<'_>, number: u64) -> Result<Session, KvError
         last_active_ms,
         reply,
     })
+}
+
+/// Whether `bytes` is a whole session row of the format before sessions had secrets
+/// (`last_seq last_active_ms reply`), so that an older data directory is named as such
+/// rather than as damaged (the engine's row checksum already passed).
+fn is_session_without_secret(bytes: &[u8], number: u64) -> bool {
+    let mut reader = Reader { bytes, pos: 0 };
+    reader.varint("session seq").is_ok()
+        && reader.varint("session activity time").is_ok()
+        && read_reply(&mut reader, number).is_ok()
+        && reader.remaining() == 0
 }
 
 /// The machine's map as the Redis writes see it.
@@ -1950,5 +1970,25 @@ mod tests {
         let overflow = sealed(b"KVSM\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x00\x00\x00");
         let error = KvStateMachine::restore(&overflow, options()).unwrap_err();
         assert!(error.to_string().contains("overflows"), "{error}");
+    }
+
+    /// A data directory from before sessions had secrets is refused with a line that says
+    /// so (not as a damaged file): its log may hold writes this build would refuse.
+    #[test]
+    fn an_engine_with_sessions_of_the_older_format_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), 8 << 20).unwrap();
+        let mut old_row = Vec::new();
+        put_varint(&mut old_row, 7); // last_seq
+        put_varint(&mut old_row, 1_000); // last_active_ms
+        old_row.push(REPLY_PUT);
+        let mut batch = EngineBatch::default();
+        batch.sessions.insert(42, Some(old_row));
+        engine.commit(&batch, true).unwrap();
+        let error = KvStateMachine::open(engine, KvOptions::default())
+            .err()
+            .expect("an older session row must be refused");
+        let text = error.to_string();
+        assert!(text.contains("written by an older kvstore-raft"), "{text}");
     }
 }
