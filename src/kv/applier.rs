@@ -202,6 +202,11 @@ impl Applier {
         if since.elapsed() < self.commit_interval {
             return Ok(());
         }
+        self.commit_now()
+    }
+
+    /// Writes what was applied and is not yet in the engine, now (one batch, not fsynced).
+    fn commit_now(&mut self) -> Result<(), String> {
         self.uncommitted_since = None;
         if !self.machine.has_uncommitted() {
             return Ok(());
@@ -331,12 +336,7 @@ impl Applier {
                     Some(Waiter::Barrier(tx)) => {
                         // The reader reads the engine, not the overlay: what was applied
                         // must be in the engine first (see `commit_if_due`).
-                        if self.machine.has_uncommitted() {
-                            self.uncommitted_since = None;
-                            self.machine
-                                .commit_batch(false)
-                                .map_err(|e| format!("committing to the engine: {e}"))?;
-                        }
+                        self.commit_now()?;
                         let answer = match self.machine.engine() {
                             // A view is a cheap MVCC snapshot, not a copy.
                             Some(engine) => Ok(engine.view()),
