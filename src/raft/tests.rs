@@ -90,6 +90,16 @@ fn three_nodes_elect_a_leader_and_replicate() {
         assert_eq!(data, vec![&b"a"[..], &b"b"[..]], "node {}", k + 1);
         assert_eq!(applied.last().unwrap().index, first + 1);
     }
+    for core in &cluster.cores {
+        let stored = core.entry(first).map(|e| e.data.as_slice());
+        assert_eq!(
+            stored,
+            Some(&b"a"[..]),
+            "node {} holds entry {first}",
+            core.id()
+        );
+        assert_eq!(core.term_at(first), Some(cluster.cores[leader].term()));
+    }
 }
 
 #[test]
