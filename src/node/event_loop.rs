@@ -221,12 +221,8 @@ impl EventLoop {
                     AdminRequest::TransferLeader(to) => {
                         AdminReply::TransferStarted(self.core.transfer_leader(to))
                     }
-                    AdminRequest::SnapshotMetaAt(index) => {
-                        let term = self.core.term_at(index);
-                        let membership = self.core.membership_at(index).cloned();
-                        AdminReply::SnapshotMeta(term.zip(membership).map(|(term, m)| {
-                            (SnapshotMeta { index, term }, m)
-                        }))
+                    AdminRequest::SnapshotMetaAt { to, index } => {
+                        AdminReply::SnapshotMeta(self.core.streamed_snapshot_at(to, index))
                     }
                 };
                 // The asker may have given up waiting: nothing to do then.
@@ -402,6 +398,12 @@ impl EventLoop {
     /// the event loop); `data`, when given (no snapshot store), is kept in
     /// memory for followers that need it.
     fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), FatalError> {
+        // A follower receiving a streamed snapshot continues from the entries after it.
+        let floor = self.core.compaction_floor();
+        if index > floor && !data.is_empty() {
+            return Ok(()); // bytes of a later state than the floor: the next one will do
+        }
+        let index = index.min(floor);
         let status = self.core.status();
         if index <= status.snapshot_index || index > status.applied {
             return Ok(());

@@ -187,8 +187,9 @@ pub enum AdminRequest {
     Members,
     Change(ConfChange),
     TransferLeader(NodeId),
-    /// The term and configuration at an index (a snapshot sender's view), if the log knows.
-    SnapshotMetaAt(u64),
+    /// The term and configuration at `index`, where a snapshot sender to `to` opened its view
+    /// (`RaftCore::streamed_snapshot_at`), if the log knows them.
+    SnapshotMetaAt { to: NodeId, index: u64 },
 }
 
 /// What the event loop answers to an [`AdminRequest`].

@@ -475,7 +475,7 @@ impl Sender_ {
     /// The term and membership at `index`, from the event loop's core.
     fn meta_at(&self, index: u64) -> Option<(SnapshotMeta, Membership)> {
         let (tx, rx) = bounded(1);
-        let request = Event::Admin(AdminRequest::SnapshotMetaAt(index), tx);
+        let request = Event::Admin(AdminRequest::SnapshotMetaAt { to: self.to, index }, tx);
         self.events
             .send_timeout(request, Duration::from_secs(5))
             .ok()?;

@@ -1746,6 +1746,46 @@ impl RaftCore {
         self.send_snapshot_chunk(from);
     }
 
+    /// A streamed snapshot to `to` reads a view at `index` (the application's applied index,
+    /// at or past our snapshot's): returns the term and configuration there, if the log still
+    /// knows them, and records `index` as the snapshot being sent, so the log after it is kept
+    /// (see [`Self::compaction_floor`]) for the follower to continue from.
+    pub fn streamed_snapshot_at(
+        &mut self,
+        to: NodeId,
+        index: u64,
+    ) -> Option<(SnapshotMeta, Membership)> {
+        let term = self.log.term(index)?;
+        let membership = self.membership_at(index)?.clone();
+        let meta = SnapshotMeta { index, term };
+        if let Some(progress) = self.progress.get_mut(&to) {
+            if let Some(send) = progress.snapshot.as_mut().filter(|s| s.data.is_none()) {
+                if index < send.meta.index {
+                    // An older view than the one being sent (a sender that was replaced).
+                    return None;
+                }
+                send.meta = meta;
+                send.membership = membership.clone();
+            }
+        }
+        Some((meta, membership))
+    }
+
+    /// The highest index the log may be compacted to now: below every streamed snapshot in
+    /// flight, whose follower needs the entries right after it (without this, a leader under
+    /// writes could compact past the view before the transfer ends, and the follower would
+    /// need another snapshot, forever). `u64::MAX` when none is in flight.
+    pub fn compaction_floor(&self) -> u64 {
+        self.progress
+            .values()
+            .filter(|p| p.state == ProgressState::Snapshot)
+            .filter_map(|p| p.snapshot.as_ref())
+            .filter(|send| send.data.is_none())
+            .map(|send| send.meta.index)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     // -------------------------------------------------------------- ready
 
     /// The application's snapshot covers everything up to `index` (which it
