@@ -625,3 +625,203 @@ pub(crate) fn sender_client_config(connect_timeout_ms: u64, max_frame_bytes: usi
         max_frame_bytes,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The follower's protocol, over a store that records what reaches it: chunks are
+    //! numbered (first byte), the last one is marked `E`, and a chunk holding `X` is
+    //! "damaged".
+    use super::*;
+    use crossbeam_channel::Receiver;
+
+    #[derive(Default)]
+    struct FakeStore {
+        /// What the last intake received, in order.
+        received: Arc<Mutex<Vec<u8>>>,
+        live: Arc<Mutex<Vec<u8>>>,
+    }
+
+    struct FakeIntake {
+        next: u8,
+        complete: bool,
+        received: Arc<Mutex<Vec<u8>>>,
+        live: Arc<Mutex<Vec<u8>>>,
+    }
+
+    struct FakeReceived {
+        state: Vec<u8>,
+        live: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl SnapshotStore for FakeStore {
+        fn read(&self, _chunk_bytes: usize) -> Result<Box<dyn SnapshotChunks>, String> {
+            unreachable!("not used by the receiver")
+        }
+        fn receive(&self) -> Result<Box<dyn SnapshotIntake>, String> {
+            self.received.lock().clear();
+            Ok(Box::new(FakeIntake {
+                next: 0,
+                complete: false,
+                received: Arc::clone(&self.received),
+                live: Arc::clone(&self.live),
+            }))
+        }
+    }
+
+    impl SnapshotIntake for FakeIntake {
+        fn push(&mut self, chunk: &[u8]) -> Result<(), String> {
+            if chunk.contains(&b'X') {
+                return Err("checksum mismatch in chunk".into());
+            }
+            if chunk[0] != self.next {
+                return Err(format!("chunk {} out of order (expected {})", chunk[0], self.next));
+            }
+            self.next += 1;
+            self.complete = chunk.get(1) == Some(&b'E');
+            self.received.lock().push(chunk[0]);
+            Ok(())
+        }
+        fn is_complete(&self) -> bool {
+            self.complete
+        }
+        fn finish(self: Box<Self>) -> Result<Box<dyn ReceivedSnapshot>, String> {
+            Ok(Box::new(FakeReceived {
+                state: self.received.lock().clone(),
+                live: self.live,
+            }))
+        }
+    }
+
+    impl ReceivedSnapshot for FakeReceived {
+        fn applied_index(&self) -> u64 {
+            50
+        }
+        fn swap_in(self: Box<Self>) -> Result<(), String> {
+            *self.live.lock() = self.state;
+            Ok(())
+        }
+    }
+
+    const META: SnapshotMeta = SnapshotMeta { index: 50, term: 3 };
+
+    fn chunk(from: NodeId, offset: u64, data: &[u8]) -> Message {
+        Message {
+            from,
+            to: 2,
+            term: 4,
+            body: MessageBody::InstallSnapshot {
+                meta: META,
+                membership: Membership::default(),
+                offset,
+                data: data.to_vec(),
+                done: data.get(1) == Some(&b'E'),
+                total_bytes: 0,
+            },
+        }
+    }
+
+    struct Follower {
+        receiver: SnapshotReceiver,
+        events: Receiver<Event>,
+        store: Arc<FakeStore>,
+    }
+
+    impl Follower {
+        fn new() -> Follower {
+            let store = Arc::new(FakeStore::default());
+            let (tx, events) = bounded(16);
+            let receiver = SnapshotReceiver::new(2, Arc::clone(&store) as _, tx);
+            Follower {
+                receiver,
+                events,
+                store,
+            }
+        }
+
+        /// Sends `message`; the immediate answer `(next_offset, success)`, or `None` when the
+        /// answer waits for the install.
+        fn send(&self, message: Message) -> Option<(u64, bool)> {
+            let (responder, answer) = Responder::local();
+            self.receiver.handle(message, responder);
+            answer
+                .try_recv()
+                .ok()
+                .map(|r| r.unwrap())
+                .map(|r| (r.next_offset, r.success))
+        }
+
+        fn received(&self) -> Vec<u8> {
+            self.store.received.lock().clone()
+        }
+    }
+
+    #[test]
+    fn chunks_in_order_with_a_repeat_complete_once_and_wait_for_the_install() {
+        let f = Follower::new();
+        assert_eq!(f.send(chunk(1, 0, b"\x00aaaa")), Some((5, true)));
+        // The answer was lost: the same chunk again is acknowledged, not written twice.
+        assert_eq!(f.send(chunk(1, 0, b"\x00aaaa")), Some((5, true)));
+        assert_eq!(f.send(chunk(1, 5, b"\x01bbb")), Some((9, true)));
+        assert_eq!(f.send(chunk(1, 5, b"\x01bbb")), Some((9, true)));
+        assert_eq!(f.received(), vec![0, 1]);
+        // The last chunk is answered by the core, after the install.
+        let (responder, answer) = Responder::local();
+        f.receiver.handle(chunk(1, 9, b"\x02E"), responder);
+        assert!(answer.try_recv().is_err(), "answered before the install");
+        let Ok(Event::SnapshotReceived(mut install)) = f.events.try_recv() else {
+            panic!("no install handed over")
+        };
+        assert_eq!(install.applied_index(), 50);
+        // While it is being installed, no new transfer may replace its files.
+        assert_eq!(f.send(chunk(3, 0, b"\x00zz")), Some((0, false)));
+        install.swap_in().unwrap();
+        assert_eq!(*f.store.live.lock(), vec![0, 1, 2]);
+        let (message, reply) = install.into_message();
+        assert!(matches!(
+            message.body,
+            MessageBody::InstallSnapshot { done: true, offset: 11, ref data, meta, .. }
+                if data.is_empty() && meta == META
+        ));
+        reply(Message {
+            from: 2,
+            to: 1,
+            term: 4,
+            body: MessageBody::InstallSnapshotResponse {
+                meta: META,
+                next_offset: 11,
+                success: true,
+            },
+        });
+        let reply = answer.try_recv().unwrap().unwrap();
+        assert!(reply.success && reply.next_offset == 11 && reply.last_included_index == 50);
+        // Installed: a new transfer may start.
+        assert_eq!(f.send(chunk(3, 0, b"\x00zz")), Some((3, true)));
+    }
+
+    #[test]
+    fn a_chunk_out_of_order_is_refused_with_the_offset_to_resume_from() {
+        let f = Follower::new();
+        assert_eq!(f.send(chunk(1, 0, b"\x00aaaa")), Some((5, true)));
+        // A lost chunk: the next one is refused, and the leader resumes at 5.
+        assert_eq!(f.send(chunk(1, 9, b"\x02cc")), Some((5, false)));
+        assert_eq!(f.send(chunk(1, 3, b"\x01bbb")), Some((5, false)));
+        assert_eq!(f.send(chunk(1, 5, b"\x01bbb")), Some((9, true)));
+        assert_eq!(f.received(), vec![0, 1]);
+        // A chunk of another leader's transfer that never started here: start from 0.
+        assert_eq!(f.send(chunk(3, 5, b"\x01bbb")), Some((0, false)));
+        assert!(f.events.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_damaged_chunk_ends_the_transfer_and_nothing_is_installed() {
+        let f = Follower::new();
+        assert_eq!(f.send(chunk(1, 0, b"\x00aaaa")), Some((5, true)));
+        assert_eq!(f.send(chunk(1, 5, b"\x01bXb")), Some((0, false)));
+        // The transfer is gone: the leader must start again from 0.
+        assert_eq!(f.send(chunk(1, 5, b"\x01bbb")), Some((0, false)));
+        assert!(f.events.try_recv().is_err());
+        assert!(f.store.live.lock().is_empty());
+        assert_eq!(f.send(chunk(1, 0, b"\x00aaaa")), Some((5, true)));
+        assert_eq!(f.received(), vec![0]);
+    }
+}
