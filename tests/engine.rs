@@ -553,7 +553,10 @@ fn a_crash_at_every_step_of_a_streamed_install_leaves_the_old_or_the_new_state()
         drop(chunks);
         drop(follower);
         let live_dir = live(follower_dir.path());
-        let (incoming, old) = (engine::incoming_dir(&live_dir), live_dir.with_extension("old"));
+        let (incoming, old) = (
+            engine::incoming_dir(&live_dir),
+            live_dir.with_extension("old"),
+        );
         let received: Option<Box<dyn ReceivedSnapshot>> = match cut {
             StreamCut::MidStream => {
                 assert!(!intake.is_complete());
@@ -570,20 +573,30 @@ fn a_crash_at_every_step_of_a_streamed_install_leaves_the_old_or_the_new_state()
             StreamCut::BeforeTheCoreLearns => received.unwrap().swap_in().unwrap(),
             _ => {}
         }
-        let new_state = matches!(cut, StreamCut::AfterRenames | StreamCut::BeforeTheCoreLearns);
+        let new_state = matches!(
+            cut,
+            StreamCut::AfterRenames | StreamCut::BeforeTheCoreLearns
+        );
         // The restart: the follower's snapshot file and WAL are the old ones (up to 300), so
         // after the swap the engine is ahead of its log (committed state: the log's entries
         // at or below it are skipped when they come).
-        let restarted =
-            open_machine(follower_dir.path(), Some(&old_snapshot), options(), CACHE_BYTES)
-                .unwrap();
+        let restarted = open_machine(
+            follower_dir.path(),
+            Some(&old_snapshot),
+            options(),
+            CACHE_BYTES,
+        )
+        .unwrap();
         let (expected, at) = if new_state { (700, 700) } else { (300, 300) };
         assert_eq!(restarted.applied_index(), at, "cut {cut:?}");
         assert!(
             restarted == replica(&entries, expected),
             "cut {cut:?}: not the state at {expected}: a mix"
         );
-        assert!(!incoming.exists() && !old.exists(), "cut {cut:?}: leftovers");
+        assert!(
+            !incoming.exists() && !old.exists(),
+            "cut {cut:?}: leftovers"
+        );
         drop(restarted);
         // It then catches up (by the entries after 700, or by the snapshot again then the
         // entries) to a replica that never crashed.
@@ -639,7 +652,10 @@ fn a_flipped_byte_in_a_streamed_chunk_is_named_and_nothing_is_swapped_in() {
     while let Some(mut chunk) = chunks.next_chunk().unwrap() {
         number += 1;
         if number == 4 {
-            let at = chunk.iter().rposition(|&b| b == b'x').expect("a value byte");
+            let at = chunk
+                .iter()
+                .rposition(|&b| b == b'x')
+                .expect("a value byte");
             chunk[at] = b'y';
         }
         if let Err(e) = intake.push(&chunk) {

@@ -52,7 +52,9 @@ fn writer(cluster: &TestCluster, stop: Arc<AtomicBool>) -> std::thread::JoinHand
     std::thread::spawn(move || {
         let mut written = 0;
         while !stop.load(Ordering::SeqCst) && written < 20_000 {
-            clerk.put(format!("w{written}"), format!("{written}")).unwrap();
+            clerk
+                .put(format!("w{written}"), format!("{written}"))
+                .unwrap();
             written += 1;
         }
         written
@@ -66,7 +68,9 @@ fn wait_caught_up(cluster: &TestCluster, follower: NodeId, index: u64) {
     loop {
         let status = cluster.status(follower).unwrap();
         let leader = cluster.leader().and_then(|l| cluster.status(l));
-        if status.snapshot_index > index && leader.as_ref().is_some_and(|l| status.applied >= l.commit) {
+        if status.snapshot_index > index
+            && leader.as_ref().is_some_and(|l| status.applied >= l.commit)
+        {
             return;
         }
         assert!(
@@ -118,7 +122,10 @@ fn s1_a_streamed_snapshot_survives_lost_chunks_and_cut_connections_while_writes_
     wait_caught_up(&cluster, lagging, compacted);
     let sent = metrics::SNAPSHOT_SENT_BYTES.get() - sent_before;
     eprintln!("s1: {cuts} cuts, {written} writes meanwhile, {sent} snapshot bytes sent");
-    assert!(cuts >= 2, "the transfer ended before the link was cut twice");
+    assert!(
+        cuts >= 2,
+        "the transfer ended before the link was cut twice"
+    );
     assert!(sent as usize >= KEYS * 1000, "only {sent} bytes sent");
     assert!(metrics::SNAPSHOTS_RECEIVED.get() >= 1);
     check_state(&cluster, leader, lagging, written);
@@ -128,10 +135,7 @@ fn s1_a_streamed_snapshot_survives_lost_chunks_and_cut_connections_while_writes_
 fn s2_a_follower_restarted_in_the_middle_of_a_transfer_gets_it_again() {
     let (cluster, leader, lagging) = lagging_follower();
     let compacted = cluster.status(leader).unwrap().snapshot_index;
-    let engine = cluster
-        .config
-        .node_data_dir(lagging)
-        .join(ENGINE_DIR_NAME);
+    let engine = cluster.config.node_data_dir(lagging).join(ENGINE_DIR_NAME);
     let incoming = incoming_dir(&engine);
     cluster.heal();
     // Wait until the incoming engine is being built, then stop the follower in the middle.

@@ -10,8 +10,10 @@
 //! engine (work bounded by the log written since the last one, not by the
 //! data set), after which the event loop may drop the log up to the applied
 //! index; no bytes of the data set are copied. When a follower needs the
-//! state itself, a `snapshot-build` thread encodes a consistent view of the
-//! engine, off the Raft threads.
+//! state itself, the node's snapshot sender streams a consistent view of the
+//! engine (`node/snapshot.rs`, `snapshot_transfer.rs`), off the Raft threads;
+//! when this node receives one, the apply thread swaps the received engine in
+//! (`Applier::install_received`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -404,7 +406,10 @@ impl Applier {
     /// then the state machine holding it is dropped. A placeholder in memory takes its place
     /// until the caller opens the replacement.
     fn retire_engine(&mut self) -> Result<(), String> {
-        if let Err(e) = self.engine_slot.retire(Duration::from_millis(RETIRE_TIMEOUT_MS)) {
+        if let Err(e) = self
+            .engine_slot
+            .retire(Duration::from_millis(RETIRE_TIMEOUT_MS))
+        {
             self.engine_slot.set(self.machine.engine().cloned());
             return Err(e);
         }
@@ -441,8 +446,7 @@ impl Applier {
                 .swap_in()
                 .map_err(|e| format!("swapping in the snapshot at index {index}: {e}"))?;
             let engine = Engine::open(&live, self.engine_cache_bytes).map_err(|e| e.to_string())?;
-            self.machine =
-                KvStateMachine::open(engine, self.options).map_err(|e| e.to_string())?;
+            self.machine = KvStateMachine::open(engine, self.options).map_err(|e| e.to_string())?;
             self.engine_slot.set(self.machine.engine().cloned());
             log::info!(
                 "node {}: installed the leader's snapshot at index {index} (was at {applied})",

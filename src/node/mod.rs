@@ -189,7 +189,10 @@ pub enum AdminRequest {
     TransferLeader(NodeId),
     /// The term and configuration at `index`, where a snapshot sender to `to` opened its view
     /// (`RaftCore::streamed_snapshot_at`), if the log knows them.
-    SnapshotMetaAt { to: NodeId, index: u64 },
+    SnapshotMetaAt {
+        to: NodeId,
+        index: u64,
+    },
 }
 
 /// What the event loop answers to an [`AdminRequest`].
@@ -430,10 +433,9 @@ impl Node {
                 event_loop.run()
             })?,
         );
-        let receiver = options
-            .snapshot_store
-            .as_ref()
-            .map(|store| snapshot::SnapshotReceiver::new(options.id, Arc::clone(store), event_tx.clone()));
+        let receiver = options.snapshot_store.as_ref().map(|store| {
+            snapshot::SnapshotReceiver::new(options.id, Arc::clone(store), event_tx.clone())
+        });
         let raft_service = Arc::new(RaftServiceHandler::new(
             options.id,
             event_tx,

@@ -139,7 +139,10 @@ impl RaftService for RaftServiceHandler {
             return;
         };
         if message.to != self.id || message.from == self.id || message.from == 0 {
-            responder.send_error(crate::rpc::RpcCode::BadRequest, "a snapshot not for this node");
+            responder.send_error(
+                crate::rpc::RpcCode::BadRequest,
+                "a snapshot not for this node",
+            );
             return;
         }
         receiver.handle(message, responder);

@@ -184,7 +184,9 @@ impl SnapshotReceiver {
         };
         match self.take_chunk(&message) {
             Ok(Step::Answer(next_offset, success)) => responder.send(answer(next_offset, success)),
-            Ok(Step::Complete(received, bytes)) => self.hand_over(message, received, bytes, responder),
+            Ok(Step::Complete(received, bytes)) => {
+                self.hand_over(message, received, bytes, responder)
+            }
             Err(error) => {
                 log::error!(
                     "node {}: snapshot from node {} refused: {error}",
@@ -287,10 +289,14 @@ impl SnapshotReceiver {
                 },
                 ..message
             },
-            reply: Box::new(move |response| match wire::install_snapshot_reply(response) {
-                Some(reply) => responder.send(reply),
-                None => log::error!("node {id}: the core answered a snapshot with another kind"),
-            }),
+            reply: Box::new(
+                move |response| match wire::install_snapshot_reply(response) {
+                    Some(reply) => responder.send(reply),
+                    None => {
+                        log::error!("node {id}: the core answered a snapshot with another kind")
+                    }
+                },
+            ),
             _installing: InstallingMark(Arc::clone(&self.installing)),
         };
         log::info!(
@@ -557,24 +563,20 @@ impl Sender_ {
                 last_error = "the link is cut".into();
                 continue;
             }
-            let reply: pb::InstallSnapshotReply = match call_unary(
-                client,
-                ids::SERVICE_ID,
-                ids::INSTALL_SNAPSHOT,
-                request,
-            ) {
-                Ok(reply) if allowed(self.to, self.options.me) => reply,
-                Ok(_) => {
-                    last_error = "the answer was cut".into();
-                    continue;
-                }
-                Err(e) => {
-                    // The same chunk again, on a new connection.
-                    last_error = e.to_string();
-                    client.disconnect();
-                    continue;
-                }
-            };
+            let reply: pb::InstallSnapshotReply =
+                match call_unary(client, ids::SERVICE_ID, ids::INSTALL_SNAPSHOT, request) {
+                    Ok(reply) if allowed(self.to, self.options.me) => reply,
+                    Ok(_) => {
+                        last_error = "the answer was cut".into();
+                        continue;
+                    }
+                    Err(e) => {
+                        // The same chunk again, on a new connection.
+                        last_error = e.to_string();
+                        client.disconnect();
+                        continue;
+                    }
+                };
             let answer = wire::reply_from_wire(
                 self.options.me,
                 self.to,
@@ -618,7 +620,10 @@ impl Sender_ {
 }
 
 /// The client settings of a sender: the last chunk waits for the install.
-pub(crate) fn sender_client_config(connect_timeout_ms: u64, max_frame_bytes: usize) -> ClientConfig {
+pub(crate) fn sender_client_config(
+    connect_timeout_ms: u64,
+    max_frame_bytes: usize,
+) -> ClientConfig {
     ClientConfig {
         connect_timeout_ms,
         call_timeout_ms: INSTALL_TIMEOUT_MS,
@@ -674,7 +679,10 @@ mod tests {
                 return Err("checksum mismatch in chunk".into());
             }
             if chunk[0] != self.next {
-                return Err(format!("chunk {} out of order (expected {})", chunk[0], self.next));
+                return Err(format!(
+                    "chunk {} out of order (expected {})",
+                    chunk[0], self.next
+                ));
             }
             self.next += 1;
             self.complete = chunk.get(1) == Some(&b'E');
