@@ -466,3 +466,235 @@ fn a_streamed_engine_opens_as_the_same_state_and_a_cut_stream_changes_nothing() 
     let restarted = restart(follower.path(), Some(&compacted), &entries, 900);
     assert!(restarted == replica(&entries, 900));
 }
+
+// ------------------------------------------------------------- streamed InstallSnapshot
+
+use kvstore_raft::kv::backup_source::EngineSlot;
+use kvstore_raft::kv::snapshot_transfer::EngineSnapshots;
+use kvstore_raft::node::{ReceivedSnapshot, SnapshotStore};
+
+/// Where a streamed install (`node/snapshot.rs`, `kv/snapshot_transfer.rs`) is cut.
+#[derive(Clone, Copy, Debug)]
+enum StreamCut {
+    /// Half the chunks were written into `engine.incoming`.
+    MidStream,
+    /// Every chunk arrived and checked out; the incoming engine is durable, not swapped.
+    BeforeSwap,
+    /// The live engine was renamed to `.old`, the incoming one not yet renamed.
+    BetweenRenames,
+    /// The incoming engine is live, `.old` not yet removed.
+    AfterRenames,
+    /// Swapped in; the core has not yet recorded the snapshot (the snapshot file and the WAL
+    /// are still the follower's old ones).
+    BeforeTheCoreLearns,
+}
+
+/// A crash at every step of receiving and swapping in a streamed snapshot leaves the old
+/// state or the new one, never a mix, and the restarted node catches up to a replica that
+/// never crashed. Meanwhile the leader applies and checkpoints (its view does not move) and
+/// the follower checkpoints its live engine (nothing of it leaks into the incoming one).
+#[test]
+fn a_crash_at_every_step_of_a_streamed_install_leaves_the_old_or_the_new_state() {
+    let entries = entries(1_000);
+    for cut in [
+        StreamCut::MidStream,
+        StreamCut::BeforeSwap,
+        StreamCut::BetweenRenames,
+        StreamCut::AfterRenames,
+        StreamCut::BeforeTheCoreLearns,
+    ] {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let mut leader = open(leader_dir.path());
+        apply_range(&mut leader, &entries, 0, 700, 64);
+        let slot = Arc::new(EngineSlot::default());
+        slot.set(leader.engine().cloned());
+        let source = EngineSnapshots::new(Arc::clone(&slot), live(leader_dir.path()), CACHE_BYTES);
+        let mut chunks = source.read(2048).unwrap();
+        assert_eq!(chunks.applied_index(), 700);
+
+        let follower_dir = tempfile::tempdir().unwrap();
+        let mut follower = open(follower_dir.path());
+        apply_range(&mut follower, &entries, 0, 300, 64);
+        follower.commit_batch(true).unwrap();
+        // The follower compacted its log at its checkpoint: a snapshot file without data.
+        let old_snapshot = Snapshot {
+            membership: Default::default(),
+            meta: SnapshotMeta {
+                index: 300,
+                term: 1,
+            },
+            data: Arc::new(Vec::new()),
+        };
+        let target = EngineSnapshots::new(
+            Arc::new(EngineSlot::default()),
+            live(follower_dir.path()),
+            CACHE_BYTES,
+        );
+        let mut intake = target.receive().unwrap();
+        let (mut sent, mut leader_at) = (0, 700);
+        while let Some(chunk) = chunks.next_chunk().unwrap() {
+            intake.push(&chunk).unwrap();
+            sent += 1;
+            // The leader goes on applying and checkpointing (compacting) while it sends.
+            if leader_at < 1_000 {
+                apply_range(&mut leader, &entries, leader_at, leader_at + 50, 50);
+                leader.commit_batch(true).unwrap();
+                leader_at += 50;
+            }
+            if sent == 3 {
+                // The follower's own checkpoint while it receives.
+                follower.commit_batch(true).unwrap();
+            }
+            if matches!(cut, StreamCut::MidStream) && sent == 8 {
+                break;
+            }
+        }
+        assert!(sent >= 8, "{sent} chunks");
+        drop(chunks);
+        drop(follower);
+        let live_dir = live(follower_dir.path());
+        let (incoming, old) = (
+            engine::incoming_dir(&live_dir),
+            live_dir.with_extension("old"),
+        );
+        let received: Option<Box<dyn ReceivedSnapshot>> = match cut {
+            StreamCut::MidStream => {
+                assert!(!intake.is_complete());
+                None
+            }
+            _ => Some(intake.finish().unwrap()),
+        };
+        match cut {
+            StreamCut::BetweenRenames => std::fs::rename(&live_dir, &old).unwrap(),
+            StreamCut::AfterRenames => {
+                std::fs::rename(&live_dir, &old).unwrap();
+                std::fs::rename(&incoming, &live_dir).unwrap();
+            }
+            StreamCut::BeforeTheCoreLearns => received.unwrap().swap_in().unwrap(),
+            _ => {}
+        }
+        let new_state = matches!(
+            cut,
+            StreamCut::AfterRenames | StreamCut::BeforeTheCoreLearns
+        );
+        // The restart: the follower's snapshot file and WAL are the old ones (up to 300), so
+        // after the swap the engine is ahead of its log (committed state: the log's entries
+        // at or below it are skipped when they come).
+        let restarted = open_machine(
+            follower_dir.path(),
+            Some(&old_snapshot),
+            options(),
+            CACHE_BYTES,
+        )
+        .unwrap();
+        let (expected, at) = if new_state { (700, 700) } else { (300, 300) };
+        assert_eq!(restarted.applied_index(), at, "cut {cut:?}");
+        assert!(
+            restarted == replica(&entries, expected),
+            "cut {cut:?}: not the state at {expected}: a mix"
+        );
+        assert!(
+            !incoming.exists() && !old.exists(),
+            "cut {cut:?}: leftovers"
+        );
+        drop(restarted);
+        // It then catches up (by the entries after 700, or by the snapshot again then the
+        // entries) to a replica that never crashed.
+        let mut caught_up = open(follower_dir.path());
+        let from = caught_up.applied_index() as usize;
+        if from < 700 {
+            drop(caught_up);
+            let mut again = target.receive().unwrap();
+            let mut chunks = source.read(4096).unwrap();
+            while let Some(chunk) = chunks.next_chunk().unwrap() {
+                again.push(&chunk).unwrap();
+            }
+            // A new view: the leader's applied index now.
+            let at = chunks.applied_index() as usize;
+            drop(chunks);
+            again.finish().unwrap().swap_in().unwrap();
+            caught_up = open(follower_dir.path());
+            assert_eq!(caught_up.applied_index() as usize, at);
+        }
+        let from = caught_up.applied_index() as usize;
+        apply_range(&mut caught_up, &entries, from, 1_000, 64);
+        assert!(
+            caught_up == replica(&entries, 1_000),
+            "cut {cut:?}: did not converge"
+        );
+    }
+}
+
+/// A byte flipped in one received chunk is found (the stream's CRC-32), named, and nothing
+/// of it replaces the live engine.
+#[test]
+fn a_flipped_byte_in_a_streamed_chunk_is_named_and_nothing_is_swapped_in() {
+    let entries = entries(600);
+    let leader_dir = tempfile::tempdir().unwrap();
+    let mut leader = open(leader_dir.path());
+    apply_range(&mut leader, &entries, 0, 600, 64);
+    let slot = Arc::new(EngineSlot::default());
+    slot.set(leader.engine().cloned());
+    let source = EngineSnapshots::new(slot, live(leader_dir.path()), CACHE_BYTES);
+    let mut chunks = source.read(2048).unwrap();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut follower = open(follower_dir.path());
+    apply_range(&mut follower, &entries, 0, 100, 64);
+    drop(follower);
+    let target = EngineSnapshots::new(
+        Arc::new(EngineSlot::default()),
+        live(follower_dir.path()),
+        CACHE_BYTES,
+    );
+    let mut intake = target.receive().unwrap();
+    let mut error = None;
+    let mut number = 0;
+    while let Some(mut chunk) = chunks.next_chunk().unwrap() {
+        number += 1;
+        if number == 4 {
+            let at = chunk
+                .iter()
+                .rposition(|&b| b == b'x')
+                .expect("a value byte");
+            chunk[at] = b'y';
+        }
+        if let Err(e) = intake.push(&chunk) {
+            error = Some(e);
+            break;
+        }
+    }
+    let error = error.expect("the damage was not found");
+    assert!(
+        error.contains("checksum mismatch") && error.contains("engine.incoming"),
+        "{error}"
+    );
+    assert!(!intake.is_complete());
+    drop(intake);
+    let reopened = open(follower_dir.path());
+    assert!(reopened == replica(&entries, 100), "the old state, whole");
+}
+
+/// The apply thread swaps its engine only once every reader of it let go: a snapshot
+/// sender's view keeps `retire` waiting (and then failing, naming the reader), and is
+/// told to stop at its next chunk.
+#[test]
+fn the_engine_is_not_swapped_while_a_snapshot_sender_reads_it() {
+    let entries = entries(300);
+    let dir = tempfile::tempdir().unwrap();
+    let mut machine = open(dir.path());
+    apply_range(&mut machine, &entries, 0, 300, 64);
+    let slot = Arc::new(EngineSlot::default());
+    slot.set(machine.engine().cloned());
+    let source = EngineSnapshots::new(Arc::clone(&slot), live(dir.path()), CACHE_BYTES);
+    let mut chunks = source.read(1024).unwrap();
+    chunks.next_chunk().unwrap().unwrap();
+    let error = slot
+        .retire(std::time::Duration::from_millis(50))
+        .unwrap_err();
+    assert!(error.contains("snapshot sender"), "{error}");
+    let stopped = chunks.next_chunk().unwrap_err();
+    assert!(stopped.contains("being replaced"), "{stopped}");
+    assert!(source.read(1024).is_err(), "a view of a retired engine");
+    drop(chunks);
+    slot.retire(std::time::Duration::from_millis(50)).unwrap();
+}

@@ -10,8 +10,10 @@
 //! engine (work bounded by the log written since the last one, not by the
 //! data set), after which the event loop may drop the log up to the applied
 //! index; no bytes of the data set are copied. When a follower needs the
-//! state itself, a `snapshot-build` thread encodes a consistent view of the
-//! engine, off the Raft threads.
+//! state itself, the node's snapshot sender streams a consistent view of the
+//! engine (`node/snapshot.rs`, `snapshot_transfer.rs`), off the Raft threads;
+//! when this node receives one, the apply thread swaps the received engine in
+//! (`Applier::install_received`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use super::backup_source::EngineSlot;
 use super::engine::{self, Engine};
 use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
-use crate::node::{ApplyTask, NodeHandle};
+use crate::node::{ApplyTask, InstallReceived, NodeHandle};
 use crate::proto::kvstore::ErrorCode;
 use crate::raft::{Entry, EntryKind, ProposeError, Snapshot};
 use crate::rpc::ReplyBatch;
@@ -33,6 +35,8 @@ const EXPIRY_SWEEP_MS: u64 = 20;
 /// Tasks handled under one [`ReplyBatch`]: bounds how long a reply waits for
 /// the batch's single write.
 const MAX_TASKS_PER_BATCH: usize = 64;
+/// How long a swap waits for readers of the old engine (backups, snapshot senders) to let go.
+const RETIRE_TIMEOUT_MS: u64 = 10_000;
 /// A snapshot request the event loop has not acted on is repeated after this.
 const SNAPSHOT_RETRY_MS: u64 = 1000;
 /// Applied entries wait at most about this long in memory before they are written to the
@@ -53,9 +57,6 @@ pub struct Applier {
     snapshot_requested: Option<(u64, Instant)>,
     /// The engine's block cache, for an engine rebuilt from a leader's snapshot.
     engine_cache_bytes: u64,
-    /// When the last snapshot build for a follower started (one at a time, at most one per
-    /// `SNAPSHOT_RETRY_MS`).
-    snapshot_build: Option<(std::thread::JoinHandle<()>, Instant)>,
     /// When the first entry not yet committed to the engine was applied.
     uncommitted_since: Option<Instant>,
     /// `COMMIT_INTERVAL_MS` (tests change it).
@@ -85,7 +86,6 @@ impl Applier {
             reads: BTreeMap::new(),
             snapshot_requested: None,
             engine_cache_bytes,
-            snapshot_build: None,
             engine_slot: Arc::default(),
             uncommitted_since: None,
             commit_interval: Duration::from_millis(COMMIT_INTERVAL_MS),
@@ -175,7 +175,7 @@ impl Applier {
                 self.maybe_snapshot()?;
             }
             ApplyTask::Restore(snapshot) => self.restore(snapshot)?,
-            ApplyTask::SnapshotWanted => self.build_snapshot(),
+            ApplyTask::InstallReceived(install) => self.install_received(install)?,
             ApplyTask::ReadReady { token, index } => {
                 self.reads.entry(index).or_default().push(token);
                 self.serve_reads()?;
@@ -370,28 +370,94 @@ impl Applier {
                 self.machine = KvStateMachine::restore(&snapshot.data, self.options)
                     .map_err(|e| failed(&e))?;
             }
+            // A streamed snapshot: swapped in before the core recorded it.
+            Some(_) if self.machine.applied_index() >= snapshot.meta.index => {}
+            Some(live) if snapshot.data.is_empty() => {
+                return Err(failed(&format!(
+                    "it carries no data and the engine {} is at index {}",
+                    live.display(),
+                    self.machine.applied_index()
+                )));
+            }
             Some(live) => {
                 // The event loop saved the snapshot file before this task, so a crash at any
                 // step below restarts from either engine and that file.
-                let placeholder = KvStateMachine::new(self.options);
-                self.engine_slot.set(None);
-                drop(std::mem::replace(&mut self.machine, placeholder));
+                self.retire_engine()?;
                 self.machine =
                     rebuild_engine(&live, &snapshot.data, self.options, self.engine_cache_bytes)
                         .map_err(|e| failed(&e))?;
                 self.engine_slot.set(self.machine.engine().cloned());
             }
         }
-        let covered: Vec<u64> = self
-            .proposed
-            .range(..=snapshot.meta.index)
-            .map(|(&i, _)| i)
-            .collect();
+        self.fail_covered(snapshot.meta.index);
+        self.serve_reads()
+    }
+
+    /// Proposals at or below `index` were replaced by a snapshot: their outcome is unknown.
+    fn fail_covered(&mut self, index: u64) {
+        let covered: Vec<u64> = self.proposed.range(..=index).map(|(&i, _)| i).collect();
         for index in covered {
             let (_, token) = self.proposed.remove(&index).expect("present");
             self.fail(token, ErrorCode::TIMEOUT, "the outcome is unknown; retry");
         }
-        self.serve_reads()
+    }
+
+    /// Closes the live engine: readers on other threads let go first (`EngineSlot::retire`),
+    /// then the state machine holding it is dropped. A placeholder in memory takes its place
+    /// until the caller opens the replacement.
+    fn retire_engine(&mut self) -> Result<(), String> {
+        if let Err(e) = self
+            .engine_slot
+            .retire(Duration::from_millis(RETIRE_TIMEOUT_MS))
+        {
+            self.engine_slot.set(self.machine.engine().cloned());
+            return Err(e);
+        }
+        self.uncommitted_since = None;
+        let placeholder = KvStateMachine::new(self.options);
+        drop(std::mem::replace(&mut self.machine, placeholder));
+        Ok(())
+    }
+
+    /// A snapshot streamed from the leader arrived whole and verified in `engine.incoming`:
+    /// swap it in unless this node's state is already at or past it, then let the core record
+    /// it (it persists the snapshot's index, term and membership and answers the leader).
+    ///
+    /// Crash safety: before the swap the live engine is untouched (a restart removes the
+    /// incoming one); the swap is two renames and a directory fsync (a restart puts an
+    /// interrupted one back); after it, the engine is at the snapshot's index, which is
+    /// committed state, while the log and hard state are still the old ones: the restarted
+    /// node skips the entries at or below the engine's index and takes the snapshot again or
+    /// the entries after it.
+    pub fn install_received(&mut self, mut install: InstallReceived) -> Result<(), String> {
+        let index = install.applied_index();
+        let applied = self.machine.applied_index();
+        let Some(live) = self.machine.engine().map(|e| e.path().to_path_buf()) else {
+            log::warn!("a streamed snapshot reached a node without an engine; dropped");
+            return Ok(());
+        };
+        if index > applied {
+            if let Err(e) = self.retire_engine() {
+                // Nothing changed; the leader sends the snapshot again.
+                log::warn!("not installing the snapshot at index {index} now: {e}");
+                return Ok(());
+            }
+            install
+                .swap_in()
+                .map_err(|e| format!("swapping in the snapshot at index {index}: {e}"))?;
+            let engine = Engine::open(&live, self.engine_cache_bytes).map_err(|e| e.to_string())?;
+            self.machine = KvStateMachine::open(engine, self.options).map_err(|e| e.to_string())?;
+            self.engine_slot.set(self.machine.engine().cloned());
+            log::info!(
+                "node {}: installed the leader's snapshot at index {index} (was at {applied})",
+                self.node.id()
+            );
+            self.fail_covered(index);
+            self.node.snapshot_installed(install);
+            return self.serve_reads();
+        }
+        self.node.snapshot_installed(install);
+        Ok(())
     }
 
     /// Once the log holds more than the threshold, the state machine is
@@ -427,41 +493,6 @@ impl Applier {
         self.snapshot_requested = Some((applied, Instant::now()));
         Ok(())
     }
-
-    /// A follower needs the state itself: encode a consistent view of the engine on a
-    /// thread of its own and hand it to the event loop. One build at a time.
-    fn build_snapshot(&mut self) {
-        let Some(engine) = self.machine.engine().cloned() else {
-            return;
-        };
-        if let Some((handle, started)) = &self.snapshot_build {
-            if !handle.is_finished() || started.elapsed() < Duration::from_millis(SNAPSHOT_RETRY_MS)
-            {
-                return;
-            }
-        }
-        let node = self.node.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("snapshot-build-{}", node.id()))
-            .spawn(move || match encode_view(&engine) {
-                Ok((index, data)) => node.compacted(index, data),
-                Err(error) => node.stop_with_error(error),
-            });
-        match spawned {
-            Ok(handle) => self.snapshot_build = Some((handle, Instant::now())),
-            Err(e) => log::warn!("cannot start a snapshot build thread: {e}"),
-        }
-    }
-}
-
-/// The applied index and the snapshot encoding of a consistent view of `engine`, made
-/// durable first: the event loop may compact the log up to that index.
-fn encode_view(engine: &Engine) -> Result<(u64, Vec<u8>), String> {
-    let view = engine.view();
-    engine.checkpoint().map_err(|e| e.to_string())?;
-    let meta = view.meta().map_err(|e| e.to_string())?;
-    let data = KvStateMachine::snapshot_of_view(&view).map_err(|e| e.to_string())?;
-    Ok((meta.applied_index, data))
 }
 
 /// Builds a fresh engine beside `live` from snapshot bytes, checkpoints it, swaps it in
@@ -529,6 +560,8 @@ mod tests {
             link_filter: None,
             join: false,
             promote_max_lag_entries: 1000,
+            snapshot_store: None,
+            snapshot_send_bytes_per_sec: 0,
         };
         crate::node::Node::start(options, storage, restored)
             .unwrap()

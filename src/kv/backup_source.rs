@@ -27,24 +27,93 @@ pub const BACKUP_IDLE_MS: u64 = 60_000;
 /// How often a starting backup looks whether the engine has caught up.
 const CATCH_UP_POLL_MS: u64 = 5;
 
-/// The engine the apply thread currently writes, for readers on other threads. The apply
-/// thread empties it while it replaces its engine (a snapshot from the leader) and fills it
-/// again after.
+/// The engine the apply thread currently writes, for readers on other threads (backups,
+/// snapshot senders). The apply thread retires it before it replaces its engine (a snapshot
+/// from the leader): readers see their lease go stale and drop their views, and the apply
+/// thread waits until every lease is gone, so no handle on the old engine is open when its
+/// directory is renamed. Then it fills the slot again.
 #[derive(Default)]
-pub struct EngineSlot(Mutex<Option<Engine>>);
+pub struct EngineSlot {
+    engine: Mutex<Option<Engine>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    /// One clone per lease alive.
+    leases: Arc<()>,
+    /// Called by `retire`, for readers that hold leases while idle (backups between calls).
+    on_retire: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+}
 
-impl EngineSlot {
-    pub fn set(&self, engine: Option<Engine>) {
-        *self.0.lock() = engine;
-    }
+/// A reader's hold on the engine: while it lives, the apply thread does not swap the engine.
+pub struct EngineLease {
+    pub engine: Engine,
+    generation: u64,
+    current: Arc<std::sync::atomic::AtomicU64>,
+    _lease: Arc<()>,
+}
 
-    fn get(&self) -> Option<Engine> {
-        self.0.lock().clone()
+impl EngineLease {
+    /// False once the apply thread wants to replace the engine: drop the lease and its views.
+    pub fn is_current(&self) -> bool {
+        self.current.load(std::sync::atomic::Ordering::SeqCst) == self.generation
     }
 }
 
+impl EngineSlot {
+    pub fn set(&self, engine: Option<Engine>) {
+        *self.engine.lock() = engine;
+    }
+
+    /// Runs `hook` whenever the engine is retired.
+    pub fn on_retire(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.on_retire.lock().push(Box::new(hook));
+    }
+
+    /// The engine, held until the lease is dropped; `None` while it is being replaced.
+    pub fn lease(&self) -> Option<EngineLease> {
+        let engine = self.engine.lock();
+        Some(EngineLease {
+            engine: engine.clone()?,
+            generation: self.generation.load(std::sync::atomic::Ordering::SeqCst),
+            current: Arc::clone(&self.generation),
+            _lease: Arc::clone(&self.leases),
+        })
+    }
+
+    /// Empties the slot, marks every lease stale and waits up to `timeout` for them all to be
+    /// dropped. An error (the slot stays empty) when some reader still holds one.
+    pub fn retire(&self, timeout: Duration) -> Result<(), String> {
+        {
+            let mut engine = self.engine.lock();
+            *engine = None;
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        for hook in self.on_retire.lock().iter() {
+            hook();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let held = Arc::strong_count(&self.leases) - 1;
+            if held == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{held} reader(s) of the engine (a backup or a snapshot sender) did not let go within {} ms",
+                    timeout.as_millis()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(RETIRE_POLL_MS));
+        }
+    }
+}
+
+/// How often `retire` looks whether the readers let go.
+const RETIRE_POLL_MS: u64 = 5;
+
 struct Backup {
     reader: SnapshotReader,
+    /// Dropped with the backup; the engine is not replaced while it lives.
+    _lease: EngineLease,
     index: u64,
     term: u64,
     /// The number of the next chunk to produce.
@@ -60,7 +129,7 @@ pub type Refusal = (ErrorCode, String);
 pub struct BackupSource {
     node: NodeHandle,
     engine: Arc<EngineSlot>,
-    backups: Mutex<HashMap<u64, Backup>>,
+    backups: Arc<Mutex<HashMap<u64, Backup>>>,
     next_id: Mutex<u64>,
     chunk_bytes: usize,
     catch_up_timeout: Duration,
@@ -75,10 +144,15 @@ impl BackupSource {
         max_frame_bytes: usize,
         catch_up_timeout: Duration,
     ) -> BackupSource {
+        let backups: Arc<Mutex<HashMap<u64, Backup>>> = Arc::default();
+        // A snapshot from the leader replaces the engine: backups in progress end (their
+        // next call is told to start again).
+        let held = Arc::clone(&backups);
+        engine.on_retire(move || held.lock().clear());
         BackupSource {
             node,
             engine,
-            backups: Mutex::new(HashMap::new()),
+            backups,
             next_id: Mutex::new(1),
             chunk_bytes: DEFAULT_CHUNK_BYTES.min(max_frame_bytes / 4).max(1),
             catch_up_timeout,
@@ -159,20 +233,20 @@ impl BackupSource {
         }
         let status = self.node.status();
         let deadline = Instant::now() + self.catch_up_timeout;
-        let view = loop {
-            let engine = self.engine.get().ok_or_else(|| {
+        let (view, lease) = loop {
+            let lease = self.engine.lease().ok_or_else(|| {
                 (
                     ErrorCode::TIMEOUT,
                     "the node is replacing its state (a snapshot from the leader); retry".into(),
                 )
             })?;
-            let view = engine.view();
+            let view = lease.engine.view();
             let applied = view
                 .meta()
                 .map_err(|e| (ErrorCode::SHUTTING_DOWN, format!("reading the engine: {e}")))?
                 .applied_index;
             if applied >= status.commit {
-                break view;
+                break (view, lease);
             }
             if Instant::now() >= deadline {
                 return Err((
@@ -215,6 +289,7 @@ impl BackupSource {
             id,
             Backup {
                 reader,
+                _lease: lease,
                 index,
                 term: status.term,
                 next: 1,

@@ -11,6 +11,7 @@ pub mod redis_ops;
 pub mod server;
 pub mod service;
 pub mod snapshot_stream;
+pub mod snapshot_transfer;
 pub mod state_machine;
 pub mod store;
 pub mod waiters;

@@ -13,6 +13,7 @@ use super::applier::{rebuild_engine, Applier};
 use super::backup_source::{BackupSource, EngineSlot};
 use super::engine::{self, Engine, ENGINE_DIR_NAME};
 use super::service::{KvService, ServiceOptions};
+use super::snapshot_transfer::EngineSnapshots;
 use super::state_machine::{KvOptions, KvStateMachine};
 use super::waiters::Waiters;
 use crate::config::ClusterConfig;
@@ -154,8 +155,14 @@ impl KvServer {
             frame_timeout_ms: config.frame_timeout_ms,
             ..ServerConfig::default()
         };
+        let engine_slot = Arc::new(EngineSlot::default());
         let mut node_options = node_options(config, start.id, start.link_filter);
         node_options.join = start.join;
+        node_options.snapshot_store = Some(Arc::new(EngineSnapshots::new(
+            Arc::clone(&engine_slot),
+            data_dir.join(ENGINE_DIR_NAME),
+            config.engine_cache_bytes,
+        )));
         let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
         // A panic on an RPC thread (or in a handler it runs) stops the node, as one on a Raft
         // thread does.
@@ -165,7 +172,6 @@ impl KvServer {
             config.election_timeout_max_ms,
             config.snapshot_threshold_bytes,
         );
-        let engine_slot = Arc::new(EngineSlot::default());
         let service = Arc::new(
             KvService::new(
                 node.handle().clone(),
@@ -354,6 +360,9 @@ pub fn node_options(
         link_filter,
         join: false,
         promote_max_lag_entries: PROMOTE_MAX_LAG_ENTRIES,
+        // The server sets its engine's (`KvServer::start`).
+        snapshot_store: None,
+        snapshot_send_bytes_per_sec: config.snapshot_send_bytes_per_sec,
     }
 }
 

@@ -166,6 +166,11 @@ impl SnapshotReader {
         self.meta
     }
 
+    /// Whether the end record has been returned (the chunk returned last was the last).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.stage, Stage::Done)
+    }
+
     /// What the chunks returned so far held (complete once `next_chunk` returned `None`).
     pub fn summary(&self) -> StreamSummary {
         self.summary

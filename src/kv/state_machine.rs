@@ -923,16 +923,6 @@ impl KvStateMachine {
             .expect("the store reads back")
     }
 
-    /// The [`snapshot`](Self::snapshot) encoding of a consistent view of an engine, read in
-    /// bounded steps. The bytes are the whole data set: built on a thread of its own, never on
-    /// the event loop or the apply thread.
-    pub fn snapshot_of_view(view: &super::engine::EngineView) -> Result<Vec<u8>, KvError> {
-        let storage = |e: super::engine::EngineError| KvError::Storage(e.to_string());
-        let meta = view.meta().map_err(storage)?;
-        let sessions = view.sessions().map_err(storage)?;
-        encode_snapshot(meta, sessions, |each| super::store::scan_view(view, each)).map_err(storage)
-    }
-
     /// Rebuilds a state machine from `snapshot()` bytes. Every byte is
     /// checked (checksum, lengths, ordering, trailing data); malformed input
     /// gives an error naming what is wrong, never a panic or a huge allocation.

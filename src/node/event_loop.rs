@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 
 use super::peer::PeerSenders;
 use super::probes::Probes;
+use super::snapshot::SnapshotSenders;
 use super::{
     AdminReply, AdminRequest, ApplyTask, ClientRequest, Event, FatalError, MembersView, RaftReply,
 };
@@ -42,6 +43,8 @@ pub(crate) struct EventLoop {
     pub stopping: Arc<AtomicBool>,
     pub max_batch_requests: usize,
     pub probes: Probes,
+    /// Streams snapshots to followers (`None`: the core sends the bytes itself).
+    pub snapshot_senders: Option<SnapshotSenders>,
     /// The configuration index the peer links were last made to match.
     pub synced_conf_index: u64,
 }
@@ -99,6 +102,9 @@ impl EventLoop {
                 self.log_role_change();
             }
             if leadership.leader && now != leadership {
+                if let Some(senders) = &mut self.snapshot_senders {
+                    senders.cancel_all();
+                }
                 let hint = self.core.leader();
                 if self
                     .apply
@@ -215,9 +221,15 @@ impl EventLoop {
                     AdminRequest::TransferLeader(to) => {
                         AdminReply::TransferStarted(self.core.transfer_leader(to))
                     }
+                    AdminRequest::SnapshotMetaAt { to, index } => {
+                        AdminReply::SnapshotMeta(self.core.streamed_snapshot_at(to, index))
+                    }
                 };
                 // The asker may have given up waiting: nothing to do then.
                 let _ = reply.try_send(answer);
+            }
+            Event::SnapshotReceived(install) => {
+                self.send_apply(ApplyTask::InstallReceived(install))
             }
         }
         Ok(())
@@ -301,9 +313,12 @@ impl EventLoop {
                 self.storage
                     .save_snapshot(snapshot)
                     .map_err(|e| e.to_string())?;
-                metrics::SNAPSHOT_INSTALL_DURATION.observe_duration(started.elapsed());
-                metrics::SNAPSHOTS_RECEIVED.inc();
-                metrics::SNAPSHOT_RECEIVED_BYTES.inc_by(snapshot.data.len() as u64);
+                if self.snapshot_senders.is_none() {
+                    // Streamed snapshots are counted by their receiver (`snapshot.rs`).
+                    metrics::SNAPSHOT_INSTALL_DURATION.observe_duration(started.elapsed());
+                    metrics::SNAPSHOTS_RECEIVED.inc();
+                    metrics::SNAPSHOT_RECEIVED_BYTES.inc_by(snapshot.data.len() as u64);
+                }
             }
             // Term and vote must be durable before any message that
             // depends on them, and entries before they are acknowledged; the
@@ -332,6 +347,13 @@ impl EventLoop {
                 metrics::PROPOSALS_COMMITTED.inc_by(ready.committed.len() as u64);
                 self.send_apply(ApplyTask::Committed(ready.committed));
             }
+            for to in ready.snapshot_sends {
+                let term = self.core.term();
+                match &mut self.snapshot_senders {
+                    Some(senders) => senders.start(to, self.peers.address(to), term),
+                    None => unreachable!("streamed snapshots without a snapshot store"),
+                }
+            }
             self.probes.reads_ready(&ready.read_states);
             for read in ready.read_states {
                 self.send_apply(ApplyTask::ReadReady {
@@ -344,9 +366,6 @@ impl EventLoop {
         if self.core.conf_index() != self.synced_conf_index {
             self.synced_conf_index = self.core.conf_index();
             self.peers.sync(self.core.membership());
-        }
-        if self.core.take_snapshot_data_wanted() {
-            self.send_apply(ApplyTask::SnapshotWanted);
         }
         Ok(())
     }
@@ -374,17 +393,19 @@ impl EventLoop {
 
     /// Records the compaction point durably, then lets the core drop the log
     /// entries it covers. The application's state at `index` is already
-    /// durable in its engine, so the snapshot file holds only the index and
-    /// term (no bytes of the data set are written here, on the event loop);
-    /// `data`, when given, is kept in memory for followers that need it.
+    /// durable in its engine, so the snapshot file holds only the index,
+    /// term and membership (no bytes of the data set are written here, on
+    /// the event loop); `data`, when given (no snapshot store), is kept in
+    /// memory for followers that need it.
     fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), FatalError> {
-        let status = self.core.status();
-        if index < status.snapshot_index || index > status.applied {
-            return Ok(());
+        // A follower receiving a streamed snapshot continues from the entries after it.
+        let floor = self.core.compaction_floor();
+        if index > floor && !data.is_empty() {
+            return Ok(()); // bytes of a later state than the floor: the next one will do
         }
-        if index == status.snapshot_index {
-            // The bytes of a snapshot taken without them.
-            self.core.compact(index, data);
+        let index = index.min(floor);
+        let status = self.core.status();
+        if index <= status.snapshot_index || index > status.applied {
             return Ok(());
         }
         let term = match self.core.term_at(index) {

@@ -18,6 +18,7 @@ mod event_loop;
 mod peer;
 mod probes;
 mod raft_service;
+mod snapshot;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -31,11 +32,14 @@ use parking_lot::Mutex;
 
 use crate::raft::{
     ConfChange, ConfChangeError, Entry, FollowerStatus, Membership, Message, NodeId, ProposeError,
-    RestoredState, Snapshot, Status,
+    RestoredState, Snapshot, SnapshotMeta, Status,
 };
 use crate::storage::DiskStorage;
 
 pub use self::raft_service::RaftServiceHandler;
+pub use self::snapshot::{
+    InstallReceived, ReceivedSnapshot, SnapshotChunks, SnapshotIntake, SnapshotStore,
+};
 
 /// Decides whether a message from one node to another may pass: tests use
 /// it to cut links (partitions) without touching sockets.
@@ -71,6 +75,12 @@ pub struct NodeOptions {
     pub join: bool,
     /// A learner is promoted only within this many entries of the leader.
     pub promote_max_lag_entries: u64,
+    /// The application's state as a stream: with it, InstallSnapshot is streamed from a
+    /// consistent view (`snapshot.rs`); without it (tests of the node alone), the core sends
+    /// the bytes given to `compacted`.
+    pub snapshot_store: Option<Arc<dyn SnapshotStore>>,
+    /// The rate a leader sends one snapshot at; 0: no limit.
+    pub snapshot_send_bytes_per_sec: u64,
 }
 
 impl NodeOptions {
@@ -100,6 +110,7 @@ impl NodeOptions {
         config.max_append_bytes = self.max_append_bytes;
         config.max_snapshot_chunk_bytes = self.max_snapshot_chunk_bytes;
         config.max_uncommitted_bytes = self.max_uncommitted_bytes;
+        config.streamed_snapshots = self.snapshot_store.is_some();
         // Distinct nodes, distinct timeouts; restarts draw new ones.
         config.seed = self.id ^ (std::process::id() as u64).rotate_left(17) ^ clock_seed();
         config
@@ -135,12 +146,13 @@ pub enum ApplyTask {
     Refused { token: u64, error: ProposeError },
     /// Apply these entries, in order.
     Committed(Vec<Entry>),
-    /// Replace the state machine with this snapshot (received from the leader).
+    /// Replace the state machine with this snapshot (received from the leader). A streamed
+    /// snapshot has no bytes: the application installed it already (`InstallReceived`).
     Restore(Snapshot),
-    /// A follower needs a snapshot, and the last one was taken without its bytes (the state
-    /// lives in the application's engine): encode the state and hand it over with
-    /// [`NodeHandle::compacted`].
-    SnapshotWanted,
+    /// A snapshot streamed from the leader is complete and verified beside the live state:
+    /// swap it in (unless the state is already at or past it), then give the message back
+    /// to the core with [`NodeHandle::snapshot_installed`].
+    InstallReceived(InstallReceived),
     /// The read `token` may be answered once `index` is applied.
     ReadReady { token: u64, index: u64 },
     /// This node is no longer the leader of `term`: requests still waiting
@@ -165,6 +177,8 @@ pub(crate) enum Event {
     },
     /// An operator's request about the membership, answered on the channel.
     Admin(AdminRequest, Sender<AdminReply>),
+    /// A streamed snapshot arrived whole (`snapshot.rs`): for the apply thread.
+    SnapshotReceived(InstallReceived),
 }
 
 /// The operator's requests about who is in the cluster (`clerk member ...`).
@@ -173,6 +187,12 @@ pub enum AdminRequest {
     Members,
     Change(ConfChange),
     TransferLeader(NodeId),
+    /// The term and configuration at `index`, where a snapshot sender to `to` opened its view
+    /// (`RaftCore::streamed_snapshot_at`), if the log knows them.
+    SnapshotMetaAt {
+        to: NodeId,
+        index: u64,
+    },
 }
 
 /// What the event loop answers to an [`AdminRequest`].
@@ -182,6 +202,7 @@ pub enum AdminReply {
     /// The change's entry is at `index` in `term`; it is done once committed.
     Changed(Result<(u64, u64), ConfChangeError>),
     TransferStarted(Result<(), ConfChangeError>),
+    SnapshotMeta(Option<(SnapshotMeta, Membership)>),
 }
 
 /// The configuration as this node sees it.
@@ -290,11 +311,6 @@ impl NodeHandle {
         &self.stopper
     }
 
-    /// Hands the application's snapshot at `index` (which it has applied and
-    /// made durable) to the event loop, which records the index durably and
-    /// then trims the log. `data` may be empty (the state stays in the
-    /// application's engine); bytes given later at the same index are what
-    /// followers that need a snapshot are sent.
     /// Asks the event loop about (or for a change of) the membership; `None`
     /// when it did not answer within `timeout` (it is busy or stopping).
     pub fn admin(&self, request: AdminRequest, timeout: Duration) -> Option<AdminReply> {
@@ -305,9 +321,23 @@ impl NodeHandle {
         rx.recv_timeout(timeout).ok()
     }
 
+    /// Hands the application's snapshot at `index` (which it has applied and
+    /// made durable) to the event loop, which records the index durably and
+    /// then trims the log. `data` is empty when the state stays in the
+    /// application's engine (a streamed snapshot store); otherwise it is what
+    /// followers that need a snapshot are sent.
     pub fn compacted(&self, index: u64, data: Vec<u8>) {
         // A full channel only delays compaction; the next snapshot retries.
         let _ = self.events.try_send(Event::Compact { index, data });
+    }
+
+    /// The application installed a streamed snapshot (or already held its state): the core
+    /// records its index, term and membership, persists them, and answers the leader.
+    pub fn snapshot_installed(&self, install: InstallReceived) {
+        let (message, reply) = install.into_message();
+        // The event loop may be full or stopping: the leader's call then fails, and it
+        // sends the snapshot again (the state is already here, so that is quick).
+        let _ = self.events.try_send(Event::Request(message, reply));
     }
 }
 
@@ -356,6 +386,25 @@ impl Node {
         };
         let mut threads = Vec::new();
         let peers = peer::PeerSenders::start(&options, event_tx.clone(), &stopper, &mut threads)?;
+        let snapshot_senders = options.snapshot_store.as_ref().map(|store| {
+            let send = snapshot::SendOptions {
+                me: options.id,
+                chunk_bytes: options.max_snapshot_chunk_bytes,
+                bytes_per_sec: options.snapshot_send_bytes_per_sec,
+                client: snapshot::sender_client_config(
+                    options.peer_connect_timeout_ms,
+                    options.max_frame_bytes,
+                ),
+                credentials: options.credentials.clone(),
+                filter: options.link_filter.clone(),
+            };
+            snapshot::SnapshotSenders::new(
+                Arc::clone(store),
+                send,
+                event_tx.clone(),
+                stopper.clone(),
+            )
+        });
         let ticker_stopping = Arc::clone(&stopping);
         let tick = Duration::from_millis(options.tick_ms.max(1));
         let ticker_events = event_tx.clone();
@@ -374,6 +423,7 @@ impl Node {
             stopping: Arc::clone(&stopping),
             max_batch_requests: options.max_batch_requests.max(1),
             probes,
+            snapshot_senders,
             // Not a real index: the first cycle matches the links to the
             // configuration restored from storage.
             synced_conf_index: u64::MAX,
@@ -383,10 +433,14 @@ impl Node {
                 event_loop.run()
             })?,
         );
+        let receiver = options.snapshot_store.as_ref().map(|store| {
+            snapshot::SnapshotReceiver::new(options.id, Arc::clone(store), event_tx.clone())
+        });
         let raft_service = Arc::new(RaftServiceHandler::new(
             options.id,
             event_tx,
             options.link_filter.clone(),
+            receiver,
         ));
         Ok((
             Node {

@@ -145,6 +145,11 @@ impl PeerSenders {
         }
     }
 
+    /// The address of `peer`'s link, if it has one.
+    pub fn address(&self, peer: NodeId) -> Option<SocketAddr> {
+        self.queues.get(&peer).map(|(addr, _)| *addr)
+    }
+
     /// Queues a request for its peer; drops it when the queue is full.
     pub fn send(&self, message: Message) {
         if let Some((_, queue)) = self.queues.get(&message.to) {

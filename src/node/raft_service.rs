@@ -1,10 +1,13 @@
 //! The Raft service's handlers: each incoming RPC becomes an event for the
 //! event loop, carrying a closure that answers the call with the core's
 //! response once it is durable. The handler itself never blocks, so one
-//! connection carries a whole pipeline of AppendEntries.
+//! connection carries a whole pipeline of AppendEntries. The exception is a
+//! streamed snapshot chunk, written into the incoming state on the connection
+//! thread (the leader's snapshot sender has a connection of its own).
 
 use crossbeam_channel::Sender;
 
+use super::snapshot::SnapshotReceiver;
 use super::{wire, Event, LinkFilter};
 use crate::proto::kvstore as pb;
 use crate::raft::{Message, NodeId};
@@ -15,14 +18,22 @@ pub struct RaftServiceHandler {
     id: NodeId,
     events: Sender<Event>,
     link_filter: Option<LinkFilter>,
+    /// Streamed snapshots are taken here, on the RPC thread, not by the core.
+    snapshots: Option<SnapshotReceiver>,
 }
 
 impl RaftServiceHandler {
-    pub(crate) fn new(id: NodeId, events: Sender<Event>, link_filter: Option<LinkFilter>) -> Self {
+    pub(crate) fn new(
+        id: NodeId,
+        events: Sender<Event>,
+        link_filter: Option<LinkFilter>,
+        snapshots: Option<SnapshotReceiver>,
+    ) -> Self {
         RaftServiceHandler {
             id,
             events,
             link_filter,
+            snapshots,
         }
     }
 
@@ -120,11 +131,21 @@ impl RaftService for RaftServiceHandler {
         request: pb::InstallSnapshotRequest,
         responder: Responder<pb::InstallSnapshotReply>,
     ) {
-        self.deliver(
-            wire::install_snapshot_from_wire(request),
-            responder,
-            wire::install_snapshot_reply,
-        );
+        let message = wire::install_snapshot_from_wire(request);
+        let Some(receiver) = &self.snapshots else {
+            return self.deliver(message, responder, wire::install_snapshot_reply);
+        };
+        let Some(responder) = self.admit(&message, responder) else {
+            return;
+        };
+        if message.to != self.id || message.from == self.id || message.from == 0 {
+            responder.send_error(
+                crate::rpc::RpcCode::BadRequest,
+                "a snapshot not for this node",
+            );
+            return;
+        }
+        receiver.handle(message, responder);
     }
 
     /// TimeoutNow needs no answer from the core: the call is acknowledged at

@@ -37,6 +37,15 @@ pub struct Config {
     pub max_append_bytes: usize,
     /// The most snapshot bytes one InstallSnapshot chunk carries.
     pub max_snapshot_chunk_bytes: usize,
+    /// How snapshots travel (see [`Ready::snapshot_sends`]). `false`: the core holds the
+    /// snapshot's bytes (given to [`RaftCore::compact`]) and sends and reassembles them in
+    /// InstallSnapshot chunks itself (the simulation). `true`: the driver streams them: a
+    /// follower that needs a snapshot appears in `Ready::snapshot_sends`, the driver reports
+    /// the follower's final answer as an InstallSnapshotResponse, and an InstallSnapshot
+    /// stepped into a follower's core is a whole snapshot the driver has already received
+    /// and installed in the application (the core only records its index, term and
+    /// membership).
+    pub streamed_snapshots: bool,
     /// The most entry bytes a leader holds beyond its commit index.
     pub max_uncommitted_bytes: usize,
     pub pre_vote: bool,
@@ -119,6 +128,12 @@ pub struct Ready {
     pub committed: Vec<Entry>,
     /// Reads whose barrier has passed.
     pub read_states: Vec<ReadState>,
+    /// With `Config::streamed_snapshots`: followers that need a snapshot now. For each, the
+    /// driver streams a consistent view of the application's state (at any applied index
+    /// at or past the core's snapshot index) and then steps the follower's answer, or a
+    /// failed InstallSnapshotResponse, into the core; until then the follower gets no
+    /// entries.
+    pub snapshot_sends: Vec<NodeId>,
 }
 
 impl Config {
@@ -136,6 +151,7 @@ impl Config {
             max_inflight_appends: 64,
             max_append_bytes: 1 << 20,
             max_snapshot_chunk_bytes: 1 << 20,
+            streamed_snapshots: false,
             max_uncommitted_bytes: 64 << 20,
             pre_vote: true,
             check_quorum: true,
@@ -235,8 +251,8 @@ pub struct RaftCore {
     /// and load into the application.
     pending_snapshot: Option<Snapshot>,
     incoming_snapshot: Option<IncomingSnapshot>,
-    /// A follower needs the snapshot's bytes, which the application has not given yet.
-    snapshot_data_wanted: bool,
+    /// Followers whose snapshot the driver is to stream (`Config::streamed_snapshots`).
+    snapshot_sends: Vec<NodeId>,
 
     /// Reads in the order they arrived; the leader releases them in order.
     pending_reads: VecDeque<PendingRead>,
@@ -324,7 +340,7 @@ impl RaftCore {
             snapshot: restored.snapshot,
             pending_snapshot: None,
             incoming_snapshot: None,
-            snapshot_data_wanted: false,
+            snapshot_sends: Vec::new(),
             pending_reads: VecDeque::new(),
             read_round: 0,
             read_states: Vec::new(),
@@ -1056,23 +1072,22 @@ impl RaftCore {
             // Entries are compacted only under a snapshot, so this cannot happen.
             None => unreachable!("log compacted without a snapshot"),
         };
-        if snapshot.data.is_empty() {
-            // The application compacted without copying its state (it lives in its storage
-            // engine): ask it for the bytes, and try again once they are here (the next
-            // heartbeat retries).
-            self.snapshot_data_wanted = true;
-            return;
-        }
+        let streamed = self.config.streamed_snapshots;
         let send = SnapshotSend {
             meta: snapshot.meta,
             membership: snapshot.membership,
-            data: snapshot.data,
+            data: (!streamed).then_some(snapshot.data),
             offset: 0,
         };
         self.progress
             .get_mut(&to)
             .expect("peer progress")
             .become_snapshot(send);
+        if streamed {
+            // The driver streams the application's state and reports the outcome.
+            self.snapshot_sends.push(to);
+            return;
+        }
         self.send_snapshot_chunk(to);
     }
 
@@ -1085,10 +1100,14 @@ impl RaftCore {
             .snapshot
             .as_ref()
             .expect("snapshot state has a snapshot");
-        let total_bytes = send.data.len() as u64;
+        // A streamed snapshot's chunks are the driver's business.
+        let Some(bytes) = &send.data else {
+            return;
+        };
+        let total_bytes = bytes.len() as u64;
         let offset = send.offset.min(total_bytes);
         let end = (offset + self.config.max_snapshot_chunk_bytes as u64).min(total_bytes);
-        let data = send.data[offset as usize..end as usize].to_vec();
+        let data = bytes[offset as usize..end as usize].to_vec();
         let body = MessageBody::InstallSnapshot {
             meta: send.meta,
             membership: send.membership.clone(),
@@ -1468,6 +1487,14 @@ impl RaftCore {
             self.incoming_snapshot = None;
             return respond(self, total_bytes, true);
         }
+        if self.config.streamed_snapshots {
+            // The driver received the whole snapshot and installed it in the application
+            // before stepping it here (see `Config::streamed_snapshots`).
+            assert!(done, "a streamed snapshot reaches the core only when whole");
+            return self.install_snapshot_meta(meta, membership, Arc::default(), |core| {
+                respond(core, total_bytes, true)
+            });
+        }
         if offset == 0 {
             self.incoming_snapshot = Some(IncomingSnapshot {
                 meta,
@@ -1494,16 +1521,31 @@ impl RaftCore {
             return respond(self, held, true);
         }
         let incoming = self.incoming_snapshot.take().expect("present");
+        let data = Arc::new(incoming.data);
+        self.install_snapshot_meta(meta, incoming.membership, data, |core| {
+            respond(core, held, true)
+        });
+    }
+
+    /// A whole snapshot at `meta` has arrived (`data`: its bytes on the data-carrying path,
+    /// empty when the driver installed it): adopt it, then `respond`.
+    fn install_snapshot_meta(
+        &mut self,
+        meta: SnapshotMeta,
+        membership: Membership,
+        data: Arc<Vec<u8>>,
+        respond: impl FnOnce(&mut RaftCore),
+    ) {
         if self.log.match_term(meta.index, meta.term) {
             // We already hold the snapshot's last entry, hence everything
             // before it: committing there is enough, the log stays.
             self.log.commit_to(meta.index);
-            return respond(self, held, true);
+            return respond(self);
         }
         let snapshot = Snapshot {
-            meta: incoming.meta,
-            membership: incoming.membership.clone(),
-            data: Arc::new(incoming.data),
+            meta,
+            membership: membership.clone(),
+            data,
         };
         self.log.install_snapshot(meta);
         // Every configuration we held was past our commit, hence above the
@@ -1511,11 +1553,11 @@ impl RaftCore {
         self.conf_history = vec![ConfRecord {
             index: meta.index,
             term: meta.term,
-            membership: incoming.membership,
+            membership,
         }];
         self.snapshot = Some(snapshot.clone());
         self.pending_snapshot = Some(snapshot);
-        respond(self, held, true);
+        respond(self);
     }
 
     fn step_leader(&mut self, message: Message) {
@@ -1666,10 +1708,31 @@ impl RaftCore {
     ) {
         let progress = self.progress.get_mut(&from).expect("peer progress");
         let send = match progress.snapshot.as_mut() {
-            Some(send) if progress.state == ProgressState::Snapshot && send.meta == meta => send,
+            Some(send) if progress.state == ProgressState::Snapshot => send,
             _ => return,
         };
-        let total_bytes = send.data.len() as u64;
+        let Some(bytes) = &send.data else {
+            // Streamed by the driver: this is the outcome of the whole transfer. The view
+            // it sent may be newer than our snapshot (any applied index at or past it, within
+            // our log), never older.
+            let installed = success && meta.index >= send.meta.index;
+            if installed && meta.index <= self.log.last_index() {
+                progress.update_match(meta.index);
+                progress.become_probe();
+                self.maybe_commit();
+                self.send_append(from);
+            } else {
+                // Failed (or a stale answer): probe again at the next heartbeat answer,
+                // which starts a new snapshot if one is still needed.
+                progress.become_probe();
+                progress.paused = true;
+            }
+            return;
+        };
+        if send.meta != meta {
+            return;
+        }
+        let total_bytes = bytes.len() as u64;
         if success && next_offset >= total_bytes {
             // The follower holds the whole snapshot: its log matches up to it.
             progress.update_match(meta.index);
@@ -1683,6 +1746,46 @@ impl RaftCore {
         self.send_snapshot_chunk(from);
     }
 
+    /// A streamed snapshot to `to` reads a view at `index` (the application's applied index,
+    /// at or past our snapshot's): returns the term and configuration there, if the log still
+    /// knows them, and records `index` as the snapshot being sent, so the log after it is kept
+    /// (see [`Self::compaction_floor`]) for the follower to continue from.
+    pub fn streamed_snapshot_at(
+        &mut self,
+        to: NodeId,
+        index: u64,
+    ) -> Option<(SnapshotMeta, Membership)> {
+        let term = self.log.term(index)?;
+        let membership = self.membership_at(index)?.clone();
+        let meta = SnapshotMeta { index, term };
+        if let Some(progress) = self.progress.get_mut(&to) {
+            if let Some(send) = progress.snapshot.as_mut().filter(|s| s.data.is_none()) {
+                if index < send.meta.index {
+                    // An older view than the one being sent (a sender that was replaced).
+                    return None;
+                }
+                send.meta = meta;
+                send.membership = membership.clone();
+            }
+        }
+        Some((meta, membership))
+    }
+
+    /// The highest index the log may be compacted to now: below every streamed snapshot in
+    /// flight, whose follower needs the entries right after it (without this, a leader under
+    /// writes could compact past the view before the transfer ends, and the follower would
+    /// need another snapshot, forever). `u64::MAX` when none is in flight.
+    pub fn compaction_floor(&self) -> u64 {
+        self.progress
+            .values()
+            .filter(|p| p.state == ProgressState::Snapshot)
+            .filter_map(|p| p.snapshot.as_ref())
+            .filter(|send| send.data.is_none())
+            .map(|send| send.meta.index)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     // -------------------------------------------------------------- ready
 
     /// The application's snapshot covers everything up to `index` (which it
@@ -1690,9 +1793,8 @@ impl RaftCore {
     /// snapshot is what lagging followers will be sent. The driver stores
     /// the snapshot durably itself before calling this.
     ///
-    /// `data` may be empty: the application keeps its state durable itself and
-    /// copies it only when a follower needs it ([`Self::take_snapshot_data_wanted`]);
-    /// a later call at the same index fills the bytes in.
+    /// With `Config::streamed_snapshots`, `data` is empty: the application keeps its state
+    /// durable itself and streams it to a follower that needs it (`Ready::snapshot_sends`).
     pub fn compact(&mut self, index: u64, data: impl Into<Arc<Vec<u8>>>) {
         self.assert_not_in_ready();
         assert!(
@@ -1701,12 +1803,6 @@ impl RaftCore {
             self.log.applied
         );
         let data = data.into();
-        if index == self.log.snapshot_meta().index && !data.is_empty() {
-            if let Some(snapshot) = self.snapshot.as_mut().filter(|s| s.data.is_empty()) {
-                snapshot.data = data;
-            }
-            return;
-        }
         if index <= self.log.snapshot_meta().index {
             return;
         }
@@ -1731,19 +1827,13 @@ impl RaftCore {
         });
     }
 
-    /// True once since a follower needed a snapshot whose bytes the application has not
-    /// given (it compacted with an empty snapshot): the driver asks the application to
-    /// encode its state and hand it over with [`Self::compact`].
-    pub fn take_snapshot_data_wanted(&mut self) -> bool {
-        std::mem::take(&mut self.snapshot_data_wanted)
-    }
-
     pub fn has_ready(&self) -> bool {
         self.hard_state() != self.persisted_hard_state
             || self.log.stable < self.log.last_index()
             || self.pending_snapshot.is_some()
             || !self.messages_unpersisted.is_empty()
             || !self.messages.is_empty()
+            || !self.snapshot_sends.is_empty()
             || self.log.applied < self.log.commit
             || !self.read_states.is_empty()
             || self.pending_reads.iter().any(|r| r.round == 0)
@@ -1779,6 +1869,7 @@ impl RaftCore {
             messages: std::mem::take(&mut self.messages),
             committed,
             read_states: std::mem::take(&mut self.read_states),
+            snapshot_sends: std::mem::take(&mut self.snapshot_sends),
         }
     }
 

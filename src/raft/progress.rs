@@ -28,7 +28,8 @@ pub enum ProgressState {
 pub struct SnapshotSend {
     pub meta: SnapshotMeta,
     pub membership: Membership,
-    pub data: Arc<Vec<u8>>,
+    /// The bytes the core sends itself; `None` when the driver streams the snapshot.
+    pub data: Option<Arc<Vec<u8>>>,
     /// Where the next chunk starts: everything before it has been acknowledged.
     pub offset: u64,
 }

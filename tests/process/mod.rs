@@ -363,6 +363,15 @@ impl Cluster {
         self.nodes[(id - 1) as usize].is_some()
     }
 
+    /// The peak resident memory of node `id`'s process so far (`VmHWM`), if it runs.
+    pub fn peak_rss_bytes(&self, id: u64) -> Option<u64> {
+        let pid = self.nodes[(id - 1) as usize].as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     pub fn is_paused(&self, id: u64) -> bool {
         self.paused[(id - 1) as usize]
     }
