@@ -216,6 +216,18 @@ fn replace_a_killed_node_under_load() {
         "{}",
         cluster.log(3)
     );
+    // Nor with --join: id 3 is still a voter, and the leader would go on
+    // replicating to it as one (its empty disk would vote again).
+    cluster.start_node_with(3, &["--join"]);
+    let status = cluster.wait_exit(3, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", cluster.log(3));
+    let refusal = "--join with an empty data directory";
+    let log = cluster.log(3);
+    let line = log.lines().find(|line| line.contains(refusal));
+    assert!(
+        line.is_some_and(|line| line.contains("under the id of a current voter")),
+        "{log}"
+    );
     let out = clerk_ok(&cluster, &["member", "remove", "3"]);
     assert!(out.contains("removed node 3"), "{out}");
     let joiner = start_joiner(&cluster, 4);

@@ -337,17 +337,13 @@ pub fn run_command(
     }
 }
 
-/// A node that starts with an empty data directory and not `--join` claims
-/// to be a member of a cluster that has never started. If another node of
-/// the file has a term or a log already, the cluster has started and this
-/// node's disk was lost (or is someone else's): coming back under its old
-/// id, with no memory of its votes and log, could elect two leaders in one
-/// term. Returns the first such node (id, term), if any answers. When no
-/// node answers (all are starting together), it is a first start. The
-/// question is asked with this node's own credentials (cluster id, node id,
-/// secret), so a node that cannot prove it belongs to the cluster learns
-/// nothing and is refused as a peer later, as before.
-pub fn started_cluster_peer(config: &crate::config::ClusterConfig, me: u64) -> Option<(u64, u64)> {
+/// A stub to every other node of the file, speaking with node `me`'s own
+/// credentials (cluster id, node id, secret), so a node that cannot prove it
+/// belongs to the cluster learns nothing and is refused as a peer later.
+fn peer_stubs(
+    config: &crate::config::ClusterConfig,
+    me: u64,
+) -> impl Iterator<Item = (u64, crate::rpc::services::KvStoreStub<super::NodeChannel>)> + '_ {
     use crate::rpc::{ClientConfig, Credentials, RpcClient};
     let rpc_config = ClientConfig {
         connect_timeout_ms: 500,
@@ -359,23 +355,92 @@ pub fn started_cluster_peer(config: &crate::config::ClusterConfig, me: u64) -> O
         node_id: me,
         secret: config.secret.clone(),
     };
-    let request = crate::proto::kvstore::StatusRequest {
-        header: super::request_header(0, 0, config.client_token.as_deref()),
-        ..Default::default()
-    };
     config
         .raft_nodes
         .iter()
-        .filter(|node| node.id != me)
-        .find_map(|node| {
+        .filter(move |node| node.id != me)
+        .map(move |node| {
             let channel: super::NodeChannel = Box::new(
                 RpcClient::new(node.addr(), rpc_config.clone())
                     .with_credentials(credentials.clone()),
             );
-            let status = crate::rpc::services::KvStoreStub::new(channel)
-                .status(&request)
-                .ok()?;
-            let ok = status.header.as_ref().is_none_or(|h| h.error.value() == 0);
-            (ok && (status.term > 0 || status.last_index > 0)).then_some((node.id, status.term))
+            (node.id, crate::rpc::services::KvStoreStub::new(channel))
         })
+}
+
+/// A node that starts with an empty data directory and not `--join` claims
+/// to be a member of a cluster that has never started. If another node of
+/// the file has a term or a log already, the cluster has started and this
+/// node's disk was lost (or is someone else's): coming back under its old
+/// id, with no memory of its votes and log, could elect two leaders in one
+/// term. Returns the first such node (id, term), if any answers. When no
+/// node answers (all are starting together), it is a first start.
+pub fn started_cluster_peer(config: &crate::config::ClusterConfig, me: u64) -> Option<(u64, u64)> {
+    let request = crate::proto::kvstore::StatusRequest {
+        header: super::request_header(0, 0, config.client_token.as_deref()),
+        ..Default::default()
+    };
+    peer_stubs(config, me).find_map(|(id, stub)| {
+        let status = stub.status(&request).ok()?;
+        let ok = status.header.as_ref().is_none_or(|h| h.error.value() == 0);
+        (ok && (status.term > 0 || status.last_index > 0)).then_some((id, status.term))
+    })
+}
+
+/// What the cluster says of the id a node `--join`s under, on an empty data
+/// directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinCheck {
+    /// No node that answered lists the id: it may join.
+    NotMember,
+    /// Node `asked` lists the id as a current member: the joiner would take
+    /// over a member's identity (its votes and log) with an empty disk.
+    Member {
+        asked: u64,
+        voter: bool,
+        address: String,
+    },
+    /// No node of the file answered in `JOIN_CHECK_ROUNDS` rounds.
+    NoAnswer,
+}
+
+/// How many times `join_check` asks every node of the file before it gives up,
+/// and how long it waits between rounds (a leader election in between).
+const JOIN_CHECK_ROUNDS: u32 = 5;
+const JOIN_CHECK_RETRY_MS: u64 = 500;
+
+/// Asks the nodes of the file for the membership and looks for `me` in it.
+/// A `--join` on an empty data directory under the id of a member that was
+/// never removed is the wiped-disk case that `started_cluster_peer` refuses
+/// for a bootstrap start: the leader would go on replicating to the id as a
+/// voter, and the empty node would vote again in terms it has voted in. Any
+/// node's view serves (a configuration is in force once appended, so a
+/// follower's view lags the leader's by at most the change in flight).
+pub fn join_check(config: &crate::config::ClusterConfig, me: u64) -> JoinCheck {
+    let request = MembersRequest {
+        header: super::request_header(0, 0, config.client_token.as_deref()),
+        ..Default::default()
+    };
+    for round in 0..JOIN_CHECK_ROUNDS {
+        if round > 0 {
+            thread::sleep(Duration::from_millis(JOIN_CHECK_RETRY_MS));
+        }
+        let answer = peer_stubs(config, me).find_map(|(asked, stub)| {
+            let reply = stub.members(&request).ok()?;
+            let ok = reply.header.as_ref().is_none_or(|h| h.error.value() == 0);
+            // A node with no configuration yet (itself joining) knows nothing.
+            (ok && !reply.members.is_empty()).then_some((asked, reply))
+        });
+        if let Some((asked, reply)) = answer {
+            return match reply.members.iter().find(|m| m.id == me) {
+                Some(member) => JoinCheck::Member {
+                    asked,
+                    voter: member.voter,
+                    address: member.address.clone(),
+                },
+                None => JoinCheck::NotMember,
+            };
+        }
+    }
+    JoinCheck::NoAnswer
 }
