@@ -183,16 +183,17 @@ fn check_join(
 ) -> Result<(), String> {
     use kvstore_raft::clerk::member::{join_check, JoinCheck};
     match join_check(config, args.id) {
-        JoinCheck::NotMember => Ok(()),
+        JoinCheck::New => Ok(()),
         JoinCheck::Member {
             asked,
             voter,
+            match_index,
             address,
         } => Err(format!(
             "--join with an empty data directory {} under the id of a current {} ({address}, \
-             per node {asked}): a node that lost its disk may not come back under its old id; \
-             remove it (clerk member remove {}), then start the replacement with --join under \
-             a new id and clerk member add it",
+             match index {match_index}, per node {asked}): a node that lost its disk may not \
+             come back under its old id; remove it (clerk member remove {}), then start the \
+             replacement with --join under a new id and clerk member add it",
             data_dir.display(),
             if voter { "voter" } else { "learner" },
             args.id
@@ -201,6 +202,11 @@ fn check_join(
             "--join: no node of {} answered, so id {} cannot be checked against the \
              membership; a node joins a running cluster",
             args.config.display(),
+            args.id
+        )),
+        JoinCheck::NoLeader { asked } => Err(format!(
+            "--join: node {asked} lists id {} as a learner and no leader answered to tell \
+             whether it has received the log; retry once the cluster has a leader",
             args.id
         )),
     }
