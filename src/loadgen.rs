@@ -203,6 +203,14 @@ pub struct Report {
     pub check: Option<String>,
     pub checked_ops: usize,
     pub checked_keys: u64,
+    /// The longest time inside the measured window with no write
+    /// acknowledged (from the window's start, between two acknowledgements,
+    /// or from the last one to the window's end), in ms; 0 when the run
+    /// sends no writes.
+    /// A leader change shows here as the clients' blackout.
+    pub max_write_gap_ms: f64,
+    /// When that gap ended, in seconds since the measured window began.
+    pub max_write_gap_end_s: f64,
 }
 
 /// Percentiles of one kind of operation, in ms (all 0 when none ran).
@@ -361,6 +369,10 @@ struct Tally {
     error_samples: BTreeMap<&'static str, String>,
     history: Vec<Operation>,
     last_finish: Option<Instant>,
+    /// The latest write acknowledged inside the measured window, and the
+    /// longest gap between two such acknowledgements with when it ended.
+    last_write_ack: Option<Instant>,
+    max_write_gap: Option<(Duration, Instant)>,
 }
 
 impl Tally {
@@ -384,6 +396,9 @@ impl Tally {
         match op.result {
             Ok(()) => {
                 slot.ops.fetch_add(1, Ordering::Relaxed);
+                if !op.is_read {
+                    self.write_acked(shared, op.finished);
+                }
                 if measured {
                     let latency_us = op.finished.duration_since(op.scheduled).as_micros() as u64;
                     self.pending.push((latency_us.max(1), op.is_read));
@@ -401,6 +416,25 @@ impl Tally {
                     self.count_error(&error);
                 }
             }
+        }
+    }
+
+    /// Any write acknowledged in the measured window (whenever it was sent)
+    /// ends a gap that began at the previous one, or at the window's start.
+    fn write_acked(&mut self, shared: &Shared, at: Instant) {
+        if at < shared.measure_from {
+            return;
+        }
+        let since = self.last_write_ack.unwrap_or(shared.measure_from);
+        if at > since {
+            self.note_write_gap(at - since, at);
+            self.last_write_ack = Some(at);
+        }
+    }
+
+    fn note_write_gap(&mut self, gap: Duration, ended: Instant) {
+        if self.max_write_gap.is_none_or(|(longest, _)| gap > longest) {
+            self.max_write_gap = Some((gap, ended));
         }
     }
 
@@ -763,6 +797,19 @@ fn report_progress(shared: &Shared, progress: &(dyn Fn(&SecondStats) + Sync)) {
 fn summarize(shared: &Shared, mut tally: Tally, mut report: Report) -> Report {
     let options = shared.options;
     tally.flush(shared);
+    match tally.last_write_ack {
+        Some(last) if last < shared.end => tally.note_write_gap(shared.end - last, shared.end),
+        Some(_) => {}
+        // A run that sends writes and gets none acknowledged: one gap.
+        None if options.read_ratio < 1.0 => {
+            tally.note_write_gap(shared.end - shared.measure_from, shared.end)
+        }
+        None => {}
+    }
+    if let Some((gap, ended)) = tally.max_write_gap {
+        report.max_write_gap_ms = gap.as_secs_f64() * 1e3;
+        report.max_write_gap_end_s = ended.duration_since(shared.measure_from).as_secs_f64();
+    }
     report.reads = tally.reads;
     report.writes = tally.writes;
     report.busy = tally.busy;
@@ -881,6 +928,8 @@ impl Report {
         json["preload_clients"] = serde_json::json!(options.preload_clients);
         json["read_latency"] = self.read_latency.to_json();
         json["write_latency"] = self.write_latency.to_json();
+        json["max_write_gap_ms"] = serde_json::json!(self.max_write_gap_ms);
+        json["max_write_gap_end_s"] = serde_json::json!(self.max_write_gap_end_s);
         json
     }
 
@@ -908,6 +957,13 @@ impl Report {
                     latency.p50_ms, latency.p99_ms, latency.p999_ms, latency.max_ms
                 );
             }
+        }
+        if self.writes > 0 {
+            let _ = writeln!(
+                text,
+                "longest time with no write acknowledged: {:.1} ms (ended {:.2} s into the window)",
+                self.max_write_gap_ms, self.max_write_gap_end_s
+            );
         }
         let _ = writeln!(text, "busy (pushed back and retried): {}", self.busy);
         if let Some(scheduled) = self.scheduled {
