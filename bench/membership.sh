@@ -121,6 +121,7 @@ start_load() { # TAG
         --plot "$OUT/$1.svg" >"$OUT/logs/$1.out" 2>"$OUT/logs/$1.err" &
     LOAD_PID=$!
     LOAD_START="$(now_s)"
+    echo "$LOAD_START" >"$OUT/logs/$1.start"
 }
 wait_load() { # TAG
     local status=0
@@ -173,12 +174,39 @@ keys = ("ops_per_sec", "p50_ms", "p99_ms", "max_ms", "max_write_gap_ms", "max_wr
 result = {tag: {k: last_json(f"{out}/logs/{tag}.out")[k] for k in keys}
           for tag in ("baseline", "transfer", "election")}
 result["events"] = open(events).read().splitlines()
+# The longest write gap around each transfer: one that ended between the
+# transfer's start and 0.5 s after the clerk saw it done; when none of the
+# run's 16 longest did, the transfer's gap was below the shortest of them.
+transfer_run = last_json(f"{out}/logs/transfer.out")
+gaps = transfer_run["write_gaps"]
+# Events are stamped in seconds since the load was started; loadgen's window
+# begins a little later (it connects first): move the gaps onto that clock.
+load_start = float(open(f"{out}/logs/transfer.start").read())
+shift = transfer_run["window_start_unix_s"] - load_start
+for g in gaps:
+    g["end_s"] += shift
+floor_ms = min(g["ms"] for g in gaps) if gaps else 0.0
+per_transfer = []
+for line in result["events"]:
+    words = line.split()
+    if words[0] != "transfer":
+        continue
+    begin, end = float(words[2]), float(words[3])
+    near = [g["ms"] for g in gaps if begin <= g["end_s"] <= end + 0.5]
+    per_transfer.append({"transfer": words[1], "longest_gap_ms": max(near) if near else None,
+                         "below_ms": None if near else floor_ms})
+result["per_transfer"] = per_transfer
 open(f"{out}/transfer.json", "w").write(json.dumps(result) + "\n")
 for tag in ("baseline", "transfer", "election"):
     r = result[tag]
     print(f"{tag:9} ops/s {r['ops_per_sec']:.0f}  p99 {r['p99_ms']:.1f} ms  max {r['max_ms']:.1f} ms  "
           f"longest time with no write acknowledged {r['max_write_gap_ms']:.1f} ms "
           f"(ended {r['max_write_gap_end_s']:.2f} s in)  errors {r['errors']}", file=sys.stderr)
+for t in per_transfer:
+    gap = t["longest_gap_ms"]
+    print(f"  transfer {t['transfer']}: longest write gap ending during it "
+          + (f"below {t['below_ms']:.1f} ms (the 16th longest of the run)" if gap is None else f"{gap:.1f} ms"),
+          file=sys.stderr)
 print(json.dumps(result))
 PY
 echo "loadavg_after: $(cat /proc/loadavg)" >>"$OUT/machine.txt"

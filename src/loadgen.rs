@@ -211,7 +211,17 @@ pub struct Report {
     pub max_write_gap_ms: f64,
     /// When that gap ended, in seconds since the measured window began.
     pub max_write_gap_end_s: f64,
+    /// The `WRITE_GAPS_KEPT` longest such gaps, longest first: (ms, when
+    /// each ended in seconds since the window began), to tell which event
+    /// (a leadership transfer, a stall) caused which.
+    pub write_gaps: Vec<(f64, f64)>,
+    /// When the measured window began, in seconds since the Unix epoch, to
+    /// line the gaps up with events outside the generator.
+    pub window_start_unix_s: f64,
 }
+
+/// How many of the longest write gaps a report lists.
+const WRITE_GAPS_KEPT: usize = 16;
 
 /// Percentiles of one kind of operation, in ms (all 0 when none ran).
 #[derive(Clone, Copy, Debug, Default)]
@@ -372,7 +382,8 @@ struct Tally {
     /// The latest write acknowledged inside the measured window, and the
     /// longest gap between two such acknowledgements with when it ended.
     last_write_ack: Option<Instant>,
-    max_write_gap: Option<(Duration, Instant)>,
+    /// The longest gaps so far, longest first (at most `WRITE_GAPS_KEPT`).
+    write_gaps: Vec<(Duration, Instant)>,
 }
 
 impl Tally {
@@ -433,9 +444,13 @@ impl Tally {
     }
 
     fn note_write_gap(&mut self, gap: Duration, ended: Instant) {
-        if self.max_write_gap.is_none_or(|(longest, _)| gap > longest) {
-            self.max_write_gap = Some((gap, ended));
+        let gaps = &mut self.write_gaps;
+        if gaps.len() == WRITE_GAPS_KEPT && gaps.last().is_some_and(|&(g, _)| g >= gap) {
+            return;
         }
+        let at = gaps.partition_point(|&(g, _)| g >= gap);
+        gaps.insert(at, (gap, ended));
+        gaps.truncate(WRITE_GAPS_KEPT);
     }
 
     fn count_error(&mut self, error: &ClerkError) {
@@ -806,9 +821,21 @@ fn summarize(shared: &Shared, mut tally: Tally, mut report: Report) -> Report {
         }
         None => {}
     }
-    if let Some((gap, ended)) = tally.max_write_gap {
-        report.max_write_gap_ms = gap.as_secs_f64() * 1e3;
-        report.max_write_gap_end_s = ended.duration_since(shared.measure_from).as_secs_f64();
+    let since_window = Instant::now().saturating_duration_since(shared.measure_from);
+    report.window_start_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |now| (now.saturating_sub(since_window)).as_secs_f64());
+    report.write_gaps = tally
+        .write_gaps
+        .iter()
+        .map(|&(gap, ended)| {
+            let ended_s = ended.duration_since(shared.measure_from).as_secs_f64();
+            (gap.as_secs_f64() * 1e3, ended_s)
+        })
+        .collect();
+    if let Some(&(gap_ms, ended_s)) = report.write_gaps.first() {
+        report.max_write_gap_ms = gap_ms;
+        report.max_write_gap_end_s = ended_s;
     }
     report.reads = tally.reads;
     report.writes = tally.writes;
@@ -930,6 +957,12 @@ impl Report {
         json["write_latency"] = self.write_latency.to_json();
         json["max_write_gap_ms"] = serde_json::json!(self.max_write_gap_ms);
         json["max_write_gap_end_s"] = serde_json::json!(self.max_write_gap_end_s);
+        json["window_start_unix_s"] = serde_json::json!(self.window_start_unix_s);
+        json["write_gaps"] = self
+            .write_gaps
+            .iter()
+            .map(|&(ms, end_s)| serde_json::json!({"ms": ms, "end_s": end_s}))
+            .collect();
         json
     }
 

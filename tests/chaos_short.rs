@@ -86,5 +86,9 @@ fn chaos_seed_4_membership_three_nodes() {
         .iter()
         .filter(|fault| fault.description.starts_with("membership:"))
         .count();
-    assert!(changes >= 1, "seed 4: no membership fault:\n{}", report::run_text(&run));
+    assert!(
+        changes >= 1,
+        "seed 4: no membership fault:\n{}",
+        report::run_text(&run)
+    );
 }

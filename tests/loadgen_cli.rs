@@ -247,6 +247,17 @@ fn closed_and_open_loop_runs_report_json_plot_and_check() {
     let mean_gap_ms = 2_000.0 / (number(&json, "writes") + 1.0);
     assert!(gap_ms >= mean_gap_ms && gap_ms <= 2_000.0, "{json}");
     assert!(number(&json, "max_write_gap_end_s") <= 2.0, "{json}");
+    let gaps: Vec<f64> = json["write_gaps"]
+        .as_array()
+        .expect("write_gaps")
+        .iter()
+        .map(|gap| number(gap, "ms"))
+        .collect();
+    assert_eq!(gaps.first(), Some(&gap_ms), "{json}");
+    assert!(
+        gaps.windows(2).all(|w| w[0] >= w[1]),
+        "longest first: {json}"
+    );
     assert_eq!(json["check"], "linearizable", "{json}");
     assert!(
         number(&json, "checked_ops") >= number(&json, "ops"),

@@ -310,14 +310,12 @@ fn rolling_restart_with_stop_nodes_under_load() {
         }
         // SIGTERM is a clean stop: exit 0, not the SIGKILL fallback.
         let status = cluster.wait_exit(id, Duration::from_secs(20));
-        assert!(status.success(), "node {id} stopped with {status}: {stdout}");
+        assert!(
+            status.success(),
+            "node {id} stopped with {status}: {stdout}"
+        );
         cluster.wait_leader(Duration::from_secs(20));
-        let target = cluster
-            .status()
-            .iter()
-            .map(|s| s.commit)
-            .max()
-            .unwrap_or(0);
+        let target = cluster.status().iter().map(|s| s.commit).max().unwrap_or(0);
         cluster.start_node(id);
         // Back, and caught up past what was committed while it was down,
         // before the next node goes.

@@ -187,10 +187,12 @@ fn set_every_flow(cluster: &Cluster, set: impl Fn(&mut DirectionFaults)) {
 fn resolve(status: &Clerk, cluster: &Cluster, target: &Target) -> (u64, &'static str) {
     match *target {
         Target::Node(slot) => (slot, ""),
-        Target::Leader { fallback } => match current_leader(status).and_then(|id| cluster.slot_of(id)) {
-            Some(slot) => (slot, " (the leader)"),
-            None => (fallback, " (no leader found)"),
-        },
+        Target::Leader { fallback } => {
+            match current_leader(status).and_then(|id| cluster.slot_of(id)) {
+                Some(slot) => (slot, " (the leader)"),
+                None => (fallback, " (no leader found)"),
+            }
+        }
     }
 }
 
