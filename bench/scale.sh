@@ -402,7 +402,7 @@ elif caught + lead < load / 2:
     result["note"] = "the transfer took under half the load: its p99 mixes in seconds after the catch-up; see the per-second figures"
 open(f"{out}/catchup.json", "w").write(json.dumps(result) + "\n")
 fmt = lambda v: "–" if v is None else f"{v:.1f}"
-print(f"node {node} ({"added" if node == 4 else "wiped"}) with {int(keys)} keys in the cluster: caught up (applied >= {target}) after "
+print(f"node {node} ({'added' if node == 4 else 'wiped'}) with {int(keys)} keys in the cluster: caught up (applied >= {target}) after "
       f"{caught:.2f} s; clients' p99 {during['p99_ms']:.1f} ms during the load vs {base['p99_ms']:.1f} ms baseline "
       f"(x{fmt(result['p99_ratio'])}); per-second p99 in the transfer: median "
       f"{fmt(result['transfer_per_second_p99_ms_median'])}, max {fmt(result['transfer_per_second_p99_ms_max'])} ms; "
