@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measurements for issue 11's restart and catch-up targets; see bench/README.md.
 #   bench/scale.sh restart [--keys K] [--victim follower|leader] [--out DIR]
-#   bench/scale.sh catchup [--keys K] [--clients N] [--baseline S] [--load S] [--out DIR]
+#   bench/scale.sh catchup [--keys K] [--clients N] [--baseline S] [--load S] [--add-member] [--out DIR]
 # Both start a fresh 3-node cluster (bin/start_nodes.sh on a temporary config:
 # free loopback ports, data under ${TMPDIR:-/tmp}, fsync on) and write every
 # key once with `loadgen --preload-only`.
@@ -14,7 +14,10 @@
 #     it again, and times how long until its applied index reaches the
 #     leader's commit index at the restart; it reports the clients' p99 during
 #     that load against the baseline's, and the follower's RSS while it
-#     receives (sampled every RSS_SAMPLE_S).
+#     receives (sampled every RSS_SAMPLE_S). With --add-member no follower
+#     is touched: a new node 4 is started with `kvserver --join` and added
+#     with `clerk member add` (learner, catch-up, promotion); it has caught
+#     up when that command returns (bench/membership.sh add runs this).
 # Reads indexes with `clerk status --json`. Prints one JSON object (also in
 # OUT/restart.json or OUT/catchup.json) after a few human-readable lines. The
 # cluster is stopped on exit, on failure and on Ctrl-C.
@@ -46,11 +49,12 @@ CLIENTS=64
 BASELINE_S=15
 LOAD_S=60
 OUT=""
+ADD_MEMBER=0
 
 usage() {
     echo "usage: bench/scale.sh restart [--keys K (default $KEYS)] [--victim follower|leader] [--out DIR]"
     echo "       bench/scale.sh catchup [--keys K (default $KEYS)] [--clients N (default $CLIENTS)]" \
-        "[--baseline S (default $BASELINE_S)] [--load S (default $LOAD_S)] [--out DIR]"
+        "[--baseline S (default $BASELINE_S)] [--load S (default $LOAD_S)] [--add-member] [--out DIR]"
 }
 die_usage() { echo "scale.sh: $1" >&2; usage >&2; exit 2; }
 say() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
@@ -75,6 +79,7 @@ while [[ $# -gt 0 ]]; do
                 --out) OUT="$2" ;;
             esac
             shift 2 ;;
+        --add-member) ADD_MEMBER=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die_usage "unexpected argument '$1'" ;;
     esac
@@ -296,6 +301,27 @@ load_args() { # TAG SECONDS
         --read-ratio 0 --json --plot "$OUT/$1.svg")
 }
 
+# Starts node 4 with --join on a free loopback port (its log and pid file
+# beside the others) and adds it with `clerk member add`, which returns once
+# it has caught up and been promoted; sets CAUGHT_UP_S (since START_US).
+add_member() { # START_US
+    local port addr
+    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    addr="127.0.0.1:$port"
+    (
+        cd "$ROOT"
+        nohup "$KVSERVER" --config "$CUR_CONFIG" --id 4 --join --listen "$addr" \
+            --data-dir "$WORK/data/node4" >>"$LOG_DIR/node4.log" 2>&1 </dev/null &
+        echo $! >"$LOG_DIR/node4.pid"
+    )
+    timeout -k 5 "$((MAX_WAIT_S + 10))" "$CLERK" --config "$CUR_CONFIG" --timeout "$MAX_WAIT_S" \
+        member add 4 "$addr" >"$OUT/logs/member-add.out" 2>&1 \
+        || fail "clerk member add 4 $addr failed: $(tail -n 1 "$OUT/logs/member-add.out")"
+    CAUGHT_UP_S="$(ms_as_s "$((($(now_us) - $1) / 1000))")"
+    REACHABLE_S="$CAUGHT_UP_S"
+    say "  $(tr '\n' ' ' <"$OUT/logs/member-add.out")after ${CAUGHT_UP_S}s"
+}
+
 run_catchup() {
     local id target start rss_file status=0 data_dir size
     start_cluster
@@ -304,24 +330,39 @@ run_catchup() {
     load_args baseline "$BASELINE_S"
     "${LOAD[@]}" >"$OUT/logs/baseline.out" 2>"$OUT/logs/baseline.err" \
         || fail "baseline loadgen failed: $(grep '^loadgen:' "$OUT/logs/baseline.err" | tail -n 1) (log: $OUT/logs/baseline.err)"
-    id="$(pick_node follower)" || fail "no follower in clerk status"
-    data_dir="$WORK/data/node$id"
-    size="$(data_bytes "$data_dir")"
-    say "load: $CLIENTS clients writing for ${LOAD_S}s; after ${LEAD_S}s node $id (a follower, $size bytes) is killed, wiped and started again"
+    if ((ADD_MEMBER)); then
+        id=4
+        size="$(data_bytes "$WORK/data/node1")"
+        say "load: $CLIENTS clients writing for ${LOAD_S}s; after ${LEAD_S}s node 4 is started with --join and added (node 1 holds $size bytes)"
+    else
+        id="$(pick_node follower)" || fail "no follower in clerk status"
+        data_dir="$WORK/data/node$id"
+        size="$(data_bytes "$data_dir")"
+        say "load: $CLIENTS clients writing for ${LOAD_S}s; after ${LEAD_S}s node $id (a follower, $size bytes) is killed, wiped and started again"
+    fi
     load_args during "$LOAD_S"
     "${LOAD[@]}" >"$OUT/logs/during.out" 2>"$OUT/logs/during.err" &
     LOAD_PID=$!
     sleep "$LEAD_S"
-    kill_node "$id"
-    rm -rf "$data_dir"
-    start="$(now_us)"
-    restart_node "$id"
     rss_file="$OUT/logs/catchup.rss"
-    # shellcheck disable=SC2046
-    rss_start "$rss_file" $(for n in 1 2 3; do pid_of "$n"; done)
-    read -r _ target _ _ _ _ <<<"$(status_fields "$(status_json)" "$id")"
-    say "  leader's commit index at the restart: $target"
-    wait_caught_up "$id" "$target" "$start"
+    if ((ADD_MEMBER)); then
+        read -r _ target _ _ _ _ <<<"$(status_fields "$(status_json)" 1)"
+        start="$(now_us)"
+        # shellcheck disable=SC2046
+        rss_start "$rss_file" $(for n in 1 2 3; do pid_of "$n"; done)
+        say "  leader's commit index at the add: $target"
+        add_member "$start"
+    else
+        kill_node "$id"
+        rm -rf "$data_dir"
+        start="$(now_us)"
+        restart_node "$id"
+        # shellcheck disable=SC2046
+        rss_start "$rss_file" $(for n in 1 2 3; do pid_of "$n"; done)
+        read -r _ target _ _ _ _ <<<"$(status_fields "$(status_json)" "$id")"
+        say "  leader's commit index at the restart: $target"
+        wait_caught_up "$id" "$target" "$start"
+    fi
     rss_stop
     wait "$LOAD_PID" || status=$?
     LOAD_PID=""
@@ -361,7 +402,7 @@ elif caught + lead < load / 2:
     result["note"] = "the transfer took under half the load: its p99 mixes in seconds after the catch-up; see the per-second figures"
 open(f"{out}/catchup.json", "w").write(json.dumps(result) + "\n")
 fmt = lambda v: "–" if v is None else f"{v:.1f}"
-print(f"follower {node} wiped with {int(keys)} keys in the cluster: caught up (applied >= {target}) after "
+print(f"node {node} ({'added' if node == 4 else 'wiped'}) with {int(keys)} keys in the cluster: caught up (applied >= {target}) after "
       f"{caught:.2f} s; clients' p99 {during['p99_ms']:.1f} ms during the load vs {base['p99_ms']:.1f} ms baseline "
       f"(x{fmt(result['p99_ratio'])}); per-second p99 in the transfer: median "
       f"{fmt(result['transfer_per_second_p99_ms_median'])}, max {fmt(result['transfer_per_second_p99_ms_max'])} ms; "

@@ -7,7 +7,8 @@
 # transfer-leader`), so clients see no election gap.
 # Sends SIGTERM to each pid in logs/<config name>/node<N>.pid that is a live
 # kvserver, waits up to 10 s for them to exit, then sends SIGKILL to any that
-# remain. Pid files are removed. Processes are found by pid file only, never
+# remain. Pid files are removed. KVSTORE_CLERK names the clerk binary used for
+# the transfer (default target/release/clerk). Processes are found by pid file only, never
 # by name, so other clusters and other programs are left alone.
 set -euo pipefail
 
@@ -47,7 +48,7 @@ is_kvserver() {
 # and which voters there are, and transfers to the first other voter. A
 # failure is reported and the stop goes on (an election then replaces it).
 transfer_away_from() {
-    local id="$1" clerk="$ROOT/target/release/clerk" config="$CONFIG" list leader target
+    local id="$1" clerk="${KVSTORE_CLERK:-$ROOT/target/release/clerk}" config="$CONFIG" list leader target
     [[ -x "$clerk" ]] || return 0
     [[ "$config" == /* || -f "$config" ]] || config="$ROOT/$config"
     CONFIG="$config"

@@ -174,7 +174,14 @@ pub struct Clerk {
     busy_retries: u64,
     /// Jitter for the back-off.
     rng: SplitMix64,
+    /// How to reach a member the cluster file does not list, learned from
+    /// the membership (see `learn_members`); `None` for a clerk over given
+    /// channels.
+    connector: Option<(ClientConfig, Credentials)>,
 }
+
+/// The most nodes a clerk knows of, those of its file and those it learned.
+const MAX_KNOWN_NODES: usize = 64;
 
 impl Clerk {
     /// A clerk for every node of `config`, presenting its cluster id and
@@ -194,6 +201,7 @@ impl Clerk {
         // A clerk presents the cluster id, so a clerk of another cluster is
         // refused at once; it needs no secret (its token is in each request).
         let credentials = Credentials::clerk(&config.cluster_id);
+        let connector = Some((rpc_config.clone(), credentials.clone()));
         let nodes = config
             .raft_nodes
             .iter()
@@ -209,7 +217,9 @@ impl Clerk {
                 }
             })
             .collect();
-        Clerk::build(nodes, options)
+        let mut clerk = Clerk::build(nodes, options);
+        clerk.connector = connector;
+        clerk
     }
 
     /// A clerk over given transports, one per node id (e.g. a channel that
@@ -238,6 +248,7 @@ impl Clerk {
             busy_retries: 0,
             rng: SplitMix64::new(random_client_id()),
             options,
+            connector: None,
         }
     }
 
@@ -615,6 +626,41 @@ impl Clerk {
             .map_err(CallError::into_clerk_error)
     }
 
+    /// Adds the members node `via` lists and this clerk does not know, at
+    /// the addresses the replicated membership gives them (at most
+    /// `MAX_KNOWN_NODES` in all). A cluster grown with `kvserver --join`
+    /// stays reachable through a file that lists only its first members,
+    /// as long as one of them answers.
+    fn learn_members(&mut self, via: usize) {
+        let Some((rpc_config, credentials)) = self.connector.clone() else {
+            return;
+        };
+        let request = crate::proto::kvstore::MembersRequest {
+            header: self.header(0),
+            ..Default::default()
+        };
+        let Ok(reply) = self.nodes[via].stub.members(&request) else {
+            return;
+        };
+        for member in reply.members {
+            if self.node_ids.contains(&member.id) || self.nodes.len() >= MAX_KNOWN_NODES {
+                continue;
+            }
+            let Ok(addr) = member.address.parse::<SocketAddr>() else {
+                continue;
+            };
+            let channel: NodeChannel = Box::new(
+                RpcClient::new(addr, rpc_config.clone()).with_credentials(credentials.clone()),
+            );
+            self.nodes.push(Node {
+                id: member.id,
+                addr: Some(addr),
+                stub: KvStoreStub::new(channel),
+            });
+            self.node_ids.push(member.id);
+        }
+    }
+
     /// Sends one request until a node answers it, a node rejects it, or the
     /// deadline passes. `attempt` sends the same request bytes each time.
     fn call<Rep: HasReplyHeader>(
@@ -630,6 +676,16 @@ impl Clerk {
             if let Err(error @ RpcError::Refused { .. }) = &answer {
                 let error = attempts.refused(format!("node {}: {error}", node.id));
                 return Err(CallError::Clerk(error));
+            }
+            // Redirected to a leader this clerk has no address for (a member
+            // added after its file was written): ask the node that answered
+            // for the membership, so the hint can be followed.
+            if let Ok(reply) = &answer {
+                if let (ErrorCode::NOT_LEADER, hint, _) = reply_status(reply.reply_header()) {
+                    if hint != 0 && !self.node_ids.contains(&hint) {
+                        self.learn_members(self.route.current());
+                    }
+                }
             }
             let seen = match &answer {
                 Ok(reply) => Ok(reply.reply_header()),
@@ -687,7 +743,7 @@ impl CallError {
 
 /// Which node a client tries next: the one it believes leads, moved by
 /// `NOT_LEADER` hints and by failures. Indexes refer to the client's list of
-/// node ids, which never changes.
+/// node ids, which only grows (members learned later go at its end).
 #[derive(Clone, Debug, Default)]
 pub struct Route {
     /// Index of the node tried first.

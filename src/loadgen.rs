@@ -203,7 +203,25 @@ pub struct Report {
     pub check: Option<String>,
     pub checked_ops: usize,
     pub checked_keys: u64,
+    /// The longest time inside the measured window with no write
+    /// acknowledged (from the window's start, between two acknowledgements,
+    /// or from the last one to the window's end), in ms; 0 when the run
+    /// sends no writes.
+    /// A leader change shows here as the clients' blackout.
+    pub max_write_gap_ms: f64,
+    /// When that gap ended, in seconds since the measured window began.
+    pub max_write_gap_end_s: f64,
+    /// The `WRITE_GAPS_KEPT` longest such gaps, longest first: (ms, when
+    /// each ended in seconds since the window began), to tell which event
+    /// (a leadership transfer, a stall) caused which.
+    pub write_gaps: Vec<(f64, f64)>,
+    /// When the measured window began, in seconds since the Unix epoch, to
+    /// line the gaps up with events outside the generator.
+    pub window_start_unix_s: f64,
 }
+
+/// How many of the longest write gaps a report lists.
+const WRITE_GAPS_KEPT: usize = 16;
 
 /// Percentiles of one kind of operation, in ms (all 0 when none ran).
 #[derive(Clone, Copy, Debug, Default)]
@@ -361,6 +379,11 @@ struct Tally {
     error_samples: BTreeMap<&'static str, String>,
     history: Vec<Operation>,
     last_finish: Option<Instant>,
+    /// The latest write acknowledged inside the measured window, and the
+    /// longest gap between two such acknowledgements with when it ended.
+    last_write_ack: Option<Instant>,
+    /// The longest gaps so far, longest first (at most `WRITE_GAPS_KEPT`).
+    write_gaps: Vec<(Duration, Instant)>,
 }
 
 impl Tally {
@@ -384,6 +407,9 @@ impl Tally {
         match op.result {
             Ok(()) => {
                 slot.ops.fetch_add(1, Ordering::Relaxed);
+                if !op.is_read {
+                    self.write_acked(shared, op.finished);
+                }
                 if measured {
                     let latency_us = op.finished.duration_since(op.scheduled).as_micros() as u64;
                     self.pending.push((latency_us.max(1), op.is_read));
@@ -402,6 +428,29 @@ impl Tally {
                 }
             }
         }
+    }
+
+    /// Any write acknowledged in the measured window (whenever it was sent)
+    /// ends a gap that began at the previous one, or at the window's start.
+    fn write_acked(&mut self, shared: &Shared, at: Instant) {
+        if at < shared.measure_from {
+            return;
+        }
+        let since = self.last_write_ack.unwrap_or(shared.measure_from);
+        if at > since {
+            self.note_write_gap(at - since, at);
+            self.last_write_ack = Some(at);
+        }
+    }
+
+    fn note_write_gap(&mut self, gap: Duration, ended: Instant) {
+        let gaps = &mut self.write_gaps;
+        if gaps.len() == WRITE_GAPS_KEPT && gaps.last().is_some_and(|&(g, _)| g >= gap) {
+            return;
+        }
+        let at = gaps.partition_point(|&(g, _)| g >= gap);
+        gaps.insert(at, (gap, ended));
+        gaps.truncate(WRITE_GAPS_KEPT);
     }
 
     fn count_error(&mut self, error: &ClerkError) {
@@ -763,6 +812,31 @@ fn report_progress(shared: &Shared, progress: &(dyn Fn(&SecondStats) + Sync)) {
 fn summarize(shared: &Shared, mut tally: Tally, mut report: Report) -> Report {
     let options = shared.options;
     tally.flush(shared);
+    match tally.last_write_ack {
+        Some(last) if last < shared.end => tally.note_write_gap(shared.end - last, shared.end),
+        Some(_) => {}
+        // A run that sends writes and gets none acknowledged: one gap.
+        None if options.read_ratio < 1.0 => {
+            tally.note_write_gap(shared.end - shared.measure_from, shared.end)
+        }
+        None => {}
+    }
+    let since_window = Instant::now().saturating_duration_since(shared.measure_from);
+    report.window_start_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |now| (now.saturating_sub(since_window)).as_secs_f64());
+    report.write_gaps = tally
+        .write_gaps
+        .iter()
+        .map(|&(gap, ended)| {
+            let ended_s = ended.duration_since(shared.measure_from).as_secs_f64();
+            (gap.as_secs_f64() * 1e3, ended_s)
+        })
+        .collect();
+    if let Some(&(gap_ms, ended_s)) = report.write_gaps.first() {
+        report.max_write_gap_ms = gap_ms;
+        report.max_write_gap_end_s = ended_s;
+    }
     report.reads = tally.reads;
     report.writes = tally.writes;
     report.busy = tally.busy;
@@ -881,6 +955,14 @@ impl Report {
         json["preload_clients"] = serde_json::json!(options.preload_clients);
         json["read_latency"] = self.read_latency.to_json();
         json["write_latency"] = self.write_latency.to_json();
+        json["max_write_gap_ms"] = serde_json::json!(self.max_write_gap_ms);
+        json["max_write_gap_end_s"] = serde_json::json!(self.max_write_gap_end_s);
+        json["window_start_unix_s"] = serde_json::json!(self.window_start_unix_s);
+        json["write_gaps"] = self
+            .write_gaps
+            .iter()
+            .map(|&(ms, end_s)| serde_json::json!({"ms": ms, "end_s": end_s}))
+            .collect();
         json
     }
 
@@ -908,6 +990,13 @@ impl Report {
                     latency.p50_ms, latency.p99_ms, latency.p999_ms, latency.max_ms
                 );
             }
+        }
+        if self.writes > 0 {
+            let _ = writeln!(
+                text,
+                "longest time with no write acknowledged: {:.1} ms (ended {:.2} s into the window)",
+                self.max_write_gap_ms, self.max_write_gap_end_s
+            );
         }
         let _ = writeln!(text, "busy (pushed back and retried): {}", self.busy);
         if let Some(scheduled) = self.scheduled {

@@ -10,12 +10,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kvstore_raft::chaos::{self, report, ChaosOptions, Outcome};
+use kvstore_raft::chaos::{self, report, ChaosOptions, FaultKind, Outcome};
 
 const KVSERVER: &str = env!("CARGO_BIN_EXE_kvserver");
 
 /// Runs `seconds` of chaos on `nodes` nodes with `seed` and asserts a pass.
-fn short_run(seed: u64, nodes: u64, seconds: u64) {
+fn short_run(seed: u64, nodes: u64, seconds: u64) -> chaos::RunReport {
+    short_run_of(seed, nodes, seconds, chaos::default_faults())
+}
+
+/// `short_run` with only the fault kinds `faults`.
+fn short_run_of(seed: u64, nodes: u64, seconds: u64, faults: Vec<FaultKind>) -> chaos::RunReport {
     let history = std::env::temp_dir().join(format!(
         "chaos-short-{seed}-{}-history.jsonl",
         std::process::id()
@@ -25,6 +30,7 @@ fn short_run(seed: u64, nodes: u64, seconds: u64) {
     options.clients = 4;
     options.duration = Duration::from_secs(seconds);
     options.history = history.clone();
+    options.faults = faults;
     options.check_timeout = Duration::from_secs(30);
     // Generous: the machine running the tests may be busy; the runner's
     // own default (10 election timeouts) is for dedicated runs.
@@ -51,6 +57,7 @@ fn short_run(seed: u64, nodes: u64, seconds: u64) {
     );
     assert_eq!(again.appends_checked, run.verdict.appends_checked);
     let _ = std::fs::remove_file(&history);
+    run
 }
 
 #[test]
@@ -66,4 +73,22 @@ fn chaos_seed_2_five_nodes() {
 #[test]
 fn chaos_seed_3_three_nodes() {
     short_run(3, 3, 15);
+}
+
+/// Issue 13: members removed (the leader too), wiped and added back under a
+/// new id, among kills and pauses; the same checks as every run.
+#[test]
+fn chaos_seed_4_membership_three_nodes() {
+    let kinds = vec![FaultKind::Membership, FaultKind::Kill, FaultKind::Pause];
+    let run = short_run_of(4, 3, 15, kinds);
+    let changes = run
+        .faults
+        .iter()
+        .filter(|fault| fault.description.starts_with("membership:"))
+        .count();
+    assert!(
+        changes >= 1,
+        "seed 4: no membership fault:\n{}",
+        report::run_text(&run)
+    );
 }

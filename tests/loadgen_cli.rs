@@ -241,6 +241,23 @@ fn closed_and_open_loop_runs_report_json_plot_and_check() {
     assert!(number(&json, "reads") > 0.0 && number(&json, "writes") > 0.0);
     let elapsed = number(&json, "elapsed_s");
     assert!((2.0..10.0).contains(&elapsed), "{json}");
+    // The write acknowledgements cut the 2 s window into writes + 1 gaps:
+    // the longest is at least their mean, and no longer than the window.
+    let gap_ms = number(&json, "max_write_gap_ms");
+    let mean_gap_ms = 2_000.0 / (number(&json, "writes") + 1.0);
+    assert!(gap_ms >= mean_gap_ms && gap_ms <= 2_000.0, "{json}");
+    assert!(number(&json, "max_write_gap_end_s") <= 2.0, "{json}");
+    let gaps: Vec<f64> = json["write_gaps"]
+        .as_array()
+        .expect("write_gaps")
+        .iter()
+        .map(|gap| number(gap, "ms"))
+        .collect();
+    assert_eq!(gaps.first(), Some(&gap_ms), "{json}");
+    assert!(
+        gaps.windows(2).all(|w| w[0] >= w[1]),
+        "longest first: {json}"
+    );
     assert_eq!(json["check"], "linearizable", "{json}");
     assert!(
         number(&json, "checked_ops") >= number(&json, "ops"),

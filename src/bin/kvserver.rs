@@ -174,6 +174,44 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     }))
 }
 
+/// A `--join` on an empty data directory must be under a new id: one the
+/// cluster's membership does not hold (see `clerk::member::join_check`).
+fn check_join(
+    config: &ClusterConfig,
+    args: &Args,
+    data_dir: &std::path::Path,
+) -> Result<(), String> {
+    use kvstore_raft::clerk::member::{join_check, JoinCheck};
+    match join_check(config, args.id) {
+        JoinCheck::New => Ok(()),
+        JoinCheck::Member {
+            asked,
+            voter,
+            match_index,
+            address,
+        } => Err(format!(
+            "--join with an empty data directory {} under the id of a current {} ({address}, \
+             match index {match_index}, per node {asked}): a node that lost its disk may not \
+             come back under its old id; remove it (clerk member remove {}), then start the \
+             replacement with --join under a new id and clerk member add it",
+            data_dir.display(),
+            if voter { "voter" } else { "learner" },
+            args.id
+        )),
+        JoinCheck::NoAnswer => Err(format!(
+            "--join: no node of {} answered, so id {} cannot be checked against the \
+             membership; a node joins a running cluster",
+            args.config.display(),
+            args.id
+        )),
+        JoinCheck::NoLeader { asked } => Err(format!(
+            "--join: node {asked} lists id {} as a learner and no leader answered to tell \
+             whether it has received the log; retry once the cluster has a leader",
+            args.id
+        )),
+    }
+}
+
 /// Blocks SIGTERM and SIGINT in this thread (and so in every thread it
 /// starts), so they can be taken synchronously with `sigtimedwait`.
 fn block_stop_signals() -> libc::sigset_t {
@@ -249,6 +287,12 @@ fn main() -> ExitCode {
                 data_dir.display(),
                 args.id
             );
+            return ExitCode::from(1);
+        }
+    }
+    if empty && args.join {
+        if let Err(message) = check_join(&config, &args, &data_dir) {
+            eprintln!("kvserver: node {}: {message}", args.id);
             return ExitCode::from(1);
         }
     }

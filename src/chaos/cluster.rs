@@ -6,6 +6,18 @@
 //! real ports: the faults are between the nodes, not between clients and
 //! nodes.
 //!
+//! A node's place in the cluster is a *slot* (1..=size): its ports, proxies,
+//! data directory, log and fault file. A slot starts as the member of the
+//! same id; the `membership` fault replaces the member with a new one (a
+//! fresh id, started with `--join --listen` on the slot's real port, the
+//! data directory wiped), so every method here takes a slot and
+//! [`Cluster::member_id`] names the member in it. A new member's address in
+//! the replicated membership is its real port, so the links to it do not
+//! cross the proxies (and, once the log gives addresses, every node takes
+//! the bootstrap members' addresses from the leader's file, which names the
+//! leader's proxies): after a membership change the network faults still
+//! happen, on fewer or other links than the schedule names.
+//!
 //! Nodes are killed with SIGKILL and hung with SIGSTOP/SIGCONT (kill(2) via
 //! libc), and restarted on their data directory. Each node watches its own
 //! fault file (`kvserver --fault-file`), which stalls its fsyncs while it
@@ -58,6 +70,10 @@ pub struct Cluster {
     proxies: Vec<Option<LinkProxy>>,
     client_config: ClusterConfig,
     client_config_path: PathBuf,
+    /// The member id in each slot (index `slot - 1`); starts as the slot.
+    member_ids: Vec<u64>,
+    /// The id the next new member gets: above every id used so far.
+    next_member_id: u64,
     /// Held for the cluster's lifetime: they keep the node ports ours.
     _port_locks: Vec<File>,
 }
@@ -116,6 +132,8 @@ impl Cluster {
             proxies,
             client_config,
             client_config_path,
+            member_ids: (1..=size).collect(),
+            next_member_id: size + 1,
             _port_locks: port_locks,
         };
         for id in 1..=size {
@@ -150,8 +168,56 @@ impl Cluster {
         self.work_dir.join(format!("node{id}.fault"))
     }
 
-    /// Starts node `id` on its data directory; stderr goes to its log.
-    pub fn start_node(&mut self, id: u64) -> Result<(), String> {
+    /// The member id in slot `slot`.
+    pub fn member_id(&self, slot: u64) -> u64 {
+        self.member_ids[(slot - 1) as usize]
+    }
+
+    /// The slot member `id` runs in, if it is one of this cluster's.
+    pub fn slot_of(&self, id: u64) -> Option<u64> {
+        self.member_ids
+            .iter()
+            .position(|&member| member == id)
+            .map(|index| index as u64 + 1)
+    }
+
+    /// The real address of slot `slot` (where clients and new members
+    /// reach it).
+    pub fn real_addr(&self, slot: u64) -> Result<SocketAddr, String> {
+        self.client_config
+            .node(slot)
+            .map(|node| node.addr())
+            .ok_or_else(|| format!("no slot {slot}"))
+    }
+
+    /// Kills slot `slot` and deletes its data directory: the disk is gone.
+    pub fn kill_and_wipe(&mut self, slot: u64) -> Result<(), String> {
+        self.kill(slot);
+        let dir = self.data_dir(slot);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("cannot wipe {}: {e}", dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts a new member in slot `slot` (down, wiped) under a fresh id,
+    /// with `--join`; returns the id. It is not a member until added.
+    pub fn start_new_member(&mut self, slot: u64) -> Result<u64, String> {
+        let id = self.next_member_id;
+        self.next_member_id += 1;
+        self.member_ids[(slot - 1) as usize] = id;
+        self.start_node(slot)?;
+        Ok(id)
+    }
+
+    /// Starts slot `slot` on its data directory; stderr goes to its log. A
+    /// slot holding a member the file does not list runs with `--join
+    /// --listen` (which only matters on an empty data directory).
+    pub fn start_node(&mut self, slot: u64) -> Result<(), String> {
+        let id = slot;
+        let member = self.member_id(slot);
         let index = (id - 1) as usize;
         if let NodeState::Running { .. } = self.nodes[index] {
             return Err(format!("node {id} is already running"));
@@ -166,11 +232,18 @@ impl Cluster {
             .arg("--config")
             .arg(node_config_path(&self.work_dir, id))
             .arg("--id")
-            .arg(id.to_string())
+            .arg(member.to_string())
             .arg("--data-dir")
             .arg(self.data_dir(id))
             .arg("--fault-file")
-            .arg(self.fault_file(id))
+            .arg(self.fault_file(id));
+        if member != slot {
+            command
+                .arg("--join")
+                .arg("--listen")
+                .arg(self.real_addr(slot)?.to_string());
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -25,7 +25,13 @@ pub enum Undo {
     ResumeCutOff(u64),
     Network,
     DiskStall(u64),
+    /// Start a new member in the (wiped) slot and add it.
+    Rejoin(u64),
 }
+
+/// How long a membership command of the `membership` fault may take: a
+/// removal, or an addition with the learner's catch-up.
+const MEMBER_CHANGE_TIMEOUT_MS: u64 = 30_000;
 
 /// Applies `fault`; returns how it was carried out (with the node a
 /// "leader" target resolved to) and what undoes it.
@@ -34,17 +40,17 @@ pub fn apply(
     status: &Clerk,
     fault: &Fault,
 ) -> Result<(String, Undo), String> {
-    let resolve = |target: &Target| resolve(status, target);
+    let resolve = |cluster: &Cluster, target: &Target| resolve(status, cluster, target);
     let ids: Vec<u64> = (1..=cluster.size()).collect();
     let others = |id: u64| -> Vec<u64> { ids.iter().copied().filter(|&o| o != id).collect() };
     let (done, undo) = match fault {
         Fault::Kill { target } => {
-            let (id, named) = resolve(target);
+            let (id, named) = resolve(cluster, target);
             cluster.kill(id);
             (format!("kill -9 node {id}{named}"), Undo::Restart(id))
         }
         Fault::Pause { target, cut_off } => {
-            let (id, named) = resolve(target);
+            let (id, named) = resolve(cluster, target);
             cluster.set_paused(id, true)?;
             if *cut_off {
                 cluster.partition(&[id], &others(id));
@@ -58,7 +64,7 @@ pub fn apply(
             }
         }
         Fault::Isolate { target } => {
-            let (id, named) = resolve(target);
+            let (id, named) = resolve(cluster, target);
             cluster.partition(&[id], &others(id));
             (format!("isolate node {id}{named}"), Undo::Network)
         }
@@ -71,7 +77,7 @@ pub fn apply(
             (fault.to_string(), Undo::Network)
         }
         Fault::OneWay { target, outgoing } => {
-            let (id, named) = resolve(target);
+            let (id, named) = resolve(cluster, target);
             let lost = DirectionFaults {
                 black_hole: true,
                 ..DirectionFaults::default()
@@ -96,13 +102,28 @@ pub fn apply(
             (fault.to_string(), Undo::Network)
         }
         Fault::DiskStall { target } => {
-            let (id, named) = resolve(target);
+            let (id, named) = resolve(cluster, target);
             let path = cluster.fault_file(id);
             fs::write(&path, "stall\n")
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             (
                 format!("stall the fsyncs of node {id}{named}"),
                 Undo::DiskStall(id),
+            )
+        }
+        Fault::Membership { target } => {
+            let (slot, named) = resolve(cluster, target);
+            let old = cluster.member_id(slot);
+            let removed = admin_clerk(cluster)
+                .member_remove(old)
+                .map_err(|e| format!("clerk member remove {old}: {e}"))?;
+            cluster.kill_and_wipe(slot)?;
+            (
+                format!(
+                    "membership: node {old}{named} removed ({removed}), killed, its data \
+                     directory wiped; it rejoins under a new id at the end"
+                ),
+                Undo::Rejoin(slot),
             )
         }
     };
@@ -128,7 +149,29 @@ pub fn undo(cluster: &mut Cluster, undo: &Undo) -> Result<(), String> {
             let path = cluster.fault_file(*id);
             fs::write(&path, "").map_err(|e| format!("cannot write {}: {e}", path.display()))
         }
+        Undo::Rejoin(slot) => {
+            let id = cluster.start_new_member(*slot)?;
+            let addr = cluster.real_addr(*slot)?.to_string();
+            admin_clerk(cluster)
+                .member_add(
+                    id,
+                    &addr,
+                    false,
+                    crate::kv::server::PROMOTE_MAX_LAG_ENTRIES,
+                    std::time::Duration::from_millis(MEMBER_CHANGE_TIMEOUT_MS),
+                )
+                .map(drop)
+                .map_err(|e| format!("clerk member add {id} {addr}: {e}"))
+        }
     }
+}
+
+/// A clerk for the membership commands, over the clients' cluster file.
+fn admin_clerk(cluster: &Cluster) -> Clerk {
+    Clerk::new(
+        cluster.client_config(),
+        super::workload::clerk_options(0, MEMBER_CHANGE_TIMEOUT_MS),
+    )
 }
 
 fn set_every_flow(cluster: &Cluster, set: impl Fn(&mut DirectionFaults)) {
@@ -139,15 +182,17 @@ fn set_every_flow(cluster: &Cluster, set: impl Fn(&mut DirectionFaults)) {
     }
 }
 
-/// The node a target names now, and " (the leader)" when it was aimed at
+/// The slot a target names now, and " (the leader)" when it was aimed at
 /// the leader and one was found.
-fn resolve(status: &Clerk, target: &Target) -> (u64, &'static str) {
+fn resolve(status: &Clerk, cluster: &Cluster, target: &Target) -> (u64, &'static str) {
     match *target {
-        Target::Node(id) => (id, ""),
-        Target::Leader { fallback } => match current_leader(status) {
-            Some(id) => (id, " (the leader)"),
-            None => (fallback, " (no leader found)"),
-        },
+        Target::Node(slot) => (slot, ""),
+        Target::Leader { fallback } => {
+            match current_leader(status).and_then(|id| cluster.slot_of(id)) {
+                Some(slot) => (slot, " (the leader)"),
+                None => (fallback, " (no leader found)"),
+            }
+        }
     }
 }
 

@@ -32,10 +32,14 @@ pub enum FaultKind {
     Drop,
     /// One node's fsyncs wait (needs kvserver's `--fault-file`).
     DiskStall,
+    /// A node (sometimes the leader) is removed from the membership, killed
+    /// and its data directory wiped; at the end it comes back under a new
+    /// id with `--join` and is added as a new member (learner, then voter).
+    Membership,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Isolate,
@@ -45,6 +49,7 @@ impl FaultKind {
         FaultKind::Delay,
         FaultKind::Drop,
         FaultKind::DiskStall,
+        FaultKind::Membership,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +63,7 @@ impl FaultKind {
             FaultKind::Delay => "delay",
             FaultKind::Drop => "drop",
             FaultKind::DiskStall => "stall",
+            FaultKind::Membership => "membership",
         }
     }
 
@@ -157,6 +163,9 @@ pub enum Fault {
     DiskStall {
         target: Target,
     },
+    Membership {
+        target: Target,
+    },
 }
 
 impl fmt::Display for Fault {
@@ -193,6 +202,10 @@ impl fmt::Display for Fault {
             Fault::Delay { delay_ms } => write!(f, "delay every link by {delay_ms} ms"),
             Fault::Drop { percent } => write!(f, "drop {percent}% of frames on every link"),
             Fault::DiskStall { target } => write!(f, "stall the fsyncs of {target}"),
+            Fault::Membership { target } => write!(
+                f,
+                "remove {target}, wipe its disk, add it back under a new id"
+            ),
         }
     }
 }
@@ -313,6 +326,9 @@ fn draw_fault(rng: &mut SplitMix64, kind: FaultKind, nodes: u64) -> Fault {
         },
         FaultKind::DiskStall => Fault::DiskStall {
             target: draw_target(rng, nodes, 1, 2),
+        },
+        FaultKind::Membership => Fault::Membership {
+            target: draw_target(rng, nodes, 1, 3),
         },
         FaultKind::Split => {
             let order = shuffled(rng, nodes);
@@ -440,7 +456,7 @@ mod tests {
             FaultKind::parse_list("kill, pause,kill").unwrap(),
             vec![FaultKind::Kill, FaultKind::Pause]
         );
-        assert_eq!(FaultKind::parse_list("all").unwrap().len(), 9);
+        assert_eq!(FaultKind::parse_list("all").unwrap().len(), 10);
         let error = FaultKind::parse_list("kill,flood").unwrap_err();
         assert!(error.contains("\"flood\""), "{error}");
         assert!(FaultKind::parse_list(",").is_err());

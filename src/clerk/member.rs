@@ -337,17 +337,12 @@ pub fn run_command(
     }
 }
 
-/// A node that starts with an empty data directory and not `--join` claims
-/// to be a member of a cluster that has never started. If another node of
-/// the file has a term or a log already, the cluster has started and this
-/// node's disk was lost (or is someone else's): coming back under its old
-/// id, with no memory of its votes and log, could elect two leaders in one
-/// term. Returns the first such node (id, term), if any answers. When no
-/// node answers (all are starting together), it is a first start. The
-/// question is asked with this node's own credentials (cluster id, node id,
-/// secret), so a node that cannot prove it belongs to the cluster learns
-/// nothing and is refused as a peer later, as before.
-pub fn started_cluster_peer(config: &crate::config::ClusterConfig, me: u64) -> Option<(u64, u64)> {
+type PeerStub = crate::rpc::services::KvStoreStub<super::NodeChannel>;
+
+/// A stub to `addr`, speaking with node `me`'s own credentials (cluster id,
+/// node id, secret), so a node that cannot prove it belongs to the cluster
+/// learns nothing and is refused as a peer later.
+fn stub_to(config: &crate::config::ClusterConfig, me: u64, addr: std::net::SocketAddr) -> PeerStub {
     use crate::rpc::{ClientConfig, Credentials, RpcClient};
     let rpc_config = ClientConfig {
         connect_timeout_ms: 500,
@@ -359,23 +354,135 @@ pub fn started_cluster_peer(config: &crate::config::ClusterConfig, me: u64) -> O
         node_id: me,
         secret: config.secret.clone(),
     };
+    let channel: super::NodeChannel =
+        Box::new(RpcClient::new(addr, rpc_config).with_credentials(credentials));
+    crate::rpc::services::KvStoreStub::new(channel)
+}
+
+/// A stub to every other node of the file (see `stub_to`).
+fn peer_stubs(
+    config: &crate::config::ClusterConfig,
+    me: u64,
+) -> impl Iterator<Item = (u64, PeerStub)> + '_ {
+    config
+        .raft_nodes
+        .iter()
+        .filter(move |node| node.id != me)
+        .map(move |node| (node.id, stub_to(config, me, node.addr())))
+}
+
+/// A node that starts with an empty data directory and not `--join` claims
+/// to be a member of a cluster that has never started. If another node of
+/// the file has a term or a log already, the cluster has started and this
+/// node's disk was lost (or is someone else's): coming back under its old
+/// id, with no memory of its votes and log, could elect two leaders in one
+/// term. Returns the first such node (id, term), if any answers. When no
+/// node answers (all are starting together), it is a first start.
+pub fn started_cluster_peer(config: &crate::config::ClusterConfig, me: u64) -> Option<(u64, u64)> {
     let request = crate::proto::kvstore::StatusRequest {
         header: super::request_header(0, 0, config.client_token.as_deref()),
         ..Default::default()
     };
-    config
-        .raft_nodes
-        .iter()
-        .filter(|node| node.id != me)
-        .find_map(|node| {
-            let channel: super::NodeChannel = Box::new(
-                RpcClient::new(node.addr(), rpc_config.clone())
-                    .with_credentials(credentials.clone()),
-            );
-            let status = crate::rpc::services::KvStoreStub::new(channel)
-                .status(&request)
-                .ok()?;
-            let ok = status.header.as_ref().is_none_or(|h| h.error.value() == 0);
-            (ok && (status.term > 0 || status.last_index > 0)).then_some((node.id, status.term))
-        })
+    peer_stubs(config, me).find_map(|(id, stub)| {
+        let status = stub.status(&request).ok()?;
+        let ok = status.header.as_ref().is_none_or(|h| h.error.value() == 0);
+        (ok && (status.term > 0 || status.last_index > 0)).then_some((id, status.term))
+    })
+}
+
+/// What the cluster says of the id a node `--join`s under, on an empty data
+/// directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinCheck {
+    /// The id is no member, or a learner the leader has sent nothing yet
+    /// (`clerk member add` ran before this node started): it may join.
+    New,
+    /// Node `asked` lists the id as a voter, or (the leader) as a learner
+    /// that has received part of the log: the joiner would take over a
+    /// member's identity (its votes, the log the leader counts on) with an
+    /// empty disk. `leader_view`: `asked` leads, so its match index is known.
+    Member {
+        asked: u64,
+        voter: bool,
+        match_index: u64,
+        address: String,
+    },
+    /// No node of the file answered in `JOIN_CHECK_ROUNDS` rounds.
+    NoAnswer,
+    /// Only followers answered, listing the id as a learner: whether the
+    /// leader has sent it entries cannot be told.
+    NoLeader { asked: u64 },
+}
+
+/// How many times `join_check` asks the nodes of the file before it gives up,
+/// and how long it waits between rounds (a leader election in between).
+const JOIN_CHECK_ROUNDS: u32 = 5;
+const JOIN_CHECK_RETRY_MS: u64 = 500;
+
+/// Asks the cluster for the membership and looks for `me` in it. A `--join`
+/// on an empty data directory under the id of a voter that was never
+/// removed is the wiped-disk case `started_cluster_peer` refuses for a
+/// bootstrap start: the leader would count the empty node's old match index
+/// toward commit, and the node would vote again in terms it has voted in.
+/// A learner is refused too once the leader has replicated to it (the
+/// leader's match index for it is above 0: a promotion would trust it); a
+/// learner the leader has never reached is the normal case of `clerk member
+/// add` run before the new node is up (this check runs before it listens,
+/// so the leader cannot have reached it since it started).
+pub fn join_check(config: &crate::config::ClusterConfig, me: u64) -> JoinCheck {
+    let request = MembersRequest {
+        header: super::request_header(0, 0, config.client_token.as_deref()),
+        ..Default::default()
+    };
+    let ask = |stub: &PeerStub| -> Option<MembersReply> {
+        let reply = stub.members(&request).ok()?;
+        let ok = reply.header.as_ref().is_none_or(|h| h.error.value() == 0);
+        // A node with no configuration yet (itself joining) knows nothing.
+        (ok && !reply.members.is_empty()).then_some(reply)
+    };
+    let mut learner_seen_by = None;
+    for round in 0..JOIN_CHECK_ROUNDS {
+        if round > 0 {
+            thread::sleep(Duration::from_millis(JOIN_CHECK_RETRY_MS));
+        }
+        for (asked, stub) in peer_stubs(config, me) {
+            let Some(mut reply) = ask(&stub) else {
+                continue;
+            };
+            let mut asked = asked;
+            // The leader's view holds the match indexes: ask it when this
+            // node is a follower that knows it.
+            if reply.leader != 0 && reply.leader != reply.id {
+                let leader_addr = reply
+                    .members
+                    .iter()
+                    .find(|m| m.id == reply.leader)
+                    .and_then(|m| m.address.parse().ok())
+                    .or_else(|| config.node(reply.leader).map(|n| n.addr()));
+                let leader_view = leader_addr.and_then(|addr| ask(&stub_to(config, me, addr)));
+                if let Some(view) = leader_view.filter(|v| v.leader == v.id) {
+                    asked = view.id;
+                    reply = view;
+                }
+            }
+            let from_leader = reply.leader == reply.id;
+            match reply.members.iter().find(|m| m.id == me) {
+                None => return JoinCheck::New,
+                Some(m) if m.voter || (from_leader && m.match_index > 0) => {
+                    return JoinCheck::Member {
+                        asked,
+                        voter: m.voter,
+                        match_index: m.match_index,
+                        address: m.address.clone(),
+                    }
+                }
+                Some(_) if from_leader => return JoinCheck::New,
+                Some(_) => learner_seen_by = Some(asked),
+            }
+        }
+    }
+    match learner_seen_by {
+        Some(asked) => JoinCheck::NoLeader { asked },
+        None => JoinCheck::NoAnswer,
+    }
 }

@@ -359,6 +359,14 @@ impl Cluster {
         }
     }
 
+    /// Node `id`'s process id (for scripts that stop nodes by pid file).
+    pub fn pid(&self, id: u64) -> u32 {
+        self.nodes[(id - 1) as usize]
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {id} is not running"))
+            .id()
+    }
+
     pub fn is_running(&self, id: u64) -> bool {
         self.nodes[(id - 1) as usize].is_some()
     }
