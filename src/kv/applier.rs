@@ -348,7 +348,7 @@ impl Applier {
                             )),
                         };
                         // A dropped receiver: the reader gave up waiting.
-                        let _ = tx.send(answer);
+                        tx.send(answer);
                     }
                     Some(other) => other.fail(ErrorCode::INVALID_ARGUMENT, 0, "not a read"),
                     None => {}

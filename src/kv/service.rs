@@ -252,7 +252,7 @@ impl KvService {
         if let Err(refusal) = self.admit(request.header.as_ref(), longest_key, &[]) {
             return fail(responder, refusal);
         }
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = crate::rpc::oneshot::channel();
         self.submit(Waiter::Barrier(tx), |token| ClientRequest::Read { token });
         // The applier answers by the request's deadline (it sweeps expired
         // waiters); the margin covers the sweep's period.

@@ -43,7 +43,7 @@ pub enum Waiter {
     /// A read barrier of a batch of Redis reads: once the read index is
     /// applied, the waiting thread gets a consistent view of the engine and
     /// reads it itself, so no read of any size runs on the apply thread.
-    Barrier(crossbeam_channel::Sender<Result<EngineView, BarrierError>>),
+    Barrier(crate::rpc::oneshot::Sender<Result<EngineView, BarrierError>>),
     OpenSession(Responder<OpenSessionReply>),
 }
 
@@ -95,7 +95,7 @@ impl Waiter {
             }),
             Waiter::Barrier(tx) => {
                 // A dropped receiver: the reader gave up waiting.
-                let _ = tx.send(Err((error, leader_hint, message.to_string())));
+                tx.send(Err((error, leader_hint, message.to_string())));
             }
             Waiter::OpenSession(responder) => responder.send(OpenSessionReply {
                 header,

@@ -15,6 +15,7 @@
 pub mod client;
 pub mod frame;
 pub mod handshake;
+pub mod oneshot;
 pub mod server;
 pub mod services;
 
