@@ -543,3 +543,95 @@ fn histories_through_resp_stay_linearizable_across_a_network_partition() {
     drop(cluster);
     drop(proxies);
 }
+
+/// The commands of `pipelined_mixes_answer_as_a_sequential_run_would`, with the replies a
+/// sequential run gives (a model of Redis's string commands on a few keys).
+fn mixed_commands(seed: u64, count: usize) -> Vec<(Vec<String>, Value)> {
+    use std::collections::HashMap;
+    let mut rng = kvstore_raft::raft::SplitMix64::new(seed);
+    let mut model: HashMap<String, String> = HashMap::new();
+    let keys = ["m0", "m1", "m2", "c0", "c1"];
+    let mut out = Vec::new();
+    for j in 0..count {
+        let key = keys[rng.range(0, keys.len() as u64) as usize].to_string();
+        let other = keys[rng.range(0, keys.len() as u64) as usize].to_string();
+        let get =
+            |model: &HashMap<String, String>, k: &str| model.get(k).map_or(Value::Nil, |v| bulk(v));
+        let text_key = keys[rng.range(0, 3) as usize].to_string();
+        let (args, reply) = match rng.range(0, 9) {
+            0 => {
+                let key = text_key;
+                let value = format!("v{j}");
+                model.insert(key.clone(), value.clone());
+                (vec!["SET".into(), key, value], Value::Okay)
+            }
+            1 | 2 => (vec!["GET".into(), key.clone()], get(&model, &key)),
+            3 => {
+                // Counters only on c0 and c1, which SET and APPEND leave alone: every INCR
+                // succeeds (an error reply would end the pipeline's query early).
+                let key = ["c0", "c1"][rng.range(0, 2) as usize].to_string();
+                let n = model.get(&key).map_or(0, |v| v.parse::<i64>().unwrap()) + 1;
+                model.insert(key.clone(), n.to_string());
+                (vec!["INCR".into(), key], Value::Int(n))
+            }
+            4 => {
+                let key = text_key;
+                let value = model.entry(key.clone()).or_default();
+                value.push_str(&format!("a{j}"));
+                let len = value.len() as i64;
+                (vec!["APPEND".into(), key, format!("a{j}")], Value::Int(len))
+            }
+            5 => {
+                let existed = model.remove(&key).is_some();
+                (vec!["DEL".into(), key], Value::Int(i64::from(existed)))
+            }
+            6 => {
+                let len = model.get(&key).map_or(0, |v| v.len() as i64);
+                (vec!["STRLEN".into(), key], Value::Int(len))
+            }
+            7 => {
+                let reply = Value::Array(vec![get(&model, &key), get(&model, &other)]);
+                (vec!["MGET".into(), key, other], reply)
+            }
+            _ => {
+                let count =
+                    i64::from(model.contains_key(&key)) + i64::from(model.contains_key(&other));
+                (vec!["EXISTS".into(), key, other], Value::Int(count))
+            }
+        };
+        out.push((args, reply));
+    }
+    out
+}
+
+/// A pipeline mixing writes and reads on one connection (to the leader, where reads are
+/// answered from the applied state before it reaches the engine, and to a follower) gets
+/// its replies in order, each equal to what a sequential run of the same commands gives.
+#[test]
+fn pipelined_mixes_answer_as_a_sequential_run_would() {
+    let mut cluster = Cluster::start("resp-mixes", 3, "");
+    let (leader, follower) = follower_of(&mut cluster);
+    for (round, id) in [leader, follower, leader].into_iter().enumerate() {
+        let mut con = connect(&cluster, id);
+        ok(&mut con, &["DEL", "m0", "m1", "m2", "c0", "c1"]);
+        let commands = mixed_commands(round as u64 + 1, 400);
+        let mut pipe = redis::pipe();
+        for (args, _) in &commands {
+            let cmd = pipe.cmd(&args[0]);
+            for arg in &args[1..] {
+                cmd.arg(arg);
+            }
+        }
+        let replies: Vec<Value> = pipe.query::<Vec<Value>>(&mut con).unwrap_or_else(|e| {
+            panic!("the pipeline of round {round} failed: {e}");
+        });
+        assert_eq!(replies.len(), commands.len());
+        for (k, ((args, expected), reply)) in commands.iter().zip(&replies).enumerate() {
+            assert_eq!(
+                reply, expected,
+                "round {round} (node {id}), command {k} {args:?}: pipelined reply differs \
+                 from the sequential run"
+            );
+        }
+    }
+}
