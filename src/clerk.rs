@@ -17,6 +17,7 @@
 //! ([`Route`], [`Attempts`]) do no I/O, so the load generator's multiplexed
 //! clients follow exactly the same ones without a thread each.
 
+pub mod cli;
 pub mod member;
 mod status;
 
