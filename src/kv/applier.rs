@@ -359,7 +359,7 @@ impl Applier {
                             )),
                         };
                         // A dropped receiver: the reader gave up waiting.
-                        tx.send(answer);
+                        let _ = tx.send(answer);
                     }
                     Some(other) => other.fail(ErrorCode::INVALID_ARGUMENT, 0, "not a read"),
                     None => {}

@@ -262,7 +262,7 @@ impl KvService {
             };
             return self.submit(waiter, |token| ClientRequest::Read { token });
         }
-        let (tx, rx) = crate::rpc::oneshot::channel();
+        let (tx, rx) = crossbeam_channel::bounded(1);
         self.submit(Waiter::Barrier(tx), |token| ClientRequest::Read { token });
         // The applier answers by the request's deadline (it sweeps expired
         // waiters); the margin covers the sweep's period.

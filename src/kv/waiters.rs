@@ -43,7 +43,7 @@ pub enum Waiter {
     /// A read barrier of a batch of Redis reads: once the read index is
     /// applied, the waiting thread gets a consistent view of the engine and
     /// reads it itself, so no read of any size runs on the apply thread.
-    Barrier(crate::rpc::oneshot::Sender<Result<EngineView, BarrierError>>),
+    Barrier(crossbeam_channel::Sender<Result<EngineView, BarrierError>>),
     /// A batch of Redis point reads (GET, MGET, EXISTS, STRLEN, TYPE; at most
     /// `redis_ops::MAX_POINT_READ_KEYS` keys): answered by the apply thread from the applied
     /// state, its uncommitted overlay included, like a native Get, so that a read forces no
@@ -105,7 +105,7 @@ impl Waiter {
             }
             Waiter::Barrier(tx) => {
                 // A dropped receiver: the reader gave up waiting.
-                tx.send(Err((error, leader_hint, message.to_string())));
+                let _ = tx.send(Err((error, leader_hint, message.to_string())));
             }
             Waiter::OpenSession(responder) => responder.send(OpenSessionReply {
                 header,

@@ -15,7 +15,6 @@
 pub mod client;
 pub mod frame;
 pub mod handshake;
-pub mod oneshot;
 pub mod server;
 pub mod services;
 

@@ -1183,7 +1183,7 @@ pub struct Responder<T> {
 enum ResponderInner<T> {
     Remote(RawResponder),
     /// In-process delivery, for tests and local transports.
-    Local(super::oneshot::Sender<Result<T, RpcError>>),
+    Local(crossbeam_channel::Sender<Result<T, RpcError>>),
 }
 
 impl<T: Message> Responder<T> {
@@ -1197,8 +1197,11 @@ impl<T: Message> Responder<T> {
     /// A responder whose answer arrives on the returned receiver, without any
     /// connection: lets tests and in-process transports call a handler
     /// directly. A responder dropped unanswered disconnects the receiver.
-    pub fn local() -> (Responder<T>, super::oneshot::Receiver<Result<T, RpcError>>) {
-        let (tx, rx) = super::oneshot::channel();
+    pub fn local() -> (
+        Responder<T>,
+        crossbeam_channel::Receiver<Result<T, RpcError>>,
+    ) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
         (
             Responder {
                 inner: ResponderInner::Local(tx),
@@ -1231,7 +1234,7 @@ impl<T: Message> Responder<T> {
             ResponderInner::Remote(raw) => raw.send_message(&reply),
             ResponderInner::Local(tx) => {
                 // A dropped receiver means nobody waits for the answer.
-                tx.send(Ok(reply));
+                let _ = tx.send(Ok(reply));
             }
         }
     }
@@ -1242,7 +1245,7 @@ impl<T: Message> Responder<T> {
         match self.inner {
             ResponderInner::Remote(raw) => raw.send_error(code, text),
             ResponderInner::Local(tx) => {
-                tx.send(Err(RpcError::Remote {
+                let _ = tx.send(Err(RpcError::Remote {
                     code,
                     message: text.to_string(),
                 }));
