@@ -432,6 +432,9 @@ pub fn execute_reads(view: &EngineView, ops: &[ReadOp]) -> Result<Vec<RedisReply
     ops.iter().map(|op| execute_read(view, op)).collect()
 }
 
+/// Looks one key up: its value, `None` when absent, or why the store failed.
+pub type PointGet<'a> = dyn FnMut(&[u8]) -> Result<Option<Vec<u8>>, String> + 'a;
+
 /// A batch of point reads of at most this many keys may be answered on the apply thread
 /// ([`execute_point_reads`]); a larger one reads a view on the requesting thread.
 pub const MAX_POINT_READ_KEYS: usize = 1024;
@@ -455,7 +458,7 @@ pub fn are_point_reads(ops: &[ReadOp]) -> bool {
 /// Answers point reads (see [`are_point_reads`]) through `get`: the applied state with its
 /// uncommitted overlay, on the apply thread.
 pub fn execute_point_reads(
-    get: &mut dyn FnMut(&[u8]) -> Result<Option<Vec<u8>>, String>,
+    get: &mut PointGet<'_>,
     ops: &[ReadOp],
 ) -> Result<Vec<RedisReply>, String> {
     ops.iter()
@@ -469,10 +472,7 @@ pub fn execute_point_reads(
 }
 
 /// The reply to `op` when it is a point read (or an unknown kind); `None` for a range read.
-fn point_read(
-    get: &mut dyn FnMut(&[u8]) -> Result<Option<Vec<u8>>, String>,
-    op: &ReadOp,
-) -> Result<Option<RedisReply>, String> {
+fn point_read(get: &mut PointGet<'_>, op: &ReadOp) -> Result<Option<RedisReply>, String> {
     let kind = match op.kind.enum_value() {
         Ok(kind) => kind,
         Err(n) => {
