@@ -16,6 +16,8 @@
 #        MUTANTS_OUT        where the report goes (default bench/results/mutants)
 #        SIM_SEEDS          soak seeds of tests/raft_sim.rs per mutant (default 20)
 #        MUTANTS_SHARD      e.g. 0/4: one of n interleaved shards (cargo-mutants --shard)
+#        MUTANTS_TESTS      the test targets, e.g. "--lib --test raft_sim" (default: the
+#                           fast targets below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -35,7 +37,20 @@ fi
 
 # The fast targets: the unit tests (core, log, progress, records, state
 # machine, checker), the Raft simulation, the storage and disk tests.
-test_args=(--lib --test raft_sim --test storage --test sim_disk --test disk_faults)
+# A narrower set (MUTANTS_TESTS) fits a run over one layer, e.g. the core's
+# own tests for src/raft/.
+if [ -n "${MUTANTS_TESTS:-}" ]; then
+    read -r -a test_args <<<"$MUTANTS_TESTS"
+else
+    test_args=(--lib --test raft_sim --test storage --test sim_disk --test disk_faults)
+fi
+
+# Each mutant rebuilds the library and the test binaries: incremental
+# release builds without debug info make that rebuild several times faster.
+# This target directory is the script's own, so the checkout's builds keep
+# the project's profile.
+export CARGO_PROFILE_RELEASE_INCREMENTAL=true
+export CARGO_PROFILE_RELEASE_DEBUG=0
 
 file_args=()
 for f in "${files[@]}"; do

@@ -63,6 +63,16 @@ impl Cluster {
 fn three_nodes_elect_a_leader_and_replicate() {
     let mut cluster = Cluster::new(3);
     let leader = cluster.tick_until_leader();
+    let leader_id = leader as NodeId + 1;
+    for core in &cluster.cores {
+        assert_eq!(
+            core.leader(),
+            leader_id,
+            "node {} knows the leader",
+            core.id()
+        );
+        assert_eq!(core.term(), cluster.cores[leader].term());
+    }
     let first = cluster.cores[leader].propose(b"a".to_vec()).unwrap();
     cluster.cores[leader].propose(b"b".to_vec()).unwrap();
     cluster.settle();
@@ -394,4 +404,41 @@ fn a_reject_hint_of_zero_probes_from_the_first_index() {
         rejects <= 3,
         "node 2 rejected {rejects} probes before it matched"
     );
+}
+
+/// A configuration that breaks one of the core's invariants is refused at
+/// construction, before it can elect or replicate anything.
+#[test]
+fn a_config_breaking_an_invariant_is_refused() {
+    let broken: [(&str, fn(&mut Config)); 7] = [
+        ("node id 0", |c| c.id = NO_NODE),
+        ("duplicate voters", |c| c.voters = vec![1, 2, 2]),
+        ("voter id 0", |c| c.voters = vec![0, 1, 2]),
+        ("no heartbeat interval", |c| c.heartbeat_interval_ticks = 0),
+        ("heartbeat not below the election timeout", |c| {
+            c.heartbeat_interval_ticks = c.election_timeout_min_ticks
+        }),
+        ("an empty election timeout range", |c| {
+            c.election_timeout_max_ticks = c.election_timeout_min_ticks
+        }),
+        ("no snapshot chunk", |c| c.max_snapshot_chunk_bytes = 0),
+    ];
+    for (what, breaks) in broken {
+        let mut config = Config::new(1, vec![1, 2, 3]);
+        breaks(&mut config);
+        let built = std::panic::catch_unwind(|| RaftCore::new(config, RestoredState::default()));
+        assert!(built.is_err(), "a config with {what} was accepted");
+    }
+    for (inflight, append_bytes) in [(0, 1), (1, 0)] {
+        let mut config = Config::new(1, vec![1, 2, 3]);
+        config.max_inflight_appends = inflight;
+        config.max_append_bytes = append_bytes;
+        let built = std::panic::catch_unwind(|| RaftCore::new(config, RestoredState::default()));
+        assert!(
+            built.is_err(),
+            "inflight {inflight}, append bytes {append_bytes} accepted"
+        );
+    }
+    let fine = Config::new(1, vec![1, 2, 3]);
+    assert!(std::panic::catch_unwind(|| RaftCore::new(fine, RestoredState::default())).is_ok());
 }
