@@ -23,6 +23,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::backup_source::EngineSlot;
 use super::engine::{self, Engine};
+use super::redis_ops::execute_point_reads;
 use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ApplyTask, InstallReceived, NodeHandle};
@@ -332,6 +333,16 @@ impl Applier {
                         // A value the engine cannot vouch for is never served.
                         let value = self.machine.get(key).map_err(|e| e.to_string())?;
                         waiter.answer_get(value.as_deref());
+                    }
+                    Some(waiter @ Waiter::RedisReads { .. }) => {
+                        let Waiter::RedisReads { ref ops, .. } = waiter else {
+                            unreachable!()
+                        };
+                        // Bounded by the service (`are_point_reads`); from the applied
+                        // state with its overlay, so no engine commit is needed.
+                        let mut get = |key: &[u8]| self.machine.get(key).map_err(|e| e.to_string());
+                        let replies = execute_point_reads(&mut get, ops)?;
+                        waiter.answer_reads(&replies);
                     }
                     Some(Waiter::Barrier(tx)) => {
                         // The reader reads the engine, not the overlay: what was applied

@@ -432,15 +432,58 @@ pub fn execute_reads(view: &EngineView, ops: &[ReadOp]) -> Result<Vec<RedisReply
     ops.iter().map(|op| execute_read(view, op)).collect()
 }
 
-fn execute_read(view: &EngineView, op: &ReadOp) -> Result<RedisReply, String> {
+/// Looks one key up: its value, `None` when absent, or why the store failed.
+pub type PointGet<'a> = dyn FnMut(&[u8]) -> Result<Option<Vec<u8>>, String> + 'a;
+
+/// A batch of point reads of at most this many keys may be answered on the apply thread
+/// ([`execute_point_reads`]); a larger one reads a view on the requesting thread.
+pub const MAX_POINT_READ_KEYS: usize = 1024;
+
+/// True when `ops` are all point reads (each key looked up once, no range) of at most
+/// [`MAX_POINT_READ_KEYS`] keys in all: their cost is bounded by the request, not the data.
+pub fn are_point_reads(ops: &[ReadOp]) -> bool {
+    let point = ops.iter().all(|op| {
+        matches!(
+            op.kind.enum_value(),
+            Ok(read_op::Kind::GET
+                | read_op::Kind::MGET
+                | read_op::Kind::EXISTS
+                | read_op::Kind::STRLEN
+                | read_op::Kind::TYPE)
+        )
+    });
+    point && ops.iter().map(|op| op.keys.len()).sum::<usize>() <= MAX_POINT_READ_KEYS
+}
+
+/// Answers point reads (see [`are_point_reads`]) through `get`: the applied state with its
+/// uncommitted overlay, on the apply thread.
+pub fn execute_point_reads(
+    get: &mut PointGet<'_>,
+    ops: &[ReadOp],
+) -> Result<Vec<RedisReply>, String> {
+    ops.iter()
+        .map(|op| match point_read(get, op)? {
+            Some(reply) => Ok(reply),
+            None => Ok(RedisReply::Error(
+                "ERR a range read among point reads".into(),
+            )),
+        })
+        .collect()
+}
+
+/// The reply to `op` when it is a point read (or an unknown kind); `None` for a range read.
+fn point_read(get: &mut PointGet<'_>, op: &ReadOp) -> Result<Option<RedisReply>, String> {
     let kind = match op.kind.enum_value() {
         Ok(kind) => kind,
-        Err(n) => return Ok(RedisReply::Error(format!("ERR unknown read kind {n}"))),
+        Err(n) => {
+            return Ok(Some(RedisReply::Error(format!(
+                "ERR unknown read kind {n}"
+            ))))
+        }
     };
-    let get = |key: &[u8]| view.get(key).map_err(engine_error);
-    let first = || op.keys.first().map(Vec::as_slice).unwrap_or_default();
-    Ok(match kind {
-        read_op::Kind::GET => get(first())?.map_or(RedisReply::Nil, RedisReply::Bulk),
+    let first = op.keys.first().map(Vec::as_slice).unwrap_or_default();
+    Ok(Some(match kind {
+        read_op::Kind::GET => get(first)?.map_or(RedisReply::Nil, RedisReply::Bulk),
         read_op::Kind::MGET => RedisReply::Array(
             op.keys
                 .iter()
@@ -454,15 +497,33 @@ fn execute_read(view: &EngineView, op: &ReadOp) -> Result<RedisReply, String> {
             }
             RedisReply::Int(count)
         }
-        read_op::Kind::STRLEN => RedisReply::Int(get(first())?.map_or(0, |v| v.len() as i64)),
+        read_op::Kind::STRLEN => RedisReply::Int(get(first)?.map_or(0, |v| v.len() as i64)),
         read_op::Kind::TYPE => RedisReply::Status(
-            if get(first())?.is_some() {
+            if get(first)?.is_some() {
                 "string"
             } else {
                 "none"
             }
             .into(),
         ),
+        read_op::Kind::SCAN | read_op::Kind::KEYS | read_op::Kind::DBSIZE => return Ok(None),
+    }))
+}
+
+fn execute_read(view: &EngineView, op: &ReadOp) -> Result<RedisReply, String> {
+    let mut get = |key: &[u8]| view.get(key).map_err(engine_error);
+    if let Some(reply) = point_read(&mut get, op)? {
+        return Ok(reply);
+    }
+    let Ok(kind) = op.kind.enum_value() else {
+        unreachable!("point_read answers an unknown kind")
+    };
+    Ok(match kind {
+        read_op::Kind::GET
+        | read_op::Kind::MGET
+        | read_op::Kind::EXISTS
+        | read_op::Kind::STRLEN
+        | read_op::Kind::TYPE => unreachable!("point_read answers the point reads"),
         read_op::Kind::SCAN => {
             let count = (op.count as usize).clamp(1, MAX_SCAN_COUNT);
             let after = op.has_after.then_some(op.after.as_slice());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::SendTimeoutError;
 
 use super::backup_source::BackupSource;
-use super::redis_ops::{execute_reads, RedisReply, RedisWrite};
+use super::redis_ops::{are_point_reads, execute_reads, RedisReply, RedisWrite};
 use super::state_machine::{encode_command, make_command, make_session_command, KvOp, NO_CLIENT};
 use super::waiters::{Waiter, Waiters, NOT_LEADER_NOTHING_PROPOSED};
 use crate::node::{ClientRequest, NodeHandle};
@@ -226,10 +226,11 @@ impl KvService {
 }
 
 impl KvService {
-    /// A batch of Redis reads: waits (on this thread, at most the request
-    /// timeout) for a linearizable read point, then reads a consistent view
-    /// of the engine here, so that a SCAN or KEYS never runs on the apply
-    /// thread.
+    /// A batch of Redis reads. Point reads of a bounded number of keys are answered by the
+    /// apply thread once their linearizable read point is applied (as a native Get is);
+    /// any other batch waits (on this thread, at most the request timeout) for its read
+    /// point, then reads a consistent view of the engine here, so that a SCAN or KEYS never
+    /// runs on the apply thread.
     fn exec_reads(&self, request: ExecRequest, responder: Responder<ExecReply>) {
         let fail = |responder: Responder<ExecReply>, (error, hint, message): Refusal| {
             crate::metrics::request_failed(false, error);
@@ -251,6 +252,15 @@ impl KvService {
             .map_or(&[][..], Vec::as_slice);
         if let Err(refusal) = self.admit(request.header.as_ref(), longest_key, &[]) {
             return fail(responder, refusal);
+        }
+        if are_point_reads(&request.reads) {
+            // Answered by the apply thread at the read index, overlay included: no engine
+            // commit per read batch, and no hop back to this thread.
+            let waiter = Waiter::RedisReads {
+                ops: request.reads,
+                responder,
+            };
+            return self.submit(waiter, |token| ClientRequest::Read { token });
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.submit(Waiter::Barrier(tx), |token| ClientRequest::Read { token });

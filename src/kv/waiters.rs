@@ -13,7 +13,7 @@ use super::redis_ops::RedisReply;
 use super::state_machine::CommandReply;
 use crate::proto::kvstore::{
     AppendReply, CasReply, DeleteReply, ErrorCode, ExecReply, GetReply, OpenSessionReply, PutReply,
-    ReplyHeader,
+    ReadOp, ReplyHeader,
 };
 use crate::raft::NodeId;
 use crate::rpc::Responder;
@@ -44,6 +44,14 @@ pub enum Waiter {
     /// applied, the waiting thread gets a consistent view of the engine and
     /// reads it itself, so no read of any size runs on the apply thread.
     Barrier(crossbeam_channel::Sender<Result<EngineView, BarrierError>>),
+    /// A batch of Redis point reads (GET, MGET, EXISTS, STRLEN, TYPE; at most
+    /// `redis_ops::MAX_POINT_READ_KEYS` keys): answered by the apply thread from the applied
+    /// state, its uncommitted overlay included, like a native Get, so that a read forces no
+    /// engine commit.
+    RedisReads {
+        ops: Vec<ReadOp>,
+        responder: Responder<ExecReply>,
+    },
     OpenSession(Responder<OpenSessionReply>),
 }
 
@@ -89,10 +97,12 @@ impl Waiter {
                 header,
                 ..Default::default()
             }),
-            Waiter::Exec(responder) => responder.send(ExecReply {
-                header,
-                ..Default::default()
-            }),
+            Waiter::Exec(responder) | Waiter::RedisReads { responder, .. } => {
+                responder.send(ExecReply {
+                    header,
+                    ..Default::default()
+                })
+            }
             Waiter::Barrier(tx) => {
                 // A dropped receiver: the reader gave up waiting.
                 let _ = tx.send(Err((error, leader_hint, message.to_string())));
@@ -106,7 +116,10 @@ impl Waiter {
 
     /// A read (answered at a read index), not a write (answered when applied).
     pub fn is_read(&self) -> bool {
-        matches!(self, Waiter::Get { .. } | Waiter::Barrier(_))
+        matches!(
+            self,
+            Waiter::Get { .. } | Waiter::Barrier(_) | Waiter::RedisReads { .. }
+        )
     }
 
     /// Answers a read with the value found (or not) at the read's index.
@@ -118,6 +131,18 @@ impl Waiter {
             header: header(ErrorCode::OK, 0, ""),
             found: value.is_some(),
             value: value.map(<[u8]>::to_vec).unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+
+    /// Answers a batch of Redis point reads with their replies, in order.
+    pub fn answer_reads(self, replies: &[RedisReply]) {
+        let Waiter::RedisReads { responder, .. } = self else {
+            unreachable!("answer_reads on another waiter");
+        };
+        responder.send(ExecReply {
+            header: header(ErrorCode::OK, 0, ""),
+            replies: replies.iter().map(RedisReply::to_proto).collect(),
             ..Default::default()
         });
     }

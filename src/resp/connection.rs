@@ -39,6 +39,7 @@ pub fn serve(ctx: &RespContext, stream: TcpStream, id: u64, stopping: &AtomicBoo
         clerk: clerk(ctx),
         stream,
         buf: Vec::new(),
+        chunk: vec![0; READ_CHUNK_BYTES],
         // A request must fit in one log entry, plus its header lines.
         max_buffered_bytes: ctx.config.max_append_bytes + 2 * ctx.limits.max_inline_bytes,
     };
@@ -89,6 +90,8 @@ struct Connection<'a> {
     stream: TcpStream,
     /// Received and not yet parsed.
     buf: Vec<u8>,
+    /// Where the socket is read into ([`READ_CHUNK_BYTES`]).
+    chunk: Vec<u8>,
     max_buffered_bytes: usize,
 }
 
@@ -154,14 +157,14 @@ impl Connection<'_> {
                 self.stream.set_read_timeout(Some(timeout))?;
                 timeout_set = timeout;
             }
-            let old_len = self.buf.len();
-            let room = READ_CHUNK_BYTES.min(self.max_buffered_bytes - old_len);
-            self.buf.resize(old_len + room, 0);
-            let got = self.stream.read(&mut self.buf[old_len..]);
-            self.buf.truncate(old_len + *got.as_ref().unwrap_or(&0));
-            if got? == 0 {
+            // Read into a buffer zeroed once, and copy what came: growing `buf` by a whole
+            // chunk of zeros per read cost a 64 KiB memset per command.
+            let room = READ_CHUNK_BYTES.min(self.max_buffered_bytes - self.buf.len());
+            let got = self.stream.read(&mut self.chunk[..room])?;
+            if got == 0 {
                 return Ok(());
             }
+            self.buf.extend_from_slice(&self.chunk[..got]);
             started.get_or_insert_with(Instant::now);
         }
     }

@@ -26,6 +26,8 @@ use kvstore_raft::check::{self, KvInput, KvOutput, Operation, Verdict};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod proxy;
+
 pub const KVSERVER: &str = env!("CARGO_BIN_EXE_kvserver");
 pub const CLERK: &str = env!("CARGO_BIN_EXE_clerk");
 pub const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
@@ -195,6 +197,9 @@ pub struct Cluster {
     paused: Vec<bool>,
     /// True when every node runs with `--fault-file` (see `fault_file`).
     fault_files: bool,
+    /// Per node (index `id - 1`), a cluster file of its own (see `start_behind_proxies`);
+    /// empty: every node reads `config_path`.
+    node_configs: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -211,6 +216,52 @@ impl Cluster {
     }
 
     fn start_with(name: &str, size: usize, extra_json: &str, fault_files: bool) -> Cluster {
+        let mut cluster = Cluster::build(name, size, extra_json, fault_files);
+        for id in cluster.ids() {
+            cluster.start_node(id);
+        }
+        cluster
+    }
+
+    /// Like `start`, with every node reaching every other through a loopback proxy the
+    /// test controls (`Proxies::isolate`, `heal`): each node gets a cluster file of its own
+    /// naming its peers by their proxies' ports. `config_path` (used by `clerk` and
+    /// `status`) names the real ports, so the test itself always sees every node.
+    pub fn start_behind_proxies(
+        name: &str,
+        size: usize,
+        extra_json: &str,
+    ) -> (Cluster, proxy::Proxies) {
+        let mut cluster = Cluster::build(name, size, extra_json, false);
+        let targets: Vec<(u64, std::net::SocketAddr)> = cluster
+            .ids()
+            .into_iter()
+            .map(|id| {
+                let port = cluster.ports[(id - 1) as usize];
+                (id, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            })
+            .collect();
+        let proxies = proxy::Proxies::start(&targets, &free_ports(proxy::Proxies::links(size)));
+        let text = fs::read_to_string(&cluster.config_path).expect("read the cluster file");
+        for id in cluster.ids() {
+            let mut config: Value = serde_json::from_str(&text).expect("the cluster file");
+            for node in config["raft_nodes"].as_array_mut().expect("raft_nodes") {
+                let other = node["id"].as_u64().expect("an id");
+                if other != id {
+                    node["port"] = proxies.port(id, other).into();
+                }
+            }
+            let path = cluster.dir.path().join(format!("cluster-node{id}.json"));
+            fs::write(&path, config.to_string()).expect("write a node's cluster file");
+            cluster.node_configs.push(path);
+        }
+        for id in cluster.ids() {
+            cluster.start_node(id);
+        }
+        (cluster, proxies)
+    }
+
+    fn build(name: &str, size: usize, extra_json: &str, fault_files: bool) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix(&format!("proc-{name}-"))
             .tempdir()
@@ -235,7 +286,7 @@ impl Cluster {
         );
         let config_path = dir.path().join("cluster.json");
         fs::write(&config_path, config).expect("write the cluster file");
-        let mut cluster = Cluster {
+        Cluster {
             name: name.to_string(),
             dir,
             config_path,
@@ -244,11 +295,8 @@ impl Cluster {
             nodes: (0..size).map(|_| None).collect(),
             paused: vec![false; size],
             fault_files,
-        };
-        for id in cluster.ids() {
-            cluster.start_node(id);
+            node_configs: Vec::new(),
         }
-        cluster
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -290,9 +338,10 @@ impl Cluster {
             .open(self.log_path(id))
             .expect("open the node log");
         let mut command = Command::new(KVSERVER);
+        let config = self.node_configs.get(index).unwrap_or(&self.config_path);
         command
             .arg("--config")
-            .arg(&self.config_path)
+            .arg(config)
             .arg("--id")
             .arg(id.to_string())
             .arg("--data-dir")
