@@ -418,9 +418,12 @@ fn a_reject_hint_of_zero_probes_from_the_first_index() {
 
 /// A configuration that breaks one of the core's invariants is refused at
 /// construction, before it can elect or replicate anything.
+/// A named way to break a core configuration.
+type ConfigBreak = (&'static str, fn(&mut Config));
+
 #[test]
 fn a_config_breaking_an_invariant_is_refused() {
-    let broken: [(&str, fn(&mut Config)); 7] = [
+    let broken: [ConfigBreak; 7] = [
         ("node id 0", |c| c.id = NO_NODE),
         ("duplicate voters", |c| c.voters = vec![1, 2, 2]),
         ("voter id 0", |c| c.voters = vec![0, 1, 2]),
