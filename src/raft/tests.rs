@@ -100,6 +100,17 @@ fn three_nodes_elect_a_leader_and_replicate() {
         );
         assert_eq!(core.term_at(first), Some(cluster.cores[leader].term()));
     }
+    // The leader's view of its followers: both, caught up and replicating.
+    let last = cluster.cores[leader].status().last_index;
+    let followers = cluster.cores[leader].followers();
+    let ids: Vec<NodeId> = followers.iter().map(|f| f.id).collect();
+    let expected: Vec<NodeId> = (1..=3).filter(|&id| id != leader_id).collect();
+    assert_eq!(ids, expected);
+    for follower in &followers {
+        assert_eq!(follower.match_index, last, "follower {}", follower.id);
+        assert_eq!(follower.state, "replicate", "follower {}", follower.id);
+    }
+    assert!(cluster.cores[(leader + 1) % 3].followers().is_empty());
 }
 
 #[test]
