@@ -556,16 +556,26 @@ struct DeadlineReader<'a> {
 
 impl Read for DeadlineReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake deadline passed",
-            ));
+        // The socket's timer may fire a little before the deadline (the kernel
+        // rounds it): read again for what is left, so a timeout is reported
+        // only once the deadline has passed, and so always as the handshake's
+        // timeout. Each pass waits at most the time left, so this ends at the
+        // deadline.
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake deadline passed",
+                ));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            let mut stream = self.stream;
+            match stream.read(buf) {
+                Err(e) if super::frame::is_timeout(&e) => continue,
+                other => return other,
+            }
         }
-        self.stream.set_read_timeout(Some(left))?;
-        let mut stream = self.stream;
-        stream.read(buf)
     }
 }
 
