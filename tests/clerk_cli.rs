@@ -4,25 +4,21 @@
 //! config file is bad. Runs with a real cluster live in the lead's tests.
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "ports/mod.rs"]
+mod ports;
+
 const CLERK: &str = env!("CARGO_BIN_EXE_clerk");
 
 /// Three loopback ports that were free a moment ago. Nothing listens on
 /// them, so connecting is refused at once.
 fn unused_ports() -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..3)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().unwrap().port())
-        .collect()
+    ports::free_ports(3)
 }
 
 /// A cluster file in `dir` for nodes 1..=3 on unused ports, plus `extra`

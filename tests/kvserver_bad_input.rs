@@ -21,6 +21,9 @@ use kvstore_raft::rpc::services::KvStoreStub;
 use kvstore_raft::rpc::{ClientConfig, RpcClient};
 use tempfile::TempDir;
 
+#[path = "ports/mod.rs"]
+mod ports;
+
 const KVSERVER: &str = env!("CARGO_BIN_EXE_kvserver");
 /// How long a failing kvserver may take to exit; generous, since a clean
 /// failure takes milliseconds and a hang is what this bounds.
@@ -31,12 +34,9 @@ const EXIT_USAGE: i32 = 2;
 const EXIT_RUNTIME: i32 = 1;
 const SEGMENT_1: &str = "wal-00000000000000000001.log";
 
-/// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
+/// A port that was free a moment ago, claimed for this process (see `ports`).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    ports::free_ports(1)[0]
 }
 
 /// A valid single-node cluster file body with short timings, node 1 on `port`.

@@ -9,7 +9,6 @@
 //! fails.
 
 use std::fs::{self, File};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
@@ -20,6 +19,9 @@ use kvstore_raft::config::ClusterConfig;
 use kvstore_raft::loadgen::MAX_CLIENTS_PER_CONNECTION;
 use serde_json::Value;
 use tempfile::TempDir;
+
+#[path = "ports/mod.rs"]
+mod ports;
 
 const KVSERVER: &str = env!("CARGO_BIN_EXE_kvserver");
 const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
@@ -40,18 +42,11 @@ struct Cluster {
 impl Cluster {
     fn start() -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let listeners: Vec<TcpListener> = (0..NODES)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-            .collect();
-        let nodes: Vec<String> = listeners
-            .iter()
+        let nodes: Vec<String> = ports::free_ports(NODES as usize)
+            .into_iter()
             .enumerate()
-            .map(|(i, listener)| {
-                let port = listener.local_addr().expect("local addr").port();
-                format!(r#"{{"id": {}, "ip": "127.0.0.1", "port": {port}}}"#, i + 1)
-            })
+            .map(|(i, port)| format!(r#"{{"id": {}, "ip": "127.0.0.1", "port": {port}}}"#, i + 1))
             .collect();
-        drop(listeners);
         let config = dir.path().join("cluster.json");
         let text = format!(
             r#"{{"raft_nodes": [{}], "data_dir": {:?}, "tick_ms": 10,
@@ -516,11 +511,7 @@ fn preload_writes_every_key_reports_progress_and_stops_at_its_time_limit() {
 fn a_preload_without_a_cluster_fails_at_its_first_lost_write_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     // A port nothing listens on: every connect is refused.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = ports::free_ports(1)[0];
     let config = dir.path().join("cluster.json");
     fs::write(
         &config,

@@ -47,6 +47,11 @@ pub(crate) struct EventLoop {
     pub snapshot_senders: Option<SnapshotSenders>,
     /// The configuration index the peer links were last made to match.
     pub synced_conf_index: u64,
+    /// A compaction the application asked for past the compaction floor (a streamed snapshot
+    /// in flight), done as far as the floor allowed; the rest is done as soon as the floor
+    /// rises, so the log does not wait for the application's next request (a second later)
+    /// to shrink.
+    pub deferred_compaction: Option<u64>,
 }
 
 /// The four Raft RPCs; each incoming one waits in its own FIFO for the
@@ -176,7 +181,21 @@ impl EventLoop {
             }
         }
         self.handle_requests(None);
+        self.resume_deferred_compaction()?;
         self.process_ready(waiting_replies)
+    }
+
+    /// Finishes a deferred compaction once the floor that held it back has risen (the
+    /// transfer ended). Cheap when nothing waits: the floor is a minimum over the peers.
+    fn resume_deferred_compaction(&mut self) -> Result<(), FatalError> {
+        let Some(index) = self.deferred_compaction else {
+            return Ok(());
+        };
+        if self.core.compaction_floor() > self.core.status().snapshot_index {
+            self.deferred_compaction = None;
+            self.compact(index, Vec::new())?;
+        }
+        Ok(())
     }
 
     fn handle_event(
@@ -402,6 +421,10 @@ impl EventLoop {
         let floor = self.core.compaction_floor();
         if index > floor && !data.is_empty() {
             return Ok(()); // bytes of a later state than the floor: the next one will do
+        }
+        if index > floor {
+            // The state is the engine's (no bytes): any index up to `index` will do later.
+            self.deferred_compaction = self.deferred_compaction.max(Some(index));
         }
         let index = index.min(floor);
         let status = self.core.status();

@@ -427,6 +427,7 @@ impl Node {
             // Not a real index: the first cycle matches the links to the
             // configuration restored from storage.
             synced_conf_index: u64::MAX,
+            deferred_compaction: None,
         };
         threads.push(
             stopper.spawn(format!("event-loop-{}", options.id), move || {

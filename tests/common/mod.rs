@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,13 @@ use kvstore_raft::node::LinkFilter;
 use kvstore_raft::raft::{NodeId, Role, Status};
 use kvstore_raft::storage::FileSystem;
 use parking_lot::Mutex;
+
+// A binary with both `common` and `process` (tests/http.rs) loads this twice; the file
+// locks keep the two copies from handing out the same port.
+#[allow(clippy::duplicate_mod)]
+#[path = "../ports/mod.rs"]
+mod ports;
+pub use ports::free_ports;
 
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
@@ -26,17 +32,6 @@ pub struct TestCluster {
     /// Per node (index `id - 1`), the file system its storage runs on;
     /// empty: the real one.
     file_systems: Vec<Arc<dyn FileSystem>>,
-}
-
-/// Free loopback ports: bound to port 0, then released for the servers.
-pub fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 impl TestCluster {
