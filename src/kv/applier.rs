@@ -42,7 +42,7 @@ const RETIRE_TIMEOUT_MS: u64 = 10_000;
 const SNAPSHOT_RETRY_MS: u64 = 1000;
 /// Applied entries wait at most about this long in memory before they are written to the
 /// engine in one batch (see `commit_if_due`).
-const COMMIT_INTERVAL_MS: u64 = 10;
+const COMMIT_INTERVAL_MS: u64 = 50;
 
 pub struct Applier {
     pub node: NodeHandle,
