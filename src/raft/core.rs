@@ -935,9 +935,20 @@ impl RaftCore {
         Ok(())
     }
 
-    /// Starts one heartbeat round for every read that has none yet.
+    /// Whether reads wait for a round and none is in flight. Rounds are given in arrival
+    /// order and confirmed reads leave from the front, so the front read has a round exactly
+    /// when one is in flight; when it has none, no read has.
+    fn read_round_due(&self) -> bool {
+        self.pending_reads.front().is_some_and(|r| r.round == 0)
+    }
+
+    /// Starts one heartbeat round for every read that has none yet, unless a round is in
+    /// flight: the reads that arrive meanwhile wait for it to be confirmed and then share the
+    /// next one. Under a steady stream of reads this sends one round per round trip instead
+    /// of one per Ready, which costs the peers (and this node) a heartbeat each. A lost
+    /// heartbeat does not stall reads: the periodic heartbeat carries the current round.
     fn start_read_round(&mut self) {
-        if self.role != Role::Leader || !self.pending_reads.iter().any(|r| r.round == 0) {
+        if self.role != Role::Leader || !self.read_round_due() {
             return;
         }
         self.read_round += 1;
@@ -1836,7 +1847,7 @@ impl RaftCore {
             || !self.snapshot_sends.is_empty()
             || self.log.applied < self.log.commit
             || !self.read_states.is_empty()
-            || self.pending_reads.iter().any(|r| r.round == 0)
+            || (self.role == Role::Leader && self.read_round_due())
     }
 
     /// Everything the driver must do now (see the module documentation for

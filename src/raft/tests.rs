@@ -150,6 +150,62 @@ fn read_index_is_released_after_a_heartbeat_round() {
     assert_eq!(released[0].index, cluster.cores[leader].status().commit);
 }
 
+/// Reads that arrive while a ReadIndex round is in flight start no round of their own: they
+/// wait for it and share the next one, so a steady stream of reads costs one heartbeat round
+/// per round trip, not one per Ready. They are released once their own round is confirmed,
+/// and a round whose heartbeats were lost is confirmed by the periodic heartbeat.
+#[test]
+fn reads_during_a_round_in_flight_share_the_next_round() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.tick_until_leader();
+    cluster.cores[leader].read_index(1).unwrap();
+    let first = cluster.cores[leader].ready();
+    let first_round: Vec<Message> = first.messages_unpersisted;
+    assert_eq!(first_round.len(), 2, "the first read starts a round");
+    cluster.cores[leader].advance();
+    // Two more reads while the first round is unanswered: no new heartbeats.
+    cluster.cores[leader].read_index(2).unwrap();
+    assert!(
+        !cluster.cores[leader].has_ready(),
+        "a read during a round in flight must not start another"
+    );
+    cluster.cores[leader].read_index(3).unwrap();
+    // The first round's heartbeats are lost; the periodic heartbeat confirms it instead.
+    drop(first_round);
+    let mut released = Vec::new();
+    let mut heartbeats = 0;
+    for _ in 0..100 {
+        for core in &mut cluster.cores {
+            core.tick();
+        }
+        for _ in 0..20 {
+            let mut inbox = Vec::new();
+            for core in &mut cluster.cores {
+                if core.has_ready() {
+                    let ready = core.ready();
+                    released.extend(ready.read_states);
+                    inbox.extend(ready.messages);
+                    inbox.extend(ready.messages_unpersisted);
+                    core.advance();
+                }
+            }
+            heartbeats += inbox
+                .iter()
+                .filter(|m| matches!(m.body, MessageBody::Heartbeat { .. }))
+                .count();
+            for message in inbox {
+                cluster.cores[message.to as usize - 1].step(message);
+            }
+        }
+        if released.len() == 3 {
+            break;
+        }
+    }
+    let contexts: Vec<u64> = released.iter().map(|r| r.context).collect();
+    assert_eq!(contexts, vec![1, 2, 3], "every read is released, in order");
+    assert!(heartbeats >= 2, "the reads were confirmed by heartbeats");
+}
+
 #[test]
 fn snapshot_catches_up_a_follower() {
     let mut cluster = Cluster::new(3);
