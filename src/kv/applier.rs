@@ -665,23 +665,32 @@ mod tests {
         node.shutdown();
     }
 
+    /// An applier over an engine in `dir/engine`, for a node of one in `dir/node` (no snapshot
+    /// is ever due), with its waiters; the task channel is not used (tasks are handed to
+    /// `handle` directly).
+    fn engine_applier(dir: &std::path::Path) -> (crate::node::Node, Applier, Arc<Waiters>, Engine) {
+        let node = single_node(&dir.join("node"));
+        let (_, tasks) = crossbeam_channel::bounded(1);
+        let waiters = Arc::new(Waiters::new(16));
+        let engine = Engine::open(&dir.join("engine"), 8 << 20).unwrap();
+        let machine = KvStateMachine::open(engine.clone(), KvOptions::default()).unwrap();
+        let applier = Applier::new(
+            node.handle().clone(),
+            tasks,
+            Arc::clone(&waiters),
+            machine,
+            u64::MAX,
+            8 << 20,
+        );
+        (node, applier, waiters, engine)
+    }
+
     /// Applied tasks wait in memory (reads see them) and reach the engine together, in one
     /// batch with their applied index, once the oldest has waited `COMMIT_INTERVAL_MS`.
     #[test]
     fn applied_tasks_reach_the_engine_in_one_batch_after_the_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let node = single_node(&dir.path().join("node"));
-        let (_tx, tasks) = crossbeam_channel::bounded(1);
-        let engine = Engine::open(&dir.path().join("engine"), 8 << 20).unwrap();
-        let machine = KvStateMachine::open(engine.clone(), KvOptions::default()).unwrap();
-        let mut applier = Applier::new(
-            node.handle().clone(),
-            tasks,
-            Arc::new(Waiters::new(16)),
-            machine,
-            u64::MAX,
-            8 << 20,
-        );
+        let (node, mut applier, _, engine) = engine_applier(dir.path());
         applier.commit_interval = Duration::from_secs(3600);
         for index in 1..=3 {
             let entries = vec![put_entry(index, 1, 0)];
@@ -701,25 +710,14 @@ mod tests {
         assert_eq!(engine.get(b"k").unwrap(), Some(b"v".to_vec()));
         node.shutdown();
     }
+
     /// A reader's view from a read barrier (a Redis SCAN, KEYS or DBSIZE walking the engine
     /// on its connection thread) holds a lease: the apply thread does not swap the engine
     /// (install a snapshot from the leader) until the reader lets go of the view.
     #[test]
     fn a_read_barriers_view_holds_the_engine_until_the_reader_drops_it() {
         let dir = tempfile::tempdir().unwrap();
-        let node = single_node(&dir.path().join("node"));
-        let (_tx, tasks) = crossbeam_channel::bounded(1);
-        let waiters = Arc::new(Waiters::new(16));
-        let engine = Engine::open(&dir.path().join("engine"), 8 << 20).unwrap();
-        let machine = KvStateMachine::open(engine, KvOptions::default()).unwrap();
-        let mut applier = Applier::new(
-            node.handle().clone(),
-            tasks,
-            Arc::clone(&waiters),
-            machine,
-            u64::MAX,
-            8 << 20,
-        );
+        let (node, mut applier, waiters, _) = engine_applier(dir.path());
         applier
             .handle(ApplyTask::Committed(vec![put_entry(1, 1, 0)]))
             .unwrap();
