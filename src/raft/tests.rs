@@ -45,6 +45,26 @@ impl Cluster {
         panic!("the cluster did not settle");
     }
 
+    /// One exchange: every core with something to do runs a Ready, and the messages sent are
+    /// delivered. Returns the read states released and the messages sent.
+    fn exchange(&mut self) -> (Vec<ReadState>, Vec<Message>) {
+        let mut released = Vec::new();
+        let mut inbox = Vec::new();
+        for core in &mut self.cores {
+            if core.has_ready() {
+                let ready = core.ready();
+                released.extend(ready.read_states);
+                inbox.extend(ready.messages);
+                inbox.extend(ready.messages_unpersisted);
+                core.advance();
+            }
+        }
+        for message in &inbox {
+            self.cores[message.to as usize - 1].step(message.clone());
+        }
+        (released, inbox)
+    }
+
     fn tick_until_leader(&mut self) -> usize {
         for _ in 0..100 {
             for core in &mut self.cores {
@@ -131,19 +151,7 @@ fn read_index_is_released_after_a_heartbeat_round() {
     cluster.cores[leader].advance();
     let mut released = Vec::new();
     for _ in 0..4 {
-        let mut inbox = Vec::new();
-        for core in &mut cluster.cores {
-            if core.has_ready() {
-                let ready = core.ready();
-                released.extend(ready.read_states);
-                inbox.extend(ready.messages);
-                inbox.extend(ready.messages_unpersisted);
-                core.advance();
-            }
-        }
-        for message in inbox {
-            cluster.cores[message.to as usize - 1].step(message);
-        }
+        released.extend(cluster.exchange().0);
     }
     assert_eq!(released.len(), 1);
     assert_eq!(released[0].context, 7);
@@ -179,23 +187,12 @@ fn reads_during_a_round_in_flight_share_the_next_round() {
             core.tick();
         }
         for _ in 0..20 {
-            let mut inbox = Vec::new();
-            for core in &mut cluster.cores {
-                if core.has_ready() {
-                    let ready = core.ready();
-                    released.extend(ready.read_states);
-                    inbox.extend(ready.messages);
-                    inbox.extend(ready.messages_unpersisted);
-                    core.advance();
-                }
-            }
-            heartbeats += inbox
+            let (reads, sent) = cluster.exchange();
+            released.extend(reads);
+            heartbeats += sent
                 .iter()
                 .filter(|m| matches!(m.body, MessageBody::Heartbeat { .. }))
                 .count();
-            for message in inbox {
-                cluster.cores[message.to as usize - 1].step(message);
-            }
         }
         if released.len() == 3 {
             break;
