@@ -396,6 +396,89 @@ impl Clerk {
         Ok(reply.replies)
     }
 
+    /// The header of this clerk's next write (its session, the next seq), or `None` while
+    /// no session is open. For a caller that sends a write's first attempt itself (the
+    /// Redis listener, in-process, without blocking a thread) and hands any answer other
+    /// than success to [`Clerk::exec_after`].
+    pub fn next_write_header(&mut self) -> Option<MessageField<RequestHeader>> {
+        let session = self.session?;
+        self.last_seq += 1;
+        let mut header = request_header(
+            session.client_id,
+            self.last_seq,
+            self.options.client_token.as_deref(),
+        );
+        header.mut_or_insert_default().session_secret = session.secret;
+        Some(header)
+    }
+
+    /// The header of a read (no session; the client token).
+    pub fn read_header(&self) -> MessageField<RequestHeader> {
+        self.header(0)
+    }
+
+    /// Finishes an Exec whose first attempt the caller sent to node `node` at `started`
+    /// (with [`Clerk::next_write_header`] for writes, [`Clerk::read_header`] for reads) and
+    /// that was answered `first`: judged and retried exactly as [`Clerk::exec`] retries
+    /// (a write with the same seq, so it is applied once), within the clerk's timeout
+    /// counted from `started`.
+    pub fn exec_after(
+        &mut self,
+        node: u64,
+        started: Instant,
+        request: ExecRequest,
+        first: Result<ExecReply, RpcError>,
+    ) -> Result<Vec<OpReply>, ClerkError> {
+        let deadline = started + self.options.timeout;
+        let write = !request.writes.is_empty();
+        let mut attempts = if write {
+            Attempts::for_write(deadline)
+        } else {
+            Attempts::new(deadline)
+        };
+        if let Some(index) = self.node_ids.iter().position(|&id| id == node) {
+            self.route.current = index;
+        }
+        let seen = match &first {
+            Ok(reply) => Ok(reply.reply_header()),
+            Err(error) => Err(error as &dyn fmt::Display),
+        };
+        let step = attempts.judge(
+            &mut self.route,
+            &self.node_ids,
+            seen,
+            Instant::now(),
+            &mut self.rng,
+        );
+        match (step, first) {
+            (NextStep::Done, Ok(reply)) => return Ok(reply.replies),
+            (NextStep::Done, Err(_)) => unreachable!("a failed attempt is never done"),
+            (NextStep::Fail(error), _) | (NextStep::SessionLost(Some(error)), _) => {
+                return Err(error)
+            }
+            (NextStep::SessionLost(None), _) => {
+                // Nothing of it can have been applied: again, under a new session.
+                self.session = None;
+                return self.exec(request.writes, request.reads);
+            }
+            (NextStep::Retry { wait, busy }, _) => {
+                self.busy_retries += u64::from(busy);
+                if !wait.is_zero() {
+                    thread::sleep(wait);
+                }
+            }
+        }
+        match self.call(attempts, |stub| stub.exec(&request)) {
+            Ok(reply) => Ok(reply.replies),
+            Err(CallError::Clerk(error)) | Err(CallError::SessionLost(Some(error))) => Err(error),
+            Err(CallError::SessionLost(None)) if write => {
+                self.session = None;
+                self.exec(request.writes, Vec::new())
+            }
+            Err(lost) => Err(lost.into_clerk_error()),
+        }
+    }
+
     /// Saves a backup of node `node`'s state machine (the leader's when `None`) to `path`:
     /// a consistent view, streamed chunk by chunk into `path` (through `path.partial`,
     /// renamed once complete), with a header naming `cluster_id`. Each chunk call is retried

@@ -1184,6 +1184,33 @@ enum ResponderInner<T> {
     Remote(RawResponder),
     /// In-process delivery, for tests and local transports.
     Local(crossbeam_channel::Sender<Result<T, RpcError>>),
+    /// In-process delivery to a function (the Redis listener's I/O threads).
+    Callback(CallbackResponder<T>),
+}
+
+/// The answer function of [`Responder::callback`]. It is called exactly once: with the
+/// answer, or with a `NoReply` error when the responder is dropped unanswered, so whoever
+/// waits on it is never left waiting.
+struct CallbackResponder<T> {
+    /// `None` once called.
+    answer: Option<Box<dyn FnOnce(Result<T, RpcError>) + Send>>,
+}
+
+impl<T> CallbackResponder<T> {
+    fn call(&mut self, result: Result<T, RpcError>) {
+        if let Some(answer) = self.answer.take() {
+            answer(result);
+        }
+    }
+}
+
+impl<T> Drop for CallbackResponder<T> {
+    fn drop(&mut self) {
+        self.call(Err(RpcError::Remote {
+            code: RpcCode::NoReply,
+            message: "the handler dropped its responder without replying".into(),
+        }));
+    }
 }
 
 impl<T: Message> Responder<T> {
@@ -1210,12 +1237,23 @@ impl<T: Message> Responder<T> {
         )
     }
 
+    /// A responder whose answer is handed to `answer`, on the thread that answers (often
+    /// the apply thread, so `answer` must be short and never block). A responder dropped
+    /// unanswered calls `answer` with a `NoReply` error.
+    pub fn callback(answer: impl FnOnce(Result<T, RpcError>) + Send + 'static) -> Responder<T> {
+        Responder {
+            inner: ResponderInner::Callback(CallbackResponder {
+                answer: Some(Box::new(answer)),
+            }),
+        }
+    }
+
     /// See [`RawResponder::take_connection_budget`]; a local responder has no connection
     /// and no budget to spend (always true).
     pub fn take_connection_budget(&self, limit: usize) -> bool {
         match &self.inner {
             ResponderInner::Remote(raw) => raw.take_connection_budget(limit),
-            ResponderInner::Local(_) => true,
+            ResponderInner::Local(_) | ResponderInner::Callback(_) => true,
         }
     }
 
@@ -1223,7 +1261,7 @@ impl<T: Message> Responder<T> {
     pub fn call_id(&self) -> u64 {
         match &self.inner {
             ResponderInner::Remote(raw) => raw.call_id(),
-            ResponderInner::Local(_) => 0,
+            ResponderInner::Local(_) | ResponderInner::Callback(_) => 0,
         }
     }
 
@@ -1236,6 +1274,7 @@ impl<T: Message> Responder<T> {
                 // A dropped receiver means nobody waits for the answer.
                 let _ = tx.send(Ok(reply));
             }
+            ResponderInner::Callback(mut answer) => answer.call(Ok(reply)),
         }
     }
 
@@ -1250,6 +1289,10 @@ impl<T: Message> Responder<T> {
                     message: text.to_string(),
                 }));
             }
+            ResponderInner::Callback(mut answer) => answer.call(Err(RpcError::Remote {
+                code,
+                message: text.to_string(),
+            })),
         }
     }
 }
