@@ -173,7 +173,8 @@ impl Connection {
             }
             let room = scratch.len().min(self.max_buffered_bytes - self.buf.len());
             match self.stream.read(&mut scratch[..room]) {
-                Ok(0) => return Next::Close,
+                // The client is done sending: what it sent is answered, then closed.
+                Ok(0) => self.closing = true,
                 Ok(got) => {
                     self.buf.extend_from_slice(&scratch[..got]);
                     self.last_activity = Instant::now();
@@ -299,6 +300,10 @@ impl Connection {
         }
         let Some(mut batch) = round.batches.pop_front() else {
             let round = self.round.take().expect("a round");
+            if self.unsent_bytes() == 0 {
+                // The client's time to read these replies starts now.
+                self.write_progress = Instant::now();
+            }
             for reply in round.replies {
                 let reply = reply.unwrap_or_else(|| RedisReply::Error("ERR no reply".into()));
                 encode(&reply, &mut self.outbox);
@@ -308,9 +313,6 @@ impl Connection {
             }
             if round.quit || round.broken.is_some() {
                 self.closing = true;
-            }
-            if self.unsent_bytes() > 0 && self.out_pos == 0 {
-                self.write_progress = Instant::now();
             }
             self.last_activity = Instant::now();
             return;

@@ -26,7 +26,7 @@ use super::workers::Job;
 use super::{RespContext, Shared};
 use crate::clerk::{Clerk, ClerkError};
 use crate::proto::kvstore::{ExecReply, OpReply};
-use crate::rpc::RpcError;
+use crate::rpc::{BatchWake, ReplyBatch, RpcError};
 
 /// The token of the thread's waker (connection ids start at 1).
 const WAKE: Token = Token(0);
@@ -65,8 +65,13 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    pub fn push_done(&self, id: u64, done: Done) {
-        self.push(Inbound::Done(id, done));
+    /// Files a batch's answer. Called by the thread that answers (the apply thread, a
+    /// worker); inside the apply thread's [`ReplyBatch`] the I/O thread is woken once,
+    /// when the batch ends, with every answer of it waiting.
+    pub fn push_done(self: &Arc<Self>, id: u64, done: Done) {
+        self.queue.lock().push(Inbound::Done(id, done));
+        let waker: Arc<dyn BatchWake> = Arc::clone(self) as Arc<dyn BatchWake>;
+        ReplyBatch::wake_at_end(&waker);
     }
 
     pub fn push_accepted(&self, id: u64, stream: TcpStream, peer: String) {
@@ -75,13 +80,11 @@ impl Inbox {
 
     fn push(&self, item: Inbound) {
         self.queue.lock().push(item);
-        if !self.woken.swap(true, Ordering::SeqCst) {
-            self.wake();
-        }
+        BatchWake::wake(self);
     }
 
-    /// Wakes the thread (to take its inbox, or to see that the server stops).
-    pub fn wake(&self) {
+    /// Wakes the thread to see that the server stops.
+    pub fn stop(&self) {
         if let Err(e) = self.waker.wake() {
             log::error!("resp: cannot wake an I/O thread: {e}");
         }
@@ -91,6 +94,17 @@ impl Inbox {
         // Cleared before the queue is taken: a push after the take wakes the thread again.
         self.woken.store(false, Ordering::SeqCst);
         std::mem::take(&mut *self.queue.lock())
+    }
+}
+
+impl BatchWake for Inbox {
+    /// Wakes the thread to take its inbox, unless a wake-up is pending already.
+    fn wake(&self) {
+        if !self.woken.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.waker.wake() {
+                log::error!("resp: cannot wake an I/O thread: {e}");
+            }
+        }
     }
 }
 

@@ -39,10 +39,13 @@ use crate::config::ClusterConfig;
 use crate::kv::service::KvService;
 use crate::node::NodeHandle;
 
-/// The I/O threads of a Redis listener. Two: the machine this was tuned on has two cores,
-/// and one thread reading many sockets per wake-up is what lets commands of many clients
-/// gather into few log entries.
-pub const IO_THREADS: usize = 2;
+/// The I/O threads of a Redis listener. One: measured on the 2-core machine this was tuned
+/// on, one thread serving all 50 connections of `redis-benchmark -c 50` did SET 14.7k/s and
+/// GET 51k/s where two did 13.9k/s and 43.6k/s (bench/results/2026-12-07-resp-io-threads.md):
+/// the more sockets one wake-up reads, the more commands gather into each log entry and
+/// read round. The I/O thread only parses, encodes and moves bytes; the work of a command
+/// is on the event loop and the apply thread.
+pub const IO_THREADS: usize = 1;
 
 /// What every connection of a node's Redis listener shares.
 pub struct RespContext {
@@ -163,7 +166,7 @@ impl RespServer {
             let _ = acceptor.join();
         }
         for inbox in &self.inboxes {
-            inbox.wake();
+            inbox.stop();
         }
         for thread in self.io_threads.drain(..) {
             let _ = thread.join();

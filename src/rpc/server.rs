@@ -1033,6 +1033,15 @@ thread_local! {
     /// [`ReplyBatch`]; `None` outside a batch.
     static BATCH: std::cell::RefCell<Option<Vec<Arc<Connection>>>> =
         const { std::cell::RefCell::new(None) };
+    /// The wake-ups deferred by this thread's open [`ReplyBatch`] (each listed once).
+    static WAKES: std::cell::RefCell<Vec<Arc<dyn BatchWake>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whoever is told that answers are ready (the Redis listener's I/O threads): told once
+/// when the answering thread's [`ReplyBatch`] ends rather than once per answer.
+pub trait BatchWake: Send + Sync {
+    fn wake(&self);
 }
 
 /// Coalesces the replies one thread sends while it lives: each connection's
@@ -1065,6 +1074,20 @@ impl ReplyBatch {
         BATCH.with(|batch| batch.borrow().is_some())
     }
 
+    /// Calls `waker.wake()` when this thread's batch ends (once, however often asked), or
+    /// at once outside a batch.
+    pub fn wake_at_end(waker: &Arc<dyn BatchWake>) {
+        if !ReplyBatch::is_open() {
+            return waker.wake();
+        }
+        WAKES.with(|wakes| {
+            let mut wakes = wakes.borrow_mut();
+            if !wakes.iter().any(|w| Arc::ptr_eq(w, waker)) {
+                wakes.push(Arc::clone(waker));
+            }
+        });
+    }
+
     /// Lists `connection` for the flush at the end of this thread's batch.
     fn defer(connection: &Arc<Connection>) {
         BATCH.with(|batch| {
@@ -1082,6 +1105,9 @@ impl Drop for ReplyBatch {
             .unwrap_or_default();
         for connection in connections {
             connection.flush();
+        }
+        for waker in WAKES.with(|wakes| std::mem::take(&mut *wakes.borrow_mut())) {
+            waker.wake();
         }
     }
 }
