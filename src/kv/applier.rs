@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::backup_source::EngineSlot;
+use super::backup_source::{EngineSlot, LeasedView};
 use super::engine::{self, Engine};
 use super::redis_ops::execute_point_reads;
 use super::state_machine::{ApplyOutcome, KvOptions, KvStateMachine};
@@ -76,6 +76,7 @@ impl Applier {
         engine_cache_bytes: u64,
     ) -> Applier {
         let options = *machine.options();
+        let engine_slot = Arc::new(EngineSlot::holding(machine.engine().cloned()));
         Applier {
             node,
             tasks,
@@ -87,7 +88,7 @@ impl Applier {
             reads: BTreeMap::new(),
             snapshot_requested: None,
             engine_cache_bytes,
-            engine_slot: Arc::default(),
+            engine_slot,
             uncommitted_since: None,
             commit_interval: Duration::from_millis(COMMIT_INTERVAL_MS),
         }
@@ -348,9 +349,10 @@ impl Applier {
                         // The reader reads the engine, not the overlay: what was applied
                         // must be in the engine first (see `commit_if_due`).
                         self.commit_now()?;
-                        let answer = match self.machine.engine() {
-                            // A view is a cheap MVCC snapshot, not a copy.
-                            Some(engine) => Ok(engine.view()),
+                        let answer = match self.engine_slot.lease() {
+                            // A view is a cheap MVCC snapshot, not a copy. The slot holds the
+                            // machine's engine: only this thread swaps it.
+                            Some(lease) => Ok(LeasedView::new(lease)),
                             None => Err((
                                 ErrorCode::INVALID_ARGUMENT,
                                 0,
@@ -663,23 +665,32 @@ mod tests {
         node.shutdown();
     }
 
+    /// An applier over an engine in `dir/engine`, for a node of one in `dir/node` (no snapshot
+    /// is ever due), with its waiters; the task channel is not used (tasks are handed to
+    /// `handle` directly).
+    fn engine_applier(dir: &std::path::Path) -> (crate::node::Node, Applier, Arc<Waiters>, Engine) {
+        let node = single_node(&dir.join("node"));
+        let (_, tasks) = crossbeam_channel::bounded(1);
+        let waiters = Arc::new(Waiters::new(16));
+        let engine = Engine::open(&dir.join("engine"), 8 << 20).unwrap();
+        let machine = KvStateMachine::open(engine.clone(), KvOptions::default()).unwrap();
+        let applier = Applier::new(
+            node.handle().clone(),
+            tasks,
+            Arc::clone(&waiters),
+            machine,
+            u64::MAX,
+            8 << 20,
+        );
+        (node, applier, waiters, engine)
+    }
+
     /// Applied tasks wait in memory (reads see them) and reach the engine together, in one
     /// batch with their applied index, once the oldest has waited `COMMIT_INTERVAL_MS`.
     #[test]
     fn applied_tasks_reach_the_engine_in_one_batch_after_the_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let node = single_node(&dir.path().join("node"));
-        let (_tx, tasks) = crossbeam_channel::bounded(1);
-        let engine = Engine::open(&dir.path().join("engine"), 8 << 20).unwrap();
-        let machine = KvStateMachine::open(engine.clone(), KvOptions::default()).unwrap();
-        let mut applier = Applier::new(
-            node.handle().clone(),
-            tasks,
-            Arc::new(Waiters::new(16)),
-            machine,
-            u64::MAX,
-            8 << 20,
-        );
+        let (node, mut applier, _, engine) = engine_applier(dir.path());
         applier.commit_interval = Duration::from_secs(3600);
         for index in 1..=3 {
             let entries = vec![put_entry(index, 1, 0)];
@@ -697,6 +708,43 @@ mod tests {
         applier.commit_if_due().unwrap();
         assert_eq!(engine.meta().unwrap().applied_index, 3);
         assert_eq!(engine.get(b"k").unwrap(), Some(b"v".to_vec()));
+        node.shutdown();
+    }
+
+    /// A reader's view from a read barrier (a Redis SCAN, KEYS or DBSIZE walking the engine
+    /// on its connection thread) holds a lease: the apply thread does not swap the engine
+    /// (install a snapshot from the leader) until the reader lets go of the view.
+    #[test]
+    fn a_read_barriers_view_holds_the_engine_until_the_reader_drops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, mut applier, waiters, _) = engine_applier(dir.path());
+        applier
+            .handle(ApplyTask::Committed(vec![put_entry(1, 1, 0)]))
+            .unwrap();
+        let (view_tx, view_rx) = crossbeam_channel::bounded(1);
+        let far = Instant::now() + Duration::from_secs(60);
+        waiters
+            .insert(1, Waiter::Barrier(view_tx), far, Duration::ZERO)
+            .ok()
+            .unwrap();
+        applier
+            .handle(ApplyTask::ReadReady { token: 1, index: 1 })
+            .unwrap();
+        let view = view_rx.try_recv().unwrap().ok().unwrap();
+        assert_eq!(view.get(b"k").unwrap(), Some(b"v".to_vec()));
+        let reader_holds = Duration::from_millis(300);
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(reader_holds);
+            drop(view);
+        });
+        let started = Instant::now();
+        applier.retire_engine().unwrap();
+        assert!(
+            started.elapsed() >= reader_holds,
+            "the engine was retired after {:?}, while the reader still held its view",
+            started.elapsed()
+        );
+        reader.join().unwrap();
         node.shutdown();
     }
 }

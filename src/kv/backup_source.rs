@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::engine::Engine;
+use super::engine::{Engine, EngineView};
 use super::snapshot_stream::{SnapshotReader, DEFAULT_CHUNK_BYTES};
 use crate::node::NodeHandle;
 use crate::proto::kvstore::{ErrorCode, SnapshotChunkReply, SnapshotChunkRequest};
@@ -57,7 +57,41 @@ impl EngineLease {
     }
 }
 
+/// A view of the engine handed to a reader on another thread (a Redis SCAN, KEYS or DBSIZE)
+/// together with a lease, so the apply thread does not swap the engine while the reader
+/// walks it (a view holds the old engine's files open; after the swap, their directory is
+/// gone). Reads through it as through the view itself.
+pub struct LeasedView {
+    view: EngineView,
+    _lease: EngineLease,
+}
+
+impl LeasedView {
+    /// A view of the leased engine's last commit.
+    pub fn new(lease: EngineLease) -> LeasedView {
+        LeasedView {
+            view: lease.engine.view(),
+            _lease: lease,
+        }
+    }
+}
+
+impl std::ops::Deref for LeasedView {
+    type Target = EngineView;
+
+    fn deref(&self) -> &EngineView {
+        &self.view
+    }
+}
+
 impl EngineSlot {
+    /// A slot holding `engine` from the start.
+    pub fn holding(engine: Option<Engine>) -> EngineSlot {
+        let slot = EngineSlot::default();
+        slot.set(engine);
+        slot
+    }
+
     pub fn set(&self, engine: Option<Engine>) {
         *self.engine.lock() = engine;
     }

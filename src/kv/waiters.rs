@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::engine::EngineView;
+use super::backup_source::LeasedView;
 use super::redis_ops::RedisReply;
 use super::state_machine::CommandReply;
 use crate::proto::kvstore::{
@@ -42,8 +42,9 @@ pub enum Waiter {
     Exec(Responder<ExecReply>),
     /// A read barrier of a batch of Redis reads: once the read index is
     /// applied, the waiting thread gets a consistent view of the engine and
-    /// reads it itself, so no read of any size runs on the apply thread.
-    Barrier(crossbeam_channel::Sender<Result<EngineView, BarrierError>>),
+    /// reads it itself, so no read of any size runs on the apply thread. The view comes with
+    /// a lease on the engine, so the engine is not swapped under the reader.
+    Barrier(crossbeam_channel::Sender<Result<LeasedView, BarrierError>>),
     /// A batch of Redis point reads (GET, MGET, EXISTS, STRLEN, TYPE; at most
     /// `redis_ops::MAX_POINT_READ_KEYS` keys): answered by the apply thread from the applied
     /// state, its uncommitted overlay included, like a native Get, so that a read forces no

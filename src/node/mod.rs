@@ -387,14 +387,14 @@ impl Node {
         let mut threads = Vec::new();
         let peers = peer::PeerSenders::start(&options, event_tx.clone(), &stopper, &mut threads)?;
         let snapshot_senders = options.snapshot_store.as_ref().map(|store| {
+            let (client, install_timeout_ms) =
+                snapshot::sender_timeouts(options.peer_connect_timeout_ms, options.max_frame_bytes);
             let send = snapshot::SendOptions {
                 me: options.id,
                 chunk_bytes: options.max_snapshot_chunk_bytes,
                 bytes_per_sec: options.snapshot_send_bytes_per_sec,
-                client: snapshot::sender_client_config(
-                    options.peer_connect_timeout_ms,
-                    options.max_frame_bytes,
-                ),
+                client,
+                install_timeout_ms,
                 credentials: options.credentials.clone(),
                 filter: options.link_filter.clone(),
             };

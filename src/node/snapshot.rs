@@ -324,7 +324,11 @@ pub(crate) struct SendOptions {
     pub chunk_bytes: usize,
     /// 0: no limit.
     pub bytes_per_sec: u64,
+    /// Every chunk but the last waits `client.call_timeout_ms` for its answer.
     pub client: ClientConfig,
+    /// The last chunk is answered once the follower has swapped the state in and made it
+    /// durable: it waits this long, in all its attempts together.
+    pub install_timeout_ms: u64,
     pub credentials: Credentials,
     pub filter: Option<LinkFilter>,
 }
@@ -336,8 +340,12 @@ const CHUNK_ATTEMPTS: u32 = 5;
 /// before the sender gives up.
 const TRANSFER_ATTEMPTS: u32 = 3;
 const RETRY_BACKOFF_MS: u64 = 200;
+/// How long a chunk's answer may take (a chunk is at most `max_snapshot_chunk_bytes`, written
+/// to the follower's disk). With `CHUNK_ATTEMPTS`, a follower that stopped answering (paused,
+/// cut off) holds a sender, and with it the leader's compaction floor, for under a minute.
+const CHUNK_TIMEOUT_MS: u64 = 10_000;
 /// The last chunk is answered only once the follower has swapped the state in and made it
-/// durable: allowed this long.
+/// durable: allowed this long, all attempts together.
 const INSTALL_TIMEOUT_MS: u64 = 120_000;
 
 /// The leader's snapshot senders, one thread per follower being sent one.
@@ -430,8 +438,18 @@ impl Sender_ {
     }
 
     fn run(self, addr: SocketAddr) {
-        let client = RpcClient::new(addr, self.options.client.clone())
-            .with_credentials(self.options.credentials.clone());
+        let connect = |call_timeout_ms| {
+            let config = ClientConfig {
+                call_timeout_ms,
+                ..self.options.client.clone()
+            };
+            RpcClient::new(addr, config).with_credentials(self.options.credentials.clone())
+        };
+        // The last chunk waits longer than the others: its own connection and timeout.
+        let client = Links {
+            chunks: connect(self.options.client.call_timeout_ms),
+            install: connect(self.options.install_timeout_ms),
+        };
         let mut why = String::new();
         for _ in 0..TRANSFER_ATTEMPTS {
             match self.transfer(&client) {
@@ -452,7 +470,8 @@ impl Sender_ {
             }
             std::thread::sleep(Duration::from_millis(RETRY_BACKOFF_MS));
         }
-        client.disconnect();
+        client.chunks.disconnect();
+        client.install.disconnect();
         if !self.stopped() {
             self.report_failure(why);
         }
@@ -492,7 +511,7 @@ impl Sender_ {
     }
 
     /// One transfer from offset 0; `Err` when it cannot go on at all.
-    fn transfer(&self, client: &RpcClient) -> Result<Outcome, String> {
+    fn transfer(&self, client: &Links) -> Result<Outcome, String> {
         let mut chunks = self.store.read(self.options.chunk_bytes)?;
         let index = chunks.applied_index();
         let Some((meta, membership)) = self.meta_at(index) else {
@@ -526,7 +545,12 @@ impl Sender_ {
                 ..Default::default()
             };
             let len = request.data.len() as u64;
-            let answer = match self.deliver(client, &request, done)? {
+            let link = if done {
+                &client.install
+            } else {
+                &client.chunks
+            };
+            let answer = match self.deliver(link, &request, done)? {
                 Ok(answer) => answer,
                 Err(reason) => return Ok(Outcome::Restart(reason)),
             };
@@ -551,9 +575,15 @@ impl Sender_ {
     ) -> Result<Result<Message, String>, String> {
         let len = request.data.len() as u64;
         let mut last_error = String::new();
+        // The install's timeout bounds all attempts of the last chunk together.
+        let install_deadline =
+            Instant::now() + Duration::from_millis(self.options.install_timeout_ms);
         for attempt in 0..CHUNK_ATTEMPTS {
             if self.stopped() {
                 return Err("cancelled".into());
+            }
+            if done && attempt > 0 && Instant::now() >= install_deadline {
+                break;
             }
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(RETRY_BACKOFF_MS));
@@ -619,16 +649,25 @@ impl Sender_ {
     }
 }
 
-/// The client settings of a sender: the last chunk waits for the install.
-pub(crate) fn sender_client_config(
+/// A sender's two connections to its follower.
+struct Links {
+    /// Every chunk but the last, each answered within `CHUNK_TIMEOUT_MS`.
+    chunks: RpcClient,
+    /// The last chunk, answered once the follower has installed the state.
+    install: RpcClient,
+}
+
+/// The client settings of a sender's chunks, and the install's timeout (see `SendOptions`).
+pub(crate) fn sender_timeouts(
     connect_timeout_ms: u64,
     max_frame_bytes: usize,
-) -> ClientConfig {
-    ClientConfig {
+) -> (ClientConfig, u64) {
+    let chunks = ClientConfig {
         connect_timeout_ms,
-        call_timeout_ms: INSTALL_TIMEOUT_MS,
+        call_timeout_ms: CHUNK_TIMEOUT_MS,
         max_frame_bytes,
-    }
+    };
+    (chunks, INSTALL_TIMEOUT_MS)
 }
 
 #[cfg(test)]
@@ -831,5 +870,136 @@ mod tests {
         assert!(f.store.live.lock().is_empty());
         assert_eq!(f.send(chunk(1, 0, b"\x00aaaa")), Some((5, true)));
         assert_eq!(f.received(), vec![0]);
+    }
+    /// A view of three chunks, for the sender.
+    struct ThreeChunks {
+        next: u8,
+    }
+
+    impl SnapshotChunks for ThreeChunks {
+        fn applied_index(&self) -> u64 {
+            META.index
+        }
+        fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+            self.next += 1;
+            Ok((self.next <= 3).then(|| vec![self.next; 100]))
+        }
+        fn is_finished(&self) -> bool {
+            self.next >= 3
+        }
+    }
+
+    struct ThreeChunkStore;
+
+    impl SnapshotStore for ThreeChunkStore {
+        fn read(&self, _chunk_bytes: usize) -> Result<Box<dyn SnapshotChunks>, String> {
+            Ok(Box::new(ThreeChunks { next: 0 }))
+        }
+        fn receive(&self) -> Result<Box<dyn SnapshotIntake>, String> {
+            unreachable!("not used by the sender")
+        }
+    }
+
+    /// A follower that takes every chunk but never finishes installing: the last chunk's
+    /// responders are kept, unanswered.
+    struct NeverInstalls {
+        held: Mutex<Vec<Responder<pb::InstallSnapshotReply>>>,
+    }
+
+    impl crate::rpc::services::RaftService for NeverInstalls {
+        fn append_entries(
+            &self,
+            _: pb::AppendEntriesRequest,
+            _: Responder<pb::AppendEntriesReply>,
+        ) {
+        }
+        fn heartbeat(&self, _: pb::HeartbeatRequest, _: Responder<pb::HeartbeatReply>) {}
+        fn request_vote(&self, _: pb::RequestVoteRequest, _: Responder<pb::RequestVoteReply>) {}
+        fn timeout_now(&self, _: pb::TimeoutNowRequest, _: Responder<pb::TimeoutNowReply>) {}
+        fn install_snapshot(
+            &self,
+            request: pb::InstallSnapshotRequest,
+            responder: Responder<pb::InstallSnapshotReply>,
+        ) {
+            if request.done {
+                self.held.lock().push(responder);
+                return;
+            }
+            responder.send(pb::InstallSnapshotReply {
+                term: request.term,
+                success: true,
+                next_offset: request.offset + request.data.len() as u64,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// A follower that never answers the last chunk (paused, or its disk hangs) holds the
+    /// sender, and with it the leader's compaction floor, for the install timeout in all, not
+    /// for one timeout per attempt; then the core hears of the failure.
+    #[test]
+    fn a_follower_that_never_installs_is_given_up_after_the_install_timeout() {
+        let router = crate::rpc::Router::new().with_raft(Arc::new(NeverInstalls {
+            held: Mutex::new(Vec::new()),
+        }));
+        let server =
+            crate::rpc::RpcServer::bind("127.0.0.1:0", crate::rpc::ServerConfig::default(), router)
+                .unwrap();
+        let install_timeout = Duration::from_millis(1_000);
+        let (events_tx, events) = bounded(16);
+        let sender = Sender_ {
+            store: Arc::new(ThreeChunkStore),
+            options: SendOptions {
+                me: 1,
+                chunk_bytes: 100,
+                bytes_per_sec: 0,
+                client: ClientConfig {
+                    connect_timeout_ms: 2_000,
+                    call_timeout_ms: 5_000,
+                    max_frame_bytes: 1 << 20,
+                },
+                install_timeout_ms: install_timeout.as_millis() as u64,
+                credentials: Credentials::default(),
+                filter: None,
+            },
+            events: events_tx,
+            to: 2,
+            term: 4,
+            cancelled: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::new(AtomicBool::new(false)),
+        };
+        let addr = server.local_addr();
+        let started = Instant::now();
+        let running = std::thread::spawn(move || sender.run(addr));
+        let bound = Duration::from_secs(30);
+        let failure = loop {
+            match events
+                .recv_timeout(bound)
+                .expect("the sender neither ends nor reports")
+            {
+                Event::Admin(AdminRequest::SnapshotMetaAt { .. }, reply) => {
+                    let membership = Membership::with_voters([1, 2, 3]);
+                    let _ = reply.try_send(AdminReply::SnapshotMeta(Some((META, membership))));
+                }
+                Event::Step(message) => break message,
+                _ => panic!("an unexpected event"),
+            }
+        };
+        let elapsed = started.elapsed();
+        running.join().unwrap();
+        assert!(
+            matches!(
+                failure.body,
+                MessageBody::InstallSnapshotResponse { success: false, .. }
+            ),
+            "{failure:?}"
+        );
+        assert!(elapsed >= install_timeout, "gave up after {elapsed:?}");
+        // One timeout per attempt would be 5 s and more.
+        assert!(
+            elapsed < install_timeout * 4,
+            "held the sender for {elapsed:?}: longer than the install timeout allows"
+        );
+        server.shutdown();
     }
 }
