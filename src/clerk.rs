@@ -431,7 +431,7 @@ impl Clerk {
     ) -> Result<Vec<OpReply>, ClerkError> {
         let deadline = started + self.options.timeout;
         let write = !request.writes.is_empty();
-        let mut attempts = if write {
+        let attempts = if write {
             Attempts::for_write(deadline)
         } else {
             Attempts::new(deadline)
@@ -439,36 +439,7 @@ impl Clerk {
         if let Some(index) = self.node_ids.iter().position(|&id| id == node) {
             self.route.current = index;
         }
-        let seen = match &first {
-            Ok(reply) => Ok(reply.reply_header()),
-            Err(error) => Err(error as &dyn fmt::Display),
-        };
-        let step = attempts.judge(
-            &mut self.route,
-            &self.node_ids,
-            seen,
-            Instant::now(),
-            &mut self.rng,
-        );
-        match (step, first) {
-            (NextStep::Done, Ok(reply)) => return Ok(reply.replies),
-            (NextStep::Done, Err(_)) => unreachable!("a failed attempt is never done"),
-            (NextStep::Fail(error), _) | (NextStep::SessionLost(Some(error)), _) => {
-                return Err(error)
-            }
-            (NextStep::SessionLost(None), _) => {
-                // Nothing of it can have been applied: again, under a new session.
-                self.session = None;
-                return self.exec(request.writes, request.reads);
-            }
-            (NextStep::Retry { wait, busy }, _) => {
-                self.busy_retries += u64::from(busy);
-                if !wait.is_zero() {
-                    thread::sleep(wait);
-                }
-            }
-        }
-        match self.call(attempts, |stub| stub.exec(&request)) {
+        match self.call_from(attempts, Some(first), |stub| stub.exec(&request)) {
             Ok(reply) => Ok(reply.replies),
             Err(CallError::Clerk(error)) | Err(CallError::SessionLost(Some(error))) => Err(error),
             Err(CallError::SessionLost(None)) if write => {
@@ -748,12 +719,23 @@ impl Clerk {
     /// deadline passes. `attempt` sends the same request bytes each time.
     fn call<Rep: HasReplyHeader>(
         &mut self,
+        attempts: Attempts,
+        attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
+    ) -> Result<Rep, CallError> {
+        self.call_from(attempts, None, attempt)
+    }
+
+    /// [`Clerk::call`], whose first attempt, when `first` is given, was already sent (to
+    /// the node of `self.route.current()`) and answered `first`.
+    fn call_from<Rep: HasReplyHeader>(
+        &mut self,
         mut attempts: Attempts,
+        mut first: Option<Result<Rep, RpcError>>,
         mut attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
     ) -> Result<Rep, CallError> {
         loop {
             let node = &self.nodes[self.route.current()];
-            let answer = attempt(&node.stub);
+            let answer = first.take().unwrap_or_else(|| attempt(&node.stub));
             // Refused at the handshake: this clerk's cluster file names
             // another cluster; no node of it will answer otherwise.
             if let Err(error @ RpcError::Refused { .. }) = &answer {
