@@ -41,7 +41,7 @@ use crate::node::NodeHandle;
 
 /// The I/O threads of a Redis listener. One: measured on the 2-core machine this was tuned
 /// on, one thread serving all 50 connections of `redis-benchmark -c 50` did SET 14.7k/s and
-/// GET 51k/s where two did 13.9k/s and 43.6k/s (bench/results/2026-12-07-resp-io-threads.md):
+/// GET 51k/s where two did 13.9k/s and 43.6k/s (bench/results/2026-12-07-resp-event-loop.md):
 /// the more sockets one wake-up reads, the more commands gather into each log entry and
 /// read round. The I/O thread only parses, encodes and moves bytes; the work of a command
 /// is on the event loop and the apply thread.
