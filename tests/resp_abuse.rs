@@ -264,12 +264,17 @@ fn a_client_that_never_reads_its_replies_is_closed_and_costs_no_one_else() {
         .get_connection_with_timeout(Duration::from_secs(10))
         .unwrap();
     let big = vec![b'x'; 200 * 1024];
-    let _: () = redis::cmd("SET").arg("big").arg(&big).query(&mut con).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut con)
+        .unwrap();
     drop(con);
 
     let gets = 2000;
     let mut deaf = open(port);
-    deaf.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    deaf.set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     // 2000 small commands: all of them fit in the socket buffers, whatever the server does.
     deaf.write_all(&b"GET big\r\n".repeat(gets)).unwrap();
     let sent = Instant::now();

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use super::commands::{classify, Action, ConnState, Shape};
 use super::io::{Done, IoThread};
+use super::local::LocalChannel;
 use super::parser::{parse, Parsed};
 use super::workers::Job;
 use super::RespContext;
-use super::local::LocalChannel;
 use crate::clerk::{attempt_timeout_ms, Clerk, ClerkError, ClerkOptions, NodeChannel};
 use crate::kv::redis_ops::{are_point_reads, RedisReply};
 use crate::proto::kvstore::{ErrorCode, ExecReply, ExecRequest, OpReply};
@@ -259,9 +259,7 @@ impl Connection {
                 }
                 Action::Write(op, shape) => {
                     let fits = current.as_ref().is_some_and(|b| {
-                        b.is_write()
-                            && b.slots.len() < MAX_BATCH_OPS
-                            && bytes + size <= batch_bytes
+                        b.is_write() && b.slots.len() < MAX_BATCH_OPS && bytes + size <= batch_bytes
                     });
                     if !fits {
                         close(&mut current, &mut round.batches);
@@ -273,9 +271,9 @@ impl Connection {
                     bytes += size;
                 }
                 Action::Read(op, shape) => {
-                    let fits = current.as_ref().is_some_and(|b| {
-                        !b.is_write() && b.slots.len() < MAX_BATCH_OPS
-                    });
+                    let fits = current
+                        .as_ref()
+                        .is_some_and(|b| !b.is_write() && b.slots.len() < MAX_BATCH_OPS);
                     if !fits {
                         close(&mut current, &mut round.batches);
                     }
@@ -320,7 +318,10 @@ impl Connection {
         batch.started = Instant::now();
         let ctx = io.ctx();
         let write = batch.is_write();
-        let clerk = self.clerk.as_mut().expect("no worker holds the clerk between batches");
+        let clerk = self
+            .clerk
+            .as_mut()
+            .expect("no worker holds the clerk between batches");
         let leads = ctx.node.status().role == Role::Leader;
         // The first attempt in-process, when it can be answered without a thread waiting.
         let header = if !leads {

@@ -217,7 +217,13 @@ pub fn run(mut poll: Poll, inbox: Arc<Inbox>, shared: Arc<Shared>) {
 }
 
 /// Registers an accepted socket; `None` (the socket is dropped) when it cannot be.
-fn open(io: &IoThread, poll: &Poll, id: u64, stream: TcpStream, peer: String) -> Option<Connection> {
+fn open(
+    io: &IoThread,
+    poll: &Poll,
+    id: u64,
+    stream: TcpStream,
+    peer: String,
+) -> Option<Connection> {
     let prepared = stream
         .set_nodelay(true)
         .and_then(|()| stream.set_nonblocking(true));
@@ -227,9 +233,9 @@ fn open(io: &IoThread, poll: &Poll, id: u64, stream: TcpStream, peer: String) ->
     }
     let mut stream = mio::net::TcpStream::from_std(stream);
     let token = Token(usize::try_from(id).ok()?);
-    if let Err(e) = poll
-        .registry()
-        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+    if let Err(e) =
+        poll.registry()
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
     {
         log::warn!("resp connection {id} from {peer}: cannot poll its socket: {e}");
         return None;

@@ -79,9 +79,11 @@ impl Workers {
         };
         let tx = self.tx.lock().clone();
         // Full only past one task per connection, which the connections never have out.
-        let sent = tx.map(|tx| tx.try_send(task));
-        if !matches!(sent, Some(Ok(()))) {
-            log::error!("resp connection {id}: no worker takes its batch; the server stops");
+        let sent = tx.is_some_and(|tx| tx.try_send(task).is_ok());
+        if !sent {
+            log::error!(
+                "resp connection {id}: no worker takes its batch (the listener is stopping)"
+            );
         }
     }
 

@@ -1214,12 +1214,14 @@ enum ResponderInner<T> {
     Callback(CallbackResponder<T>),
 }
 
+type AnswerFn<T> = Box<dyn FnOnce(Result<T, RpcError>) + Send>;
+
 /// The answer function of [`Responder::callback`]. It is called exactly once: with the
 /// answer, or with a `NoReply` error when the responder is dropped unanswered, so whoever
 /// waits on it is never left waiting.
 struct CallbackResponder<T> {
     /// `None` once called.
-    answer: Option<Box<dyn FnOnce(Result<T, RpcError>) + Send>>,
+    answer: Option<AnswerFn<T>>,
 }
 
 impl<T> CallbackResponder<T> {
