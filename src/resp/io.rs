@@ -259,7 +259,8 @@ fn timed_out(io: &IoThread, connection: &Connection) -> Option<&'static str> {
     if connection.unsent_bytes() > 0 && connection.write_progress.elapsed() > idle {
         return Some("the client read none of its replies for idle_timeout_ms");
     }
-    if connection.is_waiting() {
+    // Commands buffered behind unsent replies wait for the client to read: not a trickle.
+    if connection.is_waiting() || connection.unsent_bytes() > 0 {
         return None;
     }
     if connection
@@ -268,7 +269,7 @@ fn timed_out(io: &IoThread, connection: &Connection) -> Option<&'static str> {
     {
         return Some("a command took longer than frame_timeout_ms");
     }
-    if connection.unsent_bytes() == 0 && connection.last_activity.elapsed() > idle {
+    if connection.last_activity.elapsed() > idle {
         return Some("idle for idle_timeout_ms");
     }
     None
