@@ -114,6 +114,12 @@ pub struct ClusterConfig {
     /// a million 256-byte keys (about 280 MB) in under 5 s, while the leader's reads and the
     /// follower's writes leave most of a 2-core machine's disk and CPU to clients.
     pub snapshot_send_bytes_per_sec: u64,
+    /// The most log a leader keeps in memory, past what compaction would drop, for a follower
+    /// continuing from a streamed snapshot (while it receives it, and until it has caught up
+    /// after installing it); a follower that would need more gets a snapshot again. Default
+    /// 128 MiB: bounds the leader's memory during a long transfer, and is enough for a
+    /// follower given a million keys under load to catch up from the log.
+    pub max_catch_up_log_bytes: u64,
     /// Slots of the LockQueue: client requests inside the node at once, each
     /// holding its slot from admission until it is answered (also the
     /// capacity of the channel to the event loop). Default 1024.
@@ -169,6 +175,7 @@ struct RawConfig {
     snapshot_threshold_bytes: Option<u64>,
     engine_cache_bytes: Option<u64>,
     snapshot_send_bytes_per_sec: Option<u64>,
+    max_catch_up_log_bytes: Option<u64>,
     proposal_queue_capacity: Option<u64>,
     proposal_queue_wait_ms: Option<u64>,
     max_frame_bytes: Option<u64>,
@@ -208,6 +215,7 @@ const TOP_LEVEL_KEYS: &[(&str, Kind)] = &[
     ("snapshot_threshold_bytes", Kind::Unsigned),
     ("engine_cache_bytes", Kind::Unsigned),
     ("snapshot_send_bytes_per_sec", Kind::Unsigned),
+    ("max_catch_up_log_bytes", Kind::Unsigned),
     ("proposal_queue_capacity", Kind::Unsigned),
     ("proposal_queue_wait_ms", Kind::Unsigned),
     ("max_frame_bytes", Kind::Unsigned),
@@ -352,6 +360,9 @@ impl ClusterConfig {
             snapshot_send_bytes_per_sec: raw
                 .snapshot_send_bytes_per_sec
                 .unwrap_or(defaults.snapshot_send_bytes_per_sec),
+            max_catch_up_log_bytes: raw
+                .max_catch_up_log_bytes
+                .unwrap_or(defaults.max_catch_up_log_bytes),
             proposal_queue_capacity: size(
                 raw.proposal_queue_capacity,
                 defaults.proposal_queue_capacity,
@@ -394,6 +405,7 @@ impl ClusterConfig {
             snapshot_threshold_bytes: 4 << 20,
             engine_cache_bytes: 64 << 20,
             snapshot_send_bytes_per_sec: 64 << 20,
+            max_catch_up_log_bytes: 128 << 20,
             proposal_queue_capacity: 1024,
             proposal_queue_wait_ms: 100,
             max_frame_bytes: 16 << 20,

@@ -575,6 +575,7 @@ mod tests {
             promote_max_lag_entries: 1000,
             snapshot_store: None,
             snapshot_send_bytes_per_sec: 0,
+            max_catch_up_log_bytes: 0,
         };
         crate::node::Node::start(options, storage, restored)
             .unwrap()

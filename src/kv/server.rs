@@ -363,6 +363,7 @@ pub fn node_options(
         // The server sets its engine's (`KvServer::start`).
         snapshot_store: None,
         snapshot_send_bytes_per_sec: config.snapshot_send_bytes_per_sec,
+        max_catch_up_log_bytes: config.max_catch_up_log_bytes,
     }
 }
 

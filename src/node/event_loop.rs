@@ -48,9 +48,9 @@ pub(crate) struct EventLoop {
     /// The configuration index the peer links were last made to match.
     pub synced_conf_index: u64,
     /// A compaction the application asked for past the compaction floor (a streamed snapshot
-    /// in flight), done as far as the floor allowed; the rest is done as soon as the floor
-    /// rises, so the log does not wait for the application's next request (a second later)
-    /// to shrink.
+    /// in flight, a follower catching up), done as far as the floor allowed; the rest is done
+    /// as soon as the floor reaches it, so the log does not wait for the application's next
+    /// request (a second later) to shrink.
     pub deferred_compaction: Option<u64>,
 }
 
@@ -185,13 +185,16 @@ impl EventLoop {
         self.process_ready(waiting_replies)
     }
 
-    /// Finishes a deferred compaction once the floor that held it back has risen (the
-    /// transfer ended). Cheap when nothing waits: the floor is a minimum over the peers.
+    /// Finishes a deferred compaction once the floor that held it back has risen past it (the
+    /// transfer ended and the follower caught up, or it fell too far behind to be waited
+    /// for). A floor that rose only part of the way is left to the application's next request
+    /// (at most one a second), so a catching-up follower does not cost a snapshot file per
+    /// cycle. Cheap when nothing waits: the floor is a minimum over the peers.
     fn resume_deferred_compaction(&mut self) -> Result<(), FatalError> {
         let Some(index) = self.deferred_compaction else {
             return Ok(());
         };
-        if self.core.compaction_floor() > self.core.status().snapshot_index {
+        if self.core.compaction_floor() >= index {
             self.deferred_compaction = None;
             self.compact(index, Vec::new())?;
         }
@@ -417,7 +420,7 @@ impl EventLoop {
     /// the event loop); `data`, when given (no snapshot store), is kept in
     /// memory for followers that need it.
     fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), FatalError> {
-        // A follower receiving a streamed snapshot continues from the entries after it.
+        // A follower receiving a streamed snapshot, or catching up, continues from the log.
         let floor = self.core.compaction_floor();
         if index > floor && !data.is_empty() {
             return Ok(()); // bytes of a later state than the floor: the next one will do

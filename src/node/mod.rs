@@ -81,6 +81,8 @@ pub struct NodeOptions {
     pub snapshot_store: Option<Arc<dyn SnapshotStore>>,
     /// The rate a leader sends one snapshot at; 0: no limit.
     pub snapshot_send_bytes_per_sec: u64,
+    /// See `raft::Config::max_catch_up_log_bytes`.
+    pub max_catch_up_log_bytes: u64,
 }
 
 impl NodeOptions {
@@ -110,6 +112,7 @@ impl NodeOptions {
         config.max_append_bytes = self.max_append_bytes;
         config.max_snapshot_chunk_bytes = self.max_snapshot_chunk_bytes;
         config.max_uncommitted_bytes = self.max_uncommitted_bytes;
+        config.max_catch_up_log_bytes = self.max_catch_up_log_bytes;
         config.streamed_snapshots = self.snapshot_store.is_some();
         // Distinct nodes, distinct timeouts; restarts draw new ones.
         config.seed = self.id ^ (std::process::id() as u64).rotate_left(17) ^ clock_seed();

@@ -48,6 +48,12 @@ pub struct Config {
     pub streamed_snapshots: bool,
     /// The most entry bytes a leader holds beyond its commit index.
     pub max_uncommitted_bytes: usize,
+    /// The most log a leader keeps in memory, past what the application asked to compact, for
+    /// a follower continuing from a streamed snapshot: while it receives it (it continues from
+    /// the entries after the snapshot) and until it has caught up after installing it. A
+    /// follower that would need more is not waited for: it gets a snapshot again. Bounds the
+    /// leader's memory during a long transfer (see [`RaftCore::compaction_floor`]).
+    pub max_catch_up_log_bytes: u64,
     pub pre_vote: bool,
     pub check_quorum: bool,
     /// Seeds the randomized election timeouts.
@@ -153,6 +159,7 @@ impl Config {
             max_snapshot_chunk_bytes: 1 << 20,
             streamed_snapshots: false,
             max_uncommitted_bytes: 64 << 20,
+            max_catch_up_log_bytes: 128 << 20,
             pre_vote: true,
             check_quorum: true,
             seed: id,
@@ -1643,6 +1650,9 @@ impl RaftCore {
         }
         let progress = self.progress.get_mut(&from).expect("peer progress");
         let moved = progress.update_match(match_index);
+        if progress.catching_up && match_index >= self.log.commit {
+            progress.catching_up = false;
+        }
         match progress.state {
             ProgressState::Probe => progress.become_replicate(),
             ProgressState::Snapshot => {
@@ -1719,6 +1729,7 @@ impl RaftCore {
             if installed && meta.index <= self.log.last_index() {
                 progress.update_match(meta.index);
                 progress.become_probe();
+                progress.catching_up = true;
                 self.maybe_commit();
                 self.send_append(from);
             } else {
@@ -1771,17 +1782,42 @@ impl RaftCore {
         Some((meta, membership))
     }
 
-    /// The highest index the log may be compacted to now: below every streamed snapshot in
-    /// flight, whose follower needs the entries right after it (without this, a leader under
-    /// writes could compact past the view before the transfer ends, and the follower would
-    /// need another snapshot, forever). `u64::MAX` when none is in flight.
+    /// The highest index the log may be compacted to now (`u64::MAX`: any). The log after it
+    /// is kept for the followers that continue from a streamed snapshot: one receiving it
+    /// needs the entries right after the snapshot (without this, a leader under writes could
+    /// compact past the view before the transfer ends, and the follower would need another
+    /// snapshot, forever), and one that has installed it needs the entries after its match
+    /// index until it has caught up with the commit index. A follower is waited for only
+    /// while the log kept for it stays within `max_catch_up_log_bytes` (estimated from the
+    /// log's average entry size, so this costs O(followers), not O(log)); past that it gets a
+    /// snapshot again. A follower that is merely slow or down is not waited for (it gets a
+    /// snapshot once the log has moved past it). Only with streamed snapshots: otherwise the
+    /// application's snapshot bytes are of the index it asked for, and the log cannot stop
+    /// short of it.
     pub fn compaction_floor(&self) -> u64 {
+        if self.role != Role::Leader || !self.config.streamed_snapshots {
+            return u64::MAX;
+        }
+        let snapshot_index = self.log.snapshot_meta().index;
+        let last_index = self.log.last_index();
+        let entries = last_index - snapshot_index;
+        let entry_bytes = self.log.size_bytes() / entries.max(1);
+        let within_bound = |index: u64| {
+            last_index.saturating_sub(index).saturating_mul(entry_bytes)
+                <= self.config.max_catch_up_log_bytes
+        };
         self.progress
-            .values()
-            .filter(|p| p.state == ProgressState::Snapshot)
-            .filter_map(|p| p.snapshot.as_ref())
-            .filter(|send| send.data.is_none())
-            .map(|send| send.meta.index)
+            .iter()
+            .filter(|(&id, _)| id != self.config.id)
+            .filter_map(|(_, p)| match (&p.state, &p.snapshot) {
+                (ProgressState::Snapshot, Some(send)) if send.data.is_none() => {
+                    Some(send.meta.index)
+                }
+                (ProgressState::Snapshot, _) => None,
+                _ if p.catching_up => Some(p.match_index),
+                _ => None,
+            })
+            .filter(|&index| index >= snapshot_index && within_bound(index))
             .min()
             .unwrap_or(u64::MAX)
     }

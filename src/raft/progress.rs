@@ -51,6 +51,10 @@ pub struct Progress {
     /// The highest read context (ReadIndex round) the follower acknowledged.
     pub read_ack: u64,
     pub snapshot: Option<SnapshotSend>,
+    /// Set when a streamed snapshot was installed: the follower now catches up from the log
+    /// after it, which the leader keeps for it (see `RaftCore::compaction_floor`) until the
+    /// follower reaches the commit index or needs another snapshot.
+    pub catching_up: bool,
 }
 
 impl Progress {
@@ -66,6 +70,7 @@ impl Progress {
             recent_active: false,
             read_ack: 0,
             snapshot: None,
+            catching_up: false,
         }
     }
 
@@ -98,6 +103,7 @@ impl Progress {
     }
 
     pub fn become_snapshot(&mut self, send: SnapshotSend) {
+        self.catching_up = false;
         self.state = ProgressState::Snapshot;
         self.snapshot = Some(send);
         self.paused = false;

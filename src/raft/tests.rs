@@ -6,18 +6,30 @@ use super::*;
 struct Cluster {
     cores: Vec<RaftCore>,
     applied: Vec<Vec<Entry>>,
+    /// Messages to or from this node id are dropped.
+    down: Option<NodeId>,
 }
 
 impl Cluster {
     fn new(size: u64) -> Cluster {
+        Cluster::with_config(size, |_| {})
+    }
+
+    /// As `new`, with `tune` applied to every node's config.
+    fn with_config(size: u64, tune: impl Fn(&mut Config)) -> Cluster {
         let voters: Vec<NodeId> = (1..=size).collect();
         let cores = voters
             .iter()
-            .map(|&id| RaftCore::new(Config::new(id, voters.clone()), RestoredState::default()))
+            .map(|&id| {
+                let mut config = Config::new(id, voters.clone());
+                tune(&mut config);
+                RaftCore::new(config, RestoredState::default())
+            })
             .collect();
         Cluster {
             cores,
             applied: vec![Vec::new(); size as usize],
+            down: None,
         }
     }
 
@@ -39,6 +51,12 @@ impl Cluster {
                 return;
             }
             for message in inbox {
+                if self
+                    .down
+                    .is_some_and(|id| id == message.to || id == message.from)
+                {
+                    continue;
+                }
                 self.cores[message.to as usize - 1].step(message);
             }
         }
@@ -380,6 +398,7 @@ fn a_reject_hint_of_zero_probes_from_the_first_index() {
             .map(|(k, r)| RaftCore::new(Config::new(k as u64 + 1, voters.clone()), r))
             .collect(),
         applied: vec![Vec::new(); 3],
+        down: None,
     };
     // Only node 1 campaigns: node 3 votes for it, node 2 (more up to date)
     // does not, so node 1 leads and must overwrite node 2's 30 entries
@@ -465,4 +484,102 @@ fn a_config_breaking_an_invariant_is_refused() {
     }
     let fine = Config::new(1, vec![1, 2, 3]);
     assert!(std::panic::catch_unwind(|| RaftCore::new(fine, RestoredState::default())).is_ok());
+}
+
+/// With streamed snapshots the leader keeps the log after a follower that has just installed
+/// one, so it catches up from the log, but only while that log stays within
+/// `max_catch_up_log_bytes`; past that, the follower is left to another snapshot. A follower
+/// that is merely behind is not waited for, and without streamed snapshots there is no floor
+/// (the application's snapshot bytes fix the index).
+#[test]
+fn the_compaction_floor_waits_for_a_follower_catching_up_within_the_bound() {
+    const ENTRY_BYTES: usize = 1_000;
+    let mut cluster = Cluster::with_config(3, |config| {
+        config.streamed_snapshots = true;
+        config.max_catch_up_log_bytes = 50 * ENTRY_BYTES as u64;
+    });
+    let leader = cluster.tick_until_leader();
+    let leader_id = leader as NodeId + 1;
+    let lagging = (1..=3).find(|&id| id != leader_id).unwrap();
+    cluster.down = Some(lagging);
+    for _ in 0..10 {
+        cluster.cores[leader].propose(vec![1; ENTRY_BYTES]).unwrap();
+    }
+    cluster.settle();
+    assert_eq!(
+        cluster.cores[leader].compaction_floor(),
+        u64::MAX,
+        "the floor waits for a follower that is merely behind"
+    );
+    // The leader compacts; the lagging follower needs a snapshot, which the driver streams
+    // (the harness plays the driver: the follower reports it installed).
+    let status = cluster.cores[leader].status();
+    cluster.cores[leader].compact(status.applied, Vec::new());
+    let meta = SnapshotMeta {
+        index: status.applied,
+        term: status.term,
+    };
+    cluster.down = None;
+    let mut started = false;
+    for _ in 0..20 {
+        for core in &mut cluster.cores {
+            core.tick();
+        }
+        for _ in 0..50 {
+            let mut inbox = Vec::new();
+            for core in &mut cluster.cores {
+                if core.has_ready() {
+                    let ready = core.ready();
+                    started |= ready.snapshot_sends.contains(&lagging);
+                    inbox.extend(ready.messages_unpersisted);
+                    inbox.extend(ready.messages);
+                    core.advance();
+                }
+            }
+            for message in inbox {
+                cluster.cores[message.to as usize - 1].step(message);
+            }
+        }
+        if started {
+            break;
+        }
+    }
+    assert!(started, "no snapshot started");
+    cluster.down = Some(lagging);
+    assert_eq!(cluster.cores[leader].compaction_floor(), meta.index);
+    cluster.cores[leader].step(Message {
+        from: lagging,
+        to: leader_id,
+        term: status.term,
+        body: MessageBody::InstallSnapshotResponse {
+            meta,
+            next_offset: 0,
+            success: true,
+        },
+    });
+    for _ in 0..20 {
+        cluster.cores[leader].propose(vec![2; ENTRY_BYTES]).unwrap();
+    }
+    cluster.settle();
+    assert_eq!(
+        cluster.cores[leader].compaction_floor(),
+        meta.index,
+        "the floor does not wait for the follower catching up 20 entries behind"
+    );
+    for _ in 0..60 {
+        cluster.cores[leader].propose(vec![3; ENTRY_BYTES]).unwrap();
+    }
+    cluster.settle();
+    assert_eq!(
+        cluster.cores[leader].compaction_floor(),
+        u64::MAX,
+        "the floor still waits for a follower 80 entries behind, past the bound of 50"
+    );
+
+    let mut unstreamed = Cluster::new(3);
+    let leader = unstreamed.tick_until_leader();
+    unstreamed.down = Some((1..=3).find(|&id| id != leader as NodeId + 1).unwrap());
+    unstreamed.cores[leader].propose(vec![1; 10]).unwrap();
+    unstreamed.settle();
+    assert_eq!(unstreamed.cores[leader].compaction_floor(), u64::MAX);
 }
