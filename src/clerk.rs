@@ -396,6 +396,60 @@ impl Clerk {
         Ok(reply.replies)
     }
 
+    /// The header of this clerk's next write (its session, the next seq), or `None` while
+    /// no session is open. For a caller that sends a write's first attempt itself (the
+    /// Redis listener, in-process, without blocking a thread) and hands any answer other
+    /// than success to [`Clerk::exec_after`].
+    pub fn next_write_header(&mut self) -> Option<MessageField<RequestHeader>> {
+        let session = self.session?;
+        self.last_seq += 1;
+        let mut header = request_header(
+            session.client_id,
+            self.last_seq,
+            self.options.client_token.as_deref(),
+        );
+        header.mut_or_insert_default().session_secret = session.secret;
+        Some(header)
+    }
+
+    /// The header of a read (no session; the client token).
+    pub fn read_header(&self) -> MessageField<RequestHeader> {
+        self.header(0)
+    }
+
+    /// Finishes an Exec whose first attempt the caller sent to node `node` at `started`
+    /// (with [`Clerk::next_write_header`] for writes, [`Clerk::read_header`] for reads) and
+    /// that was answered `first`: judged and retried exactly as [`Clerk::exec`] retries
+    /// (a write with the same seq, so it is applied once), within the clerk's timeout
+    /// counted from `started`.
+    pub fn exec_after(
+        &mut self,
+        node: u64,
+        started: Instant,
+        request: ExecRequest,
+        first: Result<ExecReply, RpcError>,
+    ) -> Result<Vec<OpReply>, ClerkError> {
+        let deadline = started + self.options.timeout;
+        let write = !request.writes.is_empty();
+        let attempts = if write {
+            Attempts::for_write(deadline)
+        } else {
+            Attempts::new(deadline)
+        };
+        if let Some(index) = self.node_ids.iter().position(|&id| id == node) {
+            self.route.current = index;
+        }
+        match self.call_from(attempts, Some(first), |stub| stub.exec(&request)) {
+            Ok(reply) => Ok(reply.replies),
+            Err(CallError::Clerk(error)) | Err(CallError::SessionLost(Some(error))) => Err(error),
+            Err(CallError::SessionLost(None)) if write => {
+                self.session = None;
+                self.exec(request.writes, Vec::new())
+            }
+            Err(lost) => Err(lost.into_clerk_error()),
+        }
+    }
+
     /// Saves a backup of node `node`'s state machine (the leader's when `None`) to `path`:
     /// a consistent view, streamed chunk by chunk into `path` (through `path.partial`,
     /// renamed once complete), with a header naming `cluster_id`. Each chunk call is retried
@@ -665,12 +719,23 @@ impl Clerk {
     /// deadline passes. `attempt` sends the same request bytes each time.
     fn call<Rep: HasReplyHeader>(
         &mut self,
+        attempts: Attempts,
+        attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
+    ) -> Result<Rep, CallError> {
+        self.call_from(attempts, None, attempt)
+    }
+
+    /// [`Clerk::call`], whose first attempt, when `first` is given, was already sent (to
+    /// the node of `self.route.current()`) and answered `first`.
+    fn call_from<Rep: HasReplyHeader>(
+        &mut self,
         mut attempts: Attempts,
+        mut first: Option<Result<Rep, RpcError>>,
         mut attempt: impl FnMut(&KvStoreStub<NodeChannel>) -> Result<Rep, RpcError>,
     ) -> Result<Rep, CallError> {
         loop {
             let node = &self.nodes[self.route.current()];
-            let answer = attempt(&node.stub);
+            let answer = first.take().unwrap_or_else(|| attempt(&node.stub));
             // Refused at the handshake: this clerk's cluster file names
             // another cluster; no node of it will answer otherwise.
             if let Err(error @ RpcError::Refused { .. }) = &answer {

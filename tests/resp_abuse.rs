@@ -251,3 +251,60 @@ fn random_input_gets_whole_replies_and_never_breaks_the_node() {
         .unwrap();
     cluster.assert_alive();
 }
+
+/// A client that pipelines reads of a large value and never reads the replies: the server
+/// stops reading its commands once its unsent replies pile up, serves every other client
+/// meanwhile, and closes it after `idle_timeout_ms` (3 s here) without progress — it does
+/// not buffer the replies of everything the client sent (400 MB here).
+#[test]
+fn a_client_that_never_reads_its_replies_is_closed_and_costs_no_one_else() {
+    let (mut cluster, port) = start();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(10))
+        .unwrap();
+    let big = vec![b'x'; 200 * 1024];
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut con)
+        .unwrap();
+    drop(con);
+
+    let gets = 2000;
+    let mut deaf = open(port);
+    deaf.set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // 2000 small commands: all of them fit in the socket buffers, whatever the server does.
+    deaf.write_all(&b"GET big\r\n".repeat(gets)).unwrap();
+    let sent = Instant::now();
+    // Served meanwhile, before and after the server gave up on the deaf client.
+    still_serves(port, "while a client does not read");
+    std::thread::sleep(Duration::from_millis(4000).saturating_sub(sent.elapsed()));
+    still_serves(port, "after the deaf client's timeout");
+    // Now read what the server had sent before it gave up: far from every reply, and then
+    // the close.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + CLOSE_SLACK;
+    let closed = loop {
+        match deaf.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(e) => panic!("the deaf client was neither answered nor closed: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deaf client is still being served after {got} bytes"
+        );
+    };
+    assert!(closed);
+    let all = gets * (big.len() + 16);
+    assert!(
+        got < all / 10,
+        "the server sent {got} of {all} bytes to a client that read nothing for 4 s"
+    );
+    still_serves(port, "the end");
+    cluster.assert_alive();
+}

@@ -1,55 +1,429 @@
-//! One Redis connection, on a thread of its own: read what the client sent, parse every
-//! complete command in it (a pipeline), run them in order — consecutive writes as ONE
-//! batch (one log entry, one sequence number), consecutive reads as one batch at one read
-//! point — and write all the replies at once, in order. The connection's [`Clerk`] is its
-//! client session: it carries a batch to the leader from any node and retries it with the
-//! same sequence number after a leader change, so it is applied once.
+//! One Redis connection, as a state machine driven by its I/O thread ([`super::io`]): it
+//! reads what the client sent without blocking, parses every complete command in it (a
+//! pipeline; a "round"), and runs the round in order — consecutive writes as ONE batch
+//! (one log entry, one sequence number), consecutive reads as one batch at one read point.
+//! At most one batch of a connection is out at a time, so replies keep the order of the
+//! commands; they are encoded into the connection's outbox once the round is complete and
+//! written as the socket takes them.
+//!
+//! A batch's first attempt is handed straight to this node's KV service when this node
+//! leads (and, for writes, once the connection's session is open), with a responder that
+//! completes on the I/O thread: no thread waits for it. Anything else — this node does not
+//! lead, the session is not open yet, a SCAN/KEYS/DBSIZE (whose read waits for a view), or
+//! a first attempt answered other than OK — goes to a worker ([`super::workers`]) running
+//! the connection's [`Clerk`], its client session: it carries the batch to the leader from
+//! any node and retries it with the same sequence number after a leader change, so it is
+//! applied once.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::commands::{classify, Action, ConnState, Shape};
+use super::io::{Done, IoThread};
 use super::local::LocalChannel;
 use super::parser::{parse, Parsed};
+use super::workers::Job;
 use super::RespContext;
 use crate::clerk::{attempt_timeout_ms, Clerk, ClerkError, ClerkOptions, NodeChannel};
-use crate::kv::redis_ops::{RedisReply, RedisWrite};
-use crate::proto::kvstore::ReadOp;
-use crate::rpc::{ClientConfig, Credentials, RpcClient};
+use crate::kv::redis_ops::{are_point_reads, RedisReply};
+use crate::proto::kvstore::{ErrorCode, ExecReply, ExecRequest, OpReply};
+use crate::raft::Role;
+use crate::rpc::services::KvStoreService;
+use crate::rpc::{ClientConfig, Credentials, Responder, RpcClient, RpcError};
 
-/// Commands parsed and run per round, at most: a round's replies are written together.
+/// Commands parsed per round, at most: a round's replies are encoded together.
 const MAX_PIPELINE: usize = 1024;
 /// Ops in one batch, at most (a batch is one log entry or one read point).
 const MAX_BATCH_OPS: usize = 512;
-/// How much later than asked a read may time out, to spare a syscall per read.
-const TIMEOUT_SLACK: Duration = Duration::from_millis(100);
-/// Bytes read from the socket at a time.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// While a connection's outbox holds more than this, it reads no new commands: a client
+/// that does not read its replies stops being served instead of growing the outbox.
+pub const OUTBOX_PAUSE_BYTES: usize = 1024 * 1024;
 
-/// Serves one connection until the client leaves, breaks the protocol, or the server stops.
-pub fn serve(ctx: &RespContext, stream: TcpStream, id: u64, stopping: &AtomicBool) {
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    let mut connection = Connection {
-        ctx,
-        state: ConnState::new(id, peer.clone(), ctx.config.client_token.is_some()),
-        clerk: clerk(ctx),
-        stream,
-        buf: Vec::new(),
-        chunk: vec![0; READ_CHUNK_BYTES],
-        // A request must fit in one log entry, plus its header lines.
-        max_buffered_bytes: ctx.config.max_append_bytes + 2 * ctx.limits.max_inline_bytes,
-    };
-    if let Err(e) = connection.run(stopping) {
-        log::debug!("resp connection {id} from {peer}: {e}");
+/// What the I/O thread does with a connection after driving it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Keep it: waiting for the socket or for a batch's answer.
+    Keep,
+    /// Close it (the client left, broke the protocol, quit, or a socket error).
+    Close,
+}
+
+pub struct Connection {
+    pub id: u64,
+    pub stream: mio::net::TcpStream,
+    state: ConnState,
+    /// `None` while a worker runs a batch with it.
+    clerk: Option<Box<Clerk>>,
+    /// Received and not yet parsed.
+    buf: Vec<u8>,
+    max_buffered_bytes: usize,
+    /// Encoded replies not yet written, from `out_pos` on.
+    outbox: Vec<u8>,
+    out_pos: usize,
+    /// The round being run, if any.
+    round: Option<Round>,
+    /// Close once the outbox is written (after QUIT or a protocol error).
+    closing: bool,
+    /// When the first bytes of a command not yet complete arrived.
+    pub partial_since: Option<Instant>,
+    /// When the client last sent anything, or a round ended.
+    pub last_activity: Instant,
+    /// When the outbox last became non-empty or last drained a little.
+    pub write_progress: Instant,
+}
+
+/// The commands of one round: their replies (filled as they come) and the batches left.
+struct Round {
+    replies: Vec<Option<RedisReply>>,
+    batches: VecDeque<Batch>,
+    /// The batch out, waiting for its answer.
+    out: Option<Batch>,
+    quit: bool,
+    broken: Option<String>,
+}
+
+/// A batch: writes or reads, and where each op's reply goes.
+struct Batch {
+    slots: Vec<(usize, Shape)>,
+    request: ExecRequest,
+    /// When its first attempt was sent.
+    started: Instant,
+}
+
+impl Batch {
+    fn is_write(&self) -> bool {
+        !self.request.writes.is_empty()
     }
 }
 
-/// The connection's clerk: this node in-process first, the others over their RPC ports.
-fn clerk(ctx: &RespContext) -> Clerk {
+impl Connection {
+    pub fn new(
+        ctx: &RespContext,
+        id: u64,
+        stream: mio::net::TcpStream,
+        peer: String,
+        clerk: Clerk,
+    ) -> Connection {
+        let now = Instant::now();
+        Connection {
+            id,
+            stream,
+            state: ConnState::new(id, peer, ctx.config.client_token.is_some()),
+            clerk: Some(Box::new(clerk)),
+            buf: Vec::new(),
+            // A request must fit in one log entry, plus its header lines.
+            max_buffered_bytes: ctx.config.max_append_bytes + 2 * ctx.limits.max_inline_bytes,
+            outbox: Vec::new(),
+            out_pos: 0,
+            round: None,
+            closing: false,
+            partial_since: None,
+            last_activity: now,
+            write_progress: now,
+        }
+    }
+
+    /// Whether a batch of this connection is out (its timeouts are the batch's).
+    pub fn is_waiting(&self) -> bool {
+        self.round.is_some()
+    }
+
+    /// Bytes of replies not yet written.
+    pub fn unsent_bytes(&self) -> usize {
+        self.outbox.len() - self.out_pos
+    }
+
+    /// Does all the connection can do now without blocking: write what the outbox holds,
+    /// read and parse what arrived, start the next round. `scratch` is the I/O thread's
+    /// read buffer.
+    pub fn drive(&mut self, io: &IoThread, scratch: &mut [u8]) -> Next {
+        loop {
+            if self.flush().is_err() {
+                return Next::Close;
+            }
+            if self.round.is_some() {
+                return Next::Keep;
+            }
+            if self.closing {
+                return if self.unsent_bytes() == 0 {
+                    Next::Close
+                } else {
+                    Next::Keep
+                };
+            }
+            if self.unsent_bytes() > OUTBOX_PAUSE_BYTES {
+                return Next::Keep;
+            }
+            let (commands, consumed, broken) = self.parse_round(io.ctx());
+            self.buf.drain(..consumed);
+            if !commands.is_empty() || broken.is_some() {
+                self.partial_since = (!self.buf.is_empty()).then(Instant::now);
+                self.start_round(io, commands, broken);
+                continue;
+            }
+            if self.buf.len() >= self.max_buffered_bytes {
+                let text = format!(
+                    "ERR Protocol error: a request of more than {} bytes",
+                    self.max_buffered_bytes
+                );
+                encode(&RedisReply::Error(text), &mut self.outbox);
+                self.closing = true;
+                continue;
+            }
+            let room = scratch.len().min(self.max_buffered_bytes - self.buf.len());
+            match self.stream.read(&mut scratch[..room]) {
+                // The client is done sending: what it sent is answered, then closed.
+                Ok(0) => self.closing = true,
+                Ok(got) => {
+                    self.buf.extend_from_slice(&scratch[..got]);
+                    self.last_activity = Instant::now();
+                    self.partial_since.get_or_insert(self.last_activity);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("resp connection {}: {e}", self.id);
+                    return Next::Close;
+                }
+            }
+        }
+    }
+
+    /// Writes what the socket takes of the outbox.
+    fn flush(&mut self) -> io::Result<()> {
+        while self.out_pos < self.outbox.len() {
+            match self.stream.write(&self.outbox[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.write_progress = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.outbox.clear();
+        self.out_pos = 0;
+        Ok(())
+    }
+
+    /// Parses the complete commands buffered (at most [`MAX_PIPELINE`]): them, the bytes
+    /// they took, and the protocol error that stopped the parse, if any.
+    fn parse_round(&self, ctx: &RespContext) -> (Vec<Vec<Vec<u8>>>, usize, Option<String>) {
+        let mut commands = Vec::new();
+        let mut pos = 0;
+        while commands.len() < MAX_PIPELINE {
+            match parse(&self.buf[pos..], &ctx.limits) {
+                Parsed::Command(args, used) => {
+                    commands.push(args);
+                    pos += used;
+                }
+                Parsed::Nothing(used) => pos += used,
+                Parsed::Incomplete => break,
+                Parsed::Error(error) => return (commands, pos, Some(error)),
+            }
+        }
+        (commands, pos, None)
+    }
+
+    /// Classifies the round's commands in order (answering those the connection answers
+    /// itself), groups the others into batches, and sends the first batch.
+    fn start_round(&mut self, io: &IoThread, commands: Vec<Vec<Vec<u8>>>, broken: Option<String>) {
+        let ctx = io.ctx();
+        let mut round = Round {
+            replies: vec![None; commands.len()],
+            batches: VecDeque::new(),
+            out: None,
+            quit: false,
+            broken,
+        };
+        let batch_bytes = ctx.config.max_append_bytes / 2;
+        let mut current: Option<Batch> = None;
+        let mut bytes = 0;
+        let close = |current: &mut Option<Batch>, batches: &mut VecDeque<Batch>| {
+            if let Some(batch) = current.take() {
+                batches.push_back(batch);
+            }
+        };
+        for (i, args) in commands.iter().enumerate() {
+            let size: usize = args.iter().map(|a| a.len() + 16).sum();
+            match classify(args, &mut self.state, ctx) {
+                Action::Reply(reply) => round.replies[i] = Some(reply),
+                Action::Quit => {
+                    round.replies[i] = Some(RedisReply::Ok);
+                    round.replies.truncate(i + 1);
+                    round.quit = true;
+                    break;
+                }
+                Action::Write(op, shape) => {
+                    let fits = current.as_ref().is_some_and(|b| {
+                        b.is_write() && b.slots.len() < MAX_BATCH_OPS && bytes + size <= batch_bytes
+                    });
+                    if !fits {
+                        close(&mut current, &mut round.batches);
+                        bytes = 0;
+                    }
+                    let batch = current.get_or_insert_with(Batch::empty);
+                    batch.request.writes.push(op.to_proto());
+                    batch.slots.push((i, shape));
+                    bytes += size;
+                }
+                Action::Read(op, shape) => {
+                    let fits = current
+                        .as_ref()
+                        .is_some_and(|b| !b.is_write() && b.slots.len() < MAX_BATCH_OPS);
+                    if !fits {
+                        close(&mut current, &mut round.batches);
+                    }
+                    let batch = current.get_or_insert_with(Batch::empty);
+                    batch.request.reads.push(op);
+                    batch.slots.push((i, shape));
+                }
+            }
+        }
+        close(&mut current, &mut round.batches);
+        self.round = Some(round);
+        self.advance(io);
+    }
+
+    /// Sends the round's next batch, or, when none is left, encodes the round's replies.
+    fn advance(&mut self, io: &IoThread) {
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
+        if round.out.is_some() {
+            return;
+        }
+        let Some(mut batch) = round.batches.pop_front() else {
+            let round = self.round.take().expect("a round");
+            if self.unsent_bytes() == 0 {
+                // The client's time to read these replies starts now.
+                self.write_progress = Instant::now();
+            }
+            for reply in round.replies {
+                let reply = reply.unwrap_or_else(|| RedisReply::Error("ERR no reply".into()));
+                encode(&reply, &mut self.outbox);
+            }
+            if let Some(error) = &round.broken {
+                encode(&RedisReply::Error(error.clone()), &mut self.outbox);
+            }
+            if round.quit || round.broken.is_some() {
+                self.closing = true;
+            }
+            self.last_activity = Instant::now();
+            return;
+        };
+        batch.started = Instant::now();
+        let ctx = io.ctx();
+        let write = batch.is_write();
+        let clerk = self
+            .clerk
+            .as_mut()
+            .expect("no worker holds the clerk between batches");
+        let leads = ctx.node.status().role == Role::Leader;
+        // The first attempt in-process, when it can be answered without a thread waiting.
+        let header = if !leads {
+            None
+        } else if write {
+            clerk.next_write_header()
+        } else if are_point_reads(&batch.request.reads) {
+            Some(clerk.read_header())
+        } else {
+            None
+        };
+        match header {
+            Some(header) => {
+                batch.request.header = header;
+                let request = batch.request.clone();
+                round.out = Some(batch);
+                let inbox = io.inbox();
+                let id = self.id;
+                let responder = Responder::callback(move |answer| {
+                    inbox.push_done(id, Done::First(answer));
+                });
+                ctx.service.exec(request, responder);
+            }
+            None => {
+                let (writes, reads) = if write {
+                    (batch.request.writes.clone(), Vec::new())
+                } else {
+                    (Vec::new(), batch.request.reads.clone())
+                };
+                round.out = Some(batch);
+                let clerk = self.clerk.take().expect("the clerk");
+                io.run_on_worker(self.id, clerk, Job::Exec { writes, reads });
+            }
+        }
+    }
+
+    /// Takes the answer of the batch out, and moves the round on.
+    pub fn complete(&mut self, io: &IoThread, done: Done) {
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
+        let Some(batch) = round.out.take() else {
+            return;
+        };
+        let result = match done {
+            Done::First(answer) => match first_success(answer, batch.slots.len()) {
+                Ok(replies) => Ok(replies),
+                Err(answer) => {
+                    // Judged and retried by the clerk, on a worker.
+                    let job = Job::After {
+                        node: io.ctx().id,
+                        started: batch.started,
+                        request: batch.request.clone(),
+                        first: answer,
+                    };
+                    round.out = Some(batch);
+                    let clerk = self.clerk.take().expect("the clerk");
+                    io.run_on_worker(self.id, clerk, job);
+                    return;
+                }
+            },
+            Done::Worker(clerk, result) => {
+                self.clerk = Some(clerk);
+                result
+            }
+        };
+        let write = batch.is_write();
+        match result {
+            Ok(answers) if answers.len() == batch.slots.len() => {
+                for ((i, shape), answer) in batch.slots.into_iter().zip(answers) {
+                    let reply = RedisReply::from_proto(&answer);
+                    round.replies[i] = Some(match (shape, reply) {
+                        (Shape::Flag, RedisReply::Ok) => RedisReply::Int(1),
+                        (Shape::Flag, RedisReply::Nil) => RedisReply::Int(0),
+                        (Shape::Scan, reply) => self.state.scan_reply(reply),
+                        (_, reply) => reply,
+                    });
+                }
+            }
+            Ok(answers) => {
+                let text = format!(
+                    "ERR {} replies to {} commands",
+                    answers.len(),
+                    batch.slots.len()
+                );
+                for (i, _) in batch.slots {
+                    round.replies[i] = Some(RedisReply::Error(text.clone()));
+                }
+            }
+            Err(error) => {
+                let text = clerk_error(&error, write);
+                for (i, _) in batch.slots {
+                    round.replies[i] = Some(RedisReply::Error(text.clone()));
+                }
+            }
+        }
+        self.advance(io);
+    }
+}
+
+/// A connection's clerk: this node in-process first, the others over their RPC ports.
+pub fn clerk(ctx: &RespContext) -> Clerk {
     let config = &ctx.config;
     let call_timeout_ms = attempt_timeout_ms(config, ClerkOptions::default().attempt_timeout_ms);
     let me = config.node(ctx.id).map(|n| n.addr());
@@ -83,196 +457,35 @@ fn clerk(ctx: &RespContext) -> Clerk {
     )
 }
 
-struct Connection<'a> {
-    ctx: &'a RespContext,
-    state: ConnState,
-    clerk: Clerk,
-    stream: TcpStream,
-    /// Received and not yet parsed.
-    buf: Vec<u8>,
-    /// Where the socket is read into ([`READ_CHUNK_BYTES`]).
-    chunk: Vec<u8>,
-    max_buffered_bytes: usize,
+impl Batch {
+    fn empty() -> Batch {
+        Batch {
+            slots: Vec::new(),
+            request: ExecRequest::default(),
+            started: Instant::now(),
+        }
+    }
 }
 
-/// The commands of a round waiting to run as one batch.
-#[derive(Default)]
-struct Batch {
-    writes: Vec<(usize, RedisWrite, Shape)>,
-    reads: Vec<(usize, ReadOp, Shape)>,
-    bytes: usize,
-}
-
-impl Connection<'_> {
-    fn run(&mut self, stopping: &AtomicBool) -> io::Result<()> {
-        let idle = Duration::from_millis(self.ctx.config.idle_timeout_ms);
-        let trickle = Duration::from_millis(self.ctx.config.frame_timeout_ms);
-        self.stream.set_nodelay(true)?;
-        self.stream.set_write_timeout(Some(idle))?;
-        // When the first bytes of a command not yet complete arrived.
-        let mut started: Option<Instant> = None;
-        // The read timeout set on the socket, so it is changed only when it must be.
-        let mut timeout_set = Duration::ZERO;
-        loop {
-            if stopping.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            let (commands, consumed, broken) = self.parse_round();
-            self.buf.drain(..consumed);
-            if !commands.is_empty() || broken.is_some() {
-                let mut out = Vec::new();
-                let quit = self.run_round(commands, &mut out);
-                if let Some(error) = &broken {
-                    encode(&RedisReply::Error(error.clone()), &mut out);
-                }
-                self.stream.write_all(&out)?;
-                if quit || broken.is_some() {
-                    return Ok(());
-                }
-                started = None;
-                continue;
-            }
-            if self.buf.len() >= self.max_buffered_bytes {
-                let text = format!(
-                    "ERR Protocol error: a request of more than {} bytes",
-                    self.max_buffered_bytes
-                );
-                let mut out = Vec::new();
-                encode(&RedisReply::Error(text), &mut out);
-                return self.stream.write_all(&out);
-            }
-            let timeout = match started {
-                None => idle,
-                Some(at) => match trickle.checked_sub(at.elapsed()) {
-                    Some(left) if !left.is_zero() => left,
-                    _ => {
-                        return Err(io::Error::other(
-                            "a command took longer than frame_timeout_ms",
-                        ))
-                    }
-                },
-            };
-            // Within a slack of the deadline, the one set stays: no syscall per read.
-            if timeout < timeout_set.saturating_sub(TIMEOUT_SLACK) || timeout > timeout_set {
-                self.stream.set_read_timeout(Some(timeout))?;
-                timeout_set = timeout;
-            }
-            // Read into a buffer zeroed once, and copy what came: growing `buf` by a whole
-            // chunk of zeros per read cost a 64 KiB memset per command.
-            let room = READ_CHUNK_BYTES.min(self.max_buffered_bytes - self.buf.len());
-            let got = self.stream.read(&mut self.chunk[..room])?;
-            if got == 0 {
-                return Ok(());
-            }
-            self.buf.extend_from_slice(&self.chunk[..got]);
-            started.get_or_insert_with(Instant::now);
-        }
-    }
-
-    /// Parses the complete commands buffered (at most [`MAX_PIPELINE`]): them, the bytes
-    /// they took, and the protocol error that stopped the parse, if any.
-    fn parse_round(&self) -> (Vec<Vec<Vec<u8>>>, usize, Option<String>) {
-        let mut commands = Vec::new();
-        let mut pos = 0;
-        while commands.len() < MAX_PIPELINE {
-            match parse(&self.buf[pos..], &self.ctx.limits) {
-                Parsed::Command(args, used) => {
-                    commands.push(args);
-                    pos += used;
-                }
-                Parsed::Nothing(used) => pos += used,
-                Parsed::Incomplete => break,
-                Parsed::Error(error) => return (commands, pos, Some(error)),
+/// The replies of a first attempt that succeeded, or the answer for the clerk to judge.
+#[allow(clippy::result_large_err)]
+fn first_success(
+    answer: Result<ExecReply, RpcError>,
+    ops: usize,
+) -> Result<Vec<OpReply>, Result<ExecReply, RpcError>> {
+    match answer {
+        Ok(reply) => {
+            let ok = reply
+                .header
+                .as_ref()
+                .is_none_or(|h| h.error.enum_value() == Ok(ErrorCode::OK));
+            if ok && reply.replies.len() == ops {
+                Ok(reply.replies)
+            } else {
+                Err(Ok(reply))
             }
         }
-        (commands, pos, None)
-    }
-
-    /// Runs `commands` in order and encodes their replies into `out`; true after QUIT.
-    fn run_round(&mut self, commands: Vec<Vec<Vec<u8>>>, out: &mut Vec<u8>) -> bool {
-        let mut replies: Vec<Option<RedisReply>> = vec![None; commands.len()];
-        let mut batch = Batch::default();
-        let batch_bytes = self.ctx.config.max_append_bytes / 2;
-        let mut quit = false;
-        for (i, args) in commands.iter().enumerate() {
-            let size: usize = args.iter().map(|a| a.len() + 16).sum();
-            match classify(args, &mut self.state, self.ctx) {
-                Action::Reply(reply) => replies[i] = Some(reply),
-                Action::Quit => {
-                    replies[i] = Some(RedisReply::Ok);
-                    replies.truncate(i + 1);
-                    quit = true;
-                    break;
-                }
-                Action::Write(op, shape) => {
-                    let full =
-                        batch.writes.len() >= MAX_BATCH_OPS || batch.bytes + size > batch_bytes;
-                    if !batch.reads.is_empty() || full {
-                        self.run_batch(&mut batch, &mut replies);
-                    }
-                    batch.writes.push((i, op, shape));
-                    batch.bytes += size;
-                }
-                Action::Read(op, shape) => {
-                    if !batch.writes.is_empty() || batch.reads.len() >= MAX_BATCH_OPS {
-                        self.run_batch(&mut batch, &mut replies);
-                    }
-                    batch.reads.push((i, op, shape));
-                }
-            }
-        }
-        self.run_batch(&mut batch, &mut replies);
-        for reply in replies {
-            let reply = reply.unwrap_or_else(|| RedisReply::Error("ERR no reply".into()));
-            encode(&reply, out);
-        }
-        quit
-    }
-
-    /// Runs the batch (if any) through the clerk and files each op's reply at its command.
-    fn run_batch(&mut self, batch: &mut Batch, replies: &mut [Option<RedisReply>]) {
-        let batch = std::mem::take(batch);
-        let write = !batch.writes.is_empty();
-        let (slots, result): (Vec<(usize, Shape)>, _) = if write {
-            let protos = batch
-                .writes
-                .iter()
-                .map(|(_, op, _)| op.to_proto())
-                .collect();
-            let slots = batch.writes.iter().map(|(i, _, s)| (*i, *s)).collect();
-            (slots, self.clerk.exec(protos, Vec::new()))
-        } else if !batch.reads.is_empty() {
-            let slots = batch.reads.iter().map(|(i, _, s)| (*i, *s)).collect();
-            let ops = batch.reads.into_iter().map(|(_, op, _)| op).collect();
-            (slots, self.clerk.exec(Vec::new(), ops))
-        } else {
-            return;
-        };
-        match result {
-            Ok(answers) if answers.len() == slots.len() => {
-                for ((i, shape), answer) in slots.into_iter().zip(answers) {
-                    let reply = RedisReply::from_proto(&answer);
-                    replies[i] = Some(match (shape, reply) {
-                        (Shape::Flag, RedisReply::Ok) => RedisReply::Int(1),
-                        (Shape::Flag, RedisReply::Nil) => RedisReply::Int(0),
-                        (Shape::Scan, reply) => self.state.scan_reply(reply),
-                        (_, reply) => reply,
-                    });
-                }
-            }
-            Ok(answers) => {
-                let text = format!("ERR {} replies to {} commands", answers.len(), slots.len());
-                for (i, _) in slots {
-                    replies[i] = Some(RedisReply::Error(text.clone()));
-                }
-            }
-            Err(error) => {
-                let text = clerk_error(&error, write);
-                for (i, _) in slots {
-                    replies[i] = Some(RedisReply::Error(text.clone()));
-                }
-            }
-        }
+        Err(error) => Err(Err(error)),
     }
 }
 

@@ -24,5 +24,7 @@ pub use client::{
 };
 pub use frame::RpcCode;
 pub use handshake::{Access, Credentials, ServerAuth};
-pub use server::{decode_and_call, RawResponder, ReplyBatch, Responder, RpcServer, ServerConfig};
+pub use server::{
+    decode_and_call, BatchWake, RawResponder, ReplyBatch, Responder, RpcServer, ServerConfig,
+};
 pub use services::Router;

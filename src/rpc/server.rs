@@ -1033,6 +1033,15 @@ thread_local! {
     /// [`ReplyBatch`]; `None` outside a batch.
     static BATCH: std::cell::RefCell<Option<Vec<Arc<Connection>>>> =
         const { std::cell::RefCell::new(None) };
+    /// The wake-ups deferred by this thread's open [`ReplyBatch`] (each listed once).
+    static WAKES: std::cell::RefCell<Vec<Arc<dyn BatchWake>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whoever is told that answers are ready (the Redis listener's I/O threads): told once
+/// when the answering thread's [`ReplyBatch`] ends rather than once per answer.
+pub trait BatchWake: Send + Sync {
+    fn wake(&self);
 }
 
 /// Coalesces the replies one thread sends while it lives: each connection's
@@ -1065,6 +1074,20 @@ impl ReplyBatch {
         BATCH.with(|batch| batch.borrow().is_some())
     }
 
+    /// Calls `waker.wake()` when this thread's batch ends (once, however often asked), or
+    /// at once outside a batch.
+    pub fn wake_at_end(waker: &Arc<dyn BatchWake>) {
+        if !ReplyBatch::is_open() {
+            return waker.wake();
+        }
+        WAKES.with(|wakes| {
+            let mut wakes = wakes.borrow_mut();
+            if !wakes.iter().any(|w| Arc::ptr_eq(w, waker)) {
+                wakes.push(Arc::clone(waker));
+            }
+        });
+    }
+
     /// Lists `connection` for the flush at the end of this thread's batch.
     fn defer(connection: &Arc<Connection>) {
         BATCH.with(|batch| {
@@ -1082,6 +1105,9 @@ impl Drop for ReplyBatch {
             .unwrap_or_default();
         for connection in connections {
             connection.flush();
+        }
+        for waker in WAKES.with(|wakes| std::mem::take(&mut *wakes.borrow_mut())) {
+            waker.wake();
         }
     }
 }
@@ -1184,6 +1210,35 @@ enum ResponderInner<T> {
     Remote(RawResponder),
     /// In-process delivery, for tests and local transports.
     Local(crossbeam_channel::Sender<Result<T, RpcError>>),
+    /// In-process delivery to a function (the Redis listener's I/O threads).
+    Callback(CallbackResponder<T>),
+}
+
+type AnswerFn<T> = Box<dyn FnOnce(Result<T, RpcError>) + Send>;
+
+/// The answer function of [`Responder::callback`]. It is called exactly once: with the
+/// answer, or with a `NoReply` error when the responder is dropped unanswered, so whoever
+/// waits on it is never left waiting.
+struct CallbackResponder<T> {
+    /// `None` once called.
+    answer: Option<AnswerFn<T>>,
+}
+
+impl<T> CallbackResponder<T> {
+    fn call(&mut self, result: Result<T, RpcError>) {
+        if let Some(answer) = self.answer.take() {
+            answer(result);
+        }
+    }
+}
+
+impl<T> Drop for CallbackResponder<T> {
+    fn drop(&mut self) {
+        self.call(Err(RpcError::Remote {
+            code: RpcCode::NoReply,
+            message: "the handler dropped its responder without replying".into(),
+        }));
+    }
 }
 
 impl<T: Message> Responder<T> {
@@ -1210,12 +1265,23 @@ impl<T: Message> Responder<T> {
         )
     }
 
+    /// A responder whose answer is handed to `answer`, on the thread that answers (often
+    /// the apply thread, so `answer` must be short and never block). A responder dropped
+    /// unanswered calls `answer` with a `NoReply` error.
+    pub fn callback(answer: impl FnOnce(Result<T, RpcError>) + Send + 'static) -> Responder<T> {
+        Responder {
+            inner: ResponderInner::Callback(CallbackResponder {
+                answer: Some(Box::new(answer)),
+            }),
+        }
+    }
+
     /// See [`RawResponder::take_connection_budget`]; a local responder has no connection
     /// and no budget to spend (always true).
     pub fn take_connection_budget(&self, limit: usize) -> bool {
         match &self.inner {
             ResponderInner::Remote(raw) => raw.take_connection_budget(limit),
-            ResponderInner::Local(_) => true,
+            ResponderInner::Local(_) | ResponderInner::Callback(_) => true,
         }
     }
 
@@ -1223,7 +1289,7 @@ impl<T: Message> Responder<T> {
     pub fn call_id(&self) -> u64 {
         match &self.inner {
             ResponderInner::Remote(raw) => raw.call_id(),
-            ResponderInner::Local(_) => 0,
+            ResponderInner::Local(_) | ResponderInner::Callback(_) => 0,
         }
     }
 
@@ -1236,6 +1302,7 @@ impl<T: Message> Responder<T> {
                 // A dropped receiver means nobody waits for the answer.
                 let _ = tx.send(Ok(reply));
             }
+            ResponderInner::Callback(mut answer) => answer.call(Ok(reply)),
         }
     }
 
@@ -1250,6 +1317,10 @@ impl<T: Message> Responder<T> {
                     message: text.to_string(),
                 }));
             }
+            ResponderInner::Callback(mut answer) => answer.call(Err(RpcError::Remote {
+                code,
+                message: text.to_string(),
+            })),
         }
     }
 }
