@@ -83,6 +83,32 @@ impl Cluster {
         (released, inbox)
     }
 
+    /// Ticks every core `rounds` times, each followed by up to 50 rounds of Ready exchange
+    /// (messages to or from a `down` node are delivered too), and shows every Ready to
+    /// `watch` before it is carried out.
+    fn tick_rounds(&mut self, rounds: usize, mut watch: impl FnMut(&Ready)) {
+        for _ in 0..rounds {
+            for core in &mut self.cores {
+                core.tick();
+            }
+            for _ in 0..50 {
+                let mut inbox = Vec::new();
+                for core in &mut self.cores {
+                    if core.has_ready() {
+                        let ready = core.ready();
+                        watch(&ready);
+                        inbox.extend(ready.messages_unpersisted);
+                        inbox.extend(ready.messages);
+                        core.advance();
+                    }
+                }
+                for message in inbox {
+                    self.cores[message.to as usize - 1].step(message);
+                }
+            }
+        }
+    }
+
     fn tick_until_leader(&mut self) -> usize {
         for _ in 0..100 {
             for core in &mut self.cores {
@@ -239,26 +265,7 @@ fn snapshot_catches_up_a_follower() {
     cluster.cores[leader].compact(applied, b"state".to_vec());
     std::mem::swap(&mut cluster.cores[lagging], &mut saved);
     let mut snapshot_seen = false;
-    for _ in 0..20 {
-        for core in &mut cluster.cores {
-            core.tick();
-        }
-        for _ in 0..50 {
-            let mut inbox = Vec::new();
-            for core in &mut cluster.cores {
-                if core.has_ready() {
-                    let ready = core.ready();
-                    snapshot_seen |= ready.snapshot.is_some();
-                    inbox.extend(ready.messages_unpersisted);
-                    inbox.extend(ready.messages);
-                    core.advance();
-                }
-            }
-            for message in inbox {
-                cluster.cores[message.to as usize - 1].step(message);
-            }
-        }
-    }
+    cluster.tick_rounds(20, |ready| snapshot_seen |= ready.snapshot.is_some());
     assert!(
         snapshot_seen,
         "the lagging follower must receive the snapshot"
@@ -574,29 +581,9 @@ fn the_compaction_floor_waits_for_a_follower_catching_up_within_the_bound() {
     };
     cluster.down = None;
     let mut started = false;
-    for _ in 0..20 {
-        for core in &mut cluster.cores {
-            core.tick();
-        }
-        for _ in 0..50 {
-            let mut inbox = Vec::new();
-            for core in &mut cluster.cores {
-                if core.has_ready() {
-                    let ready = core.ready();
-                    started |= ready.snapshot_sends.contains(&lagging);
-                    inbox.extend(ready.messages_unpersisted);
-                    inbox.extend(ready.messages);
-                    core.advance();
-                }
-            }
-            for message in inbox {
-                cluster.cores[message.to as usize - 1].step(message);
-            }
-        }
-        if started {
-            break;
-        }
-    }
+    cluster.tick_rounds(20, |ready| {
+        started |= ready.snapshot_sends.contains(&lagging)
+    });
     assert!(started, "no snapshot started");
     cluster.down = Some(lagging);
     assert_eq!(cluster.cores[leader].compaction_floor(), meta.index);
