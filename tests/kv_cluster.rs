@@ -339,18 +339,23 @@ fn k9_snapshot_rpc_installs_on_a_lagging_server() {
     }
 }
 
-#[test]
-fn k10_snapshot_size_stays_small() {
-    let cluster = TestCluster::start(3, r#""snapshot_threshold_bytes":1000"#);
-    cluster.wait_leader(Duration::from_secs(5));
-    let mut clerk = cluster.clerk(5_000);
-    for i in 0..800 {
+/// `ops` operations on one key, a put and a get of it in turn (each get sees the put).
+fn put_and_get_in_turn(clerk: &mut kvstore_raft::clerk::Clerk, ops: usize) {
+    for i in 0..ops {
         if i % 2 == 0 {
             clerk.put(b"k", b"v").unwrap();
         } else {
             assert_eq!(clerk.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
         }
     }
+}
+
+#[test]
+fn k10_snapshot_size_stays_small() {
+    let cluster = TestCluster::start(3, r#""snapshot_threshold_bytes":1000"#);
+    cluster.wait_leader(Duration::from_secs(5));
+    let mut clerk = cluster.clerk(5_000);
+    put_and_get_in_turn(&mut clerk, 800);
     for id in 1..=3 {
         let (wal, snapshot) = (cluster.wal_bytes(id), cluster.snapshot_bytes(id));
         assert!(wal <= 8 * 1000 + 4096, "node {id}: WAL of {wal} bytes");
@@ -374,13 +379,7 @@ fn k10_log_compacts_once_a_streamed_snapshot_ends() {
     }
     cluster.start_node(3);
     let mut clerk = cluster.clerk(5_000);
-    for i in 0..800 {
-        if i % 2 == 0 {
-            clerk.put(b"k", b"v").unwrap();
-        } else {
-            assert_eq!(clerk.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
-        }
-    }
+    put_and_get_in_turn(&mut clerk, 800);
     for id in 1..=3 {
         let wal = cluster.wal_bytes(id);
         assert!(
