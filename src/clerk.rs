@@ -402,6 +402,11 @@ impl Clerk {
     /// than success to [`Clerk::exec_after`].
     pub fn next_write_header(&mut self) -> Option<MessageField<RequestHeader>> {
         let session = self.session?;
+        Some(self.write_header(session))
+    }
+
+    /// The header of the next write in `session`: its next seq, taken here.
+    fn write_header(&mut self, session: Session) -> MessageField<RequestHeader> {
         self.last_seq += 1;
         let mut header = request_header(
             session.client_id,
@@ -409,7 +414,7 @@ impl Clerk {
             self.options.client_token.as_deref(),
         );
         header.mut_or_insert_default().session_secret = session.secret;
-        Some(header)
+        header
     }
 
     /// The header of a read (no session; the client token).
@@ -617,13 +622,7 @@ impl Clerk {
                 Some(session) => session,
                 None => self.open_session(deadline)?,
             };
-            self.last_seq += 1;
-            let mut header = request_header(
-                session.client_id,
-                self.last_seq,
-                self.options.client_token.as_deref(),
-            );
-            header.mut_or_insert_default().session_secret = session.secret;
+            let header = self.write_header(session);
             let attempts = Attempts::for_write(deadline);
             match self.call(attempts, |stub| send(stub, header.clone())) {
                 Ok(reply) => return Ok(reply),
