@@ -290,3 +290,232 @@ impl RaftLog {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The log's bookkeeping on its own, after etcd's `log_test.go`: the
+    //! indexes around a snapshot, slicing within a byte budget, appending
+    //! over a conflict, compaction and the byte counts that bound a leader's
+    //! memory. The simulation exercises all of it, but through whole
+    //! clusters, where an index off by one often only costs a round trip.
+    use super::*;
+    use crate::raft::types::EntryKind;
+
+    /// An entry of `data_bytes` bytes (each entry costs `data_bytes + 24`).
+    fn entry(index: u64, term: u64, data_bytes: usize) -> Entry {
+        Entry {
+            term,
+            index,
+            kind: EntryKind::Normal,
+            data: vec![b'x'; data_bytes],
+        }
+    }
+
+    /// A log after snapshot (5, 2) holding 6..=8 with terms 2, 3, 3, 10 bytes each.
+    fn log_after_a_snapshot(commit: u64) -> RaftLog {
+        let entries = vec![entry(6, 2, 10), entry(7, 3, 10), entry(8, 3, 10)];
+        RaftLog::restore(SnapshotMeta { index: 5, term: 2 }, entries, commit)
+    }
+
+    #[test]
+    fn the_indexes_start_after_the_snapshot() {
+        let log = log_after_a_snapshot(7);
+        assert_eq!(log.first_index(), 6);
+        assert_eq!(log.last_index(), 8);
+        assert_eq!(log.last_term(), 3);
+        assert_eq!((log.commit, log.applied, log.stable), (7, 5, 8));
+        assert_eq!(
+            log.term(5),
+            Some(2),
+            "the snapshot's own index keeps its term"
+        );
+        assert_eq!(log.term(4), None, "below the snapshot nothing is known");
+        assert_eq!(log.term(9), None);
+        assert!(log.entry(5).is_none(), "the snapshot's entry is gone");
+        assert_eq!(log.entry(6).map(|e| e.index), Some(6));
+        assert_eq!(log.entry(8).map(|e| e.term), Some(3));
+        assert!(log.match_term(7, 3) && !log.match_term(7, 2));
+        assert_eq!(log.size_bytes(), 3 * 34);
+        assert_eq!(
+            log.uncommitted_bytes(),
+            34,
+            "only entry 8 is above commit 7"
+        );
+    }
+
+    #[test]
+    fn a_restored_commit_beyond_the_log_is_cut_to_its_end() {
+        let log = log_after_a_snapshot(100);
+        assert_eq!(log.commit, 8);
+        assert_eq!(log.uncommitted_bytes(), 0);
+        let empty = RaftLog::restore(SnapshotMeta { index: 5, term: 2 }, Vec::new(), 9);
+        assert_eq!(
+            (empty.first_index(), empty.last_index(), empty.commit),
+            (6, 5, 5)
+        );
+        assert_eq!(
+            empty.last_term(),
+            2,
+            "an empty log's last term is the snapshot's"
+        );
+    }
+
+    #[test]
+    fn a_slice_keeps_to_the_log_and_the_byte_budget_but_always_moves() {
+        let log = log_after_a_snapshot(8);
+        let indexes = |entries: Vec<Entry>| entries.iter().map(|e| e.index).collect::<Vec<_>>();
+        assert_eq!(indexes(log.slice(1, 100, usize::MAX)), vec![6, 7, 8]);
+        assert_eq!(indexes(log.slice(7, 7, usize::MAX)), vec![7]);
+        assert_eq!(
+            indexes(log.slice(6, 8, 68)),
+            vec![6, 7],
+            "two entries fit in 68 bytes"
+        );
+        assert_eq!(
+            indexes(log.slice(6, 8, 67)),
+            vec![6],
+            "one byte short of two entries"
+        );
+        assert_eq!(indexes(log.slice(6, 8, 1)), vec![6], "at least one entry");
+        assert!(log.slice(9, 20, usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn unstable_entries_are_those_above_stable() {
+        let mut log = log_after_a_snapshot(8);
+        assert!(log.unstable_entries().is_empty());
+        log.append(entry(9, 3, 0));
+        log.append(entry(10, 4, 0));
+        let unstable: Vec<u64> = log.unstable_entries().iter().map(|e| e.index).collect();
+        assert_eq!(unstable, vec![9, 10]);
+    }
+
+    #[test]
+    fn append_after_skips_what_it_holds_and_replaces_a_conflicting_tail() {
+        let mut log = log_after_a_snapshot(6);
+        // 7 and 8 match: nothing changes, and no bytes are counted twice.
+        assert!(log.append_after(6, &[entry(7, 3, 10), entry(8, 3, 10)]));
+        assert_eq!((log.last_index(), log.size_bytes()), (8, 3 * 34));
+        // 8 conflicts (term 4 against 3): it is dropped and replaced, with 9 after it.
+        assert!(log.append_after(7, &[entry(8, 4, 0), entry(9, 4, 0)]));
+        assert_eq!((log.last_index(), log.last_term()), (9, 4));
+        assert_eq!(log.term(8), Some(4));
+        assert_eq!(log.size_bytes(), 2 * 34 + 2 * 24);
+        assert_eq!(log.stable, 7, "the replaced entry is no longer durable");
+        // Nothing new: accepted without change.
+        assert!(log.append_after(7, &[entry(8, 4, 0)]));
+        assert_eq!(log.last_index(), 9);
+    }
+
+    #[test]
+    fn append_after_refuses_to_replace_a_committed_entry_or_lower_a_term() {
+        let mut log = log_after_a_snapshot(7);
+        assert!(!log.append_after(6, &[entry(7, 4, 0)]), "7 is committed");
+        assert_eq!(log.term(7), Some(3), "a refusal changes nothing");
+        assert!(
+            !log.append_after(8, &[entry(9, 2, 0)]),
+            "term 2 after term 3"
+        );
+        assert_eq!(log.last_index(), 8);
+    }
+
+    #[test]
+    fn compaction_moves_the_start_and_keeps_the_term_of_the_last_entry_dropped() {
+        let mut log = log_after_a_snapshot(8);
+        log.applied = 7;
+        log.compact(7);
+        assert_eq!(log.snapshot_meta(), SnapshotMeta { index: 7, term: 3 });
+        assert_eq!((log.first_index(), log.last_index()), (8, 8));
+        assert_eq!(log.size_bytes(), 34);
+        assert_eq!(log.uncommitted_bytes(), 0);
+        log.compact(6);
+        assert_eq!(
+            log.first_index(),
+            8,
+            "compacting below the snapshot does nothing"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "compacting unapplied entry 8")]
+    fn compaction_never_drops_an_unapplied_entry() {
+        let mut log = log_after_a_snapshot(8);
+        log.applied = 7;
+        log.compact(8);
+    }
+
+    #[test]
+    fn an_installed_snapshot_replaces_the_whole_log() {
+        let mut log = log_after_a_snapshot(6);
+        log.install_snapshot(SnapshotMeta { index: 20, term: 5 });
+        assert_eq!(
+            (log.first_index(), log.last_index(), log.last_term()),
+            (21, 20, 5)
+        );
+        assert_eq!((log.commit, log.applied, log.stable), (20, 20, 20));
+        assert_eq!((log.size_bytes(), log.uncommitted_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn commit_never_moves_back_nor_past_the_log() {
+        let mut log = log_after_a_snapshot(6);
+        log.commit_to(5);
+        assert_eq!(log.commit, 6);
+        log.commit_to(7);
+        assert_eq!((log.commit, log.uncommitted_bytes()), (7, 34));
+        log.commit_to(50);
+        assert_eq!((log.commit, log.uncommitted_bytes()), (8, 0));
+    }
+
+    #[test]
+    fn the_conflict_hint_skips_a_whole_run_of_terms() {
+        // Terms: snapshot (5, 2), then 6:2 7:3 8:3 9:5 10:5.
+        let mut log = log_after_a_snapshot(8);
+        log.append(entry(9, 5, 0));
+        log.append(entry(10, 5, 0));
+        assert_eq!(
+            log.find_conflict_by_term(10, 4),
+            (8, 3),
+            "past the run of term 5"
+        );
+        assert_eq!(log.find_conflict_by_term(10, 5), (10, 5));
+        assert_eq!(
+            log.find_conflict_by_term(30, 5),
+            (10, 5),
+            "capped at the last index"
+        );
+        assert_eq!(log.find_conflict_by_term(8, 2), (6, 2));
+        assert_eq!(
+            log.find_conflict_by_term(8, 1),
+            (5, 2),
+            "below the log: the snapshot"
+        );
+    }
+
+    #[test]
+    fn a_candidate_is_up_to_date_by_last_term_then_last_index() {
+        let log = log_after_a_snapshot(8); // last (8, 3)
+        assert!(
+            log.is_up_to_date(1, 4),
+            "a higher last term wins at any index"
+        );
+        assert!(log.is_up_to_date(8, 3), "the same last entry is up to date");
+        assert!(log.is_up_to_date(9, 3));
+        assert!(
+            !log.is_up_to_date(7, 3),
+            "a shorter log of the same term is not"
+        );
+        assert!(
+            !log.is_up_to_date(100, 2),
+            "a lower last term loses at any index"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "commit beyond the log")]
+    fn the_invariant_check_catches_a_commit_beyond_the_log() {
+        let mut log = log_after_a_snapshot(8);
+        log.commit = 9;
+        log.assert_invariants();
+    }
+}
