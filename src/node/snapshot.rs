@@ -207,11 +207,15 @@ impl SnapshotReceiver {
             unreachable!("an InstallSnapshot")
         };
         let (offset, len) = (*offset, data.len() as u64);
+        let mut slot = self.transfer.lock();
+        // Checked under the transfer's lock, and set under it when a transfer completes (see
+        // below): a first chunk of another leader's transfer that waited for the lock must
+        // not start a new intake, which would replace the received files before they are
+        // swapped in.
         if self.installing.load(Ordering::SeqCst) {
             // Busy swapping in the last one; the leader tries again.
             return Ok(Step::Answer(0, false));
         }
-        let mut slot = self.transfer.lock();
         let same = |t: &Transfer| t.from == message.from && t.meta == *meta;
         match slot.as_ref() {
             Some(t) if same(t) && offset + len == t.expected && len == t.last_len => {
@@ -254,6 +258,9 @@ impl SnapshotReceiver {
             ));
         }
         metrics::SNAPSHOT_INSTALL_DURATION.observe_duration(transfer.started.elapsed());
+        // Still under the lock: from here until the install ends (`InstallingMark`), no
+        // transfer starts.
+        self.installing.store(true, Ordering::SeqCst);
         Ok(Step::Complete(received, transfer.expected))
     }
 
@@ -273,7 +280,10 @@ impl SnapshotReceiver {
         };
         metrics::SNAPSHOTS_RECEIVED.inc();
         metrics::SNAPSHOT_RECEIVED_BYTES.inc_by(bytes);
-        self.installing.store(true, Ordering::SeqCst);
+        debug_assert!(
+            self.installing.load(Ordering::SeqCst),
+            "set when the transfer completed"
+        );
         let id = self.id;
         let install = InstallReceived {
             index: received.applied_index(),
@@ -678,11 +688,15 @@ mod tests {
     use super::*;
     use crossbeam_channel::Receiver;
 
+    /// `received` plays the real store's `engine.incoming` directory: one place that every
+    /// intake starts afresh and that a received snapshot's swap moves into `live`.
     #[derive(Default)]
     struct FakeStore {
         /// What the last intake received, in order.
         received: Arc<Mutex<Vec<u8>>>,
         live: Arc<Mutex<Vec<u8>>>,
+        /// When set, `finish` says it has begun (first channel) and waits for the second.
+        finish_gate: Option<(Sender<()>, Receiver<()>)>,
     }
 
     struct FakeIntake {
@@ -690,10 +704,11 @@ mod tests {
         complete: bool,
         received: Arc<Mutex<Vec<u8>>>,
         live: Arc<Mutex<Vec<u8>>>,
+        finish_gate: Option<(Sender<()>, Receiver<()>)>,
     }
 
     struct FakeReceived {
-        state: Vec<u8>,
+        received: Arc<Mutex<Vec<u8>>>,
         live: Arc<Mutex<Vec<u8>>>,
     }
 
@@ -708,6 +723,7 @@ mod tests {
                 complete: false,
                 received: Arc::clone(&self.received),
                 live: Arc::clone(&self.live),
+                finish_gate: self.finish_gate.clone(),
             }))
         }
     }
@@ -732,8 +748,12 @@ mod tests {
             self.complete
         }
         fn finish(self: Box<Self>) -> Result<Box<dyn ReceivedSnapshot>, String> {
+            if let Some((begun, go)) = &self.finish_gate {
+                begun.send(()).unwrap();
+                go.recv().unwrap();
+            }
             Ok(Box::new(FakeReceived {
-                state: self.received.lock().clone(),
+                received: self.received,
                 live: self.live,
             }))
         }
@@ -744,7 +764,7 @@ mod tests {
             50
         }
         fn swap_in(self: Box<Self>) -> Result<(), String> {
-            *self.live.lock() = self.state;
+            *self.live.lock() = self.received.lock().clone();
             Ok(())
         }
     }
@@ -775,7 +795,11 @@ mod tests {
 
     impl Follower {
         fn new() -> Follower {
-            let store = Arc::new(FakeStore::default());
+            Follower::with_store(FakeStore::default())
+        }
+
+        fn with_store(store: FakeStore) -> Follower {
+            let store = Arc::new(store);
             let (tx, events) = bounded(16);
             let receiver = SnapshotReceiver::new(2, Arc::clone(&store) as _, tx);
             Follower {
@@ -843,6 +867,56 @@ mod tests {
         assert!(reply.success && reply.next_offset == 11 && reply.last_included_index == 50);
         // Installed: a new transfer may start.
         assert_eq!(f.send(chunk(3, 0, b"\x00zz")), Some((3, true)));
+    }
+
+    /// Two leaders of different terms may stream at once (the old one has not heard of the
+    /// new term yet). The first chunk of one transfer, arriving while the other completes,
+    /// once waited for the transfer lock past the "installing" check and then started a new
+    /// intake, which emptied the received files before they were swapped in: the node
+    /// installed an empty engine and stopped ("carries no data and the engine is at index
+    /// 0", seen in process_cluster::m8_chaos).
+    #[test]
+    fn a_transfer_starting_while_another_completes_waits_for_its_install() {
+        let (begun_tx, begun) = bounded(1);
+        let (go, go_rx) = bounded(1);
+        let f = Arc::new(Follower::with_store(FakeStore {
+            finish_gate: Some((begun_tx, go_rx)),
+            ..FakeStore::default()
+        }));
+        assert_eq!(f.send(chunk(1, 0, b"\x00aaaa")), Some((5, true)));
+        let completing = {
+            let f = Arc::clone(&f);
+            std::thread::spawn(move || {
+                let (responder, _answer) = Responder::local();
+                f.receiver.handle(chunk(1, 5, b"\x01E"), responder);
+            })
+        };
+        // The last chunk is in `finish`, holding the transfer lock; node 3's first chunk
+        // comes now and waits for that lock.
+        begun.recv_timeout(Duration::from_secs(10)).unwrap();
+        let starting = {
+            let f = Arc::clone(&f);
+            std::thread::spawn(move || f.send(chunk(3, 0, b"\x00zz")))
+        };
+        // Give node 3's chunk time to reach the lock. (Should it come late instead, it
+        // finds the install under way either way: the test can then only pass.)
+        std::thread::sleep(Duration::from_millis(300));
+        go.send(()).unwrap();
+        completing.join().unwrap();
+        assert_eq!(
+            starting.join().unwrap(),
+            Some((0, false)),
+            "a transfer started while another one was being handed over to be installed"
+        );
+        let Ok(Event::SnapshotReceived(mut install)) = f.events.try_recv() else {
+            panic!("no install handed over")
+        };
+        install.swap_in().unwrap();
+        assert_eq!(
+            *f.store.live.lock(),
+            vec![0, 1],
+            "the installed state is node 1's"
+        );
     }
 
     #[test]
