@@ -67,8 +67,11 @@ if [ -n "${MUTANTS_SHARD:-}" ]; then shard_args=(--shard "$MUTANTS_SHARD"); fi
 TREE=$WORK/tree
 rm -rf "$TREE"
 mkdir -p "$TREE" "$OUT"
+# `tar -m` gives every file the time of the copy: with the original times, a
+# file the last run mutated and restored would look older than the build
+# cargo fingerprinted, and the baseline would reuse that mutant's binary.
 git ls-files -z --cached --others --exclude-standard | grep -zv '^target/' |
-    xargs -0 tar -cf - --no-recursion | tar -xf - -C "$TREE"
+    xargs -0 tar -cf - --no-recursion | tar -xmf - -C "$TREE"
 export CARGO_TARGET_DIR=$WORK/target
 if [ ! -d "$CARGO_TARGET_DIR/release" ] && [ -d "$ROOT/target/release" ]; then
     mkdir -p "$CARGO_TARGET_DIR"
