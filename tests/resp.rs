@@ -197,9 +197,15 @@ fn every_command_answers_as_redis_does_on_a_follower_and_the_leader() {
         q(&mut f, &["CLIENT", "NOPE"]),
         Err("ERR unknown subcommand 'NOPE'. Try CLIENT HELP.".into())
     );
+    let hello = ok(&mut f, &["HELLO", "3"]);
+    assert!(
+        matches!(&hello, Value::Map(pairs) if pairs.contains(&(bulk("proto"), Value::Int(3)))),
+        "HELLO 3 answers a RESP3 map: {hello:?}"
+    );
+    assert_eq!(ok(&mut f, &["GET", "missing"]), Value::Nil, "RESP3's null");
     assert_eq!(
-        q(&mut f, &["HELLO", "3"]),
-        Err("NOPROTO sorry, this protocol version is not supported".into())
+        q(&mut f, &["HELLO", "4"]),
+        Err("NOPROTO unsupported protocol version".into())
     );
     assert!(matches!(ok(&mut f, &["HELLO", "2"]), Value::Array(_)));
     let info: String = redis::from_redis_value(&ok(&mut f, &["INFO"])).unwrap();
@@ -235,6 +241,70 @@ fn every_command_answers_as_redis_does_on_a_follower_and_the_leader() {
     assert_eq!(ok(&mut f, &["CLIENT", "GETNAME"]), Value::Nil);
     assert_eq!(ok(&mut f, &["QUIT"]), Value::Okay);
     assert!(q(&mut f, &["PING"]).is_err(), "QUIT closes the connection");
+
+    resp3_clients_get_maps_and_nulls(&cluster, follower);
+}
+
+/// A client library in RESP3 mode (it sends `HELLO 3` as it connects), and the raw frames.
+fn resp3_clients_get_maps_and_nulls(cluster: &Cluster, id: u64) {
+    use std::io::{Read, Write};
+    let port = cluster.resp_ports[(id - 1) as usize];
+    let client =
+        redis::Client::open(format!("redis://127.0.0.1:{port}/?protocol=resp3")).expect("a client");
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(10))
+        .expect("a RESP3 connection");
+    con.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(ok(&mut con, &["SET", "r3", "v"]), Value::Okay);
+    assert_eq!(
+        ok(&mut con, &["MGET", "r3", "missing"]),
+        Value::Array(vec![bulk("v"), Value::Nil])
+    );
+    assert_eq!(
+        ok(&mut con, &["CONFIG", "GET", "save"]),
+        Value::Map(Vec::new())
+    );
+    let docs = ok(&mut con, &["COMMAND", "DOCS", "get"]);
+    assert!(
+        matches!(&docs, Value::Map(pairs) if pairs.len() == 1
+            && pairs[0].0 == bulk("get") && matches!(pairs[0].1, Value::Map(_))),
+        "{docs:?}"
+    );
+    let hello = ok(&mut con, &["HELLO"]);
+    assert!(
+        matches!(&hello, Value::Map(pairs) if pairs.contains(&(bulk("proto"), Value::Int(3)))),
+        "{hello:?}"
+    );
+
+    // The frames themselves: a map header, RESP3's null, and back to RESP2 after RESET.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    raw.write_all(b"HELLO 3\r\nPING\r\n").unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"+PONG\r\n") {
+        let mut chunk = [0u8; 4096];
+        let n = raw.read(&mut chunk).expect("HELLO's reply");
+        assert!(n > 0 && got.len() < 65536, "no PONG after HELLO: {got:?}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n"),
+        "HELLO 3 answers a map: {}",
+        String::from_utf8_lossy(&got)
+    );
+    let mut exchange = |request: &str, expected: &str| {
+        raw.write_all(request.as_bytes()).unwrap();
+        let mut got = vec![0u8; expected.len()];
+        raw.read_exact(&mut got).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            expected,
+            "reply to {request:?}"
+        );
+    };
+    exchange("GET missing\r\n", "_\r\n");
+    exchange("RESET\r\n", "+RESET\r\n");
+    exchange("GET missing\r\n", "$-1\r\n");
 }
 
 #[test]

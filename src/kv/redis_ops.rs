@@ -69,6 +69,9 @@ pub enum RedisReply {
     Error(String),
     Array(Vec<RedisReply>),
     Status(String),
+    /// Keys and their values: a map for a RESP3 client (HELLO 3), a flat array of key,
+    /// value, key, value, ... for a RESP2 one and between nodes.
+    Map(Vec<(RedisReply, RedisReply)>),
 }
 
 impl RedisWrite {
@@ -246,6 +249,13 @@ impl RedisReply {
             RedisReply::Status(text) => {
                 reply.bulk = text.as_bytes().to_vec();
                 op_reply::Kind::STATUS
+            }
+            RedisReply::Map(pairs) => {
+                reply.items = pairs
+                    .iter()
+                    .flat_map(|(key, value)| [key.to_proto(), value.to_proto()])
+                    .collect();
+                op_reply::Kind::ARRAY
             }
         };
         reply.kind = EnumOrUnknown::new(kind);

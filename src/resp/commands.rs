@@ -45,6 +45,8 @@ pub struct ConnState {
     pub name: Option<Vec<u8>>,
     /// True once AUTH succeeded, or from the start when the cluster has no client token.
     pub authed: bool,
+    /// The RESP version the client chose with HELLO: 2 (the default) or 3.
+    pub proto: u8,
     /// SCAN cursor number -> the last key the scan returned.
     cursors: HashMap<u64, Vec<u8>>,
     next_cursor: u64,
@@ -57,6 +59,7 @@ impl ConnState {
             peer,
             name: None,
             authed: !needs_auth,
+            proto: 2,
             cursors: HashMap::new(),
             next_cursor: 1,
         }
@@ -65,6 +68,7 @@ impl ConnState {
     fn reset(&mut self, needs_auth: bool) {
         self.name = None;
         self.authed = !needs_auth;
+        self.proto = 2;
         self.cursors.clear();
     }
 
@@ -569,7 +573,7 @@ pub fn classify(args: &[Vec<u8>], state: &mut ConnState, ctx: &RespContext) -> A
         "info" => Action::Reply(RedisReply::Bulk(info(ctx, a).into_bytes())),
         "command" => command(a),
         "config" => match String::from_utf8_lossy(&a[0]).to_lowercase().as_str() {
-            "get" => Action::Reply(RedisReply::Array(Vec::new())),
+            "get" => Action::Reply(RedisReply::Map(Vec::new())),
             _ => error(format!(
                 "ERR unknown subcommand '{}'. Try CONFIG HELP.",
                 printable(&a[0])
@@ -681,12 +685,14 @@ fn auth(a: &[Vec<u8>], state: &mut ConnState, ctx: &RespContext) -> Action {
 
 fn hello(a: &[Vec<u8>], state: &mut ConnState, ctx: &RespContext) -> Action {
     let mut rest = a.iter();
+    let mut proto = state.proto;
     if let Some(version) = rest.next() {
-        match parse_i64(version) {
-            Some(2) => {}
-            Some(_) => return error("NOPROTO sorry, this protocol version is not supported"),
+        proto = match parse_i64(version) {
+            Some(2) => 2,
+            Some(3) => 3,
+            Some(_) => return error("NOPROTO unsupported protocol version"),
             None => return error("ERR Protocol version is not an integer or out of range"),
-        }
+        };
     }
     while let Some(option) = rest.next() {
         match String::from_utf8_lossy(option).to_uppercase().as_str() {
@@ -712,27 +718,22 @@ fn hello(a: &[Vec<u8>], state: &mut ConnState, ctx: &RespContext) -> Action {
     if !state.authed {
         return error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
     }
+    // The version switches only once the client is known: the reply is in the new one.
+    state.proto = proto;
     let bulk = |s: &str| RedisReply::Bulk(s.as_bytes().to_vec());
     let role = if ctx.node.status().role == Role::Leader {
         "master"
     } else {
         "replica"
     };
-    Action::Reply(RedisReply::Array(vec![
-        bulk("server"),
-        bulk("redis"),
-        bulk("version"),
-        bulk(REDIS_VERSION),
-        bulk("proto"),
-        RedisReply::Int(2),
-        bulk("id"),
-        RedisReply::Int(state.id as i64),
-        bulk("mode"),
-        bulk("standalone"),
-        bulk("role"),
-        bulk(role),
-        bulk("modules"),
-        RedisReply::Array(Vec::new()),
+    Action::Reply(RedisReply::Map(vec![
+        (bulk("server"), bulk("redis")),
+        (bulk("version"), bulk(REDIS_VERSION)),
+        (bulk("proto"), RedisReply::Int(i64::from(proto))),
+        (bulk("id"), RedisReply::Int(state.id as i64)),
+        (bulk("mode"), bulk("standalone")),
+        (bulk("role"), bulk(role)),
+        (bulk("modules"), RedisReply::Array(Vec::new())),
     ]))
 }
 
@@ -845,20 +846,17 @@ fn command_info(spec: &Spec) -> RedisReply {
     ])
 }
 
-fn command_docs(spec: &Spec) -> [RedisReply; 2] {
+fn command_docs(spec: &Spec) -> (RedisReply, RedisReply) {
     let bulk = |s: &str| RedisReply::Bulk(s.as_bytes().to_vec());
     let (name, .., group, summary) = *spec;
-    [
+    (
         bulk(name),
-        RedisReply::Array(vec![
-            bulk("summary"),
-            bulk(summary),
-            bulk("since"),
-            bulk("1.0.0"),
-            bulk("group"),
-            bulk(group),
+        RedisReply::Map(vec![
+            (bulk("summary"), bulk(summary)),
+            (bulk("since"), bulk("1.0.0")),
+            (bulk("group"), bulk(group)),
         ]),
-    ]
+    )
 }
 
 fn command(a: &[Vec<u8>]) -> Action {
@@ -884,7 +882,7 @@ fn command(a: &[Vec<u8>]) -> Action {
             } else {
                 named(&a[1..]).into_iter().flatten().collect()
             };
-            RedisReply::Array(specs.into_iter().flat_map(command_docs).collect())
+            RedisReply::Map(specs.into_iter().map(command_docs).collect())
         }
         Some("list") => RedisReply::Array(
             COMMANDS

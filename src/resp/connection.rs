@@ -167,7 +167,7 @@ impl Connection {
                     "ERR Protocol error: a request of more than {} bytes",
                     self.max_buffered_bytes
                 );
-                encode(&RedisReply::Error(text), &mut self.outbox);
+                encode(&RedisReply::Error(text), self.state.proto, &mut self.outbox);
                 self.closing = true;
                 continue;
             }
@@ -304,10 +304,14 @@ impl Connection {
             }
             for reply in round.replies {
                 let reply = reply.unwrap_or_else(|| RedisReply::Error("ERR no reply".into()));
-                encode(&reply, &mut self.outbox);
+                encode(&reply, self.state.proto, &mut self.outbox);
             }
             if let Some(error) = &round.broken {
-                encode(&RedisReply::Error(error.clone()), &mut self.outbox);
+                encode(
+                    &RedisReply::Error(error.clone()),
+                    self.state.proto,
+                    &mut self.outbox,
+                );
             }
             if round.quit || round.broken.is_some() {
                 self.closing = true;
@@ -501,8 +505,10 @@ fn clerk_error(error: &ClerkError, write: bool) -> String {
     }
 }
 
-/// Appends the RESP2 encoding of `reply` to `out`.
-pub fn encode(reply: &RedisReply, out: &mut Vec<u8>) {
+/// Appends the encoding of `reply` in RESP version `proto` (2 or 3) to `out`. RESP3 differs
+/// here only in its null (`_`) and its maps (`%`); RESP2 has a null bulk string and
+/// flattens a map into an array of keys and values.
+pub fn encode(reply: &RedisReply, proto: u8, out: &mut Vec<u8>) {
     // A simple string or error is one line: a CR or LF inside it would end it early.
     let line = |prefix: u8, text: &str, out: &mut Vec<u8>| {
         out.push(prefix);
@@ -514,6 +520,7 @@ pub fn encode(reply: &RedisReply, out: &mut Vec<u8>) {
     };
     match reply {
         RedisReply::Ok => out.extend_from_slice(b"+OK\r\n"),
+        RedisReply::Nil if proto >= 3 => out.extend_from_slice(b"_\r\n"),
         RedisReply::Nil => out.extend_from_slice(b"$-1\r\n"),
         RedisReply::Int(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
         RedisReply::Status(text) => line(b'+', text, out),
@@ -526,7 +533,19 @@ pub fn encode(reply: &RedisReply, out: &mut Vec<u8>) {
         RedisReply::Array(items) => {
             out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
             for item in items {
-                encode(item, out);
+                encode(item, proto, out);
+            }
+        }
+        RedisReply::Map(pairs) => {
+            let header = if proto >= 3 {
+                format!("%{}\r\n", pairs.len())
+            } else {
+                format!("*{}\r\n", pairs.len() * 2)
+            };
+            out.extend_from_slice(header.as_bytes());
+            for (key, value) in pairs {
+                encode(key, proto, out);
+                encode(value, proto, out);
             }
         }
     }

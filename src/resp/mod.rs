@@ -1,15 +1,15 @@
-//! The Redis protocol (RESP2): every node can serve Redis clients on its `resp_port`.
-//! It parses RESP ([`parser`]), turns commands into the Redis ops of the KV service
-//! ([`commands`]), and runs each connection as a state machine ([`connection`]) on one of
-//! a few I/O threads ([`io`]) that poll many sockets at once: a command costs no thread of
-//! its own and no blocked wait. Each connection has a [`Clerk`](crate::clerk::Clerk) of its
-//! own: one client session per connection and one sequence number per batch of writes, so
-//! a write retried inside the cluster after a leader change is applied once. On the leader
-//! a batch goes straight to this node's KV service and its answer comes back to the I/O
-//! thread; anything that must wait (forwarding from a follower, opening the session, a
-//! retry, a SCAN) runs on a worker ([`workers`]) through the clerk, which reaches this
-//! node's own KV service in-process ([`local`]) and the others over the RPC port. The state
-//! machine never knows which wire a command came from.
+//! The Redis protocol (RESP2, and RESP3 for a connection that asks with `HELLO 3`): every node
+//! can serve Redis clients on its `resp_port`. It parses RESP ([`parser`]), turns commands into
+//! the Redis ops of the KV service ([`commands`]), and runs each connection as a state machine
+//! ([`connection`]) on one of a few I/O threads ([`io`]) that poll many sockets at once: a
+//! command costs no thread of its own and no blocked wait. Each connection has a
+//! [`Clerk`](crate::clerk::Clerk) of its own: one client session per connection and one
+//! sequence number per batch of writes, so a write retried inside the cluster after a leader
+//! change is applied once. On the leader a batch goes straight to this node's KV service and
+//! its answer comes back to the I/O thread; anything that must wait (forwarding from a
+//! follower, opening the session, a retry, a SCAN) runs on a worker ([`workers`]) through the
+//! clerk, which reaches this node's own KV service in-process ([`local`]) and the others over
+//! the RPC port. The state machine never knows which wire a command came from.
 //!
 //! Bounds: at most `max_connections` Redis connections (one more is answered
 //! `-ERR max number of clients reached` and closed) served by [`IO_THREADS`] threads, and
@@ -143,7 +143,7 @@ impl RespServer {
                 .name(format!("resp-accept-{}", local_addr.port()))
                 .spawn(move || accept_loop(&listener, &shared, &inboxes))?,
         );
-        log::info!("serving Redis clients (RESP2) on {local_addr}");
+        log::info!("serving Redis clients (RESP2, RESP3) on {local_addr}");
         Ok(server)
     }
 

@@ -162,6 +162,21 @@ impl TestCluster {
             .map(|s| s.handle().status())
     }
 
+    /// A Redis listener (src/resp/) for running node `id` on a free loopback port, as
+    /// `kvserver` starts one for a node with a `resp_port`. Drop it before the node stops.
+    pub fn resp_server(&self, id: NodeId) -> kvstore_raft::resp::RespServer {
+        let servers = self.servers.lock();
+        let server = servers[id as usize - 1].as_ref().expect("node running");
+        kvstore_raft::resp::RespServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            &self.config,
+            id,
+            server.service(),
+            server.handle().clone(),
+        )
+        .expect("a Redis listener")
+    }
+
     /// The handle of running node `id`: its fatal error, its thread spawner.
     pub fn handle(&self, id: NodeId) -> Option<kvstore_raft::node::NodeHandle> {
         self.servers.lock()[id as usize - 1]
@@ -176,6 +191,12 @@ impl TestCluster {
             cut.insert((a, b));
             cut.insert((b, a));
         }
+    }
+
+    /// Drops every message from `from` to `to`, and only that direction (e.g. a
+    /// follower's acknowledgements to its leader, while the leader's entries still arrive).
+    pub fn cut_one_way(&self, from: NodeId, to: NodeId) {
+        self.cut.lock().insert((from, to));
     }
 
     /// Cuts `id` off from every other node.
