@@ -248,6 +248,49 @@ impl Engine {
         Ok(())
     }
 
+    /// Bulk-loads keys and values into an engine that holds no data yet, straight into table
+    /// files (fjall's ingestion: no journal, no memtable, nothing for compaction to rewrite),
+    /// for a snapshot being received. `batches` yields rows in strictly increasing key order
+    /// across all batches, then `None`: the load is finished, its tables fsynced and
+    /// registered, and `Ok(true)` returned. When `batches` ends without `None` the load was
+    /// abandoned: nothing is registered (the caller discards the engine) and `Ok(false)` is
+    /// returned. Rows out of order are an error (checked here too: fjall would panic).
+    /// Memory: one batch, and the table being written (its blocks go to disk as they fill).
+    pub fn ingest_data(
+        &self,
+        batches: impl Iterator<Item = Option<Vec<(Vec<u8>, Vec<u8>)>>>,
+    ) -> Result<bool, EngineError> {
+        let mut ingestion = self.data.start_ingestion().map_err(|e| self.error(e))?;
+        let mut stored = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        for batch in batches {
+            let Some(rows) = batch else {
+                ingestion.finish().map_err(|e| self.error(e))?;
+                return Ok(true);
+            };
+            for (key, value) in rows {
+                if key.len() > MAX_KEY_BYTES {
+                    return Err(self.error(format!("ingesting a key of {} bytes", key.len())));
+                }
+                stored.clear();
+                stored.extend_from_slice(DATA_KEY_PREFIX);
+                stored.extend_from_slice(&key);
+                if last
+                    .as_deref()
+                    .is_some_and(|last| last >= stored.as_slice())
+                {
+                    return Err(self.error(format!("ingesting {} out of order", key_name(&key))));
+                }
+                let row = seal(&key, &value);
+                ingestion
+                    .write(stored.as_slice(), row)
+                    .map_err(|e| self.error(e))?;
+                last.get_or_insert_with(Vec::new).clone_from(&stored);
+            }
+        }
+        Ok(false)
+    }
+
     /// Makes every commit so far durable (the journal written and fsynced).
     pub fn checkpoint(&self) -> Result<(), EngineError> {
         self.db
