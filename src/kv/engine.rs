@@ -198,6 +198,16 @@ impl Engine {
         row: &[u8],
         what: impl Fn() -> String,
     ) -> Result<Vec<u8>, EngineError> {
+        self.checked(key, row, what).map(<[u8]>::to_vec)
+    }
+
+    /// The value in `row`, its checksum verified, without a copy.
+    fn checked<'r>(
+        &self,
+        key: &[u8],
+        row: &'r [u8],
+        what: impl Fn() -> String,
+    ) -> Result<&'r [u8], EngineError> {
         if row.len() < CHECKSUM_BYTES {
             return Err(self.error(format!(
                 "{}: row of {} bytes is too short",
@@ -214,7 +224,7 @@ impl Engine {
                 what()
             )));
         }
-        Ok(value.to_vec())
+        Ok(value)
     }
 
     /// Writes `batch` atomically (one journal record). With `durable`, it and every commit
@@ -429,8 +439,8 @@ impl EngineView {
             let key = stored.strip_prefix(DATA_KEY_PREFIX).ok_or_else(|| {
                 engine.error(format!("a stored {} without its prefix", key_name(&stored)))
             })?;
-            let value = engine.unseal(key, &row, || key_name(key))?;
-            if !each(key, &value) {
+            let value = engine.checked(key, &row, || key_name(key))?;
+            if !each(key, value) {
                 break;
             }
         }

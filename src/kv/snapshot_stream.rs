@@ -804,7 +804,10 @@ impl Ingest {
         let engine = engine.clone();
         let thread = std::thread::Builder::new()
             .name("snapshot-ingest".into())
-            .spawn(move || engine.ingest_data(batches.into_iter()))
+            .spawn(move || {
+                crate::threads::yield_to_clients("snapshot-ingest");
+                engine.ingest_data(batches.into_iter())
+            })
             .map_err(|e| io_error("starting the snapshot-ingest thread", e))?;
         Ok(Ingest {
             rows: Some(rows),
