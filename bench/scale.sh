@@ -133,6 +133,7 @@ done
     echo "data dir: $WORK ($(df -T "$WORK" | awk 'NR == 2 { print $2 }'))"
     echo "commit: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "parameters: $MODE, keys $KEYS, value ${VALUE_SIZE} B, victim $VICTIM, clients $CLIENTS, baseline ${BASELINE_S}s, load ${LOAD_S}s"
+    echo "config_json: ${CONFIG_JSON:-none}"
     echo "loadavg_before: $(cat /proc/loadavg)"
 } >"$OUT/machine.txt"
 
