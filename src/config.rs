@@ -122,8 +122,10 @@ pub struct ClusterConfig {
     /// The most log a leader keeps in memory, past what compaction would drop, for a follower
     /// continuing from a streamed snapshot (while it receives it, and until it has caught up
     /// after installing it); a follower that would need more gets a snapshot again. Default
-    /// 128 MiB: bounds the leader's memory during a long transfer, and is enough for a
-    /// follower given a million keys under load to catch up from the log.
+    /// 256 MiB: bounds the leader's memory during a long transfer, and is enough for a
+    /// follower given 10 M keys under 64 writing clients to catch up from the log (the
+    /// transfer took 20 s, the clients wrote ~500,000 entries, ~160 MB, meanwhile; with
+    /// 128 MiB it needed a second snapshot: bench/results/2026-12-08-scale-10m-stream/).
     pub max_catch_up_log_bytes: u64,
     /// Slots of the LockQueue: client requests inside the node at once, each
     /// holding its slot from admission until it is answered (also the
@@ -414,7 +416,7 @@ impl ClusterConfig {
             engine_cache_bytes: 64 << 20,
             snapshot_send_bytes_per_sec: 64 << 20,
             snapshot_compression: "lz4".to_string(),
-            max_catch_up_log_bytes: 128 << 20,
+            max_catch_up_log_bytes: 256 << 20,
             proposal_queue_capacity: 1024,
             proposal_queue_wait_ms: 100,
             max_frame_bytes: 16 << 20,
