@@ -124,7 +124,7 @@ pub struct ClusterConfig {
     /// after installing it); a follower that would need more gets a snapshot again. Default
     /// 256 MiB: bounds the leader's memory during a long transfer, and is enough for a
     /// follower given 10 M keys under 64 writing clients to catch up from the log (the
-    /// transfer took 20 s, the clients wrote ~500,000 entries, ~160 MB, meanwhile; with
+    /// transfer took 20 s, the clients wrote ~535,000 entries, ~170 MB, until it caught up; with
     /// 128 MiB it needed a second snapshot: bench/results/2026-12-08-scale-10m-stream/).
     pub max_catch_up_log_bytes: u64,
     /// Slots of the LockQueue: client requests inside the node at once, each
