@@ -18,8 +18,11 @@
 //!
 //! [`SnapshotBuilder`] takes the chunks one at a time ([`SnapshotBuilder::push`], or
 //! [`SnapshotBuilder::read_from`] for a framed [`Read`]) and writes them into a fresh engine
-//! in [`incoming_dir`](super::engine::incoming_dir) of the live engine. The incoming engine's
-//! applied index stays 0 until the end record has been checked; only then
+//! in [`incoming_dir`](super::engine::incoming_dir) of the live engine: the keys, which arrive
+//! in key order, are bulk-loaded into its table files by a thread of its own
+//! ([`Engine::ingest_data`]; registered only once the stream is complete), the sessions
+//! committed as batches. The incoming engine's applied index stays 0 until the end record has
+//! been checked; only then
 //! ([`SnapshotBuilder::finish`]) are the applied index and clock written and the engine made
 //! durable (checkpoint) and closed. [`VerifiedSnapshot::swap_in`] then replaces the live
 //! engine by rename and directory fsync ([`swap_in`](super::engine::swap_in)); the live
