@@ -62,7 +62,10 @@ pub fn yield_to_clients(what: &str) {
 /// sender and bulk load. Threads it starts afterwards inherit the priority. An unprivileged
 /// thread cannot raise it again: call it only on threads that end with their work.
 pub fn lower_priority(nice: i32) -> std::io::Result<()> {
-    assert!((1..=19).contains(&nice), "nice {nice} is not a lower priority");
+    assert!(
+        (1..=19).contains(&nice),
+        "nice {nice} is not a lower priority"
+    );
     // SAFETY: gettid, getpriority and setpriority take no pointers and act on the calling
     // thread only.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;

@@ -92,6 +92,9 @@ pub struct EngineMeta {
     pub clock_ms: u64,
 }
 
+/// Keys and their values, in key order: one batch of a bulk load ([`Engine::ingest_data`]).
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The changes of one apply batch, written by one [`Engine::commit`]. `None` removes.
 #[derive(Debug, Default)]
 pub struct EngineBatch {
@@ -268,7 +271,7 @@ impl Engine {
     /// Memory: one batch, and the table being written (its blocks go to disk as they fill).
     pub fn ingest_data(
         &self,
-        batches: impl Iterator<Item = Option<Vec<(Vec<u8>, Vec<u8>)>>>,
+        batches: impl Iterator<Item = Option<Rows>>,
     ) -> Result<bool, EngineError> {
         let mut ingestion = self.data.start_ingestion().map_err(|e| self.error(e))?;
         let mut stored = Vec::new();

@@ -64,7 +64,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::engine::{self, Engine, EngineBatch, EngineError, EngineMeta, EngineView};
+use super::engine::{self, Engine, EngineBatch, EngineError, EngineMeta, EngineView, Rows};
 
 /// The chunk size callers use when they have no reason to choose another: large enough that
 /// per-chunk costs (a batch commit, a network frame) are small, small enough to be nothing
@@ -782,7 +782,7 @@ impl SnapshotBuilder {
 #[derive(Default)]
 struct Records {
     /// For the bulk load, in key order.
-    keys: Vec<(Vec<u8>, Vec<u8>)>,
+    keys: Rows,
     /// Committed as a batch (there are at most `max_sessions`).
     sessions: EngineBatch,
 }
@@ -797,7 +797,7 @@ const INGEST_QUEUE_CHUNKS: usize = 2;
 /// it registers nothing and is joined: no thread outlives its builder to touch a directory
 /// the next transfer reuses.
 struct Ingest {
-    rows: Option<crossbeam_channel::Sender<Option<Vec<(Vec<u8>, Vec<u8>)>>>>,
+    rows: Option<crossbeam_channel::Sender<Option<Rows>>>,
     thread: Option<std::thread::JoinHandle<Result<bool, EngineError>>>,
 }
 
@@ -818,7 +818,7 @@ impl Ingest {
         })
     }
 
-    fn send(&mut self, keys: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StreamError> {
+    fn send(&mut self, keys: Rows) -> Result<(), StreamError> {
         let sent = self.rows.as_ref().map(|rows| rows.send(Some(keys)));
         match sent {
             Some(Ok(())) => Ok(()),
