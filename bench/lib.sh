@@ -30,10 +30,11 @@ stop_nodes_keep_logs() {
 
 # Writes a cluster file for 3 nodes on free loopback ports (below the
 # ephemeral range; bound without SO_REUSEADDR, so TIME_WAIT ports are
-# skipped) with its data dir next to it.
+# skipped) with its data dir next to it. CONFIG_JSON (a JSON object, e.g.
+# '{"max_catch_up_log_bytes": 268435456}') adds tuning keys to it.
 write_config() {
-    python3 - "$1" "$2" <<'PY'
-import json, random, socket, sys
+    CONFIG_JSON="${CONFIG_JSON:-}" python3 - "$1" "$2" <<'PY'
+import json, os, random, socket, sys
 path, data_dir = sys.argv[1], sys.argv[2]
 try:
     low_ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
@@ -58,7 +59,9 @@ for _ in range(1000):
 else:
     sys.exit("found no 3 free loopback ports")
 nodes = [{"id": i + 1, "ip": "127.0.0.1", "port": p} for i, p in enumerate(ports)]
-json.dump({"raft_nodes": nodes, "data_dir": data_dir}, open(path, "w"))
+config = {"raft_nodes": nodes, "data_dir": data_dir}
+config.update(json.loads(os.environ["CONFIG_JSON"]) if os.environ["CONFIG_JSON"] else {})
+json.dump(config, open(path, "w"))
 PY
 }
 

@@ -133,6 +133,7 @@ done
     echo "data dir: $WORK ($(df -T "$WORK" | awk 'NR == 2 { print $2 }'))"
     echo "commit: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "parameters: $MODE, keys $KEYS, value ${VALUE_SIZE} B, victim $VICTIM, clients $CLIENTS, baseline ${BASELINE_S}s, load ${LOAD_S}s"
+    echo "config_json: ${CONFIG_JSON:-none}"
     echo "loadavg_before: $(cat /proc/loadavg)"
 } >"$OUT/machine.txt"
 
@@ -370,7 +371,7 @@ run_catchup() {
     LOAD_PID=""
     [[ "$status" == 0 ]] || fail "loadgen during the catch-up exited with status $status: $(grep '^loadgen:' "$OUT/logs/during.err" | tail -n 1) (log: $OUT/logs/during.err)"
     python3 - "$OUT" "$KEYS" "$id" "$target" "$size" "$REACHABLE_S" "$CAUGHT_UP_S" "$LEAD_S" "$LOAD_S" <<'PY'
-import json, statistics, sys
+import json, math, statistics, sys
 out, keys, node, target, size, reachable, caught, lead, load = sys.argv[1:]
 node, caught, lead, load = int(node), float(caught), float(lead), float(load)
 def last_json(path):
@@ -383,6 +384,31 @@ base, during = last_json(f"{out}/logs/baseline.out"), last_json(f"{out}/logs/dur
 # killed at about `lead` s and caught up `caught` s later.
 window = [s for s in during["timeline"] if s["second"] > lead and s["second"] - 1 < lead + caught]
 p99s = lambda seconds: [s["p99_ms"] for s in seconds if s["ops"] > 0]
+# The clients' p99 over the transfer's seconds, estimated from loadgen's per-second
+# (ops, p50, p99, p999): each second's P(latency > x) interpolated log-linearly between
+# (p50, 0.5), (p99, 0.01) and (p999, 0.001) (0 past its p999), and the estimate is the x at
+# which the ops-weighted tail of the window reaches 1%. It lies between the smallest and the
+# largest per-second p99 of the window (the largest bounds it from above).
+def tail(s, x):
+    points = [(s["p50_ms"], 0.5), (s["p99_ms"], 0.01), (s["p999_ms"], 0.001)]
+    if x <= points[0][0]:
+        return 0.5
+    for (x0, p0), (x1, p1) in zip(points, points[1:]):
+        if x <= x1:
+            if x1 <= x0:
+                return p1
+            return math.exp(math.log(p0) + (x - x0) / (x1 - x0) * (math.log(p1) - math.log(p0)))
+    return 0.0
+def window_p99(seconds):
+    seconds = [s for s in seconds if s["ops"] > 0]
+    if not seconds:
+        return None
+    total, low, high = sum(s["ops"] for s in seconds), 0.0, max(s["p999_ms"] for s in seconds)
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(s["ops"] * tail(s, mid) for s in seconds) > 0.01 * total else (low, mid)
+    return round(high, 2)
+estimate = window_p99(window)
 rows = [[int(v) for v in l.split()[1:]] for l in open(f"{out}/logs/catchup.rss") if l.strip()]
 rss_max = [max(c) for c in zip(*rows)] if rows else []
 result = {
@@ -396,6 +422,8 @@ result = {
     "transfer_per_second_p99_ms_max": max(p99s(window)) if p99s(window) else None,
     "baseline_per_second_p99_ms_median": statistics.median(p99s(base["timeline"])) if p99s(base["timeline"]) else None,
     "p99_ratio": during["p99_ms"] / base["p99_ms"] if base["p99_ms"] else None,
+    "transfer_p99_ms_estimate": estimate,
+    "transfer_p99_ratio_estimate": estimate / base["p99_ms"] if estimate and base["p99_ms"] else None,
     "rss_kib_max_per_node": rss_max, "follower_rss_kib_max": rss_max[node - 1] if len(rss_max) >= node else None,
 }
 if caught + lead > load:
@@ -407,7 +435,8 @@ fmt = lambda v: "–" if v is None else f"{v:.1f}"
 print(f"node {node} ({'added' if node == 4 else 'wiped'}) with {int(keys)} keys in the cluster: caught up (applied >= {target}) after "
       f"{caught:.2f} s; clients' p99 {during['p99_ms']:.1f} ms during the load vs {base['p99_ms']:.1f} ms baseline "
       f"(x{fmt(result['p99_ratio'])}); per-second p99 in the transfer: median "
-      f"{fmt(result['transfer_per_second_p99_ms_median'])}, max {fmt(result['transfer_per_second_p99_ms_max'])} ms; "
+      f"{fmt(result['transfer_per_second_p99_ms_median'])}, max {fmt(result['transfer_per_second_p99_ms_max'])} ms, "
+      f"over the transfer about {fmt(result['transfer_p99_ms_estimate'])} ms (x{fmt(result['transfer_p99_ratio_estimate'])}); "
       f"follower RSS at most {fmt((result['follower_rss_kib_max'] or 0) / 1024)} MiB"
       + (f" ({result['note']})" if "note" in result else ""), file=sys.stderr)
 print(json.dumps(result))

@@ -114,11 +114,18 @@ pub struct ClusterConfig {
     /// a million 256-byte keys (about 280 MB) in under 5 s, while the leader's reads and the
     /// follower's writes leave most of a 2-core machine's disk and CPU to clients.
     pub snapshot_send_bytes_per_sec: u64,
+    /// How a leader encodes the chunks of a streamed snapshot: `lz4` (default; stream
+    /// version 2, each chunk's records LZ4-compressed, the rate limit counting the compressed
+    /// bytes) or `none` (version 1, what builds before version 2 read: for a rolling upgrade
+    /// from them).
+    pub snapshot_compression: String,
     /// The most log a leader keeps in memory, past what compaction would drop, for a follower
     /// continuing from a streamed snapshot (while it receives it, and until it has caught up
     /// after installing it); a follower that would need more gets a snapshot again. Default
-    /// 128 MiB: bounds the leader's memory during a long transfer, and is enough for a
-    /// follower given a million keys under load to catch up from the log.
+    /// 256 MiB: bounds the leader's memory during a long transfer, and is enough for a
+    /// follower given 10 M keys under 64 writing clients to catch up from the log (the
+    /// transfer took 20 s, the clients wrote ~535,000 entries, ~170 MB, until it caught up; with
+    /// 128 MiB it needed a second snapshot: bench/results/2026-12-08-scale-10m-stream/).
     pub max_catch_up_log_bytes: u64,
     /// Slots of the LockQueue: client requests inside the node at once, each
     /// holding its slot from admission until it is answered (also the
@@ -175,6 +182,7 @@ struct RawConfig {
     snapshot_threshold_bytes: Option<u64>,
     engine_cache_bytes: Option<u64>,
     snapshot_send_bytes_per_sec: Option<u64>,
+    snapshot_compression: Option<String>,
     max_catch_up_log_bytes: Option<u64>,
     proposal_queue_capacity: Option<u64>,
     proposal_queue_wait_ms: Option<u64>,
@@ -215,6 +223,7 @@ const TOP_LEVEL_KEYS: &[(&str, Kind)] = &[
     ("snapshot_threshold_bytes", Kind::Unsigned),
     ("engine_cache_bytes", Kind::Unsigned),
     ("snapshot_send_bytes_per_sec", Kind::Unsigned),
+    ("snapshot_compression", Kind::Text),
     ("max_catch_up_log_bytes", Kind::Unsigned),
     ("proposal_queue_capacity", Kind::Unsigned),
     ("proposal_queue_wait_ms", Kind::Unsigned),
@@ -360,6 +369,7 @@ impl ClusterConfig {
             snapshot_send_bytes_per_sec: raw
                 .snapshot_send_bytes_per_sec
                 .unwrap_or(defaults.snapshot_send_bytes_per_sec),
+            snapshot_compression: validate_compression(raw.snapshot_compression)?,
             max_catch_up_log_bytes: raw
                 .max_catch_up_log_bytes
                 .unwrap_or(defaults.max_catch_up_log_bytes),
@@ -405,7 +415,8 @@ impl ClusterConfig {
             snapshot_threshold_bytes: 4 << 20,
             engine_cache_bytes: 64 << 20,
             snapshot_send_bytes_per_sec: 64 << 20,
-            max_catch_up_log_bytes: 128 << 20,
+            snapshot_compression: "lz4".to_string(),
+            max_catch_up_log_bytes: 256 << 20,
             proposal_queue_capacity: 1024,
             proposal_queue_wait_ms: 100,
             max_frame_bytes: 16 << 20,
@@ -735,6 +746,20 @@ fn validate_cluster_id(value: Option<String>) -> Result<String, String> {
     Ok(id)
 }
 
+/// The codecs of streamed snapshots (`kv::snapshot_stream::ChunkCodec`).
+const SNAPSHOT_COMPRESSIONS: &[&str] = &["lz4", "none"];
+
+fn validate_compression(value: Option<String>) -> Result<String, String> {
+    match value {
+        None => Ok(SNAPSHOT_COMPRESSIONS[0].to_string()),
+        Some(name) if SNAPSHOT_COMPRESSIONS.contains(&name.as_str()) => Ok(name),
+        Some(name) => Err(format!(
+            "snapshot_compression: {name:?} is not one of {}",
+            SNAPSHOT_COMPRESSIONS.join(", ")
+        )),
+    }
+}
+
 fn validate_text(key: &str, value: Option<String>) -> Result<Option<String>, String> {
     match &value {
         Some(text) if text.is_empty() => Err(format!(
@@ -858,6 +883,17 @@ mod tests {
                 "{extra}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn snapshot_compression_is_lz4_unless_set_to_none() {
+        assert_eq!(parse_with("").unwrap().snapshot_compression, "lz4");
+        let none = parse_with(r#", "snapshot_compression": "none""#).unwrap();
+        assert_eq!(none.snapshot_compression, "none");
+        assert_eq!(
+            error_with(r#", "snapshot_compression": "zstd""#),
+            r#"conf/x.json: snapshot_compression: "zstd" is not one of lz4, none"#
+        );
     }
 
     #[test]

@@ -470,6 +470,7 @@ fn a_streamed_engine_opens_as_the_same_state_and_a_cut_stream_changes_nothing() 
 // ------------------------------------------------------------- streamed InstallSnapshot
 
 use kvstore_raft::kv::backup_source::EngineSlot;
+use kvstore_raft::kv::snapshot_stream::ChunkCodec;
 use kvstore_raft::kv::snapshot_transfer::EngineSnapshots;
 use kvstore_raft::node::{ReceivedSnapshot, SnapshotStore};
 
@@ -495,6 +496,16 @@ enum StreamCut {
 /// the follower checkpoints its live engine (nothing of it leaks into the incoming one).
 #[test]
 fn a_crash_at_every_step_of_a_streamed_install_leaves_the_old_or_the_new_state() {
+    crash_at_every_step_of_a_streamed_install(ChunkCodec::None);
+}
+
+/// The same with the chunks LZ4-compressed (stream version 2).
+#[test]
+fn a_crash_at_every_step_of_a_compressed_streamed_install_leaves_the_old_or_the_new_state() {
+    crash_at_every_step_of_a_streamed_install(ChunkCodec::Lz4);
+}
+
+fn crash_at_every_step_of_a_streamed_install(codec: ChunkCodec) {
     let entries = entries(1_000);
     for cut in [
         StreamCut::MidStream,
@@ -508,7 +519,12 @@ fn a_crash_at_every_step_of_a_streamed_install_leaves_the_old_or_the_new_state()
         apply_range(&mut leader, &entries, 0, 700, 64);
         let slot = Arc::new(EngineSlot::default());
         slot.set(leader.engine().cloned());
-        let source = EngineSnapshots::new(Arc::clone(&slot), live(leader_dir.path()), CACHE_BYTES);
+        let source = EngineSnapshots::new(
+            Arc::clone(&slot),
+            live(leader_dir.path()),
+            CACHE_BYTES,
+            codec,
+        );
         let mut chunks = source.read(2048).unwrap();
         assert_eq!(chunks.applied_index(), 700);
 
@@ -529,6 +545,7 @@ fn a_crash_at_every_step_of_a_streamed_install_leaves_the_old_or_the_new_state()
             Arc::new(EngineSlot::default()),
             live(follower_dir.path()),
             CACHE_BYTES,
+            ChunkCodec::None,
         );
         let mut intake = target.receive().unwrap();
         let (mut sent, mut leader_at) = (0, 700);
@@ -629,13 +646,25 @@ fn a_crash_at_every_step_of_a_streamed_install_leaves_the_old_or_the_new_state()
 /// of it replaces the live engine.
 #[test]
 fn a_flipped_byte_in_a_streamed_chunk_is_named_and_nothing_is_swapped_in() {
+    flipped_byte_in_a_streamed_chunk(ChunkCodec::None);
+}
+
+/// The same in a compressed chunk: the byte flipped is the block's last (LZ4 ends a block with
+/// literals), so the block still unpacks, into records that differ from the leader's; the
+/// stream's CRC-32, taken over the records unpacked, finds it.
+#[test]
+fn a_flipped_byte_in_a_compressed_chunk_is_named_and_nothing_is_swapped_in() {
+    flipped_byte_in_a_streamed_chunk(ChunkCodec::Lz4);
+}
+
+fn flipped_byte_in_a_streamed_chunk(codec: ChunkCodec) {
     let entries = entries(600);
     let leader_dir = tempfile::tempdir().unwrap();
     let mut leader = open(leader_dir.path());
     apply_range(&mut leader, &entries, 0, 600, 64);
     let slot = Arc::new(EngineSlot::default());
     slot.set(leader.engine().cloned());
-    let source = EngineSnapshots::new(slot, live(leader_dir.path()), CACHE_BYTES);
+    let source = EngineSnapshots::new(slot, live(leader_dir.path()), CACHE_BYTES, codec);
     let mut chunks = source.read(2048).unwrap();
     let follower_dir = tempfile::tempdir().unwrap();
     let mut follower = open(follower_dir.path());
@@ -645,6 +674,7 @@ fn a_flipped_byte_in_a_streamed_chunk_is_named_and_nothing_is_swapped_in() {
         Arc::new(EngineSlot::default()),
         live(follower_dir.path()),
         CACHE_BYTES,
+        ChunkCodec::None,
     );
     let mut intake = target.receive().unwrap();
     let mut error = None;
@@ -652,11 +682,17 @@ fn a_flipped_byte_in_a_streamed_chunk_is_named_and_nothing_is_swapped_in() {
     while let Some(mut chunk) = chunks.next_chunk().unwrap() {
         number += 1;
         if number == 4 {
-            let at = chunk
-                .iter()
-                .rposition(|&b| b == b'x')
-                .expect("a value byte");
-            chunk[at] = b'y';
+            let at = match codec {
+                ChunkCodec::None => chunk
+                    .iter()
+                    .rposition(|&b| b == b'x')
+                    .expect("a value byte"),
+                ChunkCodec::Lz4 => {
+                    assert_eq!(chunk[0], 4, "chunk 4 is one compressed block");
+                    chunk.len() - 1
+                }
+            };
+            chunk[at] ^= 0x01;
         }
         if let Err(e) = intake.push(&chunk) {
             error = Some(e);
@@ -685,7 +721,12 @@ fn the_engine_is_not_swapped_while_a_snapshot_sender_reads_it() {
     apply_range(&mut machine, &entries, 0, 300, 64);
     let slot = Arc::new(EngineSlot::default());
     slot.set(machine.engine().cloned());
-    let source = EngineSnapshots::new(Arc::clone(&slot), live(dir.path()), CACHE_BYTES);
+    let source = EngineSnapshots::new(
+        Arc::clone(&slot),
+        live(dir.path()),
+        CACHE_BYTES,
+        ChunkCodec::Lz4,
+    );
     let mut chunks = source.read(1024).unwrap();
     chunks.next_chunk().unwrap().unwrap();
     let error = slot

@@ -92,6 +92,9 @@ pub struct EngineMeta {
     pub clock_ms: u64,
 }
 
+/// Keys and their values, in key order: one batch of a bulk load ([`Engine::ingest_data`]).
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The changes of one apply batch, written by one [`Engine::commit`]. `None` removes.
 #[derive(Debug, Default)]
 pub struct EngineBatch {
@@ -198,6 +201,16 @@ impl Engine {
         row: &[u8],
         what: impl Fn() -> String,
     ) -> Result<Vec<u8>, EngineError> {
+        self.checked(key, row, what).map(<[u8]>::to_vec)
+    }
+
+    /// The value in `row`, its checksum verified, without a copy.
+    fn checked<'r>(
+        &self,
+        key: &[u8],
+        row: &'r [u8],
+        what: impl Fn() -> String,
+    ) -> Result<&'r [u8], EngineError> {
         if row.len() < CHECKSUM_BYTES {
             return Err(self.error(format!(
                 "{}: row of {} bytes is too short",
@@ -214,7 +227,7 @@ impl Engine {
                 what()
             )));
         }
-        Ok(value.to_vec())
+        Ok(value)
     }
 
     /// Writes `batch` atomically (one journal record). With `durable`, it and every commit
@@ -246,6 +259,49 @@ impl Engine {
             self.checkpoint()?;
         }
         Ok(())
+    }
+
+    /// Bulk-loads keys and values into an engine that holds no data yet, straight into table
+    /// files (fjall's ingestion: no journal, no memtable, nothing for compaction to rewrite),
+    /// for a snapshot being received. `batches` yields rows in strictly increasing key order
+    /// across all batches, then `None`: the load is finished, its tables fsynced and
+    /// registered, and `Ok(true)` returned. When `batches` ends without `None` the load was
+    /// abandoned: nothing is registered (the caller discards the engine) and `Ok(false)` is
+    /// returned. Rows out of order are an error (checked here too: fjall would panic).
+    /// Memory: one batch, and the table being written (its blocks go to disk as they fill).
+    pub fn ingest_data(
+        &self,
+        batches: impl Iterator<Item = Option<Rows>>,
+    ) -> Result<bool, EngineError> {
+        let mut ingestion = self.data.start_ingestion().map_err(|e| self.error(e))?;
+        let mut stored = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        for batch in batches {
+            let Some(rows) = batch else {
+                ingestion.finish().map_err(|e| self.error(e))?;
+                return Ok(true);
+            };
+            for (key, value) in rows {
+                if key.len() > MAX_KEY_BYTES {
+                    return Err(self.error(format!("ingesting a key of {} bytes", key.len())));
+                }
+                stored.clear();
+                stored.extend_from_slice(DATA_KEY_PREFIX);
+                stored.extend_from_slice(&key);
+                if last
+                    .as_deref()
+                    .is_some_and(|last| last >= stored.as_slice())
+                {
+                    return Err(self.error(format!("ingesting {} out of order", key_name(&key))));
+                }
+                let row = seal(&key, &value);
+                ingestion
+                    .write(stored.as_slice(), row)
+                    .map_err(|e| self.error(e))?;
+                last.get_or_insert_with(Vec::new).clone_from(&stored);
+            }
+        }
+        Ok(false)
     }
 
     /// Makes every commit so far durable (the journal written and fsynced).
@@ -386,8 +442,8 @@ impl EngineView {
             let key = stored.strip_prefix(DATA_KEY_PREFIX).ok_or_else(|| {
                 engine.error(format!("a stored {} without its prefix", key_name(&stored)))
             })?;
-            let value = engine.unseal(key, &row, || key_name(key))?;
-            if !each(key, &value) {
+            let value = engine.checked(key, &row, || key_name(key))?;
+            if !each(key, value) {
                 break;
             }
         }

@@ -13,6 +13,7 @@ use super::applier::{rebuild_engine, Applier};
 use super::backup_source::{BackupSource, EngineSlot};
 use super::engine::{self, Engine, ENGINE_DIR_NAME};
 use super::service::{KvService, ServiceOptions};
+use super::snapshot_stream::ChunkCodec;
 use super::snapshot_transfer::EngineSnapshots;
 use super::state_machine::{KvOptions, KvStateMachine};
 use super::waiters::Waiters;
@@ -162,6 +163,8 @@ impl KvServer {
             Arc::clone(&engine_slot),
             data_dir.join(ENGINE_DIR_NAME),
             config.engine_cache_bytes,
+            ChunkCodec::from_name(&config.snapshot_compression)
+                .expect("the configuration names a known codec"),
         )));
         let (node, tasks) = Node::start(node_options, storage, restored).map_err(StartError::Io)?;
         // A panic on an RPC thread (or in a handler it runs) stops the node, as one on a Raft

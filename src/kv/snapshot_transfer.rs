@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::backup_source::{EngineLease, EngineSlot};
-use super::snapshot_stream::{SnapshotBuilder, SnapshotReader, VerifiedSnapshot};
+use super::snapshot_stream::{ChunkCodec, SnapshotBuilder, SnapshotReader, VerifiedSnapshot};
 use crate::node::{ReceivedSnapshot, SnapshotChunks, SnapshotIntake, SnapshotStore};
 
 /// The engine of one node, as a snapshot store.
@@ -17,14 +17,22 @@ pub struct EngineSnapshots {
     /// Where the live engine lives; a received one is built beside it.
     live: PathBuf,
     cache_bytes: u64,
+    /// How the chunks sent are encoded; a receiver reads every codec.
+    codec: ChunkCodec,
 }
 
 impl EngineSnapshots {
-    pub fn new(slot: Arc<EngineSlot>, live: PathBuf, cache_bytes: u64) -> EngineSnapshots {
+    pub fn new(
+        slot: Arc<EngineSlot>,
+        live: PathBuf,
+        cache_bytes: u64,
+        codec: ChunkCodec,
+    ) -> EngineSnapshots {
         EngineSnapshots {
             slot,
             live,
             cache_bytes,
+            codec,
         }
     }
 }
@@ -35,8 +43,9 @@ impl SnapshotStore for EngineSnapshots {
             .slot
             .lease()
             .ok_or("the node is replacing its engine (a snapshot from a leader)")?;
-        let reader =
-            SnapshotReader::new(lease.engine.view(), chunk_bytes).map_err(|e| e.to_string())?;
+        let reader = SnapshotReader::new(lease.engine.view(), chunk_bytes)
+            .map_err(|e| e.to_string())?
+            .with_codec(self.codec);
         Ok(Box::new(ViewChunks {
             reader,
             lease,

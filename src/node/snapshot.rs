@@ -448,6 +448,7 @@ impl Sender_ {
     }
 
     fn run(self, addr: SocketAddr) {
+        crate::threads::yield_to_clients("snapshot sender");
         let connect = |call_timeout_ms| {
             let config = ClientConfig {
                 call_timeout_ms,
