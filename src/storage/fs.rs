@@ -23,6 +23,14 @@ use super::lock::DirLock;
 /// A file opened for writing: appends go to its end.
 pub trait WriteFile: Send + fmt::Debug {
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Writes `len_bytes` zeroes at `offset` (at or past the end of what `write_all` wrote)
+    /// without moving where the next `write_all` lands: the WAL preallocates its active
+    /// segment this way, so that most fdatasyncs overwrite blocks already allocated and
+    /// change no metadata. Returns false, having written nothing, where files do not
+    /// preallocate (the simulated disk, whose files are append-only).
+    fn write_zeroes_at(&mut self, _offset: u64, _len_bytes: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// fdatasync(2): the file's data (and its size) are durable on return.
     fn sync_data(&mut self) -> io::Result<()>;
     /// fsync(2): data and metadata are durable on return.
@@ -66,9 +74,23 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RealFs;
 
+/// The zeroes `write_zeroes_at` writes, a block at a time.
+static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+
 impl WriteFile for File {
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         Write::write_all(self, bytes)
+    }
+    fn write_zeroes_at(&mut self, offset: u64, len_bytes: u64) -> io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let mut done_bytes = 0;
+        while done_bytes < len_bytes {
+            let block = (len_bytes - done_bytes).min(ZEROES.len() as u64);
+            // pwrite(2): the file position (where appends land) does not move.
+            self.write_all_at(&ZEROES[..block as usize], offset + done_bytes)?;
+            done_bytes += block;
+        }
+        Ok(true)
     }
     fn sync_data(&mut self) -> io::Result<()> {
         File::sync_data(self)

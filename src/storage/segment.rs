@@ -37,7 +37,8 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
 pub(crate) struct ScannedSegment {
     /// Every intact record with the offset where it starts.
     pub records: Vec<(u64, Record)>,
-    /// The length of the intact prefix: the whole file unless the tail is torn.
+    /// The length of the intact prefix: the whole file unless the tail is torn or
+    /// preallocated zeroes (`torn` is then `None`).
     pub valid_bytes: u64,
     /// Set when the last segment ends in a torn write at `valid_bytes`.
     pub torn: Option<String>,
@@ -60,6 +61,15 @@ pub(crate) fn scan_segment(
                     .map_err(|reason| StorageError::corrupt(path, offset as u64, reason))?;
                 records.push((offset as u64, record));
                 offset = next;
+            }
+            Err(_) if is_last && bytes[offset..].iter().all(|&b| b == 0) => {
+                // The zeroes preallocated after the last record (or a write of which no byte
+                // reached the disk): the end of the log. Only the active segment has them.
+                return Ok(ScannedSegment {
+                    records,
+                    valid_bytes: offset as u64,
+                    torn: None,
+                });
             }
             Err(frame_error) => {
                 let torn = classify_damage(path, bytes, offset, &frame_error, is_last)?;
