@@ -12,7 +12,18 @@ use kvstore_raft::raft::{Entry, HardState, RestoredState, Snapshot, SnapshotMeta
 use kvstore_raft::storage::{DiskStorage, FaultFile, StorageError, StorageOptions};
 use tempfile::TempDir;
 
+/// Without preallocation: these tests read segment lengths as record boundaries (a file
+/// grows by each append). Preallocated segments have their own tests (`preallocated_*`).
 fn options(segment_bytes: u64) -> StorageOptions {
+    StorageOptions {
+        segment_bytes,
+        preallocate_bytes: 0,
+        ..StorageOptions::default()
+    }
+}
+
+/// With the production default preallocation (`StorageOptions::default`).
+fn preallocating(segment_bytes: u64) -> StorageOptions {
     StorageOptions {
         segment_bytes,
         ..StorageOptions::default()
@@ -636,4 +647,122 @@ fn injected_fsync_failure_stops_the_storage() {
     let (storage, restored) = open(&data, 1 << 20);
     assert!(storage.last_index() >= 3);
     assert_eq!(restored.hard_state, hard_state(1, 1, 0));
+}
+
+/// The last segment as written with preallocation: `(path, start, end)` of its last record
+/// (a batch of 3 after 20 entries), the zeroes preallocated after it.
+fn preallocated_last_record(dir: &Path) -> (PathBuf, u64, u64) {
+    let (mut storage, _) = DiskStorage::open(dir, preallocating(64 << 20)).unwrap();
+    append_sync(&mut storage, Some(hard_state(2, 1, 15)), &[]);
+    for first in (1..=20).step_by(5) {
+        append_sync(&mut storage, None, &run(first, first + 4, 2));
+    }
+    // One segment (the directory is fresh), so its records end at `size_bytes`.
+    let start = storage.size_bytes();
+    append_sync(&mut storage, None, &run(21, 23, 2));
+    let end = storage.size_bytes();
+    let last = segments(dir).pop().unwrap();
+    let file_bytes = fs::metadata(&last).unwrap().len();
+    assert!(
+        file_bytes > end && file_bytes >= 1 << 20,
+        "{file_bytes} bytes on disk for {end} bytes of records: not preallocated"
+    );
+    (last, start, end)
+}
+
+/// The active segment is preallocated (zeroes written ahead of its records); a reopen
+/// returns every entry and cuts the zeroes, so that the segment, closed now, ends with its
+/// last record.
+#[test]
+fn preallocated_segment_reopens_whole_and_is_cut_to_its_records() {
+    let temp = TempDir::new().unwrap();
+    let (last, _, end) = preallocated_last_record(temp.path());
+    let (_storage, restored) = DiskStorage::open(temp.path(), preallocating(64 << 20)).unwrap();
+    assert_eq!(restored.entries, run(1, 23, 2));
+    assert_eq!(restored.hard_state, hard_state(2, 1, 15));
+    assert_eq!(fs::metadata(&last).unwrap().len(), end);
+}
+
+/// A crash while a batch overwrote preallocated zeroes: the batch torn anywhere (a flipped
+/// byte, or a prefix of it with zeroes after) is cut like a torn tail; an intact record after
+/// zeroes where an earlier record was (out-of-order writeback) is corruption, as without
+/// preallocation.
+#[test]
+fn preallocated_torn_tail_is_cut_and_a_hole_before_an_intact_record_is_refused() {
+    let pristine = TempDir::new().unwrap();
+    let (last, start, end) = preallocated_last_record(pristine.path());
+    let name = last.file_name().unwrap().to_owned();
+    let mut rng = SplitMix64::new(0xfa11);
+    for trial in 0..30 {
+        let temp = TempDir::new().unwrap();
+        copy_dir(pristine.path(), temp.path());
+        let segment = temp.path().join(&name);
+        let offset = rng.range(start, end);
+        let zeroed = trial % 2 == 0;
+        if zeroed {
+            let mut bytes = fs::read(&segment).unwrap();
+            bytes[offset as usize..end as usize].fill(0);
+            fs::write(&segment, bytes).unwrap();
+        } else {
+            flip_byte(&segment, offset);
+        }
+        let (_storage, restored) = DiskStorage::open(temp.path(), preallocating(64 << 20)).unwrap();
+        let context = format!("trial {trial}: zeroed={zeroed} from offset {offset}");
+        assert_eq!(restored.entries, run(1, 20, 2), "{context}");
+        assert_eq!(fs::metadata(&segment).unwrap().len(), start, "{context}");
+    }
+    let temp = TempDir::new().unwrap();
+    copy_dir(pristine.path(), temp.path());
+    let segment = temp.path().join(&name);
+    let mut bytes = fs::read(&segment).unwrap();
+    bytes[start as usize - 10..start as usize].fill(0);
+    fs::write(&segment, bytes).unwrap();
+    let before = dir_contents(temp.path());
+    let error = DiskStorage::open(temp.path(), preallocating(64 << 20))
+        .err()
+        .expect("a hole before an intact record opened");
+    assert!(
+        error.to_string().contains("intact record follows"),
+        "{error}"
+    );
+    assert_eq!(
+        dir_contents(temp.path()),
+        before,
+        "a failed open changed files"
+    );
+}
+
+/// Closing a preallocated segment cuts its zeroes before the next segment is started, so
+/// only the last segment ever ends in zeroes: segments rolled many times reopen whole, and
+/// zeroes after the records of a closed segment are corruption.
+#[test]
+fn preallocated_segments_are_cut_when_closed() {
+    let temp = TempDir::new().unwrap();
+    let segment_bytes = 16 << 10;
+    {
+        let (mut storage, _) =
+            DiskStorage::open(temp.path(), preallocating(segment_bytes)).unwrap();
+        append_sync(&mut storage, Some(hard_state(1, 1, 0)), &[]);
+        for first in (1..=3000).step_by(10) {
+            append_sync(&mut storage, None, &run(first, first + 9, 1));
+        }
+    }
+    let files = segments(temp.path());
+    assert!(files.len() > 4, "only {} segments", files.len());
+    let (_storage, restored) =
+        DiskStorage::open(temp.path(), preallocating(segment_bytes)).unwrap();
+    assert_eq!(restored.entries, run(1, 3000, 1));
+    drop(_storage);
+    let victim = &files[1];
+    let mut bytes = fs::read(victim).unwrap();
+    bytes.extend([0u8; 4096]);
+    fs::write(victim, bytes).unwrap();
+    let error = DiskStorage::open(temp.path(), preallocating(segment_bytes))
+        .err()
+        .expect("zeroes after a closed segment's records opened");
+    assert!(
+        error.to_string().contains(&file_name(victim))
+            && error.to_string().contains("not the last"),
+        "{error}"
+    );
 }

@@ -622,7 +622,10 @@ impl DiskStorage {
                 .truncate_durably(&closing.path, size_bytes)
                 .map_err(StorageError::io("truncate", &closing.path));
             self.stop_on_error(result)?;
-            self.segments.back_mut().expect("an active segment").file_bytes = size_bytes;
+            self.segments
+                .back_mut()
+                .expect("an active segment")
+                .file_bytes = size_bytes;
         }
         let next_seq = self.segments.back().expect("an active segment").seq + 1;
         let result = create_segment(&*self.fs, &self.dir, next_seq);

@@ -195,6 +195,25 @@ mod tests {
     }
 
     #[test]
+    fn preallocated_zeroes_end_only_the_last_segment() {
+        let (mut buf, _) = two_records();
+        let records_bytes = buf.len();
+        buf.resize(records_bytes + 4096, 0);
+        let scanned = scan_segment(Path::new("seg"), &buf, true).expect("zero tail");
+        assert_eq!(scanned.valid_bytes, records_bytes as u64);
+        assert_eq!(scanned.records.len(), 2);
+        assert!(
+            scanned.torn.is_none(),
+            "zeroes reported as {:?}",
+            scanned.torn
+        );
+        let error = scan_segment(Path::new("seg"), &buf, false)
+            .err()
+            .expect("zeroes after a closed segment");
+        assert!(error.to_string().contains("not the last"), "{error}");
+    }
+
+    #[test]
     fn damage_before_an_intact_record_is_corruption() {
         let (mut buf, _) = two_records();
         buf[12] ^= 1;
