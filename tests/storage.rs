@@ -732,37 +732,42 @@ fn preallocated_torn_tail_is_cut_and_a_hole_before_an_intact_record_is_refused()
     );
 }
 
-/// Closing a preallocated segment cuts its zeroes before the next segment is started, so
-/// only the last segment ever ends in zeroes: segments rolled many times reopen whole, and
-/// zeroes after the records of a closed segment are corruption.
+/// Closing a preallocated segment (a snapshot starts a new one) cuts its zeroes before the
+/// next segment is started, so only the last segment ever ends in zeroes: the closed segment
+/// reopens whole, and zeroes after its records are corruption.
 #[test]
 fn preallocated_segments_are_cut_when_closed() {
     let temp = TempDir::new().unwrap();
-    let segment_bytes = 16 << 10;
+    let segment_bytes = 64 << 20;
     {
         let (mut storage, _) =
             DiskStorage::open(temp.path(), preallocating(segment_bytes)).unwrap();
         append_sync(&mut storage, Some(hard_state(1, 1, 0)), &[]);
-        for first in (1..=3000).step_by(10) {
-            append_sync(&mut storage, None, &run(first, first + 9, 1));
-        }
+        append_sync(&mut storage, None, &run(1, 100, 1));
+        storage.save_snapshot(&snapshot(50, 1)).unwrap();
+        append_sync(&mut storage, None, &run(101, 200, 1));
+        storage.save_snapshot(&snapshot(150, 1)).unwrap();
+        append_sync(&mut storage, None, &run(201, 210, 1));
     }
     let files = segments(temp.path());
-    assert!(files.len() > 4, "only {} segments", files.len());
-    let (_storage, restored) =
-        DiskStorage::open(temp.path(), preallocating(segment_bytes)).unwrap();
-    assert_eq!(restored.entries, run(1, 3000, 1));
-    drop(_storage);
-    let victim = &files[1];
-    let mut bytes = fs::read(victim).unwrap();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let closed = &files[0];
+    assert!(
+        fs::metadata(closed).unwrap().len() < 1 << 20,
+        "the closed segment kept its preallocated zeroes"
+    );
+    let (storage, restored) = DiskStorage::open(temp.path(), preallocating(segment_bytes)).unwrap();
+    assert_eq!(restored.entries, run(151, 210, 1));
+    drop(storage);
+    let mut bytes = fs::read(closed).unwrap();
     bytes.extend([0u8; 4096]);
-    fs::write(victim, bytes).unwrap();
+    fs::write(closed, bytes).unwrap();
     let error = DiskStorage::open(temp.path(), preallocating(segment_bytes))
         .err()
         .expect("zeroes after a closed segment's records opened");
+    let message = error.to_string();
     assert!(
-        error.to_string().contains(&file_name(victim))
-            && error.to_string().contains("not the last"),
-        "{error}"
+        message.contains(&file_name(closed)) && message.contains("not the last"),
+        "{message}"
     );
 }
