@@ -188,6 +188,8 @@ pub(super) struct Engine {
     conns_per_node: usize,
     keys: u64,
     read_threshold: u64,
+    /// See `LoadOptions::random_values`.
+    random_values: bool,
     check: bool,
     run_nonce: u64,
     op_timeout: Duration,
@@ -251,6 +253,7 @@ impl Engine {
             conns_per_node: per_node,
             keys: options.keys.max(1),
             read_threshold: (options.read_ratio.clamp(0.0, 1.0) * 1_000_000.0) as u64,
+            random_values: options.random_values,
             check: options.check,
             run_nonce,
             // A zero deadline would fail an operation on a down connection
@@ -798,6 +801,9 @@ impl Engine {
             let n = prefix.len().min(value.len());
             value[..n].copy_from_slice(&prefix.as_bytes()[..n]);
             scratch.value_prefix_bytes = n;
+            if self.random_values {
+                fill_random_alphanumeric(&mut value[n..], &mut state.rng);
+            }
             let input = recorded.then(|| KvInput::Put {
                 key: scratch.key.clone(),
                 value: String::from_utf8_lossy(value).into_owned(),
@@ -1398,6 +1404,22 @@ pub(super) fn run_phase(engine: &mut Engine, io: &mut Io, shared: &Shared, phase
     }
 }
 
+/// Fills `bytes` with letters and digits drawn from `rng`: 62 symbols, about
+/// 5.95 bits of entropy a byte, which LZ4 cannot shrink (it removes repeats of
+/// four bytes or more and codes nothing else).
+fn fill_random_alphanumeric(bytes: &mut [u8], rng: &mut SplitMix64) {
+    const SYMBOLS: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    for chunk in bytes.chunks_mut(8) {
+        let mut draw = rng.next_u64();
+        for byte in chunk {
+            // Eight symbols from one draw: 8 bits each, reduced mod 62 (a
+            // slight bias toward the first symbols, irrelevant here).
+            *byte = SYMBOLS[(draw & 0xff) as usize % SYMBOLS.len()];
+            draw >>= 8;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1422,6 +1444,7 @@ mod tests {
             duration: Duration::from_secs(3600),
             warmup: Duration::ZERO,
             value_size_bytes: 16,
+            random_values: false,
             keys: 1,
             read_ratio,
             rate: None,
@@ -1522,6 +1545,24 @@ mod tests {
 
     /// A client's first write opens its session first (one OpenSession call),
     /// then goes out under it; reads need no session.
+    #[test]
+    fn random_values_are_letters_and_digits_that_lz4_cannot_shrink() {
+        let mut rng = SplitMix64::new(11);
+        let mut value = vec![b'x'; 64 << 10];
+        fill_random_alphanumeric(&mut value[5..], &mut rng);
+        assert!(value[..5].iter().all(|&b| b == b'x'), "the prefix is kept");
+        assert!(value.iter().all(u8::is_ascii_alphanumeric));
+        let distinct = value.iter().collect::<std::collections::HashSet<_>>().len();
+        assert_eq!(distinct, 62, "every symbol is drawn");
+        let packed = lz4_flex::block::compress(&value);
+        assert!(
+            packed.len() >= value.len() * 95 / 100,
+            "random values shrank under LZ4 from {} to {} bytes",
+            value.len(),
+            packed.len()
+        );
+    }
+
     #[test]
     fn the_first_write_opens_a_session_and_then_carries_it() {
         let options = options(1, 0.0, false);
