@@ -238,9 +238,7 @@ impl Engine {
                 session: None,
                 last_seq: 0,
                 route: Route::default(),
-                rng: SplitMix64::new(
-                    options.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                ),
+                rng: client_rng(options.seed, index),
                 started: 0,
                 preload_next: index as u64,
                 op: None,
@@ -1404,6 +1402,17 @@ pub(super) fn run_phase(engine: &mut Engine, io: &mut Io, shared: &Shared, phase
     }
 }
 
+/// Client `index`'s own random stream. SplitMix64 walks one fixed sequence
+/// (its state only adds a constant per draw), so seeds that differ by
+/// multiples of that constant give the same stream shifted: client `i` would
+/// draw client 0's numbers `i` draws later, and random values of neighbouring
+/// keys would share their tails. The seed is therefore one SplitMix64 output
+/// (a mixed hash of the run's seed and the index), a point of the sequence
+/// unrelated to the other clients'.
+fn client_rng(seed: u64, index: usize) -> SplitMix64 {
+    SplitMix64::new(SplitMix64::new(seed ^ (index as u64).rotate_left(32)).next_u64())
+}
+
 /// Fills `bytes` with letters and digits drawn from `rng`: 62 symbols, about
 /// 5.95 bits of entropy a byte, which LZ4 cannot shrink (it removes repeats of
 /// four bytes or more and codes nothing else).
@@ -1545,6 +1554,22 @@ mod tests {
 
     /// A client's first write opens its session first (one OpenSession call),
     /// then goes out under it; reads need no session.
+    #[test]
+    fn clients_draw_unrelated_random_streams() {
+        // 64 clients' first 64 draws: with streams that are shifts of one
+        // another, most draws would appear in several clients' streams.
+        let mut seen = std::collections::HashSet::new();
+        for index in 0..64 {
+            let mut rng = client_rng(7, index);
+            for _ in 0..64 {
+                assert!(
+                    seen.insert(rng.next_u64()),
+                    "client {index} drew a number another client drew"
+                );
+            }
+        }
+    }
+
     #[test]
     fn random_values_are_letters_and_digits_that_lz4_cannot_shrink() {
         let mut rng = SplitMix64::new(11);
