@@ -2,6 +2,9 @@
 # Measurements for issue 11's restart and catch-up targets; see bench/README.md.
 #   bench/scale.sh restart [--keys K] [--victim follower|leader] [--out DIR]
 #   bench/scale.sh catchup [--keys K] [--clients N] [--baseline S] [--load S] [--add-member] [--out DIR]
+# Either takes --random-values: loadgen fills values with random letters
+# (incompressible: the snapshot stream's LZ4 cannot shrink them) instead of
+# one repeated byte (which shrinks ~28x and so flatters a transfer).
 # Both start a fresh 3-node cluster (bin/start_nodes.sh on a temporary config:
 # free loopback ports, data under ${TMPDIR:-/tmp}, fsync on) and write every
 # key once with `loadgen --preload-only`.
@@ -51,11 +54,12 @@ BASELINE_S=15
 LOAD_S=60
 OUT=""
 ADD_MEMBER=0
+RANDOM_VALUES=()
 
 usage() {
     echo "usage: bench/scale.sh restart [--keys K (default $KEYS)] [--victim follower|leader] [--out DIR]"
     echo "       bench/scale.sh catchup [--keys K (default $KEYS)] [--clients N (default $CLIENTS)]" \
-        "[--baseline S (default $BASELINE_S)] [--load S (default $LOAD_S)] [--add-member] [--out DIR]"
+        "[--baseline S (default $BASELINE_S)] [--load S (default $LOAD_S)] [--add-member] [--random-values] [--out DIR]"
 }
 die_usage() { echo "scale.sh: $1" >&2; usage >&2; exit 2; }
 say() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
@@ -81,6 +85,7 @@ while [[ $# -gt 0 ]]; do
             esac
             shift 2 ;;
         --add-member) ADD_MEMBER=1; shift ;;
+        --random-values) RANDOM_VALUES=(--random-values); shift ;;
         -h|--help) usage; exit 0 ;;
         *) die_usage "unexpected argument '$1'" ;;
     esac
@@ -181,7 +186,7 @@ preload() {
     local status=0
     say "preloading $KEYS keys ($PRELOAD_CLIENTS writes in flight; progress: $OUT/logs/preload.err)"
     timeout --foreground -k 10 "$((PRELOAD_TIMEOUT_S + RUN_SLACK_S))" "$LOADGEN" --config "$CUR_CONFIG" \
-        --clients 64 --value-size "$VALUE_SIZE" --keys "$KEYS" --preload-only \
+        --clients 64 --value-size "$VALUE_SIZE" ${RANDOM_VALUES[@]+"${RANDOM_VALUES[@]}"} --keys "$KEYS" --preload-only \
         --preload-clients "$PRELOAD_CLIENTS" --preload-timeout "$PRELOAD_TIMEOUT_S" --json \
         >"$OUT/logs/preload.out" 2>"$OUT/logs/preload.err" || status=$?
     [[ "$status" == 0 ]] || fail "loadgen --preload-only exited with status $status: $(grep '^loadgen:' "$OUT/logs/preload.err" | tail -n 1) (log: $OUT/logs/preload.err)"
@@ -299,7 +304,7 @@ PY
 # bounded; TAG names its plot.
 load_args() { # TAG SECONDS
     LOAD=(timeout -k 10 "$(($2 + RUN_SLACK_S))" "$LOADGEN" --config "$CUR_CONFIG"
-        --clients "$CLIENTS" --duration "$2" --value-size "$VALUE_SIZE" --keys "$KEYS"
+        --clients "$CLIENTS" --duration "$2" --value-size "$VALUE_SIZE" ${RANDOM_VALUES[@]+"${RANDOM_VALUES[@]}"} --keys "$KEYS"
         --read-ratio 0 --json --plot "$OUT/$1.svg")
 }
 
@@ -412,7 +417,7 @@ estimate = window_p99(window)
 rows = [[int(v) for v in l.split()[1:]] for l in open(f"{out}/logs/catchup.rss") if l.strip()]
 rss_max = [max(c) for c in zip(*rows)] if rows else []
 result = {
-    "mode": "catchup", "keys": int(keys), "node": node, "target_applied": int(target),
+    "mode": "catchup", "keys": int(keys), "random_values": base.get("random_values", False), "node": node, "target_applied": int(target),
     "data_dir_bytes_before_wipe": int(size), "answers_after_s": float(reachable), "caught_up_after_s": caught,
     "baseline": {k: base[k] for k in ("ops_per_sec", "p50_ms", "p99_ms", "p999_ms", "max_ms")},
     "during_load": {k: during[k] for k in ("ops_per_sec", "p50_ms", "p99_ms", "p999_ms", "max_ms")},

@@ -21,7 +21,7 @@ use kvstore_raft::loadgen::{
 };
 
 const USAGE: &str = "usage: loadgen [--config FILE] --clients N --duration SECS [--warmup SECS] \
-[--value-size BYTES] [--keys K] [--read-ratio R] [--rate OPS] [--conns C] [--preload] \
+[--value-size BYTES] [--random-values] [--keys K] [--read-ratio R] [--rate OPS] [--conns C] [--preload] \
 [--preload-only] [--preload-clients N] [--preload-timeout SECS] [--timeout SECS] [--json] [--plot FILE.svg] [--check] [--seed S]";
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 3;
@@ -116,6 +116,12 @@ fn options() -> getopts::Options {
     opts.optopt("", "duration", "measured seconds", "SECS");
     opts.optopt("", "warmup", "unmeasured seconds first (default 0)", "SECS");
     opts.optopt("", "value-size", "bytes per value (default 256)", "BYTES");
+    opts.optflag(
+        "",
+        "random-values",
+        "fill values with random letters and digits (incompressible) instead of \
+         one repeated byte",
+    );
     opts.optopt("", "keys", "keys, chosen uniformly (default 10000)", "K");
     opts.optopt(
         "",
@@ -218,6 +224,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             1,
             usize::MAX,
         )?,
+        random_values: matches.opt_present("random-values"),
         keys: within("keys", number(&matches, "keys", Some(10_000))?, 1, MAX_KEYS)?,
         read_ratio: within(
             "read-ratio",

@@ -188,6 +188,8 @@ pub(super) struct Engine {
     conns_per_node: usize,
     keys: u64,
     read_threshold: u64,
+    /// See `LoadOptions::random_values`.
+    random_values: bool,
     check: bool,
     run_nonce: u64,
     op_timeout: Duration,
@@ -236,9 +238,7 @@ impl Engine {
                 session: None,
                 last_seq: 0,
                 route: Route::default(),
-                rng: SplitMix64::new(
-                    options.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                ),
+                rng: client_rng(options.seed, index),
                 started: 0,
                 preload_next: index as u64,
                 op: None,
@@ -251,6 +251,7 @@ impl Engine {
             conns_per_node: per_node,
             keys: options.keys.max(1),
             read_threshold: (options.read_ratio.clamp(0.0, 1.0) * 1_000_000.0) as u64,
+            random_values: options.random_values,
             check: options.check,
             run_nonce,
             // A zero deadline would fail an operation on a down connection
@@ -798,6 +799,9 @@ impl Engine {
             let n = prefix.len().min(value.len());
             value[..n].copy_from_slice(&prefix.as_bytes()[..n]);
             scratch.value_prefix_bytes = n;
+            if self.random_values {
+                fill_random_alphanumeric(&mut value[n..], &mut state.rng);
+            }
             let input = recorded.then(|| KvInput::Put {
                 key: scratch.key.clone(),
                 value: String::from_utf8_lossy(value).into_owned(),
@@ -1398,6 +1402,33 @@ pub(super) fn run_phase(engine: &mut Engine, io: &mut Io, shared: &Shared, phase
     }
 }
 
+/// Client `index`'s own random stream. SplitMix64 walks one fixed sequence
+/// (its state only adds a constant per draw), so seeds that differ by
+/// multiples of that constant give the same stream shifted: client `i` would
+/// draw client 0's numbers `i` draws later, and random values of neighbouring
+/// keys would share their tails. The seed is therefore one SplitMix64 output
+/// (a mixed hash of the run's seed and the index), a point of the sequence
+/// unrelated to the other clients'.
+fn client_rng(seed: u64, index: usize) -> SplitMix64 {
+    SplitMix64::new(SplitMix64::new(seed ^ (index as u64).rotate_left(32)).next_u64())
+}
+
+/// Fills `bytes` with letters and digits drawn from `rng`: 62 symbols, about
+/// 5.95 bits of entropy a byte, which LZ4 cannot shrink (it removes repeats of
+/// four bytes or more and codes nothing else).
+fn fill_random_alphanumeric(bytes: &mut [u8], rng: &mut SplitMix64) {
+    const SYMBOLS: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    for chunk in bytes.chunks_mut(8) {
+        let mut draw = rng.next_u64();
+        for byte in chunk {
+            // Eight symbols from one draw: 8 bits each, reduced mod 62 (a
+            // slight bias toward the first symbols, irrelevant here).
+            *byte = SYMBOLS[(draw & 0xff) as usize % SYMBOLS.len()];
+            draw >>= 8;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1422,6 +1453,7 @@ mod tests {
             duration: Duration::from_secs(3600),
             warmup: Duration::ZERO,
             value_size_bytes: 16,
+            random_values: false,
             keys: 1,
             read_ratio,
             rate: None,
@@ -1522,6 +1554,40 @@ mod tests {
 
     /// A client's first write opens its session first (one OpenSession call),
     /// then goes out under it; reads need no session.
+    #[test]
+    fn clients_draw_unrelated_random_streams() {
+        // 64 clients' first 64 draws: with streams that are shifts of one
+        // another, most draws would appear in several clients' streams.
+        let mut seen = std::collections::HashSet::new();
+        for index in 0..64 {
+            let mut rng = client_rng(7, index);
+            for _ in 0..64 {
+                assert!(
+                    seen.insert(rng.next_u64()),
+                    "client {index} drew a number another client drew"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn random_values_are_letters_and_digits_that_lz4_cannot_shrink() {
+        let mut rng = SplitMix64::new(11);
+        let mut value = vec![b'x'; 64 << 10];
+        fill_random_alphanumeric(&mut value[5..], &mut rng);
+        assert!(value[..5].iter().all(|&b| b == b'x'), "the prefix is kept");
+        assert!(value.iter().all(u8::is_ascii_alphanumeric));
+        let distinct = value.iter().collect::<std::collections::HashSet<_>>().len();
+        assert_eq!(distinct, 62, "every symbol is drawn");
+        let packed = lz4_flex::block::compress(&value);
+        assert!(
+            packed.len() >= value.len() * 95 / 100,
+            "random values shrank under LZ4 from {} to {} bytes",
+            value.len(),
+            packed.len()
+        );
+    }
+
     #[test]
     fn the_first_write_opens_a_session_and_then_carries_it() {
         let options = options(1, 0.0, false);
