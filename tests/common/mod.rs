@@ -418,7 +418,9 @@ impl TestCluster {
     }
 
     /// The bytes of the WAL segments in node `id`'s data directory: the
-    /// persisted Raft state, snapshots excluded.
+    /// persisted Raft state, snapshots excluded. The zeroes preallocated after
+    /// the records of the active segment (at most 1 MiB, see `StorageOptions`)
+    /// are not counted: these are the bytes the log holds.
     pub fn wal_bytes(&self, id: NodeId) -> u64 {
         let dir = self.config.node_data_dir(id);
         std::fs::read_dir(&dir)
@@ -426,8 +428,8 @@ impl TestCluster {
                 entries
                     .filter_map(Result::ok)
                     .filter(|e| e.file_name().to_string_lossy().starts_with("wal-"))
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
+                    .filter_map(|e| std::fs::read(e.path()).ok())
+                    .map(|bytes| bytes_before_trailing_zeroes(&bytes))
                     .sum()
             })
             .unwrap_or(0)
@@ -460,4 +462,12 @@ impl TestCluster {
             .as_ref()
             .map(|server| kvstore_raft::http::Source::of(server, &self.config))
     }
+}
+
+/// The length of `bytes` without its trailing zero bytes (a WAL segment's preallocation).
+fn bytes_before_trailing_zeroes(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last| last as u64 + 1)
 }

@@ -487,7 +487,15 @@ impl Cluster {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 name.starts_with("wal-") && name.ends_with(".log")
             })
-            .map(|entry| entry.metadata().expect("stat a WAL segment").len())
+            // Without the zeroes preallocated after the active segment's records (at most
+            // 1 MiB, see `StorageOptions`): the bytes the log holds.
+            .map(|entry| {
+                let bytes = fs::read(entry.path()).expect("read a WAL segment");
+                bytes
+                    .iter()
+                    .rposition(|&b| b != 0)
+                    .map_or(0, |last| last as u64 + 1)
+            })
             .sum()
     }
 }
