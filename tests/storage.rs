@@ -719,8 +719,7 @@ fn preallocated_torn_tail_is_cut_and_a_hole_before_an_intact_record_is_refused()
     fs::write(&segment, bytes).unwrap();
     let before = dir_contents(temp.path());
     let error = DiskStorage::open(temp.path(), preallocating(64 << 20))
-        .err()
-        .expect("a hole before an intact record opened");
+        .expect_err("a hole before an intact record opened");
     assert!(
         error.to_string().contains("intact record follows"),
         "{error}"
@@ -763,8 +762,7 @@ fn preallocated_segments_are_cut_when_closed() {
     bytes.extend([0u8; 4096]);
     fs::write(closed, bytes).unwrap();
     let error = DiskStorage::open(temp.path(), preallocating(segment_bytes))
-        .err()
-        .expect("zeroes after a closed segment's records opened");
+        .expect_err("zeroes after a closed segment's records opened");
     let message = error.to_string();
     assert!(
         message.contains(&file_name(closed)) && message.contains("not the last"),
