@@ -6,8 +6,10 @@ base=${PORT_BASE:-21001}
 w=/tmp/perf3/run-$tag; rm -rf $w; mkdir -p $w/data
 python3 - $w/cluster.json $w/data $base <<'PY'
 import json,sys
+import os
 p,d,b=sys.argv[1],sys.argv[2],int(sys.argv[3])
-json.dump({"raft_nodes":[{"id":i+1,"ip":"127.0.0.1","port":b+i} for i in range(3)],"data_dir":d},open(p,"w"))
+extra=json.loads(os.environ.get("EXTRA") or "{}")
+json.dump({**extra,"raft_nodes":[{"id":i+1,"ip":"127.0.0.1","port":b+i} for i in range(3)],"data_dir":d},open(p,"w"))
 PY
 pids=()
 for i in 1 2 3; do (cd $w && exec $bin/kvserver --config $w/cluster.json --id $i >$w/node$i.log 2>&1) & pids+=($!); done
