@@ -105,10 +105,7 @@ pub struct ClusterConfig {
     pub election_timeout_max_ms: u64,
     /// Default 50; below the election timeout so followers hear in time.
     pub heartbeat_interval_ms: u64,
-    /// Take a snapshot once the log holds this many bytes. Default 16 MiB (about 50,000
-    /// 256-byte puts): each snapshot costs an engine checkpoint (a journal fsync) and a segment
-    /// roll, which at 4 MiB came several times a second under a full write load; the price is
-    /// up to this much log in memory and on disk, and as much to replay at a restart.
+    /// Take a snapshot once the log holds this many bytes. Default 4 MiB.
     pub snapshot_threshold_bytes: u64,
     /// The storage engine's block cache. Default 64 MiB. With the engine's fixed memtable
     /// budget this bounds the memory the applied state takes, whatever its size.
@@ -415,7 +412,7 @@ impl ClusterConfig {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             heartbeat_interval_ms: 50,
-            snapshot_threshold_bytes: 16 << 20,
+            snapshot_threshold_bytes: 4 << 20,
             engine_cache_bytes: 64 << 20,
             snapshot_send_bytes_per_sec: 64 << 20,
             snapshot_compression: "lz4".to_string(),
