@@ -18,6 +18,10 @@
 #        MUTANTS_SHARD      e.g. 0/4: one of n interleaved shards (cargo-mutants --shard)
 #        MUTANTS_TESTS      the test targets, e.g. "--lib --test raft_sim" (default: the
 #                           fast targets below)
+#        MUTANTS_ITERATE=1  go on from the report already in $MUTANTS_OUT: mutants it
+#                           counts as caught, timed out or unviable are skipped
+#                           (cargo-mutants --iterate), so a long run can be spread
+#                           over several sessions and the report covers them all
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -61,6 +65,7 @@ for f in "${files[@]}"; do
 done
 shard_args=()
 if [ -n "${MUTANTS_SHARD:-}" ]; then shard_args=(--shard "$MUTANTS_SHARD"); fi
+if [ "${MUTANTS_ITERATE:-0}" = 1 ]; then shard_args+=(--iterate); fi
 
 # A copy of the tree, mutated in place; its own target directory, seeded
 # from the tree's build the first time (release: the tests are release-speed).
@@ -79,7 +84,7 @@ if [ ! -d "$CARGO_TARGET_DIR/release" ] && [ -d "$ROOT/target/release" ]; then
 fi
 
 cd "$TREE"
-total=$(cargo mutants --list "${file_args[@]}" "${shard_args[@]}" | wc -l)
+total=$(cargo mutants --list "${file_args[@]}" ${MUTANTS_SHARD:+--shard "$MUTANTS_SHARD"} | wc -l)
 echo "bench/mutants.sh: $total mutants in ${files[*]}; budget ${BUDGET_S}s" >&2
 start=$(date +%s)
 set +e
@@ -90,7 +95,26 @@ status=$?
 set -e
 took=$(( $(date +%s) - start ))
 
-count() { [ -f "$OUT/mutants.out/$1" ] && wc -l <"$OUT/mutants.out/$1" || echo 0; }
+# $OUT/all/ holds the report over every run into $OUT: with MUTANTS_ITERATE=1
+# a run adds what it tested; otherwise the run starts the report anew. A
+# mutant missed by one run and caught by a later one (after a new test) counts
+# as caught.
+ALL=$OUT/all
+export LC_ALL=C
+if [ "${MUTANTS_ITERATE:-0}" != 1 ]; then rm -rf "$ALL"; fi
+mkdir -p "$ALL"
+for kind in caught missed timeout unviable; do
+    touch "$ALL/$kind.txt"
+    if [ -f "$OUT/mutants.out/$kind.txt" ]; then
+        sort -u "$ALL/$kind.txt" "$OUT/mutants.out/$kind.txt" -o "$ALL/$kind.txt"
+    fi
+done
+sort -u "$ALL/caught.txt" "$ALL/timeout.txt" "$ALL/unviable.txt" >"$ALL/.settled"
+comm -23 "$ALL/missed.txt" "$ALL/.settled" >"$ALL/.missed" && mv "$ALL/.missed" "$ALL/missed.txt"
+rm -f "$ALL/.settled"
+# Counted: the mutants of the files in this run's scope.
+scope_re="^($(printf '%s|' "${files[@]}" | sed 's/[.]/[.]/g; s/|$//'))"
+count() { grep -cE "$scope_re" "$ALL/$1" || true; }
 caught=$(count caught.txt); missed=$(count missed.txt)
 timeouts=$(count timeout.txt); unviable=$(count unviable.txt)
 tested=$((caught + missed + timeouts + unviable))
@@ -102,11 +126,12 @@ score=$(awk -v c="$((caught + timeouts))" -v v="$viable" 'BEGIN { if (v) printf 
     echo "- command: \`bench/mutants.sh ${files[*]}\` (cargo-mutants $CARGO_MUTANTS_VERSION, release profile, tests: \`${test_args[*]}\`, SIM_SEEDS=$SIM_SEEDS, PROPTEST_CASES=$PROPTEST_CASES${MUTANTS_SHARD:+, shard $MUTANTS_SHARD})"
     echo "- date: $(date -u +%Y-%m-%dT%H:%MZ), wall time ${took}s of a ${BUDGET_S}s budget (exit status $status; 124/130 = budget ran out)"
     echo "- mutants in scope: $total; tested: $tested; NOT RUN (budget): $((total - tested))"
+    echo "- this run tested $(cat "$OUT"/mutants.out/{caught,missed,timeout,unviable}.txt 2>/dev/null | wc -l) of them; the others were tested by earlier runs into this report (MUTANTS_ITERATE=1)"
     echo "- caught: $caught, timeout (counted as caught): $timeouts, missed: $missed, unviable (did not build): $unviable"
     echo "- score (caught + timeout) / viable: $score"
     echo
     echo "## Missed (survivors)"
     echo
-    if [ -s "$OUT/mutants.out/missed.txt" ]; then sed 's/^/- /' "$OUT/mutants.out/missed.txt"; else echo "none"; fi
+    if [ "$missed" -gt 0 ]; then grep -E "$scope_re" "$ALL/missed.txt" | sed 's/^/- /'; else echo "none"; fi
 } >"$OUT/summary.md"
 cat "$OUT/summary.md"

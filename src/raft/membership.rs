@@ -331,4 +331,82 @@ mod tests {
         let promoted = added.apply(&ConfChange::Promote { id: 2 }).unwrap();
         assert!(promoted.is_voter(2) && !promoted.is_learner(2));
     }
+
+    #[test]
+    fn a_learner_is_a_member_that_cannot_be_added_twice() {
+        let added = Membership::with_voters([1])
+            .apply(&ConfChange::AddLearner {
+                id: 2,
+                address: "b".into(),
+            })
+            .unwrap();
+        assert!(added.is_learner(2) && !added.is_voter(2));
+        assert!(added.contains(2));
+        assert_eq!(added.address(2), Some("b"));
+        assert_eq!(added.members().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            added.apply(&ConfChange::AddLearner {
+                id: 2,
+                address: "c".into()
+            }),
+            Err(ConfChangeError::AlreadyMember { id: 2 })
+        );
+        assert_eq!(added.quorum(), 1, "a learner does not count for the quorum");
+    }
+
+    #[test]
+    fn a_node_both_voter_and_learner_does_not_decode() {
+        let mut both = Membership::with_voters([1, 2]);
+        both.learners.insert(2, String::new());
+        assert_eq!(Membership::decode(&both.encode()), None);
+    }
+
+    #[test]
+    fn every_refusal_names_what_is_wrong() {
+        let cases = [
+            (ConfChangeError::NotLeader { hint: 3 }, "leader: 3"),
+            (ConfChangeError::LeaderNotReady, "not committed an entry"),
+            (
+                ConfChangeError::ChangeInFlight { index: 42 },
+                "log index 42",
+            ),
+            (ConfChangeError::TransferInProgress { to: 4 }, "node 4"),
+            (
+                ConfChangeError::AlreadyMember { id: 5 },
+                "node 5 is already",
+            ),
+            (
+                ConfChangeError::AddressInUse {
+                    address: "h:1".into(),
+                    by: 6,
+                },
+                "h:1 is already used by node 6",
+            ),
+            (
+                ConfChangeError::UnknownMember { id: 7 },
+                "node 7 is not a member",
+            ),
+            (
+                ConfChangeError::NotLearner { id: 8 },
+                "node 8 is not a learner",
+            ),
+            (ConfChangeError::NotVoter { id: 9 }, "node 9 is not a voter"),
+            (
+                ConfChangeError::LearnerBehind {
+                    id: 10,
+                    lag_entries: 11,
+                },
+                "learner 10 is 11 entries behind",
+            ),
+            (
+                ConfChangeError::LastVoter { id: 12 },
+                "node 12 is the last voter",
+            ),
+            (ConfChangeError::InvalidId, "id 0"),
+        ];
+        for (error, words) in cases {
+            let text = error.to_string();
+            assert!(text.contains(words), "{error:?} reads {text:?}");
+        }
+    }
 }
