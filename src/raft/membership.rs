@@ -312,6 +312,10 @@ mod tests {
             m.apply(&ConfChange::Remove { id: 5 }),
             Err(ConfChangeError::UnknownMember { id: 5 })
         );
+        assert_eq!(
+            m.apply(&ConfChange::Promote { id: 5 }),
+            Err(ConfChangeError::UnknownMember { id: 5 })
+        );
         let added = m
             .apply(&ConfChange::AddLearner {
                 id: 2,
