@@ -109,6 +109,8 @@ for kind in caught missed timeout unviable; do
         sort -u "$ALL/$kind.txt" "$OUT/mutants.out/$kind.txt" -o "$ALL/$kind.txt"
     fi
 done
+# A mutant caught by one run and timed out in another is counted once, as caught.
+comm -23 "$ALL/timeout.txt" "$ALL/caught.txt" >"$ALL/.timeout" && mv "$ALL/.timeout" "$ALL/timeout.txt"
 sort -u "$ALL/caught.txt" "$ALL/timeout.txt" "$ALL/unviable.txt" >"$ALL/.settled"
 comm -23 "$ALL/missed.txt" "$ALL/.settled" >"$ALL/.missed" && mv "$ALL/.missed" "$ALL/missed.txt"
 rm -f "$ALL/.settled"
